@@ -1,0 +1,70 @@
+# blocktable -- one Makefile for the C library, the Python package and the tests.
+#   make            libbt.so / libbt.a for C users (build/)
+#   make test       venv + build + every test, C and Python (what CI runs)
+#   make run        venv + build + the main job
+#   make bench      benchmarks, a table on stdout and JSON in bench/results.json
+#   make asan|tsan  the C tests under sanitizers
+# Users' CFLAGS survive (liburing's habit): we only append what we need.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+override CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wstrict-prototypes \
+                   -fPIC -pthread -Ilibbt/include -Ilibbt/src
+LDLIBS  += -pthread -lrt
+
+LIB_SRC := $(wildcard libbt/src/*.c)
+LIB_HDR := $(wildcard libbt/include/*.h libbt/src/*.h)
+TEST_SRC := $(wildcard libbt/tests/test_*.c)
+
+BUILD ?= build
+LIB_OBJ := $(LIB_SRC:libbt/src/%.c=$(BUILD)/obj/%.o)
+TESTS   := $(TEST_SRC:libbt/tests/%.c=$(BUILD)/tests/%)
+
+.PHONY: all lib ctest test pytest run bench asan tsan venv clean
+all: lib
+lib: $(BUILD)/libbt.a $(BUILD)/libbt.so
+
+$(BUILD)/obj/%.o: libbt/src/%.c $(LIB_HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+$(BUILD)/libbt.a: $(LIB_OBJ)
+	ar rcs $@ $^
+$(BUILD)/libbt.so: $(LIB_OBJ)
+	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDLIBS)
+$(BUILD)/tests/%: libbt/tests/%.c libbt/tests/bt_test.h $(BUILD)/libbt.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ilibbt/tests -o $@ $< $(BUILD)/libbt.a $(LDLIBS)
+
+ctest: $(TESTS)
+	sh libbt/tests/run.sh $(BUILD)/tests $(TESTS)
+
+# Sanitizer builds live in their own build folders so that they never mix.
+asan:
+	$(MAKE) ctest BUILD=build-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+tsan:
+	$(MAKE) ctest BUILD=build-tsan CFLAGS="-O1 -g -fsanitize=thread" BT_TEST_FILTER=mt
+
+# The virtual environment is rebuilt when the packaging or the C sources change.
+$(VENV)/.stamp: pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR) $(wildcard bindings/blocktable/_build.py)
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+venv: $(VENV)/.stamp
+
+pytest: venv
+	$(VPY) -m pytest -q tests
+
+test: ctest pytest
+
+run: venv
+	$(VPY) examples/simulate.py
+
+bench: venv lib
+	$(VPY) bench/run.py --json bench/results.json
+
+clean:
+	rm -rf build build-asan build-tsan bindings/blocktable/_bt*.so bindings/blocktable/_bt.c *.egg-info bindings/*.egg-info

@@ -1,0 +1,364 @@
+/*
+ * bt.h -- libbt, the core of blocktable: KV-cache block tables in shared memory.
+ *
+ * This header is the manual. It is read in three parts:
+ *   1. error codes                     (bt_strerror, bt_errname)
+ *   2. the segment                     (bt_seg_*)     create / attach / validate
+ *   3. clients                         (bt_client_*)  a slot per attached process
+ *   4. the allocator                   (bt_blocks_*)  lock-free pools of blocks
+ *   5. rows                            (bt_row_*)     per-request block tables
+ *   6. the scheduler step              (bt_step)      many rows, one call
+ *   7. slot mapping                    (bt_slots_*)   token position -> KV slot
+ *   8. recovery and checking           (bt_seg_check, bt_seg_recover_client)
+ *
+ * Conventions (after liburing and LMDB):
+ *   - Every function returns 0 (BT_OK) or a negative code. Library codes lie in
+ *     [BT_ERR_LAST, BT_ERR_FIRST]; anything else negative is -errno from the OS.
+ *     errno is never the result channel.
+ *   - Out-parameters come last.
+ *   - Shared memory holds offsets and indices only, never pointers. Every index
+ *     read from shared memory is bounds-checked before use: a process that
+ *     scribbles on the segment can make calls fail with BT_ECORRUPT, never make
+ *     this library write outside the segment.
+ *   - A call that returns an error has changed nothing (unless it says so).
+ *
+ * Thread and process safety:
+ *   - A bt_seg is a process-local handle to a mapping. Any number of threads and
+ *     processes may use one segment at once.
+ *   - A bt_client is one registered user of the segment. Its calls may come from
+ *     any thread, but not from two threads at once (one client per thread if you
+ *     need parallel threads; clients are cheap).
+ *   - A row has one writer at a time: the client that claimed it. Any client or
+ *     plain attached process may read any row consistently (bt_row_read uses the
+ *     row's seqlock).
+ *   - Block reference counts and free lists are lock-free and shared by all.
+ *
+ * Block ids: global id = pool * blocks_per_pool + index in pool. Block 0 is the
+ * null block (as in vLLM): never handed out, and what unused table entries hold.
+ *
+ * The part between BT_CDEF_BEGIN and BT_CDEF_END is fed verbatim to CFFI's cdef
+ * (bindings/blocktable/_build.py), so it holds no preprocessor logic except
+ * integer #defines.
+ */
+#ifndef BT_H
+#define BT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define BT_VERSION_MAJOR 0
+#define BT_VERSION_MINOR 1
+#define BT_VERSION_PATCH 0
+
+/* BT_CDEF_BEGIN */
+
+/* ---- 1. Errors ----------------------------------------------------------- */
+#define BT_OK              0
+#define BT_ERR_FIRST       (-31000)
+#define BT_EINVAL          (-31000) /* an argument is invalid (null, zero, mis-sized) */
+#define BT_ERANGE          (-31001) /* a row, block, pool or position is out of range */
+#define BT_ENOBLOCKS       (-31002) /* the pool has fewer free blocks than asked for */
+#define BT_EROWFULL        (-31003) /* the row has no room for that many blocks */
+#define BT_ENOROWS         (-31004) /* every row is claimed */
+#define BT_ENOCLIENTS      (-31005) /* every client slot is taken */
+#define BT_EHANDFULL       (-31006) /* the client holds as many loose blocks as it may */
+#define BT_ENOTHELD        (-31007) /* the block is free, or not held by this client */
+#define BT_ENOTOWNER       (-31008) /* the row is claimed by another client */
+#define BT_EROWSTATE       (-31009) /* the row is not claimed / not empty, as needed */
+#define BT_EBADMAGIC       (-31010) /* not a blocktable segment (or other byte order) */
+#define BT_EVERSION        (-31011) /* segment layout format or ABI fingerprint differs */
+#define BT_ECORRUPT        (-31012) /* an impossible value was found in shared memory */
+#define BT_EBUSY           (-31013) /* a row stayed mid-write too long (writer died?) */
+#define BT_EFROZEN         (-31014) /* frozen for recovery by a process that died */
+#define BT_ENAME           (-31015) /* a segment name is empty, too long or has '/' */
+#define BT_ECONFIG         (-31016) /* the configuration is impossible */
+#define BT_ECLIENT         (-31017) /* the client handle is dead or its slot was reclaimed */
+#define BT_ERR_LAST        (-31017)
+
+const char *bt_strerror(int err);  /* "BT_ENOBLOCKS: ..." or strerror(-err) */
+const char *bt_errname(int err);   /* "BT_ENOBLOCKS", "ENOENT", ... */
+
+/* ---- 2. The segment ------------------------------------------------------ */
+typedef struct bt_seg bt_seg;
+
+#define BT_NAME_MAX 48          /* bytes of a segment name, without the NUL */
+
+/* Size of a segment, chosen once at creation. */
+typedef struct bt_config {
+    uint32_t block_size;        /* tokens per KV block (B) */
+    uint32_t kernel_block_size; /* tokens per attention-kernel block (K); divides B; 0 = B */
+    uint32_t num_pools;         /* one per worker / GPU */
+    uint32_t blocks_per_pool;   /* block ids per pool (pool 0 loses id 0, the null block) */
+    uint32_t num_rows;          /* rows (live requests) in the table */
+    uint32_t row_width;         /* block ids per row (max blocks per request) */
+    uint32_t max_clients;       /* client slots */
+    uint32_t hand_size;         /* loose (not in a row) references one client may hold */
+} bt_config;
+
+/* Flags for bt_seg_create. */
+#define BT_CREATE_EXCL     1    /* fail with -EEXIST if the name exists */
+#define BT_CREATE_GROUP    2    /* mode 0660 instead of 0600 */
+
+/* What bt_seg_info reports; plain values, copied out. */
+typedef struct bt_seg_info {
+    bt_config config;
+    uint64_t  size;             /* bytes mapped */
+    uint64_t  generation;       /* bumped by every recovery / repair */
+    uint64_t  total_blocks;     /* num_pools * blocks_per_pool (ids, incl. the null block) */
+    int32_t   owner_pid;        /* process that created / adopted the segment (daemon) */
+    uint32_t  format;           /* layout format version */
+    uint64_t  abi;              /* ABI fingerprint of the library that created it */
+    uint64_t  table_offset;     /* byte offset of the int32 [num_rows][row_width] table */
+    uint64_t  nblocks_offset;   /* byte offset of the int32 [num_rows] block counts */
+    uint64_t  ntokens_offset;   /* byte offset of the int64 [num_rows] token counts */
+} bt_seg_info;
+
+/* Fill *cfg with the defaults (B=16, 1 pool of 65536 blocks, 256 rows x 128, 64 clients). */
+void bt_config_default(bt_config *cfg);
+
+/* Check a configuration without creating anything. BT_ECONFIG names nothing more
+ * specific; bt_config_explain() writes a human reason into buf. */
+int bt_config_check(const bt_config *cfg);
+int bt_config_explain(const bt_config *cfg, char *buf, size_t buflen);
+
+/* Bytes a segment of this config needs. 0 if the config is impossible. */
+uint64_t bt_config_size(const bt_config *cfg);
+
+/* Create a segment. name == NULL: embedded mode, a private anonymous mapping
+ * (no other process can attach). Otherwise a POSIX shm object "/bt.<name>".
+ * Errors: BT_ECONFIG, BT_ENAME, -EEXIST (with BT_CREATE_EXCL), -EACCES, -ENOMEM. */
+int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **out);
+
+/* Create a segment over memory the caller owns (size >= bt_config_size(cfg)),
+ * e.g. an mmap that posix_ipc made. The memory must stay mapped until close. */
+int bt_seg_create_at(void *mem, uint64_t size, const bt_config *cfg, bt_seg **out);
+
+/* Attach to an existing named segment; validates the header fully.
+ * Errors: BT_ENAME, -ENOENT, -EACCES, BT_EBADMAGIC, BT_EVERSION, BT_ECORRUPT. */
+int bt_seg_attach(const char *name, bt_seg **out);
+
+/* Attach to (validate) memory the caller mapped. Same errors as bt_seg_attach. */
+int bt_seg_attach_at(void *mem, uint64_t size, bt_seg **out);
+
+/* Validate a header in place without attaching (what attach checks). */
+int bt_seg_validate(const void *mem, uint64_t size);
+
+/* Unmap (and close). Does not unlink. Safe with NULL. Clients of this handle
+ * must be closed first; their slots are released (see bt_client_close). */
+void bt_seg_close(bt_seg *seg);
+
+/* Remove the name; mappings stay valid until closed. -ENOENT if absent. */
+int bt_seg_unlink(const char *name);
+
+int   bt_seg_info_get(const bt_seg *seg, bt_seg_info *out);
+void *bt_seg_base(const bt_seg *seg);           /* start of the mapping */
+int   bt_seg_set_owner(bt_seg *seg, int32_t pid, uint64_t start_time);
+
+/* ---- 3. Clients ---------------------------------------------------------- */
+typedef struct bt_client bt_client;
+
+/* Client slot states (bt_client_slot_info.state). */
+#define BT_CLIENT_FREE     0
+#define BT_CLIENT_ACTIVE   1
+#define BT_CLIENT_DEAD     2    /* declared dead, awaiting recovery */
+
+/* Register the calling process in a free slot and return a handle.
+ * Errors: BT_ENOCLIENTS, BT_EFROZEN. Thread-safe. */
+int bt_client_open(bt_seg *seg, bt_client **out);
+
+/* Reserve a slot for process pid (what the daemon does after checking the
+ * peer's credentials); the process then takes it with bt_client_adopt. */
+int bt_client_reserve(bt_seg *seg, int32_t pid, uint64_t start_time, uint32_t *slot_out);
+
+/* Take over a slot reserved for the calling process (pid must match). */
+int bt_client_adopt(bt_seg *seg, uint32_t slot, bt_client **out);
+
+/* Release everything the client holds (its rows and loose blocks) and free its
+ * slot. Safe with NULL. In a forked child that did not open it, it only frees
+ * the handle and touches nothing shared. */
+void bt_client_close(bt_client *cl);
+
+/* Slot id of a handle (1-based; 0 means "nobody" in owner fields). */
+uint32_t bt_client_id(const bt_client *cl);
+
+typedef struct bt_client_slot_info {
+    uint32_t state;
+    int32_t  pid;
+    uint64_t start_time;
+    uint32_t in_op;             /* nonzero while inside a data-path call */
+    uint32_t hand_count;        /* loose references held */
+    uint32_t rows;              /* rows claimed */
+    uint32_t _pad;
+    uint64_t ops;               /* data-path calls made */
+} bt_client_slot_info;
+
+/* Read slot `id` (1..max_clients). Plain snapshot; may race with the client. */
+int bt_client_slot_get(const bt_seg *seg, uint32_t id, bt_client_slot_info *out);
+
+/* ---- 4. The allocator ---------------------------------------------------- */
+/* Pools are lock-free Treiber stacks; a batch pops or pushes with one CAS.
+ * bt_blocks_alloc hands out n blocks with reference count 1 as *loose*
+ * references held by the client (counted in its hand until appended to a row
+ * or released). All-or-nothing: on BT_ENOBLOCKS nothing was taken. */
+int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *ids_out);
+
+/* Drop n loose references the client holds (decref; a block is freed when its
+ * count reaches 0). Every id must be held loose by this client, else
+ * BT_ENOTHELD / BT_ERANGE and nothing changes. */
+int bt_blocks_release(bt_client *cl, const int32_t *ids, uint32_t n);
+
+/* Take an extra loose reference on n allocated blocks (prefix sharing).
+ * A free or out-of-range id is BT_ENOTHELD / BT_ERANGE and nothing changes. */
+int bt_blocks_share(bt_client *cl, const int32_t *ids, uint32_t n);
+
+/* Free blocks in one pool (a racy snapshot when others allocate). */
+int bt_pool_free_count(const bt_seg *seg, uint32_t pool, uint32_t *out);
+
+/* Reference count and owner stamp of one block (snapshot). */
+int bt_block_get(const bt_seg *seg, int32_t id, uint32_t *refcnt, uint32_t *owner);
+
+/* The raw pool, without the client protocol: what the benchmarks and the
+ * allocator stress tests drive. No hand, no in_op, no freeze: a crash between
+ * pop and push loses blocks until bt_seg_check(..., BT_CHECK_REPAIR).
+ * Pops set refcount 1 and owner = stamp; pushes require refcount 1. */
+int bt_pool_pop(bt_seg *seg, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *ids_out);
+int bt_pool_push(bt_seg *seg, const int32_t *ids, uint32_t n);
+
+/* ---- 5. Rows ------------------------------------------------------------- */
+/* Row flags for bt_row_claim. */
+#define BT_ROW_MANAGED     0    /* entries are references to this segment's blocks */
+#define BT_ROW_RAW         1    /* entries are ids the caller manages (vLLM's pool) */
+
+typedef struct bt_row_info {
+    uint32_t owner;             /* client id, 0 = free */
+    uint32_t flags;             /* BT_ROW_* */
+    uint64_t key;               /* request key given at claim */
+    uint32_t num_blocks;
+    uint32_t generation;        /* bumped each time the row is claimed */
+    int64_t  num_tokens;
+} bt_row_info;
+
+/* Claim a free row for request `key`. row_hint >= 0 asks for that row (fails
+ * with BT_EROWSTATE if taken); -1 takes any free row. */
+int bt_row_claim(bt_client *cl, uint64_t key, int32_t row_hint, uint32_t flags, uint32_t *row_out);
+
+/* Release a claimed row: its blocks are decref'd (freed at zero), entries zeroed. */
+int bt_row_release(bt_client *cl, uint32_t row);
+
+/* Append n ids. MANAGED: each id must be a loose reference this client holds;
+ * the reference moves from the hand into the row. RAW: any id in [0, 2^31). */
+int bt_row_append(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
+
+/* MANAGED only: take a new reference on already-allocated blocks (held by
+ * anyone) and append them: prefix sharing in one step. */
+int bt_row_append_shared(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
+
+/* Allocate n fresh blocks from `pool` straight into the row. ids_out may be NULL. */
+int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, int32_t *ids_out);
+
+/* Replace the row's contents (vLLM's add_row): old entries released, new ones
+ * taken as in bt_row_append. */
+int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
+
+/* Drop the row's entries from index `keep` on (keep = 0 clears the row). */
+int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep);
+
+/* Token count bookkeeping (not used by slot mapping, which takes positions). */
+int bt_row_set_tokens(bt_client *cl, uint32_t row, int64_t num_tokens);
+
+/* Move src's contents into dst; src ends empty (zeroed) and what dst held
+ * before is released (vLLM's move_row left src stale and dst's old ids
+ * unaccounted). Both rows must be claimed by cl and of the same flags
+ * (BT_EROWSTATE otherwise). */
+int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst);
+
+/* Swap two claimed rows' contents. */
+int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b);
+
+/* Read a row consistently (seqlock), from any process. ids_out may be NULL;
+ * cap is its capacity (BT_EINVAL if smaller than num_blocks). */
+int bt_row_read(const bt_seg *seg, uint32_t row, int32_t *ids_out, uint32_t cap, bt_row_info *info_out);
+
+/* ---- 6. The scheduler step ----------------------------------------------- */
+/* One call for a scheduler step: first release the rows in free_rows (ending
+ * requests), then allocate n_new[i] blocks from `pool` and append them to
+ * rows[i]. All blocks for the step are popped with one CAS. All-or-nothing for
+ * the allocation part: every row's room and the pool's supply are checked
+ * first; on error no row changed (the releases are done first only if the whole
+ * step can proceed). ids_out receives the new ids, row after row (sum n_new). */
+int bt_step(bt_client *cl, uint32_t pool,
+            const uint32_t *free_rows, uint32_t n_free,
+            const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows,
+            int32_t *ids_out);
+
+/* ---- 7. Slot mapping ----------------------------------------------------- */
+/* slot = table[row][pos / bs] * bs + pos % bs, int64, -1 where no block backs
+ * the position (pos < 0 or pos / bs >= the row's num_blocks).
+ * `bs` is the unit of the stored ids: the segment's block size, or its kernel
+ * block size for tables that store kernel-block ids (slots are equal in both
+ * views). With decode context parallelism (cp_world > 1) a virtual block of
+ * bs * cp_world tokens is striped over ranks in runs of cp_interleave tokens;
+ * positions that are not this rank's get -1. */
+typedef struct bt_slot_params {
+    uint32_t block_size;        /* 0 = the segment's block size */
+    uint32_t cp_world;          /* 0 or 1 = no context parallelism */
+    uint32_t cp_rank;
+    uint32_t cp_interleave;     /* 0 = 1 */
+} bt_slot_params;
+
+/* Form 1 (the seed's): positions start..start+n-1 of one row. */
+int bt_slots_row(const bt_seg *seg, const bt_slot_params *p, uint32_t row,
+                 int64_t start, uint32_t n, int64_t *out);
+
+/* Form 2 (vLLM v1): per token (row index, position). */
+int bt_slots_req(const bt_seg *seg, const bt_slot_params *p, const int32_t *rows,
+                 const int64_t *positions, uint32_t n, int64_t *out);
+
+/* Form 3: request i covers tokens [qsl[i], qsl[i+1]) and lives in rows[i]
+ * (rows == NULL: row i). out has out_len >= qsl[num_reqs] entries; the tail
+ * past qsl[num_reqs] is filled with -1 (CUDA-graph padding). */
+int bt_slots_qsl(const bt_seg *seg, const bt_slot_params *p, const int32_t *rows,
+                 const int32_t *qsl, uint32_t num_reqs, const int64_t *positions,
+                 int64_t *out, uint32_t out_len);
+
+/* ---- 8. Recovery and checking -------------------------------------------- */
+#define BT_CHECK_REPAIR    1    /* rebuild counts and free lists (freezes the segment) */
+
+typedef struct bt_check_report {
+    uint64_t blocks_free;       /* on free lists (after repair, if repairing) */
+    uint64_t blocks_held;       /* with a nonzero count */
+    uint64_t refcnt_fixed;      /* blocks whose count disagreed with their holders */
+    uint64_t leaked;            /* held by nobody, not free (repair frees them) */
+    uint64_t double_free;       /* on a free list twice, or free and held */
+    uint64_t rows_fixed;        /* rows with a bad count, stale tail or odd seqlock */
+    uint64_t bad_entries;       /* row / hand entries out of range (dropped on repair) */
+    uint64_t clients_reaped;    /* dead clients' slots freed */
+    uint64_t pause_ns;          /* how long the segment was frozen */
+    uint32_t stuck_client;      /* a live client that stayed in_op: repair deferred */
+    uint32_t _pad;
+} bt_check_report;
+
+/* Check the segment. Without BT_CHECK_REPAIR, a read-only scan (racy under
+ * load, exact when quiet). With it: freeze, wait up to wait_ms for live
+ * clients to leave their calls (BT_EBUSY with stuck_client set if one does
+ * not), recompute every count from the rows and the live clients' hands,
+ * rebuild the free lists, thaw. */
+int bt_seg_check(bt_seg *seg, int flags, uint32_t wait_ms, bt_check_report *out);
+
+/* Declare client `id` dead (its process is gone) and recover what it held:
+ * rows released, loose references dropped, slot freed. If it died inside a
+ * call, a repairing check runs (see bt_seg_check) so that half-done work is
+ * undone; BT_EBUSY if that had to be deferred (the slot stays DEAD and is
+ * recovered by the next successful bt_seg_check with BT_CHECK_REPAIR). */
+int bt_seg_recover_client(bt_seg *seg, uint32_t id, uint32_t wait_ms, bt_check_report *out);
+
+/* BT_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* BT_H */

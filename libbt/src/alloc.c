@@ -1,0 +1,289 @@
+/*
+ * alloc.c -- the lock-free pools and reference counts.
+ *
+ * A pool is a Treiber stack over next[]. The head packs {index:32, tag:32};
+ * a batch of n pops by walking n links from the head and swinging the head
+ * past them with one CAS. A node inside the list is never written, so if the
+ * head (index and tag) is unchanged the walked chain is unchanged too (ABA is
+ * caught by the tag). Links read during the walk may belong to nodes another
+ * thread just popped; they are checked against the pool's range, and a CAS
+ * that fails discards them.
+ *
+ * Reference counts change only by CAS from a value checked first, so freeing
+ * a free block is refused instead of wrapping the count.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include "bt_internal.h"
+
+#define HEAD(idx, tag) ((uint64_t)(tag) << 32 | (uint32_t)(idx))
+#define HIDX(h) ((uint32_t)(h))
+#define HTAG(h) ((uint32_t)((h) >> 32))
+
+static inline uint32_t pool_of(const bt_seg *s, int32_t id)
+{
+    return (uint32_t)id / s->cfg.blocks_per_pool;
+}
+
+/* Walk n links from `first`; 0 and *after = the link past the last one, or
+ * BT_ENOBLOCKS (list too short) / BT_ECORRUPT (a link leaves the pool). The
+ * caller re-checks the head before trusting either error. */
+static int walk(const bt_seg *s, uint32_t pool, uint32_t first, uint32_t n,
+                int32_t *out, uint32_t *after)
+{
+    uint32_t lo = pool * s->cfg.blocks_per_pool, hi = lo + s->cfg.blocks_per_pool;
+    uint32_t idx = first;
+    for (uint32_t i = 0; i < n; i++) {
+        if (idx == BT_NIL)
+            return BT_ENOBLOCKS;
+        if (idx < lo || idx >= hi || idx == 0)
+            return BT_ECORRUPT;
+        out[i] = (int32_t)idx;
+        idx = bt_load_relaxed(&s->next[idx]);
+    }
+    *after = idx;
+    return BT_OK;
+}
+
+/* Pop n blocks of `pool` into out; refcount 0 -> 1, owner = stamp. */
+int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out)
+{
+    struct bt_pool *p = &s->pools[pool];
+    uint64_t old = bt_load_acquire(&p->head);
+    uint32_t after = 0;
+    for (;;) {
+        int rc = walk(s, pool, HIDX(old), n, out, &after);
+        if (rc) {
+            uint64_t now = bt_load_acquire(&p->head);
+            if (now != old) {           /* raced: the walk saw a moving list */
+                old = now;
+                continue;
+            }
+            return rc;
+        }
+        if (bt_cas_acqrel(&p->head, &old, HEAD(after, HTAG(old) + 1)))
+            break;
+    }
+    bt_fetch_add_relaxed(&p->nfree, -(int64_t)n);
+    int bad = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t zero = 0;
+        if (!bt_cas_relaxed(&s->refcnt[out[i]], &zero, 1u)) {
+            out[i] = -out[i];           /* held by someone: leave it out */
+            bad = 1;
+            continue;
+        }
+        bt_store_relaxed(&s->owner[out[i]], stamp);
+    }
+    if (!bad)
+        return BT_OK;
+    /* A free-listed block had a count: the segment was scribbled on. Give
+     * back the good ones; the bad ones stay off every list until a repair. */
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (out[i] > 0) {
+            bt_store_relaxed(&s->refcnt[out[i]], 0u);
+            out[k++] = out[i];
+        }
+    bt_push_zeroed(s, out, k);
+    return BT_ECORRUPT;
+}
+
+/* Link ids[0..n) (all of one pool, counts already 0) and push with one CAS. */
+static void push_chain(bt_seg *s, uint32_t pool, const int32_t *ids, uint32_t n)
+{
+    struct bt_pool *p = &s->pools[pool];
+    for (uint32_t i = 0; i + 1 < n; i++)
+        bt_store_relaxed(&s->next[ids[i]], (uint32_t)ids[i + 1]);
+    uint64_t old = bt_load_relaxed(&p->head);
+    do {
+        bt_store_relaxed(&s->next[ids[n - 1]], HIDX(old));
+    } while (!bt_cas_acqrel(&p->head, &old, HEAD(ids[0], HTAG(old) + 1)));
+    bt_fetch_add_relaxed(&p->nfree, (int64_t)n);
+}
+
+/* Push blocks whose counts are 0, grouping runs of one pool into one CAS. */
+void bt_push_zeroed(bt_seg *s, const int32_t *ids, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        bt_store_relaxed(&s->owner[ids[i]], 0u);
+    uint32_t start = 0;
+    while (start < n) {
+        uint32_t pool = pool_of(s, ids[start]), end = start + 1;
+        while (end < n && pool_of(s, ids[end]) == pool)
+            end++;
+        push_chain(s, pool, ids + start, end - start);
+        start = end;
+    }
+}
+
+/* Take one reference on each id; all-or-nothing. */
+int bt_incref_many(bt_seg *s, const int32_t *ids, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (!bt_id_ok(s, ids[i]))
+            return BT_ERANGE;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t *rc = &s->refcnt[ids[i]];
+        uint32_t v = bt_load_relaxed(rc);
+        do {
+            if (v == 0 || v == UINT32_MAX) {
+                for (uint32_t j = 0; j < i; j++)  /* undo */
+                    __atomic_fetch_sub(&s->refcnt[ids[j]], 1u, __ATOMIC_RELAXED);
+                return BT_ENOTHELD;
+            }
+        } while (!bt_cas_relaxed(rc, &v, v + 1));
+    }
+    return BT_OK;
+}
+
+/* Drop one reference on each id and free those reaching zero; all-or-nothing:
+ * a free (count 0) block anywhere in the batch undoes the earlier decrements.
+ * Blocks reaching zero are pushed only after the whole batch succeeded, so
+ * an undo never has to fish a block back out of a free list. */
+int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
+{
+    int32_t zeroed_small[256], *zeroed = zeroed_small;
+    for (uint32_t i = 0; i < n; i++)
+        if (!bt_id_ok(s, ids[i]))
+            return BT_ERANGE;
+    if (n > 256 && !(zeroed = malloc(n * sizeof(int32_t))))
+        return -ENOMEM;
+    uint32_t nz = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t *rc = &s->refcnt[ids[i]];
+        uint32_t v = bt_load_relaxed(rc);
+        do {
+            if (v == 0) {
+                for (uint32_t j = 0; j < i; j++)
+                    __atomic_fetch_add(&s->refcnt[ids[j]], 1u, __ATOMIC_RELAXED);
+                if (zeroed != zeroed_small)
+                    free(zeroed);
+                return BT_ENOTHELD;
+            }
+        } while (!bt_cas_acqrel(rc, &v, v - 1));
+        if (v == 1)
+            zeroed[nz++] = ids[i];
+    }
+    if (nz)
+        bt_push_zeroed(s, zeroed, nz);
+    if (zeroed != zeroed_small)
+        free(zeroed);
+    return BT_OK;
+}
+
+/* ---- the raw pool API (no client protocol) ------------------------------ */
+
+int bt_pool_pop(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out)
+{
+    if (!s || (!out && n))
+        return BT_EINVAL;
+    if (pool >= s->cfg.num_pools)
+        return BT_ERANGE;
+    if (n == 0)
+        return BT_OK;
+    return bt_pop_raw(s, pool, n, stamp, out);
+}
+
+int bt_pool_push(bt_seg *s, const int32_t *ids, uint32_t n)
+{
+    if (!s || (!ids && n))
+        return BT_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (!bt_id_ok(s, ids[i]))
+            return BT_ERANGE;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t one = 1;
+        if (!bt_cas_relaxed(&s->refcnt[ids[i]], &one, 0u)) {
+            for (uint32_t j = 0; j < i; j++)
+                bt_store_relaxed(&s->refcnt[ids[j]], 1u);
+            return BT_ENOTHELD;
+        }
+    }
+    bt_push_zeroed(s, ids, n);
+    return BT_OK;
+}
+
+int bt_pool_free_count(const bt_seg *s, uint32_t pool, uint32_t *out)
+{
+    if (!s || !out)
+        return BT_EINVAL;
+    if (pool >= s->cfg.num_pools)
+        return BT_ERANGE;
+    int64_t v = bt_load_relaxed(&s->pools[pool].nfree);
+    *out = v < 0 ? 0 : v > s->cfg.blocks_per_pool ? s->cfg.blocks_per_pool : (uint32_t)v;
+    return BT_OK;
+}
+
+int bt_block_get(const bt_seg *s, int32_t id, uint32_t *refcnt, uint32_t *owner)
+{
+    if (!s)
+        return BT_EINVAL;
+    if (id < 0 || (uint64_t)id >= s->total)
+        return BT_ERANGE;
+    if (refcnt)
+        *refcnt = bt_load_relaxed(&s->refcnt[id]);
+    if (owner)
+        *owner = bt_load_relaxed(&s->owner[id]);
+    return BT_OK;
+}
+
+/* ---- the client API: loose references kept in the client's hand --------- */
+
+int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out)
+{
+    if (!cl || (!out && n))
+        return BT_EINVAL;
+    if (pool >= cl->seg->cfg.num_pools)
+        return BT_ERANGE;
+    if (n == 0)
+        return BT_OK;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (bt_load_relaxed(&cl->slot->hand_count) + (uint64_t)n > cl->seg->cfg.hand_size)
+        rc = BT_EHANDFULL;
+    else if (!(rc = bt_pop_raw(cl->seg, pool, n, cl->id, out)))
+        rc = bt_hand_add(cl, out, n);
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_blocks_release(bt_client *cl, const int32_t *ids, uint32_t n)
+{
+    if (!cl || (!ids && n))
+        return BT_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (!bt_id_ok(cl->seg, ids[i]))
+            return BT_ERANGE;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    /* Hand first, then counts: dying between the two leaves a count too high
+     * and no holder, which a repair sees; the other order could free a block
+     * the hand still names. */
+    if (!(rc = bt_hand_find_all(cl, ids, n))) {
+        bt_hand_drop(cl, n);
+        if ((rc = bt_decref_many(cl->seg, ids, n)))
+            bt_hand_add(cl, ids, n);    /* a count was already 0: scribbled on */
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_blocks_share(bt_client *cl, const int32_t *ids, uint32_t n)
+{
+    if (!cl || (!ids && n))
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (bt_load_relaxed(&cl->slot->hand_count) + (uint64_t)n > cl->seg->cfg.hand_size)
+        rc = BT_EHANDFULL;
+    else if (!(rc = bt_incref_many(cl->seg, ids, n)))
+        rc = bt_hand_add(cl, ids, n);
+    bt_op_end(cl);
+    return rc;
+}

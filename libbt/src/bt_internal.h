@@ -1,0 +1,87 @@
+/*
+ * bt_internal.h -- process-local handles and helpers shared by the sources.
+ * The geometry (config, offsets, region pointers) is copied out of the header
+ * once at attach and never re-read from shared memory: a process that
+ * scribbles on the header cannot move another process's regions.
+ */
+#ifndef BT_INTERNAL_H
+#define BT_INTERNAL_H
+
+#include "bt.h"
+#include "bt_atomic.h"
+#include "bt_layout.h"
+
+struct bt_seg {
+    uint8_t          *base;
+    uint64_t          size;
+    int               unmap;           /* 1: we mmap'd it and munmap on close */
+    bt_config         cfg;
+    uint64_t          total;           /* block ids: num_pools * blocks_per_pool */
+    uint64_t          off[BT_R_COUNT];
+    struct bt_header *hdr;
+    struct bt_pool   *pools;
+    uint32_t         *next;
+    uint32_t         *refcnt;
+    uint32_t         *owner;
+    struct bt_row    *rows;
+    int32_t          *table;
+    int32_t          *nblocks;
+    int64_t          *ntokens;
+    struct bt_cslot  *clients;
+    uint32_t         *hands;
+};
+
+struct bt_client {
+    bt_seg          *seg;
+    uint32_t         id;               /* 1-based slot id */
+    int32_t          pid;
+    uint64_t         fork_gen;         /* process generation at open */
+    struct bt_cslot *slot;
+    uint32_t        *hand;
+    uint8_t         *mark;             /* scratch bitmap over rows, for bt_step */
+};
+
+/* layout.c */
+int  bt_layout(const bt_config *cfg, uint64_t off[BT_R_COUNT], uint64_t *size);
+void bt_seg_bind(bt_seg *seg);         /* region pointers from base + off */
+uint64_t bt_proc_start_time(int32_t pid);  /* 0 if the process is gone */
+uint64_t bt_fork_generation(void);
+uint64_t bt_now_ns(void);
+
+/* alloc.c: pools without the client protocol */
+int  bt_pop_raw(bt_seg *seg, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out);
+void bt_push_zeroed(bt_seg *seg, const int32_t *ids, uint32_t n);
+int  bt_decref_many(bt_seg *seg, const int32_t *ids, uint32_t n);
+int  bt_incref_many(bt_seg *seg, const int32_t *ids, uint32_t n);
+
+/* client.c: the recovery protocol around every data-path call */
+int  bt_op_begin(bt_client *cl);
+static inline void bt_op_end(bt_client *cl)
+{
+    bt_store_relaxed(&cl->slot->ops, bt_load_relaxed(&cl->slot->ops) + 1);
+    bt_store_release(&cl->slot->in_op, 0);
+}
+int  bt_hand_add(bt_client *cl, const int32_t *ids, uint32_t n);
+int  bt_hand_find_all(bt_client *cl, const int32_t *ids, uint32_t n);
+void bt_hand_drop(bt_client *cl, uint32_t n);  /* after bt_hand_find_all */
+
+/* rows.c */
+int  bt_row_owned(bt_client *cl, uint32_t row, struct bt_row **out);
+uint32_t bt_row_nblocks(const bt_seg *seg, uint32_t row);  /* clamped to width */
+void bt_row_write_begin(struct bt_row *r);
+void bt_row_write_end(struct bt_row *r);
+void bt_row_wipe(bt_seg *seg, uint32_t row, uint32_t from);
+uint32_t bt_row_cut(bt_seg *seg, uint32_t row, uint32_t keep, int32_t *out);
+int  bt_row_drop(bt_client *cl, uint32_t row);
+void bt_drop_refs(bt_seg *seg, int32_t *ids, uint32_t n);
+
+static inline int32_t *bt_row_ids(const bt_seg *seg, uint32_t row)
+{
+    return seg->table + (uint64_t)row * seg->cfg.row_width;
+}
+static inline int bt_id_ok(const bt_seg *seg, int32_t id)
+{
+    return id > 0 && (uint64_t)id < seg->total;
+}
+
+#endif /* BT_INTERNAL_H */

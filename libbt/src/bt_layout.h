@@ -1,0 +1,111 @@
+/*
+ * bt_layout.h -- the bytes of a segment. Everything here lives in shared
+ * memory, mapped at a different address in every process: offsets and
+ * indices only, never pointers. Changing anything here changes BT_FORMAT or
+ * the ABI fingerprint, and old segments are refused (BT_EVERSION).
+ *
+ *   [header][pools][next u32 x T][refcnt u32 x T][owner u32 x T]
+ *   [row meta x R][table i32 x R*W][nblocks i32 x R][ntokens i64 x R]
+ *   [client slots x C][hands u32 x C*H]
+ *
+ * Every region starts on a 64-byte line; the table on a 4 KiB page, so that a
+ * GPU can register it and a numpy view of it is aligned.
+ */
+#ifndef BT_LAYOUT_H
+#define BT_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "bt.h"
+
+#define BT_CACHELINE   64
+#define BT_PAGE        4096
+/* "BTSEG" then 0x01 0x02 0x03: a segment written with the other byte order
+ * reads as a different number, which attach names as such. */
+#define BT_MAGIC       0x4254534547010203ULL
+#define BT_MAGIC_SWAP  0x0302014745535442ULL
+#define BT_FORMAT      1u
+
+#define BT_NIL         0xFFFFFFFFu      /* end of a free list */
+#define BT_MAX_POOLS   256u
+#define BT_MAX_BLOCKS  (1u << 30)       /* ids stay positive int32, slots fit int64 */
+#define BT_MAX_ROWS    (1u << 22)
+#define BT_MAX_WIDTH   (1u << 22)
+#define BT_MAX_CLIENTS 4096u
+#define BT_MAX_HAND    (1u << 20)
+#define BT_MAX_TABLE   (1ull << 34)     /* bytes of the dense table */
+
+enum bt_region {
+    BT_R_POOLS, BT_R_NEXT, BT_R_REFCNT, BT_R_OWNER, BT_R_ROWS, BT_R_TABLE,
+    BT_R_NBLOCKS, BT_R_NTOKENS, BT_R_CLIENTS, BT_R_HANDS, BT_R_COUNT
+};
+
+struct bt_header {
+    uint64_t magic;
+    uint32_t format;
+    uint32_t header_size;
+    uint64_t abi;
+    uint64_t size;
+    bt_config cfg;
+    uint64_t off[BT_R_COUNT];
+    int32_t  owner_pid;
+    uint32_t _pad0;
+    uint64_t owner_start_time;
+    uint64_t generation;                /* atomic */
+    uint8_t  _pad1[BT_CACHELINE * 4 - 8 * 5 - sizeof(bt_config) - 8 * BT_R_COUNT - 8 * 3];
+    /* Hot words, each on its own line. */
+    uint64_t freeze __attribute__((aligned(BT_CACHELINE))); /* 0, or the sweeper's pid */
+    uint8_t  _pad2[BT_CACHELINE - 8];
+    uint32_t row_cursor __attribute__((aligned(BT_CACHELINE))); /* where claims start looking */
+    uint8_t  _pad3[BT_CACHELINE - 4];
+};
+
+/* A Treiber stack: head packs {index:32 low, tag:32 high}; the tag changes on
+ * every successful CAS, so an unchanged head means an unchanged chain. */
+struct bt_pool {
+    uint64_t head __attribute__((aligned(BT_CACHELINE)));
+    int64_t  nfree;                     /* statistics only; updated after the CAS */
+    uint8_t  _pad[BT_CACHELINE - 16];
+};
+
+struct bt_row {
+    uint32_t seq;                       /* seqlock: odd while the owner writes */
+    uint32_t owner;                     /* client id, 0 = free; claimed by CAS */
+    uint32_t flags;
+    uint32_t generation;
+    uint64_t key;
+    uint8_t  _pad[BT_CACHELINE - 24];
+} __attribute__((aligned(BT_CACHELINE)));
+
+struct bt_cslot {
+    uint32_t state;                     /* BT_CLIENT_* (+ BT_CLIENT_RECOVERING) */
+    int32_t  pid;
+    uint64_t start_time;                /* of pid, from /proc: pid reuse is caught */
+    uint32_t in_op;
+    uint32_t hand_count;
+    uint32_t nrows;
+    int32_t  recoverer;                 /* pid of the process recovering this slot */
+    uint64_t ops;
+    uint8_t  _pad[BT_CACHELINE * 2 - 40];
+} __attribute__((aligned(BT_CACHELINE)));
+
+#define BT_CLIENT_RESERVED   3          /* reserved by the daemon, not yet adopted */
+#define BT_CLIENT_RECOVERING 4          /* a recoverer is releasing its holdings */
+
+_Static_assert(sizeof(struct bt_header) == BT_CACHELINE * 6, "header layout");
+_Static_assert(sizeof(struct bt_pool) == BT_CACHELINE, "pool layout");
+_Static_assert(sizeof(struct bt_row) == BT_CACHELINE, "row layout");
+_Static_assert(sizeof(struct bt_cslot) == BT_CACHELINE * 2, "client slot layout");
+_Static_assert(sizeof(bt_config) == 32, "config layout");
+_Static_assert(offsetof(struct bt_header, freeze) % BT_CACHELINE == 0, "freeze line");
+
+/* Fingerprint of the layout this library was built with: cache line, struct
+ * sizes and the format, so that two builds disagreeing on any of them refuse
+ * each other's segments (LMDB's lock-file fingerprint). */
+#define BT_ABI ((uint64_t)BT_FORMAT << 56 | (uint64_t)BT_CACHELINE << 44 | \
+                (uint64_t)sizeof(struct bt_header) << 32 | \
+                (uint64_t)sizeof(struct bt_pool) << 24 | \
+                (uint64_t)sizeof(struct bt_row) << 16 | \
+                (uint64_t)sizeof(struct bt_cslot) << 4 | (uint64_t)sizeof(bt_config) >> 3)
+
+#endif /* BT_LAYOUT_H */

@@ -1,0 +1,403 @@
+/*
+ * check.c -- fsck for a segment, and recovery of dead clients.
+ *
+ * The truth is who holds what: the rows of live clients and their hands.
+ * Reference counts and free lists are derived state, and a repair rebuilds
+ * them from the truth (mark and sweep), under the freeze word so that no
+ * data-path call runs meanwhile (client.c has the protocol).
+ *
+ * A client that died outside a call left consistent state: its rows and hand
+ * are released with ordinary lock-free decrements, no pause. One that died
+ * inside a call may have left a block popped but unrecorded, or named in both
+ * a row and its hand; that takes a repair. If a live client stays inside a
+ * call (SIGSTOP), the repair is deferred rather than wedged: the dead
+ * client's consistent rows are released now, the rest at the next repair.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "bt_internal.h"
+
+static int pid_alive(int32_t pid, uint64_t start)
+{
+    if (pid <= 0)
+        return 0;
+    if (start)
+        return bt_proc_start_time(pid) == start;
+    return !(kill(pid, 0) < 0 && errno == ESRCH);
+}
+
+/* A slot whose holdings count: ACTIVE with its process alive. */
+static int slot_live(const struct bt_cslot *sl)
+{
+    return bt_load_acquire(&sl->state) == BT_CLIENT_ACTIVE &&
+           pid_alive(bt_load_relaxed(&sl->pid), bt_load_relaxed(&sl->start_time));
+}
+
+/* Must the sweeper wait for this slot's in_op? Live clients, and recoverers
+ * that are alive. */
+static int slot_waits(const struct bt_cslot *sl)
+{
+    uint32_t st = bt_load_acquire(&sl->state);
+    if (st == BT_CLIENT_RECOVERING)
+        return pid_alive(bt_load_relaxed(&sl->recoverer), 0);
+    return st == BT_CLIENT_ACTIVE && slot_live(sl);
+}
+
+/* ---- freeze ---------------------------------------------------------------- */
+
+static int freeze(bt_seg *s)
+{
+    uint64_t mine = (uint64_t)getpid(), cur = 0;
+    if (bt_cas_acqrel(&s->hdr->freeze, &cur, mine))
+        goto frozen;
+    if (cur == mine || pid_alive((int32_t)cur, 0))
+        return BT_EBUSY;                /* another sweep is running */
+    if (!bt_cas_acqrel(&s->hdr->freeze, &cur, mine))   /* its sweeper died: take over */
+        return BT_EBUSY;
+frozen:
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return BT_OK;
+}
+
+static void thaw(bt_seg *s) { bt_store_seqcst(&s->hdr->freeze, 0ull); }
+
+/* Wait until no client that counts is inside a call. */
+static int drain(bt_seg *s, uint32_t wait_ms, uint32_t *stuck)
+{
+    uint64_t deadline = bt_now_ns() + (uint64_t)wait_ms * 1000000ull;
+    for (uint32_t i = 0; i < s->cfg.max_clients; i++) {
+        struct bt_cslot *sl = &s->clients[i];
+        for (uint32_t spin = 0; bt_load_seqcst(&sl->in_op) && slot_waits(sl); spin++) {
+            if (bt_now_ns() > deadline) {
+                *stuck = i + 1;
+                return BT_EBUSY;
+            }
+            if (spin < 128) {
+                bt_cpu_relax();
+            } else {
+                struct timespec ts = { 0, 50000 };
+                nanosleep(&ts, NULL);
+            }
+        }
+    }
+    return BT_OK;
+}
+
+/* ---- the scan ---------------------------------------------------------------- */
+
+struct scan {
+    bt_seg   *s;
+    int       repair;
+    uint32_t *count;                    /* holders per block */
+    uint8_t  *onlist;                   /* 0, 1, or 2 = seen twice */
+    uint8_t  *live;                     /* per client slot */
+    bt_check_report *rep;
+};
+
+/* Walk the free lists, bounded by the pool size: a cycle or a stray link is
+ * counted, not followed. */
+static void scan_lists(struct scan *sc)
+{
+    bt_seg *s = sc->s;
+    for (uint32_t p = 0; p < s->cfg.num_pools; p++) {
+        uint32_t lo = p * s->cfg.blocks_per_pool, hi = lo + s->cfg.blocks_per_pool;
+        uint32_t idx = (uint32_t)bt_load_acquire(&s->pools[p].head);
+        for (uint32_t steps = 0; idx != BT_NIL && steps <= s->cfg.blocks_per_pool; steps++) {
+            if (idx < lo || idx >= hi || idx == 0) {
+                sc->rep->double_free++;      /* a stray link: the list is broken */
+                break;
+            }
+            if (sc->onlist[idx]) {
+                sc->onlist[idx] = 2;
+                sc->rep->double_free++;
+                break;
+            }
+            sc->onlist[idx] = 1;
+            idx = bt_load_relaxed(&s->next[idx]);
+        }
+    }
+}
+
+/* Count one row's holdings; on repair, heal it or release it. */
+static void scan_row(struct scan *sc, uint32_t row)
+{
+    bt_seg *s = sc->s;
+    struct bt_row *r = &s->rows[row];
+    uint32_t o = bt_load_acquire(&r->owner), seq = bt_load_relaxed(&r->seq);
+    int32_t raw = bt_load_relaxed(&s->nblocks[row]);
+    int dead = o != 0 && (o > s->cfg.max_clients || !sc->live[o - 1]);
+    uint32_t nb = raw < 0 ? 0 : (uint32_t)raw > s->cfg.row_width ? s->cfg.row_width : (uint32_t)raw;
+    int fix = (seq & 1u) || (uint32_t)raw != nb || (o == 0 && raw != 0);
+    int32_t *e = bt_row_ids(s, row);
+    int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
+    uint32_t good = nb;
+    for (uint32_t i = 0; i < nb && o != 0; i++) {
+        int32_t id = bt_load_relaxed(&e[i]);
+        if (managed ? !bt_id_ok(s, id) : id < 0) {
+            sc->rep->bad_entries++;
+            good = i;                   /* truncate at the first bad entry */
+            break;
+        }
+    }
+    if (o == 0 || dead)
+        good = 0;
+    else if (managed)
+        for (uint32_t i = 0; i < good; i++)
+            sc->count[bt_load_relaxed(&e[i])]++;
+    fix |= good != nb;
+    if (fix && !dead)
+        sc->rep->rows_fixed++;
+    if (!sc->repair || (!fix && !dead))
+        return;
+    bt_row_write_begin(r);
+    bt_store_relaxed(&s->nblocks[row], (int32_t)good);
+    bt_row_wipe(s, row, good);
+    if (dead)
+        bt_store_relaxed(&s->ntokens[row], (int64_t)0);
+    bt_row_write_end(r);
+    if (dead)
+        bt_store_release(&r->owner, 0u);
+}
+
+/* Count a live client's hand; on repair drop entries out of range. */
+static void scan_hand(struct scan *sc, uint32_t slot)
+{
+    bt_seg *s = sc->s;
+    struct bt_cslot *sl = &s->clients[slot];
+    uint32_t *h = s->hands + (uint64_t)slot * s->cfg.hand_size;
+    uint32_t n = bt_load_acquire(&sl->hand_count), k = 0;
+    if (n > s->cfg.hand_size) {
+        sc->rep->bad_entries += n - s->cfg.hand_size;
+        n = s->cfg.hand_size;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t id = bt_load_relaxed(&h[i]);
+        if (!bt_id_ok(s, (int32_t)id)) {
+            sc->rep->bad_entries++;
+            continue;
+        }
+        sc->count[id]++;
+        if (sc->repair)
+            bt_store_relaxed(&h[k], id);
+        k++;
+    }
+    if (sc->repair)
+        bt_store_release(&sl->hand_count, k);
+}
+
+/* Compare counts with the truth; on repair rewrite counts and free lists. */
+static void settle_blocks(struct scan *sc)
+{
+    bt_seg *s = sc->s;
+    bt_check_report *rep = sc->rep;
+    for (uint64_t b = 1; b < s->total; b++) {
+        uint32_t want = sc->count[b], have = bt_load_relaxed(&s->refcnt[b]);
+        if (want != have && !(want == 0 && have == 0))
+            rep->refcnt_fixed++;
+        if (want == 0 && !sc->onlist[b])
+            rep->leaked++;
+        if (want != 0 && sc->onlist[b])
+            rep->double_free++;
+        if (sc->repair)
+            bt_store_relaxed(&s->refcnt[b], want);
+    }
+    for (uint32_t p = 0; p < s->cfg.num_pools; p++) {
+        uint32_t lo = p * s->cfg.blocks_per_pool, hi = lo + s->cfg.blocks_per_pool;
+        uint32_t first = BT_NIL, prev = BT_NIL, nfree = 0;
+        for (uint32_t b = lo ? lo : 1; b < hi; b++) {
+            if (sc->count[b])
+                continue;
+            nfree++;
+            if (!sc->repair)
+                continue;
+            bt_store_relaxed(&s->owner[b], 0u);
+            if (prev == BT_NIL)
+                first = b;
+            else
+                bt_store_relaxed(&s->next[prev], b);
+            prev = b;
+        }
+        rep->blocks_free += nfree;
+        rep->blocks_held += (hi - (lo ? lo : 1)) - nfree;
+        if (!sc->repair)
+            continue;
+        if (prev != BT_NIL)
+            bt_store_relaxed(&s->next[prev], BT_NIL);
+        uint64_t old = bt_load_relaxed(&s->pools[p].head);
+        uint64_t tag = (old >> 32) + 1;
+        bt_store_release(&s->pools[p].head, tag << 32 | first);
+        bt_store_relaxed(&s->pools[p].nfree, (int64_t)nfree);
+    }
+}
+
+/* Free the slots of clients that are gone (their holdings were not counted). */
+static void reap_slots(struct scan *sc)
+{
+    bt_seg *s = sc->s;
+    for (uint32_t i = 0; i < s->cfg.max_clients; i++) {
+        struct bt_cslot *sl = &s->clients[i];
+        uint32_t st = bt_load_acquire(&sl->state);
+        if (sc->live[i] || st == BT_CLIENT_FREE)
+            continue;
+        if (st == BT_CLIENT_RESERVED && pid_alive(bt_load_relaxed(&sl->pid), 0))
+            continue;                   /* awaiting adoption: holds nothing */
+        bt_store_relaxed(&sl->hand_count, 0u);
+        bt_store_relaxed(&sl->nrows, 0u);
+        bt_store_relaxed(&sl->pid, 0);
+        bt_store_relaxed(&sl->in_op, 0u);
+        bt_store_release(&sl->state, (uint32_t)BT_CLIENT_FREE);
+        sc->rep->clients_reaped++;
+    }
+}
+
+static int scan_all(bt_seg *s, int repair, bt_check_report *rep)
+{
+    struct scan sc = { .s = s, .repair = repair, .rep = rep };
+    sc.count = calloc(s->total, sizeof(uint32_t));
+    sc.onlist = calloc(s->total, 1);
+    sc.live = calloc(s->cfg.max_clients, 1);
+    if (!sc.count || !sc.onlist || !sc.live) {
+        free(sc.count), free(sc.onlist), free(sc.live);
+        return -ENOMEM;
+    }
+    for (uint32_t i = 0; i < s->cfg.max_clients; i++) {
+        uint32_t st = bt_load_acquire(&s->clients[i].state);
+        /* Read-only: count every claimed slot as it stands. Repair: only
+         * those whose process is alive. */
+        sc.live[i] = repair ? slot_live(&s->clients[i]) : st == BT_CLIENT_ACTIVE || st == BT_CLIENT_DEAD;
+    }
+    scan_lists(&sc);
+    for (uint32_t r = 0; r < s->cfg.num_rows; r++)
+        scan_row(&sc, r);
+    for (uint32_t i = 0; i < s->cfg.max_clients; i++)
+        if (sc.live[i])
+            scan_hand(&sc, i);
+    settle_blocks(&sc);
+    if (repair)
+        reap_slots(&sc);
+    free(sc.count), free(sc.onlist), free(sc.live);
+    return BT_OK;
+}
+
+int bt_seg_check(bt_seg *s, int flags, uint32_t wait_ms, bt_check_report *out)
+{
+    bt_check_report rep = { 0 };
+    if (!s)
+        return BT_EINVAL;
+    int rc;
+    if (!(flags & BT_CHECK_REPAIR)) {
+        rc = scan_all(s, 0, &rep);
+    } else {
+        uint64_t t0 = bt_now_ns();
+        if ((rc = freeze(s)))
+            goto out;
+        if ((rc = drain(s, wait_ms, &rep.stuck_client)) == BT_OK) {
+            rc = scan_all(s, 1, &rep);
+            __atomic_fetch_add(&s->hdr->generation, 1ull, __ATOMIC_RELEASE);
+        }
+        thaw(s);
+        rep.pause_ns = bt_now_ns() - t0;
+    }
+out:
+    if (out)
+        *out = rep;
+    return rc;
+}
+
+/* ---- recovery of one dead client ------------------------------------------- */
+
+/* Release the rows of slot `id` that are not mid-write (all of them when the
+ * client died outside a call); optionally its hand. */
+static uint32_t release_holdings(bt_seg *s, uint32_t id, int with_hand)
+{
+    bt_client fake = { .seg = s, .id = id, .pid = 0, .slot = &s->clients[id - 1],
+                       .hand = s->hands + (uint64_t)(id - 1) * s->cfg.hand_size };
+    uint32_t skipped = 0;
+    for (uint32_t r = 0; r < s->cfg.num_rows; r++) {
+        if (bt_load_acquire(&s->rows[r].owner) != id)
+            continue;
+        if (bt_load_acquire(&s->rows[r].seq) & 1u) {
+            skipped++;                  /* mid-write: left for a repair */
+            continue;
+        }
+        bt_row_drop(&fake, r);
+    }
+    if (with_hand) {
+        uint32_t n = bt_load_acquire(&fake.slot->hand_count);
+        n = n > s->cfg.hand_size ? s->cfg.hand_size : n;
+        int32_t *ids = malloc((n ? n : 1) * sizeof(int32_t));
+        if (ids) {
+            for (uint32_t i = 0; i < n; i++)
+                ids[i] = (int32_t)bt_load_relaxed(&fake.hand[i]);
+            bt_store_release(&fake.slot->hand_count, 0u);
+            bt_drop_refs(s, ids, n);
+            free(ids);
+        }
+    }
+    return skipped;
+}
+
+int bt_seg_recover_client(bt_seg *s, uint32_t id, uint32_t wait_ms, bt_check_report *out)
+{
+    bt_check_report rep = { 0 };
+    if (!s)
+        return BT_EINVAL;
+    if (id == 0 || id > s->cfg.max_clients)
+        return BT_ERANGE;
+    struct bt_cslot *sl = &s->clients[id - 1];
+    uint32_t st = bt_load_acquire(&sl->state);
+    if (st == BT_CLIENT_FREE)
+        goto done;                      /* already recovered */
+    if ((st == BT_CLIENT_ACTIVE || st == BT_CLIENT_RESERVED) &&
+        pid_alive(bt_load_relaxed(&sl->pid), bt_load_relaxed(&sl->start_time)))
+        return BT_EBUSY;                /* it is not dead */
+    if (st == BT_CLIENT_ACTIVE || st == BT_CLIENT_RESERVED)
+        bt_cas_acqrel(&sl->state, &st, (uint32_t)BT_CLIENT_DEAD);
+    if (bt_load_acquire(&sl->in_op) == 0) {
+        /* Died outside a call: lock-free release, no pause. The slot's own
+         * in_op word makes us visible to a concurrent sweeper. */
+        uint32_t dead = BT_CLIENT_DEAD;
+        if (!bt_cas_acqrel(&sl->state, &dead, (uint32_t)BT_CLIENT_RECOVERING))
+            goto done;                  /* someone else has it */
+        bt_store_relaxed(&sl->recoverer, (int32_t)getpid());
+        bt_xchg_seqcst(&sl->in_op, 1u);
+        if (bt_load_seqcst(&s->hdr->freeze) == 0) {
+            release_holdings(s, id, 1);
+            bt_store_relaxed(&sl->pid, 0);
+            bt_store_release(&sl->in_op, 0u);
+            bt_store_release(&sl->state, (uint32_t)BT_CLIENT_FREE);
+            rep.clients_reaped = 1;
+            goto done;
+        }
+        /* A sweep is starting: it will reap this slot. Step aside. */
+        uint32_t rec = BT_CLIENT_RECOVERING;
+        bt_cas_acqrel(&sl->state, &rec, (uint32_t)BT_CLIENT_DEAD);
+        bt_store_release(&sl->in_op, 0u);
+    }
+    /* Died inside a call (or raced a sweep): a repair undoes half-done work. */
+    int rc = bt_seg_check(s, BT_CHECK_REPAIR, wait_ms, &rep);
+    if (rc == BT_EBUSY && rep.stuck_client) {
+        /* A live client is stuck in a call: release what is consistent now. */
+        uint32_t dead = BT_CLIENT_DEAD;
+        if (bt_cas_acqrel(&sl->state, &dead, (uint32_t)BT_CLIENT_RECOVERING)) {
+            bt_store_relaxed(&sl->recoverer, (int32_t)getpid());
+            bt_xchg_seqcst(&sl->in_op, 1u);
+            if (bt_load_seqcst(&s->hdr->freeze) == 0)
+                release_holdings(s, id, 0);
+            bt_store_release(&sl->in_op, 0u);
+            uint32_t rec = BT_CLIENT_RECOVERING;
+            bt_cas_acqrel(&sl->state, &rec, (uint32_t)BT_CLIENT_DEAD);
+        }
+    }
+    if (out)
+        *out = rep;
+    return rc;
+done:
+    if (out)
+        *out = rep;
+    return BT_OK;
+}

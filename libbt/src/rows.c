@@ -1,0 +1,459 @@
+/*
+ * rows.c -- per-request block tables.
+ *
+ * A row has one writer, the client that claimed it; anyone reads it under
+ * its seqlock (seq odd while a write is in progress). Entries at and past
+ * num_blocks are 0 after every call: stale tails let a request read another
+ * request's KV (vLLM learnt this the hard way).
+ *
+ * For a MANAGED row every entry holds one reference on its block. Entries
+ * enter the row before the hand lets go of them, and leave the row before
+ * their references are dropped: a client dying in between leaves a count
+ * too high (repaired), never a holder without a count.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include "bt_internal.h"
+
+#define SEQ_SPINS (1u << 22)            /* bt_row_read gives up after this */
+
+uint32_t bt_row_nblocks(const bt_seg *s, uint32_t row)
+{
+    int32_t n = bt_load_relaxed(&s->nblocks[row]);
+    return n < 0 ? 0 : (uint32_t)n > s->cfg.row_width ? s->cfg.row_width : (uint32_t)n;
+}
+
+void bt_row_write_begin(struct bt_row *r)
+{
+    uint32_t seq = bt_load_relaxed(&r->seq);
+    bt_store_relaxed(&r->seq, (seq + 1) | 1u);
+    bt_fence_release();                 /* the odd seq is seen before any entry */
+}
+
+void bt_row_write_end(struct bt_row *r)
+{
+    uint32_t seq = bt_load_relaxed(&r->seq);
+    bt_store_release(&r->seq, seq + 1);
+}
+
+/* Zero entries [from, width): the tail invariant, restored wholesale. */
+void bt_row_wipe(bt_seg *s, uint32_t row, uint32_t from)
+{
+    int32_t *e = bt_row_ids(s, row);
+    for (uint32_t i = from; i < s->cfg.row_width; i++)
+        bt_store_relaxed(&e[i], 0);
+}
+
+int bt_row_owned(bt_client *cl, uint32_t row, struct bt_row **out)
+{
+    if (row >= cl->seg->cfg.num_rows)
+        return BT_ERANGE;
+    struct bt_row *r = &cl->seg->rows[row];
+    uint32_t o = bt_load_acquire(&r->owner);
+    if (o == 0)
+        return BT_EROWSTATE;
+    if (o != cl->id)
+        return BT_ENOTOWNER;
+    *out = r;
+    return BT_OK;
+}
+
+static int check_ids(const bt_seg *s, const struct bt_row *r, const int32_t *ids, uint32_t n)
+{
+    int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
+    for (uint32_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || (managed && !bt_id_ok(s, ids[i])))
+            return BT_ERANGE;
+    }
+    return BT_OK;
+}
+
+static void put_entries(bt_seg *s, uint32_t row, uint32_t at, const int32_t *ids, uint32_t n)
+{
+    int32_t *e = bt_row_ids(s, row);
+    for (uint32_t i = 0; i < n; i++)
+        bt_store_relaxed(&e[at + i], ids[i]);
+    bt_store_relaxed(&s->nblocks[row], (int32_t)(at + n));
+}
+
+/* Copy the row's first n entries out (owner's view, no seqlock needed). */
+static void get_entries(const bt_seg *s, uint32_t row, uint32_t n, int32_t *out)
+{
+    const int32_t *e = bt_row_ids(s, row);
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = bt_load_relaxed(&e[i]);
+}
+
+/* Drop one reference on each valid id: a batch (one CAS per pool) when it
+ * can, one by one when a count was already 0, so one scribbled-on entry does
+ * not keep the others from being freed. */
+void bt_drop_refs(bt_seg *s, int32_t *ids, uint32_t n)
+{
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (bt_id_ok(s, ids[i]))
+            ids[k++] = ids[i];
+    if (bt_decref_many(s, ids, k) == BT_OK)
+        return;
+    for (uint32_t i = 0; i < k; i++)
+        bt_decref_many(s, &ids[i], 1);
+}
+
+/* Zero entries [keep, nb) under the seqlock; copy them to `out` (room for
+ * nb - keep; NULL for RAW rows) for the caller to drop after. Returns how many were cut. */
+uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
+{
+    struct bt_row *r = &s->rows[row];
+    uint32_t nb = bt_row_nblocks(s, row);
+    if (keep >= nb)
+        return 0;
+    const int32_t *e = bt_row_ids(s, row);
+    for (uint32_t i = keep; out && i < nb; i++)
+        out[i - keep] = bt_load_relaxed(&e[i]);
+    bt_row_write_begin(r);
+    bt_store_relaxed(&s->nblocks[row], (int32_t)keep);
+    bt_row_wipe(s, row, keep);
+    bt_row_write_end(r);
+    return nb - keep;
+}
+
+/* Drop entries [keep, nb) and, for a MANAGED row, their references. */
+static int shrink(bt_client *cl, uint32_t row, uint32_t keep)
+{
+    bt_seg *s = cl->seg;
+    uint32_t nb = bt_row_nblocks(s, row);
+    if (keep >= nb)
+        return BT_OK;
+    int32_t small[256], *drop = nb - keep <= 256 ? small : malloc((nb - keep) * sizeof(int32_t));
+    if (!drop)
+        return -ENOMEM;
+    uint32_t n = bt_row_cut(s, row, keep, drop);
+    if (bt_load_relaxed(&s->rows[row].flags) == BT_ROW_MANAGED)
+        bt_drop_refs(s, drop, n);
+    if (drop != small)
+        free(drop);
+    return BT_OK;
+}
+
+/* Give a row up (its blocks dropped first); the caller is inside an op. */
+int bt_row_drop(bt_client *cl, uint32_t row)
+{
+    int rc = shrink(cl, row, 0);
+    if (rc)
+        return rc;
+    bt_store_relaxed(&cl->seg->ntokens[row], (int64_t)0);
+    bt_store_release(&cl->seg->rows[row].owner, 0u);
+    __atomic_fetch_sub(&cl->slot->nrows, 1u, __ATOMIC_RELAXED);
+    return BT_OK;
+}
+
+int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
+{
+    if (!cl || !row_out || flags > BT_ROW_RAW)
+        return BT_EINVAL;
+    bt_seg *s = cl->seg;
+    if (hint >= 0 && (uint32_t)hint >= s->cfg.num_rows)
+        return BT_ERANGE;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    uint32_t n = s->cfg.num_rows, found = UINT32_MAX;
+    uint32_t start = hint >= 0 ? (uint32_t)hint : bt_fetch_add_relaxed(&s->hdr->row_cursor, 1u) % n;
+    for (uint32_t k = 0; k < (hint >= 0 ? 1 : n); k++) {
+        uint32_t row = (start + k) % n, zero = 0;
+        if (bt_cas_acqrel(&s->rows[row].owner, &zero, cl->id)) {
+            found = row;
+            break;
+        }
+    }
+    if (found == UINT32_MAX) {
+        bt_op_end(cl);
+        return hint >= 0 ? BT_EROWSTATE : BT_ENOROWS;
+    }
+    struct bt_row *r = &s->rows[found];
+    bt_row_write_begin(r);
+    bt_store_relaxed(&r->key, key);
+    bt_store_relaxed(&r->flags, flags);
+    bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
+    bt_store_relaxed(&s->ntokens[found], (int64_t)0);
+    if (bt_load_relaxed(&s->nblocks[found]) != 0) {  /* should never be: heal */
+        bt_store_relaxed(&s->nblocks[found], 0);
+        bt_row_wipe(s, found, 0);
+    }
+    bt_row_write_end(r);
+    bt_fetch_add_relaxed(&cl->slot->nrows, 1u);
+    bt_op_end(cl);
+    *row_out = found;
+    return BT_OK;
+}
+
+int bt_row_release(bt_client *cl, uint32_t row)
+{
+    struct bt_row *r;
+    if (!cl)
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (!(rc = bt_row_owned(cl, row, &r)))
+        rc = bt_row_drop(cl, row);
+    bt_op_end(cl);
+    return rc;
+}
+
+/* Common checks of the append family: owned, right kind, room, ids. */
+static int append_prep(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n,
+                       int need_managed, struct bt_row **r, uint32_t *nb)
+{
+    int rc = bt_row_owned(cl, row, r);
+    if (rc)
+        return rc;
+    if (need_managed && bt_load_relaxed(&(*r)->flags) != BT_ROW_MANAGED)
+        return BT_EROWSTATE;
+    *nb = bt_row_nblocks(cl->seg, row);
+    if ((uint64_t)*nb + n > cl->seg->cfg.row_width)
+        return BT_EROWFULL;
+    return ids ? check_ids(cl->seg, *r, ids, n) : BT_OK;
+}
+
+int bt_row_append(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
+{
+    struct bt_row *r;
+    uint32_t nb;
+    if (!cl || (!ids && n))
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (!(rc = append_prep(cl, row, ids, n, 0, &r, &nb))) {
+        int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
+        if (!managed || !(rc = bt_hand_find_all(cl, ids, n))) {
+            bt_row_write_begin(r);
+            put_entries(cl->seg, row, nb, ids, n);
+            bt_row_write_end(r);
+            if (managed)
+                bt_hand_drop(cl, n);    /* the references now live in the row */
+        }
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_append_shared(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
+{
+    struct bt_row *r;
+    uint32_t nb;
+    if (!cl || (!ids && n))
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (!(rc = append_prep(cl, row, ids, n, 1, &r, &nb)) &&
+        !(rc = bt_incref_many(cl->seg, ids, n))) {
+        bt_row_write_begin(r);
+        put_entries(cl->seg, row, nb, ids, n);
+        bt_row_write_end(r);
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, int32_t *ids_out)
+{
+    struct bt_row *r;
+    uint32_t nb;
+    if (!cl)
+        return BT_EINVAL;
+    if (pool >= cl->seg->cfg.num_pools)
+        return BT_ERANGE;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (!(rc = append_prep(cl, row, NULL, n, 1, &r, &nb)) && n) {
+        int32_t small[256], *ids = ids_out ? ids_out : n <= 256 ? small : malloc(n * 4);
+        if (!ids)
+            rc = -ENOMEM;
+        else if (!(rc = bt_pop_raw(cl->seg, pool, n, cl->id, ids))) {
+            bt_row_write_begin(r);
+            put_entries(cl->seg, row, nb, ids, n);
+            bt_row_write_end(r);
+        }
+        if (ids && ids != ids_out && ids != small)
+            free(ids);
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
+{
+    struct bt_row *r;
+    uint32_t nb;
+    if (!cl || (!ids && n))
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    /* Room is checked against an empty row: the old entries are going. */
+    if (!(rc = bt_row_owned(cl, row, &r))) {
+        int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
+        if (n > cl->seg->cfg.row_width)
+            rc = BT_EROWFULL;
+        else if (!(rc = check_ids(cl->seg, r, ids, n)) &&
+                 !(rc = managed ? bt_hand_find_all(cl, ids, n) : BT_OK)) {
+            /* Take the new references first, then drop the old ones, so a
+             * block in both lists never touches zero in between. */
+            nb = bt_row_nblocks(cl->seg, row);
+            int32_t small[256], *old = nb <= 256 ? small : malloc(nb * 4);
+            if (!old) {
+                rc = -ENOMEM;
+            } else {
+                get_entries(cl->seg, row, nb, old);
+                bt_row_write_begin(r);
+                put_entries(cl->seg, row, 0, ids, n);
+                bt_row_wipe(cl->seg, row, n);
+                bt_row_write_end(r);
+                if (managed) {
+                    bt_hand_drop(cl, n);
+                    bt_drop_refs(cl->seg, old, nb);
+                }
+                if (old != small)
+                    free(old);
+            }
+        }
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep)
+{
+    struct bt_row *r;
+    if (!cl)
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (!(rc = bt_row_owned(cl, row, &r))) {
+        if (keep > bt_row_nblocks(cl->seg, row))
+            rc = BT_ERANGE;
+        else
+            rc = shrink(cl, row, keep);
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_set_tokens(bt_client *cl, uint32_t row, int64_t num_tokens)
+{
+    struct bt_row *r;
+    if (!cl || num_tokens < 0)
+        return BT_EINVAL;
+    int rc = bt_row_owned(cl, row, &r);
+    if (!rc) {
+        bt_row_write_begin(r);
+        bt_store_relaxed(&cl->seg->ntokens[row], num_tokens);
+        bt_row_write_end(r);
+    }
+    return rc;
+}
+
+/* Exchange the contents of two owned rows (entries, counts, tokens). */
+static int exchange(bt_client *cl, uint32_t a, uint32_t b)
+{
+    bt_seg *s = cl->seg;
+    struct bt_row *ra, *rb;
+    int rc;
+    if ((rc = bt_row_owned(cl, a, &ra)) || (rc = bt_row_owned(cl, b, &rb)))
+        return rc;
+    if (bt_load_relaxed(&ra->flags) != bt_load_relaxed(&rb->flags))
+        return BT_EROWSTATE;
+    if (a == b)
+        return BT_OK;
+    uint32_t na = bt_row_nblocks(s, a), nb = bt_row_nblocks(s, b);
+    int32_t *ea = bt_row_ids(s, a), *eb = bt_row_ids(s, b);
+    uint32_t m = na > nb ? na : nb;
+    bt_row_write_begin(ra);
+    bt_row_write_begin(rb);
+    for (uint32_t i = 0; i < m; i++) {
+        int32_t x = bt_load_relaxed(&ea[i]), y = bt_load_relaxed(&eb[i]);
+        bt_store_relaxed(&ea[i], y);
+        bt_store_relaxed(&eb[i], x);
+    }
+    bt_store_relaxed(&s->nblocks[a], (int32_t)nb);
+    bt_store_relaxed(&s->nblocks[b], (int32_t)na);
+    int64_t ta = bt_load_relaxed(&s->ntokens[a]), tb = bt_load_relaxed(&s->ntokens[b]);
+    bt_store_relaxed(&s->ntokens[a], tb);
+    bt_store_relaxed(&s->ntokens[b], ta);
+    bt_row_write_end(rb);
+    bt_row_write_end(ra);
+    return BT_OK;
+}
+
+/* Move = exchange, then drop what dst held (now in src): src ends zeroed and
+ * dst's old references are released, never leaked. */
+int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst)
+{
+    if (!cl)
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (!(rc = exchange(cl, src, dst)) && src != dst) {
+        rc = shrink(cl, src, 0);
+        bt_store_relaxed(&cl->seg->ntokens[src], (int64_t)0);
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b)
+{
+    if (!cl)
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    rc = exchange(cl, a, b);
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_row_info *info)
+{
+    if (!s)
+        return BT_EINVAL;
+    if (row >= s->cfg.num_rows)
+        return BT_ERANGE;
+    const struct bt_row *r = &s->rows[row];
+    const int32_t *e = bt_row_ids(s, row);
+    for (uint32_t spin = 0; spin < SEQ_SPINS; spin++) {
+        uint32_t s1 = bt_load_acquire(&r->seq);
+        if (s1 & 1u) {
+            bt_cpu_relax();
+            continue;
+        }
+        bt_row_info in = { .owner = bt_load_relaxed(&r->owner), .flags = bt_load_relaxed(&r->flags),
+                           .key = bt_load_relaxed(&r->key), .generation = bt_load_relaxed(&r->generation),
+                           .num_tokens = bt_load_relaxed(&s->ntokens[row]) };
+        int32_t raw = bt_load_relaxed(&s->nblocks[row]);
+        int bad = raw < 0 || (uint32_t)raw > s->cfg.row_width;
+        in.num_blocks = bad ? 0 : (uint32_t)raw;
+        int small = ids && in.num_blocks > cap;
+        if (ids && !bad && !small)
+            for (uint32_t i = 0; i < in.num_blocks; i++)
+                ids[i] = bt_load_relaxed(&e[i]);
+        bt_fence_acquire();
+        if (bt_load_relaxed(&r->seq) != s1)
+            continue;
+        if (bad)
+            return BT_ECORRUPT;
+        if (small)
+            return BT_EINVAL;
+        if (info)
+            *info = in;
+        return BT_OK;
+    }
+    return BT_EBUSY;
+}

@@ -1,0 +1,377 @@
+/*
+ * segment.c -- configuration, layout, create / attach / validate.
+ * Attach trusts nothing in the header: it recomputes the layout from the
+ * config and refuses any difference, so a later read of a region can never
+ * leave the mapping.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "bt_internal.h"
+
+void bt_config_default(bt_config *cfg)
+{
+    *cfg = (bt_config){ .block_size = 16, .kernel_block_size = 16, .num_pools = 1,
+                        .blocks_per_pool = 65536, .num_rows = 256, .row_width = 128,
+                        .max_clients = 64, .hand_size = 4096 };
+}
+
+int bt_config_explain(const bt_config *c, char *buf, size_t len)
+{
+    const char *why = NULL;
+    uint32_t k = c ? (c->kernel_block_size ? c->kernel_block_size : c->block_size) : 0;
+    if (!c) why = "config is NULL";
+    else if (c->block_size == 0 || c->block_size > (1u << 20)) why = "block_size must be in [1, 2^20]";
+    else if (k == 0 || c->block_size % k) why = "kernel_block_size must divide block_size";
+    else if (c->num_pools == 0 || c->num_pools > BT_MAX_POOLS) why = "num_pools must be in [1, 256]";
+    else if (c->blocks_per_pool < 2) why = "blocks_per_pool must be at least 2";
+    else if ((uint64_t)c->num_pools * c->blocks_per_pool > BT_MAX_BLOCKS) why = "num_pools * blocks_per_pool must be at most 2^30";
+    else if (c->num_rows == 0 || c->num_rows > BT_MAX_ROWS) why = "num_rows must be in [1, 2^22]";
+    else if (c->row_width == 0 || c->row_width > BT_MAX_WIDTH) why = "row_width must be in [1, 2^22]";
+    else if ((uint64_t)c->num_rows * c->row_width * 4 > BT_MAX_TABLE) why = "num_rows * row_width * 4 must be at most 16 GiB";
+    else if (c->max_clients == 0 || c->max_clients > BT_MAX_CLIENTS) why = "max_clients must be in [1, 4096]";
+    else if (c->hand_size == 0 || c->hand_size > BT_MAX_HAND) why = "hand_size must be in [1, 2^20]";
+    if (buf && len)
+        snprintf(buf, len, "%s", why ? why : "ok");
+    return why ? BT_ECONFIG : BT_OK;
+}
+
+int bt_config_check(const bt_config *cfg) { return bt_config_explain(cfg, NULL, 0); }
+
+static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+int bt_layout(const bt_config *c, uint64_t off[BT_R_COUNT], uint64_t *size)
+{
+    int rc = bt_config_check(c);
+    if (rc)
+        return rc;
+    uint64_t t = (uint64_t)c->num_pools * c->blocks_per_pool;
+    uint64_t r = c->num_rows, cl = c->max_clients;
+    uint64_t bytes[BT_R_COUNT] = {
+        [BT_R_POOLS] = c->num_pools * sizeof(struct bt_pool),
+        [BT_R_NEXT] = t * 4, [BT_R_REFCNT] = t * 4, [BT_R_OWNER] = t * 4,
+        [BT_R_ROWS] = r * sizeof(struct bt_row), [BT_R_TABLE] = r * c->row_width * 4,
+        [BT_R_NBLOCKS] = r * 4, [BT_R_NTOKENS] = r * 8,
+        [BT_R_CLIENTS] = cl * sizeof(struct bt_cslot), [BT_R_HANDS] = cl * c->hand_size * 4,
+    };
+    uint64_t at = sizeof(struct bt_header);
+    for (int i = 0; i < BT_R_COUNT; i++) {
+        at = align_up(at, i == BT_R_TABLE ? BT_PAGE : BT_CACHELINE);
+        off[i] = at;
+        at += bytes[i];
+    }
+    *size = align_up(at, BT_PAGE);
+    return BT_OK;
+}
+
+uint64_t bt_config_size(const bt_config *cfg)
+{
+    uint64_t off[BT_R_COUNT], size;
+    return bt_layout(cfg, off, &size) ? 0 : size;
+}
+
+void bt_seg_bind(bt_seg *s)
+{
+    s->hdr = (struct bt_header *)s->base;
+    s->total = (uint64_t)s->cfg.num_pools * s->cfg.blocks_per_pool;
+    s->pools = (struct bt_pool *)(s->base + s->off[BT_R_POOLS]);
+    s->next = (uint32_t *)(s->base + s->off[BT_R_NEXT]);
+    s->refcnt = (uint32_t *)(s->base + s->off[BT_R_REFCNT]);
+    s->owner = (uint32_t *)(s->base + s->off[BT_R_OWNER]);
+    s->rows = (struct bt_row *)(s->base + s->off[BT_R_ROWS]);
+    s->table = (int32_t *)(s->base + s->off[BT_R_TABLE]);
+    s->nblocks = (int32_t *)(s->base + s->off[BT_R_NBLOCKS]);
+    s->ntokens = (int64_t *)(s->base + s->off[BT_R_NTOKENS]);
+    s->clients = (struct bt_cslot *)(s->base + s->off[BT_R_CLIENTS]);
+    s->hands = (uint32_t *)(s->base + s->off[BT_R_HANDS]);
+}
+
+/* Fresh memory is zero (ftruncate, MAP_ANONYMOUS): only non-zero state is
+ * written. Each pool's free list is its ids in ascending order, so that early
+ * allocations are contiguous runs. */
+static void seg_format(bt_seg *s)
+{
+    const bt_config *c = &s->cfg;
+    for (uint32_t p = 0; p < c->num_pools; p++) {
+        uint32_t first = p * c->blocks_per_pool, end = first + c->blocks_per_pool;
+        if (p == 0)
+            first = 1;                  /* block 0 is the null block */
+        for (uint32_t b = first; b < end; b++)
+            s->next[b] = b + 1 < end ? b + 1 : BT_NIL;
+        s->pools[p].head = first;       /* tag 0 */
+        s->pools[p].nfree = end - first;
+    }
+    struct bt_header *h = s->hdr;
+    h->format = BT_FORMAT;
+    h->header_size = sizeof(*h);
+    h->abi = BT_ABI;
+    h->size = s->size;
+    h->cfg = *c;
+    memcpy(h->off, s->off, sizeof(h->off));
+    h->owner_pid = getpid();
+    h->owner_start_time = bt_proc_start_time(h->owner_pid);
+    /* The magic last, released: a concurrent attacher sees all or nothing. */
+    bt_store_release(&h->magic, BT_MAGIC);
+}
+
+static int seg_new(void *mem, uint64_t size, int unmap, const bt_config *cfg, bt_seg **out)
+{
+    bt_seg *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->base = mem;
+    s->size = size;
+    s->unmap = unmap;
+    s->cfg = *cfg;
+    if (!s->cfg.kernel_block_size)
+        s->cfg.kernel_block_size = s->cfg.block_size;
+    *out = s;
+    return BT_OK;
+}
+
+int bt_seg_create_at(void *mem, uint64_t size, const bt_config *cfg, bt_seg **out)
+{
+    uint64_t off[BT_R_COUNT], need;
+    if (!mem || !out)
+        return BT_EINVAL;
+    int rc = bt_layout(cfg, off, &need);
+    if (rc)
+        return rc;
+    if (size < need)
+        return BT_EINVAL;
+    memset(mem, 0, need);
+    bt_seg *s;
+    if ((rc = seg_new(mem, need, 0, cfg, &s)))
+        return rc;
+    memcpy(s->off, off, sizeof(off));
+    bt_seg_bind(s);
+    seg_format(s);
+    *out = s;
+    return BT_OK;
+}
+
+static int shm_path(const char *name, char *path)
+{
+    if (!name || !*name)
+        return BT_ENAME;
+    size_t n = strnlen(name, BT_NAME_MAX + 1);
+    if (n > BT_NAME_MAX || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, ".."))
+        return BT_ENAME;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)name[i] < 0x21 || (unsigned char)name[i] > 0x7e)
+            return BT_ENAME;
+    snprintf(path, BT_NAME_MAX + 8, "/bt.%s", name);
+    return BT_OK;
+}
+
+int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **out)
+{
+    uint64_t off[BT_R_COUNT], size;
+    char path[BT_NAME_MAX + 8];
+    if (!out)
+        return BT_EINVAL;
+    int rc = bt_layout(cfg, off, &size);
+    if (rc)
+        return rc;
+    if (!name) {
+        void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            return -errno;
+        bt_seg *s;
+        if ((rc = seg_new(m, size, 1, cfg, &s))) {
+            munmap(m, size);
+            return rc;
+        }
+        memcpy(s->off, off, sizeof(off));
+        bt_seg_bind(s);
+        seg_format(s);
+        *out = s;
+        return BT_OK;
+    }
+    if ((rc = shm_path(name, path)))
+        return rc;
+    int oflag = O_RDWR | O_CREAT | ((flags & BT_CREATE_EXCL) ? O_EXCL : 0);
+    int fd = shm_open(path, oflag, (flags & BT_CREATE_GROUP) ? 0660 : 0600);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    /* Never reformat a live segment that someone else made: without EXCL an
+     * existing non-empty object is attached (and validated) instead. */
+    if (fstat(fd, &st) == 0 && st.st_size > 0) {
+        close(fd);
+        return bt_seg_attach(name, out);
+    }
+    fchmod(fd, (flags & BT_CREATE_GROUP) ? 0660 : 0600); /* umask must not widen/narrow it */
+    if (ftruncate(fd, (off_t)size) < 0) {
+        rc = -errno;
+        close(fd);
+        shm_unlink(path);
+        return rc;
+    }
+    void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    rc = m == MAP_FAILED ? -errno : 0;
+    close(fd);
+    if (rc) {
+        shm_unlink(path);
+        return rc;
+    }
+    bt_seg *s;
+    if ((rc = seg_new(m, size, 1, cfg, &s))) {
+        munmap(m, size);
+        shm_unlink(path);
+        return rc;
+    }
+    memcpy(s->off, off, sizeof(off));
+    bt_seg_bind(s);
+    seg_format(s);
+    *out = s;
+    return BT_OK;
+}
+
+int bt_seg_validate(const void *mem, uint64_t size)
+{
+    const struct bt_header *h = mem;
+    uint64_t off[BT_R_COUNT], need;
+    if (!mem || size < sizeof(*h))
+        return mem ? BT_EBADMAGIC : BT_EINVAL;
+    uint64_t magic = bt_load_acquire(&h->magic);
+    if (magic != BT_MAGIC)
+        return BT_EBADMAGIC;            /* includes BT_MAGIC_SWAP: other byte order */
+    if (h->format != BT_FORMAT || h->abi != BT_ABI || h->header_size != sizeof(*h))
+        return BT_EVERSION;
+    bt_config c = h->cfg;
+    if (bt_layout(&c, off, &need))
+        return BT_ECORRUPT;
+    if (h->size != need || size < need)
+        return BT_ECORRUPT;
+    if (memcmp(off, h->off, sizeof(off)))
+        return BT_ECORRUPT;
+    return BT_OK;
+}
+
+int bt_seg_attach_at(void *mem, uint64_t size, bt_seg **out)
+{
+    if (!out)
+        return BT_EINVAL;
+    int rc = bt_seg_validate(mem, size);
+    if (rc)
+        return rc;
+    const struct bt_header *h = mem;
+    bt_seg *s;
+    bt_config c = h->cfg;
+    if ((rc = seg_new(mem, h->size, 0, &c, &s)))
+        return rc;
+    memcpy(s->off, h->off, sizeof(s->off));
+    bt_seg_bind(s);
+    *out = s;
+    return BT_OK;
+}
+
+int bt_seg_attach(const char *name, bt_seg **out)
+{
+    char path[BT_NAME_MAX + 8];
+    struct stat st;
+    int rc = shm_path(name, path);
+    if (rc || !out)
+        return rc ? rc : BT_EINVAL;
+    int fd = shm_open(path, O_RDWR, 0);
+    if (fd < 0)
+        return -errno;
+    if (fstat(fd, &st) < 0 || (uint64_t)st.st_size < sizeof(struct bt_header)) {
+        close(fd);
+        return BT_EBADMAGIC;
+    }
+    uint64_t size = (uint64_t)st.st_size;
+    void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    rc = m == MAP_FAILED ? -errno : 0;
+    close(fd);
+    if (rc)
+        return rc;
+    if ((rc = bt_seg_attach_at(m, size, out))) {
+        munmap(m, size);
+        return rc;
+    }
+    (*out)->size = size;
+    (*out)->unmap = 1;
+    return BT_OK;
+}
+
+void bt_seg_close(bt_seg *s)
+{
+    if (!s)
+        return;
+    if (s->unmap)
+        munmap(s->base, s->size);
+    free(s);
+}
+
+int bt_seg_unlink(const char *name)
+{
+    char path[BT_NAME_MAX + 8];
+    int rc = shm_path(name, path);
+    if (rc)
+        return rc;
+    return shm_unlink(path) < 0 ? -errno : BT_OK;
+}
+
+int bt_seg_info_get(const bt_seg *s, bt_seg_info *o)
+{
+    if (!s || !o)
+        return BT_EINVAL;
+    *o = (bt_seg_info){ .config = s->cfg, .size = s->size,
+        .generation = bt_load_relaxed(&s->hdr->generation), .total_blocks = s->total,
+        .owner_pid = bt_load_relaxed(&s->hdr->owner_pid), .format = BT_FORMAT, .abi = BT_ABI,
+        .table_offset = s->off[BT_R_TABLE], .nblocks_offset = s->off[BT_R_NBLOCKS],
+        .ntokens_offset = s->off[BT_R_NTOKENS] };
+    return BT_OK;
+}
+
+void *bt_seg_base(const bt_seg *s) { return s ? s->base : NULL; }
+
+int bt_seg_set_owner(bt_seg *s, int32_t pid, uint64_t start_time)
+{
+    if (!s || pid <= 0)
+        return BT_EINVAL;
+    bt_store_relaxed(&s->hdr->owner_start_time, start_time);
+    bt_store_release(&s->hdr->owner_pid, pid);
+    return BT_OK;
+}
+
+/* Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. With
+ * the pid it names a process uniquely, so a recycled pid is not "alive". */
+uint64_t bt_proc_start_time(int32_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');        /* the command name may hold spaces */
+    if (!p)
+        return 0;
+    unsigned long long v = 0;
+    /* after ")": " state(3) ppid(4) ... starttime(22)": to the space before 22 */
+    for (int field = 3; field <= 22 && p; field++)
+        p = strchr(p + 1, ' ');
+    if (!p || sscanf(p + 1, "%llu", &v) != 1)
+        return 0;
+    return v ? v : 1;
+}
+
+uint64_t bt_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
