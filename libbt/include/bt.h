@@ -327,6 +327,7 @@ int bt_slots_qsl(const bt_seg *seg, const bt_slot_params *p, const int32_t *rows
 
 /* ---- 8. Recovery and checking -------------------------------------------- */
 #define BT_CHECK_REPAIR    1    /* rebuild counts and free lists (freezes the segment) */
+#define BT_CHECK_FROZEN    2    /* freeze for an exact read-only check, change nothing */
 
 typedef struct bt_check_report {
     uint64_t blocks_free;       /* on free lists (after repair, if repairing) */
@@ -342,8 +343,9 @@ typedef struct bt_check_report {
     uint32_t _pad;
 } bt_check_report;
 
-/* Check the segment. Without BT_CHECK_REPAIR, a read-only scan (racy under
- * load, exact when quiet). With it: freeze, wait up to wait_ms for live
+/* Check the segment. Without flags, a read-only scan (racy under load, exact
+ * when quiet). BT_CHECK_FROZEN: exact under load (a pause, nothing changed;
+ * the invariant check of the chaos tests). BT_CHECK_REPAIR: freeze, wait up to wait_ms for live
  * clients to leave their calls (BT_EBUSY with stuck_client set if one does
  * not), recompute every count from the rows and the live clients' hands,
  * rebuild the free lists, thaw. */

@@ -289,15 +289,17 @@ int bt_seg_check(bt_seg *s, int flags, uint32_t wait_ms, bt_check_report *out)
     if (!s)
         return BT_EINVAL;
     int rc;
-    if (!(flags & BT_CHECK_REPAIR)) {
+    if (!(flags & (BT_CHECK_REPAIR | BT_CHECK_FROZEN))) {
         rc = scan_all(s, 0, &rep);
     } else {
+        int repair = flags & BT_CHECK_REPAIR;
         uint64_t t0 = bt_now_ns();
         if ((rc = freeze(s)))
             goto out;
         if ((rc = drain(s, wait_ms, &rep.stuck_client)) == BT_OK) {
-            rc = scan_all(s, 1, &rep);
-            __atomic_fetch_add(&s->hdr->generation, 1ull, __ATOMIC_RELEASE);
+            rc = scan_all(s, repair, &rep);
+            if (repair)
+                __atomic_fetch_add(&s->hdr->generation, 1ull, __ATOMIC_RELEASE);
         }
         thaw(s);
         rep.pause_ns = bt_now_ns() - t0;
