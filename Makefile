@@ -63,7 +63,10 @@ test: ctest pytest
 run: venv
 	$(VPY) examples/simulate.py
 
-bench: venv lib
+$(BUILD)/bench_alloc: bench/bench_alloc.c $(BUILD)/libbt.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libbt.a $(LDLIBS)
+
+bench: venv $(BUILD)/bench_alloc
 	$(VPY) bench/run.py --json bench/results.json
 
 clean:

@@ -32,13 +32,14 @@ static inline uint32_t pool_of(const bt_seg *s, int32_t id)
 static int walk(const bt_seg *s, uint32_t pool, uint32_t first, uint32_t n,
                 int32_t *out, uint32_t *after)
 {
-    uint32_t lo = pool * s->cfg.blocks_per_pool, hi = lo + s->cfg.blocks_per_pool;
+    /* ids in [lo, lo + span): one unsigned compare; pool 0 starts at 1. */
+    uint32_t lo = pool * s->cfg.blocks_per_pool, span = s->cfg.blocks_per_pool;
+    if (lo == 0)
+        lo = 1, span--;
     uint32_t idx = first;
     for (uint32_t i = 0; i < n; i++) {
-        if (idx == BT_NIL)
-            return BT_ENOBLOCKS;
-        if (idx < lo || idx >= hi || idx == 0)
-            return BT_ECORRUPT;
+        if (idx - lo >= span)
+            return idx == BT_NIL ? BT_ENOBLOCKS : BT_ECORRUPT;
         out[i] = (int32_t)idx;
         idx = bt_load_relaxed(&s->next[idx]);
     }
@@ -66,14 +67,17 @@ int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *ou
             break;
     }
     bt_fetch_add_relaxed(&p->nfree, -(int64_t)n);
+    /* The popped blocks are ours alone, and nobody moves a count up from 0
+     * (incref refuses free blocks), so a load and a store do what a CAS
+     * would, at a third of the cost. */
     int bad = 0;
     for (uint32_t i = 0; i < n; i++) {
-        uint32_t zero = 0;
-        if (!bt_cas_relaxed(&s->refcnt[out[i]], &zero, 1u)) {
+        if (bt_load_relaxed(&s->refcnt[out[i]]) != 0) {
             out[i] = -out[i];           /* held by someone: leave it out */
             bad = 1;
             continue;
         }
+        bt_store_relaxed(&s->refcnt[out[i]], 1u);
         bt_store_relaxed(&s->owner[out[i]], stamp);
     }
     if (!bad)
@@ -90,31 +94,31 @@ int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *ou
     return BT_ECORRUPT;
 }
 
-/* Link ids[0..n) (all of one pool, counts already 0) and push with one CAS. */
-static void push_chain(bt_seg *s, uint32_t pool, const int32_t *ids, uint32_t n)
+/* Push the chain first..last (already linked, count blocks) with one CAS. */
+static void push_chain(bt_seg *s, uint32_t pool, int32_t first, int32_t last, uint32_t count)
 {
     struct bt_pool *p = &s->pools[pool];
-    for (uint32_t i = 0; i + 1 < n; i++)
-        bt_store_relaxed(&s->next[ids[i]], (uint32_t)ids[i + 1]);
     uint64_t old = bt_load_relaxed(&p->head);
     do {
-        bt_store_relaxed(&s->next[ids[n - 1]], HIDX(old));
-    } while (!bt_cas_acqrel(&p->head, &old, HEAD(ids[0], HTAG(old) + 1)));
-    bt_fetch_add_relaxed(&p->nfree, (int64_t)n);
+        bt_store_relaxed(&s->next[last], HIDX(old));
+    } while (!bt_cas_acqrel(&p->head, &old, HEAD(first, HTAG(old) + 1)));
+    bt_fetch_add_relaxed(&p->nfree, (int64_t)count);
 }
 
-/* Push blocks whose counts are 0, grouping runs of one pool into one CAS. */
+/* Push blocks whose counts are 0: one pass clears owners and links each run
+ * of one pool, and each run goes in with one CAS. */
 void bt_push_zeroed(bt_seg *s, const int32_t *ids, uint32_t n)
 {
-    for (uint32_t i = 0; i < n; i++)
+    uint32_t bpp = s->cfg.blocks_per_pool, i = 0;
+    while (i < n) {
+        uint32_t pool = pool_of(s, ids[i]), lo = pool * bpp, start = i;
         bt_store_relaxed(&s->owner[ids[i]], 0u);
-    uint32_t start = 0;
-    while (start < n) {
-        uint32_t pool = pool_of(s, ids[start]), end = start + 1;
-        while (end < n && pool_of(s, ids[end]) == pool)
-            end++;
-        push_chain(s, pool, ids + start, end - start);
-        start = end;
+        for (; i + 1 < n && (uint32_t)ids[i + 1] - lo < bpp; i++) {
+            bt_store_relaxed(&s->next[ids[i]], (uint32_t)ids[i + 1]);
+            bt_store_relaxed(&s->owner[ids[i + 1]], 0u);
+        }
+        push_chain(s, pool, ids[start], ids[i], i - start + 1);
+        i++;
     }
 }
 
@@ -191,15 +195,14 @@ int bt_pool_push(bt_seg *s, const int32_t *ids, uint32_t n)
 {
     if (!s || (!ids && n))
         return BT_EINVAL;
-    for (uint32_t i = 0; i < n; i++)
-        if (!bt_id_ok(s, ids[i]))
-            return BT_ERANGE;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t one = 1;
-        if (!bt_cas_relaxed(&s->refcnt[ids[i]], &one, 0u)) {
+        int rc = !bt_id_ok(s, ids[i]) ? BT_ERANGE :
+                 !bt_cas_relaxed(&s->refcnt[ids[i]], &one, 0u) ? BT_ENOTHELD : BT_OK;
+        if (rc) {
             for (uint32_t j = 0; j < i; j++)
                 bt_store_relaxed(&s->refcnt[ids[j]], 1u);
-            return BT_ENOTHELD;
+            return rc;
         }
     }
     bt_push_zeroed(s, ids, n);
