@@ -97,6 +97,8 @@ typedef struct bt_config {
     uint32_t row_width;         /* block ids per row (max blocks per request) */
     uint32_t max_clients;       /* client slots */
     uint32_t hand_size;         /* loose (not in a row) references one client may hold */
+    uint32_t max_mirrors;       /* GPU mirrors that can be published (0..64) */
+    uint32_t _reserved;         /* 0 */
 } bt_config;
 
 /* Flags for bt_seg_create. */
@@ -117,7 +119,8 @@ typedef struct bt_seg_info {
     uint64_t  ntokens_offset;   /* byte offset of the int64 [num_rows] token counts */
 } bt_seg_info;
 
-/* Fill *cfg with the defaults (B=16, 1 pool of 65536 blocks, 256 rows x 128, 64 clients). */
+/* Fill *cfg with the defaults (B=16, 1 pool of 65536 blocks, 256 rows x 128,
+ * 64 clients with hands of 4096, 8 mirrors). */
 void bt_config_default(bt_config *cfg);
 
 /* Check a configuration without creating anything. BT_ECONFIG names nothing more
@@ -240,6 +243,8 @@ typedef struct bt_row_info {
     uint32_t num_blocks;
     uint32_t generation;        /* bumped each time the row is claimed */
     int64_t  num_tokens;
+    uint32_t seq;               /* the seqlock at the time of the read: a version */
+    uint32_t rewrite_seq;       /* seq of the last change other than an append */
 } bt_row_info;
 
 /* Claim a free row for request `key`. row_hint >= 0 asks for that row (fails
@@ -357,6 +362,58 @@ int bt_seg_check(bt_seg *seg, int flags, uint32_t wait_ms, bt_check_report *out)
  * undone; BT_EBUSY if that had to be deferred (the slot stays DEAD and is
  * recovered by the next successful bt_seg_check with BT_CHECK_REPAIR). */
 int bt_seg_recover_client(bt_seg *seg, uint32_t id, uint32_t wait_ms, bt_check_report *out);
+
+/* ---- 9. GPU mirrors: descriptors and dirty tracking ----------------------- */
+/* libbt knows no CUDA: it keeps, per mirror, what an exporter published (an
+ * IPC handle and offsets into the allocation it covers, the device's UUID, a
+ * generation bumped on every publish) and what the device copy last saw of
+ * each row, so that any process can bring it up to date with only what
+ * changed. The CUDA side lives in the Python package. */
+#define BT_MIRROR_FREE      0
+#define BT_MIRROR_CLAIMED   1   /* being set up by its exporter */
+#define BT_MIRROR_PUBLISHED 2
+
+typedef struct bt_mirror_desc {
+    uint32_t state;
+    int32_t  exporter_pid;
+    uint64_t exporter_start;
+    uint64_t generation;        /* bumped by publish and retire */
+    uint8_t  uuid[16];          /* the device's UUID: indices differ between processes */
+    uint8_t  handle[64];        /* cudaIpcMemHandle_t of the allocation */
+    uint64_t alloc_size;        /* bytes of the allocation the handle covers */
+    uint64_t table_off;         /* offset of int32 [num_rows][row_width] in it */
+    uint64_t counts_off;        /* offset of int32 [num_rows] in it */
+    uint32_t device_index;      /* the exporter's index, for display only */
+    uint32_t _pad;
+} bt_mirror_desc;
+
+/* Claim a free mirror slot for the calling process (BT_ENOCLIENTS if none). */
+int bt_mirror_claim(bt_seg *seg, uint32_t *idx_out);
+/* Publish the descriptor (state, pid, generation are set here). The device
+ * copy is taken as empty: the first stage is a full one. */
+int bt_mirror_publish(bt_seg *seg, uint32_t idx, const bt_mirror_desc *d);
+/* Withdraw a mirror (its exporter is going away). */
+int bt_mirror_retire(bt_seg *seg, uint32_t idx);
+int bt_mirror_get(const bt_seg *seg, uint32_t idx, bt_mirror_desc *out);
+/* Forget what the device copy saw: the next stage is a full one (after a
+ * failed copy, or a new allocation). */
+int bt_mirror_invalidate(bt_seg *seg, uint32_t idx);
+
+/* Stage what changed in rows [0, num_rows) since the mirror last saw them, as
+ * (flat index, value) pairs: index < num_rows_total * row_width is a table
+ * entry, index >= that is the block count of row (index - that). Each row is
+ * read under its seqlock (never torn). Appends stage only the new entries;
+ * other edits stage the row up to the longer of its old and new length
+ * (zeroing the old tail). The mirror's record is updated as staged: if the
+ * copy then fails, call bt_mirror_invalidate. Serialised per mirror by a lock
+ * word (BT_EBUSY if another live process holds it). A mirror whose device
+ * copy is unknown (new, or invalidated) stages every row of the segment in
+ * full, whatever num_rows says. BT_EINVAL if cap is too small: nothing to
+ * upload, and the mirror is invalidated. cap >= total rows * (row_width + 1)
+ * always suffices. */
+int bt_mirror_stage(bt_seg *seg, uint32_t idx, uint32_t num_rows,
+                    int64_t *idx_out, int32_t *val_out, uint64_t cap,
+                    uint64_t *n_out, uint32_t *rows_dirty_out);
 
 /* BT_CDEF_END */
 

@@ -29,6 +29,8 @@ struct bt_seg {
     int64_t          *ntokens;
     struct bt_cslot  *clients;
     uint32_t         *hands;
+    struct bt_mirror *mirrors;
+    struct bt_synced *synced;
 };
 
 struct bt_client {
@@ -69,6 +71,7 @@ void bt_hand_drop(bt_client *cl, uint32_t n);  /* after bt_hand_find_all */
 int  bt_row_owned(bt_client *cl, uint32_t row, struct bt_row **out);
 uint32_t bt_row_nblocks(const bt_seg *seg, uint32_t row);  /* clamped to width */
 void bt_row_write_begin(struct bt_row *r);
+void bt_row_rewrite_begin(struct bt_row *r);   /* a write that is not an append */
 void bt_row_write_end(struct bt_row *r);
 void bt_row_wipe(bt_seg *seg, uint32_t row, uint32_t from);
 uint32_t bt_row_cut(bt_seg *seg, uint32_t row, uint32_t keep, int32_t *out);

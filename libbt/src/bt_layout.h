@@ -7,6 +7,7 @@
  *   [header][pools][next u32 x T][refcnt u32 x T][owner u32 x T]
  *   [row meta x R][table i32 x R*W][nblocks i32 x R][ntokens i64 x R]
  *   [client slots x C][hands u32 x C*H]
+ *   [mirror descriptors x M][synced {seq, nb} u32 x 2 x M*R]
  *
  * Every region starts on a 64-byte line; the table on a 4 KiB page, so that a
  * GPU can register it and a numpy view of it is aligned.
@@ -37,7 +38,8 @@
 
 enum bt_region {
     BT_R_POOLS, BT_R_NEXT, BT_R_REFCNT, BT_R_OWNER, BT_R_ROWS, BT_R_TABLE,
-    BT_R_NBLOCKS, BT_R_NTOKENS, BT_R_CLIENTS, BT_R_HANDS, BT_R_COUNT
+    BT_R_NBLOCKS, BT_R_NTOKENS, BT_R_CLIENTS, BT_R_HANDS, BT_R_MIRRORS, BT_R_SYNCED,
+    BT_R_COUNT
 };
 
 struct bt_header {
@@ -74,7 +76,8 @@ struct bt_row {
     uint32_t flags;
     uint32_t generation;
     uint64_t key;
-    uint8_t  _pad[BT_CACHELINE - 24];
+    uint32_t rewrite_seq;               /* seq of the last non-append write */
+    uint8_t  _pad[BT_CACHELINE - 28];
 } __attribute__((aligned(BT_CACHELINE)));
 
 struct bt_cslot {
@@ -89,6 +92,29 @@ struct bt_cslot {
     uint8_t  _pad[BT_CACHELINE * 2 - 40];
 } __attribute__((aligned(BT_CACHELINE)));
 
+struct bt_mirror {
+    uint32_t state;
+    int32_t  exporter_pid;
+    uint64_t exporter_start;
+    uint64_t generation;
+    uint8_t  uuid[16];
+    uint8_t  handle[64];
+    uint64_t alloc_size;
+    uint64_t table_off;
+    uint64_t counts_off;
+    uint32_t device_index;
+    uint32_t lock;                      /* pid of the process staging a sync */
+    uint32_t valid;                     /* 0: the next stage is a full one */
+    uint8_t  _pad[BT_CACHELINE * 3 - 140];
+} __attribute__((aligned(BT_CACHELINE)));
+
+/* What a mirror last saw of a row. */
+struct bt_synced {
+    uint32_t seq;
+    uint32_t nb;
+};
+
+#define BT_MAX_MIRRORS 64u
 #define BT_CLIENT_RESERVED   3          /* reserved by the daemon, not yet adopted */
 #define BT_CLIENT_RECOVERING 4          /* a recoverer is releasing its holdings */
 
@@ -96,7 +122,8 @@ _Static_assert(sizeof(struct bt_header) == BT_CACHELINE * 6, "header layout");
 _Static_assert(sizeof(struct bt_pool) == BT_CACHELINE, "pool layout");
 _Static_assert(sizeof(struct bt_row) == BT_CACHELINE, "row layout");
 _Static_assert(sizeof(struct bt_cslot) == BT_CACHELINE * 2, "client slot layout");
-_Static_assert(sizeof(bt_config) == 32, "config layout");
+_Static_assert(sizeof(bt_config) == 40, "config layout");
+_Static_assert(sizeof(struct bt_mirror) == BT_CACHELINE * 3, "mirror layout");
 _Static_assert(offsetof(struct bt_header, freeze) % BT_CACHELINE == 0, "freeze line");
 
 /* Fingerprint of the layout this library was built with: cache line, struct
@@ -106,6 +133,7 @@ _Static_assert(offsetof(struct bt_header, freeze) % BT_CACHELINE == 0, "freeze l
                 (uint64_t)sizeof(struct bt_header) << 32 | \
                 (uint64_t)sizeof(struct bt_pool) << 24 | \
                 (uint64_t)sizeof(struct bt_row) << 16 | \
-                (uint64_t)sizeof(struct bt_cslot) << 4 | (uint64_t)sizeof(bt_config) >> 3)
+                (uint64_t)sizeof(struct bt_cslot) << 4 | (uint64_t)sizeof(bt_config) >> 3 | \
+                (uint64_t)sizeof(struct bt_mirror) << 8)
 
 #endif /* BT_LAYOUT_H */

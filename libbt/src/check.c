@@ -153,7 +153,7 @@ static void scan_row(struct scan *sc, uint32_t row)
         sc->rep->rows_fixed++;
     if (!sc->repair || (!fix && !dead))
         return;
-    bt_row_write_begin(r);
+    bt_row_rewrite_begin(r);
     bt_store_relaxed(&s->nblocks[row], (int32_t)good);
     bt_row_wipe(s, row, good);
     if (dead)

@@ -31,6 +31,14 @@ void bt_row_write_begin(struct bt_row *r)
     bt_fence_release();                 /* the odd seq is seen before any entry */
 }
 
+/* A write that may change entries below num_blocks: mirrors must look at the
+ * whole row, not just past what they saw. */
+void bt_row_rewrite_begin(struct bt_row *r)
+{
+    bt_row_write_begin(r);
+    bt_store_relaxed(&r->rewrite_seq, bt_load_relaxed(&r->seq));
+}
+
 void bt_row_write_end(struct bt_row *r)
 {
     uint32_t seq = bt_load_relaxed(&r->seq);
@@ -111,7 +119,7 @@ uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
     const int32_t *e = bt_row_ids(s, row);
     for (uint32_t i = keep; out && i < nb; i++)
         out[i - keep] = bt_load_relaxed(&e[i]);
-    bt_row_write_begin(r);
+    bt_row_rewrite_begin(r);
     bt_store_relaxed(&s->nblocks[row], (int32_t)keep);
     bt_row_wipe(s, row, keep);
     bt_row_write_end(r);
@@ -172,7 +180,7 @@ int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint
         return hint >= 0 ? BT_EROWSTATE : BT_ENOROWS;
     }
     struct bt_row *r = &s->rows[found];
-    bt_row_write_begin(r);
+    bt_row_rewrite_begin(r);
     bt_store_relaxed(&r->key, key);
     bt_store_relaxed(&r->flags, flags);
     bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
@@ -310,7 +318,7 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
                 rc = -ENOMEM;
             } else {
                 get_entries(cl->seg, row, nb, old);
-                bt_row_write_begin(r);
+                bt_row_rewrite_begin(r);
                 put_entries(cl->seg, row, 0, ids, n);
                 bt_row_wipe(cl->seg, row, n);
                 bt_row_write_end(r);
@@ -374,8 +382,8 @@ static int exchange(bt_client *cl, uint32_t a, uint32_t b)
     uint32_t na = bt_row_nblocks(s, a), nb = bt_row_nblocks(s, b);
     int32_t *ea = bt_row_ids(s, a), *eb = bt_row_ids(s, b);
     uint32_t m = na > nb ? na : nb;
-    bt_row_write_begin(ra);
-    bt_row_write_begin(rb);
+    bt_row_rewrite_begin(ra);
+    bt_row_rewrite_begin(rb);
     for (uint32_t i = 0; i < m; i++) {
         int32_t x = bt_load_relaxed(&ea[i]), y = bt_load_relaxed(&eb[i]);
         bt_store_relaxed(&ea[i], y);
@@ -437,6 +445,8 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         bt_row_info in = { .owner = bt_load_relaxed(&r->owner), .flags = bt_load_relaxed(&r->flags),
                            .key = bt_load_relaxed(&r->key), .generation = bt_load_relaxed(&r->generation),
                            .num_tokens = bt_load_relaxed(&s->ntokens[row]) };
+        in.seq = s1;
+        in.rewrite_seq = bt_load_relaxed(&r->rewrite_seq);
         int32_t raw = bt_load_relaxed(&s->nblocks[row]);
         int bad = raw < 0 || (uint32_t)raw > s->cfg.row_width;
         in.num_blocks = bad ? 0 : (uint32_t)raw;

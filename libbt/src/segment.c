@@ -19,7 +19,7 @@ void bt_config_default(bt_config *cfg)
 {
     *cfg = (bt_config){ .block_size = 16, .kernel_block_size = 16, .num_pools = 1,
                         .blocks_per_pool = 65536, .num_rows = 256, .row_width = 128,
-                        .max_clients = 64, .hand_size = 4096 };
+                        .max_clients = 64, .hand_size = 4096, .max_mirrors = 8 };
 }
 
 int bt_config_explain(const bt_config *c, char *buf, size_t len)
@@ -37,6 +37,8 @@ int bt_config_explain(const bt_config *c, char *buf, size_t len)
     else if ((uint64_t)c->num_rows * c->row_width * 4 > BT_MAX_TABLE) why = "num_rows * row_width * 4 must be at most 16 GiB";
     else if (c->max_clients == 0 || c->max_clients > BT_MAX_CLIENTS) why = "max_clients must be in [1, 4096]";
     else if (c->hand_size == 0 || c->hand_size > BT_MAX_HAND) why = "hand_size must be in [1, 2^20]";
+    else if (c->max_mirrors > BT_MAX_MIRRORS) why = "max_mirrors must be in [0, 64]";
+    else if (c->_reserved) why = "_reserved must be 0";
     if (buf && len)
         snprintf(buf, len, "%s", why ? why : "ok");
     return why ? BT_ECONFIG : BT_OK;
@@ -59,6 +61,8 @@ int bt_layout(const bt_config *c, uint64_t off[BT_R_COUNT], uint64_t *size)
         [BT_R_ROWS] = r * sizeof(struct bt_row), [BT_R_TABLE] = r * c->row_width * 4,
         [BT_R_NBLOCKS] = r * 4, [BT_R_NTOKENS] = r * 8,
         [BT_R_CLIENTS] = cl * sizeof(struct bt_cslot), [BT_R_HANDS] = cl * c->hand_size * 4,
+        [BT_R_MIRRORS] = (uint64_t)c->max_mirrors * sizeof(struct bt_mirror),
+        [BT_R_SYNCED] = (uint64_t)c->max_mirrors * r * sizeof(struct bt_synced),
     };
     uint64_t at = sizeof(struct bt_header);
     for (int i = 0; i < BT_R_COUNT; i++) {
@@ -90,6 +94,8 @@ void bt_seg_bind(bt_seg *s)
     s->ntokens = (int64_t *)(s->base + s->off[BT_R_NTOKENS]);
     s->clients = (struct bt_cslot *)(s->base + s->off[BT_R_CLIENTS]);
     s->hands = (uint32_t *)(s->base + s->off[BT_R_HANDS]);
+    s->mirrors = (struct bt_mirror *)(s->base + s->off[BT_R_MIRRORS]);
+    s->synced = (struct bt_synced *)(s->base + s->off[BT_R_SYNCED]);
 }
 
 /* Fresh memory is zero (ftruncate, MAP_ANONYMOUS): only non-zero state is

@@ -1,0 +1,201 @@
+/*
+ * mirror.c -- GPU mirror descriptors and dirty tracking, without CUDA.
+ *
+ * Each row's seqlock is also its version. A mirror records, per row, the
+ * version and length its device copy last received. Staging compares: an
+ * unchanged version is skipped; if nothing but appends happened since (the
+ * row's rewrite_seq is older than what the mirror saw), only the new tail is
+ * staged; otherwise the row up to the longer of the two lengths. So a decode
+ * step that appends one block to each of 256 rows stages 256 entries and 256
+ * counts, not 256 rows.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+#include "bt_internal.h"
+
+#define SEQ_SPINS (1u << 22)
+
+static int after(uint32_t a, uint32_t b) { return (int32_t)(a - b) > 0; }
+
+static int mirror_ok(const bt_seg *s, uint32_t idx)
+{
+    return s && idx < s->cfg.max_mirrors;
+}
+
+int bt_mirror_claim(bt_seg *s, uint32_t *idx_out)
+{
+    if (!s || !idx_out)
+        return BT_EINVAL;
+    for (uint32_t i = 0; i < s->cfg.max_mirrors; i++) {
+        struct bt_mirror *m = &s->mirrors[i];
+        uint32_t st = BT_MIRROR_FREE;
+        if (!bt_cas_acqrel(&m->state, &st, (uint32_t)BT_MIRROR_CLAIMED))
+            continue;
+        bt_store_relaxed(&m->exporter_pid, (int32_t)getpid());
+        bt_store_relaxed(&m->exporter_start, bt_proc_start_time(getpid()));
+        bt_store_relaxed(&m->valid, 0u);
+        *idx_out = i;
+        return BT_OK;
+    }
+    return BT_ENOCLIENTS;
+}
+
+int bt_mirror_publish(bt_seg *s, uint32_t idx, const bt_mirror_desc *d)
+{
+    if (!mirror_ok(s, idx) || !d)
+        return s && d ? BT_ERANGE : BT_EINVAL;
+    struct bt_mirror *m = &s->mirrors[idx];
+    uint64_t need_t = (uint64_t)s->cfg.num_rows * s->cfg.row_width * 4, need_c = (uint64_t)s->cfg.num_rows * 4;
+    if (d->table_off > d->alloc_size || d->alloc_size - d->table_off < need_t ||
+        d->counts_off > d->alloc_size || d->alloc_size - d->counts_off < need_c)
+        return BT_EINVAL;               /* the allocation could not hold the copy */
+    bt_store_relaxed(&m->state, (uint32_t)BT_MIRROR_CLAIMED);
+    memcpy(m->uuid, d->uuid, sizeof(m->uuid));
+    memcpy(m->handle, d->handle, sizeof(m->handle));
+    m->alloc_size = d->alloc_size;
+    m->table_off = d->table_off;
+    m->counts_off = d->counts_off;
+    m->device_index = d->device_index;
+    bt_store_relaxed(&m->exporter_pid, (int32_t)getpid());
+    bt_store_relaxed(&m->exporter_start, bt_proc_start_time(getpid()));
+    bt_store_relaxed(&m->valid, 0u);
+    __atomic_fetch_add(&m->generation, 1ull, __ATOMIC_RELAXED);
+    bt_store_release(&m->state, (uint32_t)BT_MIRROR_PUBLISHED);
+    return BT_OK;
+}
+
+int bt_mirror_retire(bt_seg *s, uint32_t idx)
+{
+    if (!mirror_ok(s, idx))
+        return s ? BT_ERANGE : BT_EINVAL;
+    struct bt_mirror *m = &s->mirrors[idx];
+    __atomic_fetch_add(&m->generation, 1ull, __ATOMIC_RELAXED);
+    bt_store_relaxed(&m->valid, 0u);
+    bt_store_release(&m->state, (uint32_t)BT_MIRROR_FREE);
+    return BT_OK;
+}
+
+int bt_mirror_get(const bt_seg *s, uint32_t idx, bt_mirror_desc *o)
+{
+    if (!mirror_ok(s, idx) || !o)
+        return s && o ? BT_ERANGE : BT_EINVAL;
+    const struct bt_mirror *m = &s->mirrors[idx];
+    /* A publish in progress shows as CLAIMED: read the state around the copy. */
+    for (int tries = 0; tries < 1000; tries++) {
+        uint64_t g1 = bt_load_acquire(&m->generation);
+        o->state = bt_load_acquire(&m->state);
+        o->exporter_pid = bt_load_relaxed(&m->exporter_pid);
+        o->exporter_start = bt_load_relaxed(&m->exporter_start);
+        memcpy(o->uuid, m->uuid, sizeof(o->uuid));
+        memcpy(o->handle, m->handle, sizeof(o->handle));
+        o->alloc_size = m->alloc_size;
+        o->table_off = m->table_off;
+        o->counts_off = m->counts_off;
+        o->device_index = m->device_index;
+        o->_pad = 0;
+        bt_fence_acquire();
+        o->generation = bt_load_relaxed(&m->generation);
+        if (o->generation == g1 && bt_load_relaxed(&m->state) == o->state)
+            return BT_OK;
+    }
+    return BT_EBUSY;
+}
+
+int bt_mirror_invalidate(bt_seg *s, uint32_t idx)
+{
+    if (!mirror_ok(s, idx))
+        return s ? BT_ERANGE : BT_EINVAL;
+    bt_store_release(&s->mirrors[idx].valid, 0u);
+    return BT_OK;
+}
+
+static int lock_mirror(struct bt_mirror *m)
+{
+    uint32_t me = (uint32_t)getpid(), cur = 0;
+    if (bt_cas_acqrel(&m->lock, &cur, me))
+        return BT_OK;
+    if (cur != me && !(kill((pid_t)cur, 0) < 0 && errno == ESRCH))
+        return BT_EBUSY;
+    /* Our own stale lock (a thread of ours died?) or a dead process's. */
+    return bt_cas_acqrel(&m->lock, &cur, me) ? BT_OK : BT_EBUSY;
+}
+
+struct stage {
+    int64_t *idx;
+    int32_t *val;
+    uint64_t cap, n;
+};
+
+/* Stage one row if it changed; 1 if staged, 0 if clean, <0 on error. */
+static int stage_row(bt_seg *s, uint32_t row, struct bt_synced *sy, int valid, struct stage *st)
+{
+    const struct bt_row *r = &s->rows[row];
+    const int32_t *e = bt_row_ids(s, row);
+    uint32_t w = s->cfg.row_width;
+    for (uint32_t spin = 0; spin < SEQ_SPINS; spin++) {
+        uint32_t s1 = bt_load_acquire(&r->seq);
+        if (s1 & 1u) {
+            bt_cpu_relax();
+            continue;
+        }
+        if (valid && s1 == sy->seq)
+            return 0;
+        uint32_t nb = bt_row_nblocks(s, row);
+        uint32_t old = valid ? (sy->nb > w ? w : sy->nb) : w;
+        int appends_only = valid && !after(bt_load_relaxed(&r->rewrite_seq), sy->seq) && nb >= old;
+        uint32_t from = appends_only ? old : 0, to = nb > old ? nb : old;
+        if (st->n + (to - from) + 1 > st->cap)
+            return BT_EINVAL;
+        uint64_t base = (uint64_t)row * w;
+        for (uint32_t j = from; j < to; j++) {
+            st->idx[st->n + j - from] = (int64_t)(base + j);
+            st->val[st->n + j - from] = j < nb ? bt_load_relaxed(&e[j]) : 0;
+        }
+        st->idx[st->n + to - from] = (int64_t)((uint64_t)s->cfg.num_rows * w + row);
+        st->val[st->n + to - from] = (int32_t)nb;
+        bt_fence_acquire();
+        if (bt_load_relaxed(&r->seq) != s1)
+            continue;                   /* torn: read it again */
+        st->n += to - from + 1;
+        sy->seq = s1;
+        sy->nb = nb;
+        return 1;
+    }
+    return BT_EBUSY;
+}
+
+int bt_mirror_stage(bt_seg *s, uint32_t idx, uint32_t num_rows, int64_t *idx_out,
+                    int32_t *val_out, uint64_t cap, uint64_t *n_out, uint32_t *rows_dirty)
+{
+    if (!mirror_ok(s, idx) || !n_out || (cap && (!idx_out || !val_out)))
+        return s && n_out ? BT_ERANGE : BT_EINVAL;
+    if (num_rows > s->cfg.num_rows)
+        return BT_ERANGE;
+    struct bt_mirror *m = &s->mirrors[idx];
+    int rc = lock_mirror(m);
+    if (rc)
+        return rc;
+    struct bt_synced *sy = s->synced + (uint64_t)idx * s->cfg.num_rows;
+    struct stage st = { .idx = idx_out, .val = val_out, .cap = cap };
+    int valid = bt_load_acquire(&m->valid) != 0;
+    uint32_t dirty = 0;
+    if (!valid)
+        num_rows = s->cfg.num_rows;     /* an unknown device copy: every row */
+    for (uint32_t row = 0; row < num_rows && rc >= 0; row++) {
+        rc = stage_row(s, row, &sy[row], valid, &st);
+        dirty += rc > 0;
+    }
+    if (rc < 0) {
+        bt_store_relaxed(&m->valid, 0u);  /* records may be ahead of the device */
+    } else {
+        bt_store_relaxed(&m->valid, 1u);
+        rc = BT_OK;
+    }
+    bt_store_release(&m->lock, 0u);
+    *n_out = rc ? 0 : st.n;
+    if (rows_dirty)
+        *rows_dirty = rc ? 0 : dirty;
+    return rc;
+}
