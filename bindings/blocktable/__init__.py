@@ -1,0 +1,27 @@
+"""blocktable: KV-cache block tables in shared memory.
+
+Layers (after pyca/cryptography and pynacl):
+  blocktable._ffi    the raw CFFI module (ffi, lib) over libbt
+  blocktable._errors BtError and one subclass per libbt result code
+  blocktable._core   Segment and Client, the handles people use
+  blocktable.table   the seed's API (BlockTable, BlockTableConfig, ...)
+  blocktable.compat  adapters with other engines' signatures (vLLM v1)
+"""
+from ._version import __version__
+from ._ffi import BUILD_ID, ffi, lib
+from ._errors import BtError, BtOSError, CODES, error_class
+from ._errors import *  # noqa: F401,F403 - one class per code
+from . import _errors as errors
+from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
+                     SegmentConfig, SegmentInfo)
+from ._core import ROW_MANAGED, ROW_RAW, Client, Segment, SlotParams
+from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
+
+__all__ = [
+    "__version__", "BUILD_ID", "ffi", "lib", "errors",
+    "BtError", "BtOSError", "CODES", "error_class", *errors.__all__,
+    "Segment", "Client", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
+    "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW",
+    "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
+]
+__all__ = list(dict.fromkeys(__all__))

@@ -1,0 +1,657 @@
+"""Layer 3: Segment and Client, the classes over libbt's handles.
+
+Hot methods call `lib` directly and build an error message only when the
+result is nonzero: the per-call cost of Python is what the benchmarks
+measure. Array arguments go to C through ffi.from_buffer without a copy when
+they already are contiguous arrays of the C type (see _types.as_array).
+"""
+import os
+import weakref
+
+import numpy as np
+
+from ._errors import BtError, make_error
+from ._ffi import ffi, lib
+from ._types import (I32, I64, U32, BlockInfo, CheckReport, ClientSlotInfo,
+                     RowInfo, SegmentConfig, SegmentInfo, as_array, cbuf,
+                     from_struct, out_array, preview)
+
+__all__ = ["Segment", "Client", "SlotParams", "ROW_MANAGED", "ROW_RAW"]
+
+ROW_MANAGED = lib.BT_ROW_MANAGED
+ROW_RAW = lib.BT_ROW_RAW
+_EINVAL, _ERANGE, _ECLIENT = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ECLIENT
+
+# Every open Client, so that a forked child can disown its parent's handles.
+_live_clients = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """A client is one registered process: the child must not use or close
+    the parent's. Detaching the destructor leaks a few bytes of malloc in the
+    child and touches nothing shared (bt_client_close would agree, this just
+    does not depend on it)."""
+    for c in list(_live_clients):
+        c._disown(f"opened by pid {c._pid}, unusable in forked child {os.getpid()}")
+    _live_clients.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _range_error(e, detail):
+    """cffi's OverflowError (a negative row, a count >= 2^32) as OutOfRange."""
+    return make_error(_ERANGE, f"{detail}: {e}")
+
+
+class SlotParams:
+    """Parameters of slot mapping (bt_slot_params), built once and reused.
+
+    block_size: the unit of the stored ids (0 = the segment's block size; the
+    kernel block size for tables of kernel-block ids). cp_world/cp_rank/
+    cp_interleave: decode context parallelism; positions that are not this
+    rank's map to -1. Checked by libbt at each call (InvalidArgument)."""
+    __slots__ = ("c", "block_size", "cp_world", "cp_rank", "cp_interleave")
+
+    def __init__(self, block_size=0, cp_world=1, cp_rank=0, cp_interleave=1):
+        self.c = ffi.new("bt_slot_params *")
+        try:
+            self.c.block_size, self.c.cp_world = block_size, cp_world
+            self.c.cp_rank, self.c.cp_interleave = cp_rank, cp_interleave
+        except OverflowError as e:
+            raise _range_error(e, "slot params") from None
+        self.block_size, self.cp_world = block_size, cp_world
+        self.cp_rank, self.cp_interleave = cp_rank, cp_interleave
+
+    def __repr__(self):
+        return (f"SlotParams(block_size={self.block_size}, cp_world={self.cp_world}, "
+                f"cp_rank={self.cp_rank}, cp_interleave={self.cp_interleave})")
+
+
+class Segment:
+    """A blocktable segment mapped in this process (bt_seg).
+
+    ``Segment.create(name=None)`` makes an embedded segment on a private
+    mapping (no other process can see it); with a name, a POSIX shared-memory
+    object "/dev/shm/bt.<name>" that other processes open with
+    ``Segment.attach(name)``. The creator removes the name with
+    ``Segment.unlink(name)`` (closing never unlinks). libbt owns the shm
+    object, not multiprocessing.shared_memory, so Python's resource tracker
+    never unlinks it behind our back.
+
+    Zero-copy numpy views of the shared arrays: ``table`` int32
+    [num_rows, row_width], ``num_blocks`` int32 [num_rows], ``num_tokens``
+    int64 [num_rows]. They are read-only (writes go through a Client, which
+    keeps counts, reference counts and the seqlock right) and see every write
+    made by any process at once, without a consistency guarantee for a row
+    being written: use ``read_row`` for that. The mapping lives as long as the
+    Segment or any view made from it, so a view never points at unmapped
+    memory; ``close()`` closes the Segment's clients and the handle.
+
+    Thread and process safety: any number of threads and processes may use
+    one segment at once. Errors: BtError subclasses (see blocktable.errors);
+    a call that raised changed nothing.
+    """
+
+    __slots__ = ("_seg", "_base", "name", "info", "config", "table", "num_blocks",
+                 "num_tokens", "_clients", "_params", "__weakref__")
+
+    def __init__(self, raw, name):
+        """Private: use create() or attach()."""
+        # The mapping is owned by this gc'd pointer; every view made with
+        # ffi.buffer keeps it alive, and bt_seg_close runs after the last.
+        self._base = ffi.gc(ffi.cast("char *", lib.bt_seg_base(raw)),
+                            lambda _p, s=raw: lib.bt_seg_close(s))
+        self._seg = raw
+        self.name = name
+        info = ffi.new("bt_seg_info *")
+        _check(lib.bt_seg_info_get(raw, info), "bt_seg_info_get")
+        self.info = SegmentInfo._from_c(info)
+        self.config = self.info.config
+        self._clients = weakref.WeakSet()
+        self._params = SlotParams()
+        self.table, self.num_blocks, self.num_tokens = self.views(writable=False)
+
+    # ---- life cycle ---------------------------------------------------------
+    @classmethod
+    def create(cls, name=None, config=None, group=False, exclusive=True):
+        """Create a segment. name None: embedded (private). config: a
+        SegmentConfig (default: SegmentConfig()). group: mode 0660 instead of
+        0600. exclusive False: an existing segment of that name is attached
+        (and validated) instead of failing with FileExistsError.
+        Errors: ConfigError, BadName, FileExistsError, PermissionError."""
+        cfg = (config or SegmentConfig()).check()
+        flags = (lib.BT_CREATE_EXCL if exclusive else 0) | (lib.BT_CREATE_GROUP if group else 0)
+        out = ffi.new("bt_seg **")
+        rc = lib.bt_seg_create(_cname(name), cfg, flags, out)
+        if rc:
+            raise make_error(rc, f"creating segment {name!r}", filename=name)
+        return cls(out[0], name)
+
+    @classmethod
+    def attach(cls, name):
+        """Attach to a named segment, validating its header.
+        Errors: BadName, FileNotFoundError, PermissionError, BadMagic,
+        VersionMismatch, Corrupt."""
+        out = ffi.new("bt_seg **")
+        rc = lib.bt_seg_attach(_cname(name), out)
+        if rc:
+            raise make_error(rc, f"attaching segment {name!r}", filename=name)
+        return cls(out[0], name)
+
+    @staticmethod
+    def unlink(name):
+        """Remove a segment's name; mappings stay valid until closed.
+        Errors: FileNotFoundError, BadName."""
+        rc = lib.bt_seg_unlink(_cname(name))
+        if rc:
+            raise make_error(rc, f"unlinking segment {name!r}", filename=name)
+
+    def close(self):
+        """Close this segment's clients (releasing what they hold) and the
+        handle. Idempotent. The mapping goes when the last view does."""
+        if self._seg is None:
+            return
+        for c in list(self._clients):
+            c.close()
+        self._seg = None
+        self._base = None
+
+    @property
+    def closed(self):
+        return self._seg is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._seg is None else f"{self.info.size} bytes"
+        return f"<blocktable.Segment {self.name or '(embedded)'} {state}>"
+
+    def _s(self):
+        if self._seg is None:
+            raise make_error(_EINVAL, "the segment is closed")
+        return self._seg
+
+    def views(self, writable=False):
+        """(table, num_blocks, num_tokens) as numpy views over the mapping.
+        writable=True lets you write behind libbt's back: only for code that
+        knows it keeps the invariants (e.g. a tensor handed to torch)."""
+        self._s()
+        i, c = self.info, self.config
+        buf = ffi.buffer(self._base, i.size)
+        table = np.frombuffer(buf, I32, c.num_rows * c.row_width, i.table_offset)
+        nblocks = np.frombuffer(buf, I32, c.num_rows, i.nblocks_offset)
+        ntokens = np.frombuffer(buf, I64, c.num_rows, i.ntokens_offset)
+        views = (table.reshape(c.num_rows, c.row_width), nblocks, ntokens)
+        for v in views:
+            v.flags.writeable = writable
+        return views
+
+    # ---- clients ------------------------------------------------------------
+    def client(self):
+        """Register this process as a new client (bt_client_open).
+        Errors: OutOfClients, Frozen."""
+        out = ffi.new("bt_client **")
+        rc = lib.bt_client_open(self._s(), out)
+        if rc:
+            raise make_error(rc, "opening a client")
+        return Client(self, out[0])
+
+    def reserve_client(self, pid, start_time=0):
+        """Reserve a slot for process pid (the daemon's half of registration);
+        returns the slot id for adopt_client."""
+        out = ffi.new("uint32_t *")
+        _check(lib.bt_client_reserve(self._s(), pid, start_time, out),
+               f"reserving a client slot for pid {pid}")
+        return out[0]
+
+    def adopt_client(self, slot):
+        """Take over a slot reserved for this process."""
+        out = ffi.new("bt_client **")
+        _check(lib.bt_client_adopt(self._s(), slot, out), f"adopting client slot {slot}")
+        return Client(self, out[0])
+
+    def client_slot(self, client_id):
+        out = ffi.new("bt_client_slot_info *")
+        _check(lib.bt_client_slot_get(self._s(), client_id, out), f"client slot {client_id}")
+        return from_struct(ClientSlotInfo, out)
+
+    # ---- blocks -------------------------------------------------------------
+    def free_blocks(self, pool=0):
+        """Free blocks in `pool` (a racy snapshot while others allocate)."""
+        out = ffi.new("uint32_t *")
+        _check(lib.bt_pool_free_count(self._s(), pool, out), f"pool={pool}")
+        return out[0]
+
+    def block(self, block_id):
+        """BlockInfo snapshot (reference count, owner stamp) of one block."""
+        ref, owner = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        _check(lib.bt_block_get(self._s(), block_id, ref, owner), f"block {block_id}")
+        return BlockInfo(block_id, ref[0], owner[0])
+
+    def pool_pop(self, pool, n, stamp=0, out=None):
+        """Raw pool pop (no client protocol; see bt.h): benchmarks and tests."""
+        out = out_array(out, n, I32)
+        rc = lib.bt_pool_pop(self._s(), pool, n, stamp, cbuf(out))
+        if rc:
+            raise make_error(rc, f"pool_pop(pool={pool}, n={n})")
+        return out[:n]
+
+    def pool_push(self, ids):
+        a = as_array(ids, I32, "ids")
+        rc = lib.bt_pool_push(self._s(), cbuf(a), a.shape[0])
+        if rc:
+            raise make_error(rc, f"pool_push(ids={preview(a)})")
+
+    # ---- rows -----------------------------------------------------------------
+    def read_row(self, row, out=None):
+        """A consistent copy of one row (seqlock): (ids, RowInfo); ids is
+        `out[:num_blocks]` (out: int32 with row_width entries, or None)."""
+        out = out_array(out, self.config.row_width, I32)
+        info = ffi.new("bt_row_info *")
+        try:
+            rc = lib.bt_row_read(self._s(), row, cbuf(out), out.shape[0], info)
+        except OverflowError as e:
+            raise _range_error(e, f"row={row}") from None
+        if rc:
+            raise make_error(rc, f"row={row}")
+        return out[:info.num_blocks], from_struct(RowInfo, info)
+
+    def row_info(self, row):
+        info = ffi.new("bt_row_info *")
+        try:
+            rc = lib.bt_row_read(self._s(), row, ffi.NULL, 0, info)
+        except OverflowError as e:
+            raise _range_error(e, f"row={row}") from None
+        if rc:
+            raise make_error(rc, f"row={row}")
+        return from_struct(RowInfo, info)
+
+    # ---- slot mapping ---------------------------------------------------------
+    def slot_params(self, block_size=0, cp_world=1, cp_rank=0, cp_interleave=1):
+        return SlotParams(block_size, cp_world, cp_rank, cp_interleave)
+
+    def slots_row(self, row, start, n, out=None, params=None):
+        """Form 1: slots of positions start..start+n-1 of `row` (int64, -1
+        where no block backs the position). Returns out[:n]."""
+        out = out_array(out, n, I64)
+        p = (params or self._params).c
+        try:
+            rc = lib.bt_slots_row(self._s(), p, row, start, n, cbuf(out))
+        except OverflowError as e:
+            raise _range_error(e, f"row={row}, start={start}, n={n}") from None
+        if rc:
+            raise make_error(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
+        return out[:n]
+
+    def slots_req(self, rows, positions, out=None, params=None):
+        """Form 2 (vLLM v1): token i is at positions[i] of rows[i].
+        Returns out[:len(positions)]."""
+        r, pos = as_array(rows, I32, "rows"), as_array(positions, I64, "positions")
+        n = pos.shape[0]
+        if r.shape[0] != n:
+            raise make_error(_EINVAL, f"{r.shape[0]} rows for {n} positions")
+        out = out_array(out, n, I64)
+        rc = lib.bt_slots_req(self._s(), (params or self._params).c, cbuf(r), cbuf(pos),
+                              n, cbuf(out))
+        if rc:
+            raise make_error(rc, f"slots_req(n={n}, {params or ''})")
+        return out[:n]
+
+    def slots_qsl(self, query_start_loc, positions, rows=None, out=None, out_len=None,
+                  params=None):
+        """Form 3: request i covers tokens [qsl[i], qsl[i+1]) and lives in
+        rows[i] (rows None: row i); entries from qsl[-1] to out_len are -1
+        (CUDA-graph padding). Returns out[:out_len] (default qsl[-1])."""
+        qsl, pos = as_array(query_start_loc, I32, "query_start_loc"), \
+            as_array(positions, I64, "positions")
+        num_reqs = qsl.shape[0] - 1
+        if num_reqs < 0:
+            raise make_error(_EINVAL, "query_start_loc is empty (needs num_reqs + 1 entries)")
+        end = int(qsl[num_reqs])
+        if end > pos.shape[0]:  # C cannot know how long positions is
+            raise make_error(_EINVAL, f"query_start_loc ends at {end}, "
+                                      f"positions has {pos.shape[0]}")
+        out_len = end if out_len is None else out_len
+        out = out_array(out, out_len, I64)
+        if rows is None:
+            rbuf = ffi.NULL
+        else:
+            r = as_array(rows, I32, "rows")
+            if r.shape[0] < num_reqs:
+                raise make_error(_EINVAL, f"{r.shape[0]} rows for {num_reqs} requests")
+            rbuf = cbuf(r)
+        try:
+            rc = lib.bt_slots_qsl(self._s(), (params or self._params).c, rbuf, cbuf(qsl),
+                                  num_reqs, cbuf(pos), cbuf(out), out_len)
+        except OverflowError as e:
+            raise _range_error(e, f"out_len={out_len}") from None
+        if rc:
+            raise make_error(rc, f"slots_qsl(num_reqs={num_reqs}, out_len={out_len})")
+        return out[:out_len]
+
+    # ---- checking and recovery ----------------------------------------------
+    def check(self, repair=False, frozen=False, wait_ms=1000):
+        """bt_seg_check. Default: a read-only scan (racy under load, exact when
+        quiet). frozen: exact under load (a short pause, nothing changed).
+        repair: freeze, recompute counts and free lists from the rows and the
+        live clients, thaw. Returns a CheckReport. Errors: Busy (a live client
+        stayed inside a call; the message names it)."""
+        rep = ffi.new("bt_check_report *")
+        flags = (lib.BT_CHECK_REPAIR if repair else 0) | (lib.BT_CHECK_FROZEN if frozen else 0)
+        rc = lib.bt_seg_check(self._s(), flags, wait_ms, rep)
+        if rc:
+            raise make_error(rc, f"check(repair={repair}): stuck client {rep.stuck_client}")
+        return from_struct(CheckReport, rep)
+
+    def recover_client(self, client_id, wait_ms=1000):
+        """Declare client `client_id` dead and recover what it held (its
+        process must be gone). Returns a CheckReport. Errors: Busy."""
+        rep = ffi.new("bt_check_report *")
+        rc = lib.bt_seg_recover_client(self._s(), client_id, wait_ms, rep)
+        if rc:
+            raise make_error(rc, f"recovering client {client_id} "
+                                 f"(stuck client {rep.stuck_client})")
+        return from_struct(CheckReport, rep)
+
+    def set_owner(self, pid, start_time=0):
+        _check(lib.bt_seg_set_owner(self._s(), pid, start_time), f"pid={pid}")
+
+
+class Client:
+    """One registered user of a segment (bt_client): allocates blocks and
+    edits the rows it claims. Open with ``Segment.client()``.
+
+    Closing (or garbage collection) releases everything the client holds:
+    its rows and its loose blocks. A forked child cannot use its parent's
+    clients (ClientGone); it opens its own.
+
+    Thread safety: calls may come from any thread, but not from two at once
+    (one client per thread; clients are cheap). Errors: BtError subclasses;
+    a call that raised changed nothing.
+    """
+
+    __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "__weakref__")
+
+    def __init__(self, seg, raw):
+        """Private: use Segment.client()."""
+        # The destructor's closure holds the mapping, so bt_client_close can
+        # never run after bt_seg_close, whatever order the collector picks.
+        self._cl = ffi.gc(raw, lambda p, keep=seg._base: lib.bt_client_close(p))
+        self._segobj = seg
+        self._pid = os.getpid()
+        self._gone_why = None
+        self.id = lib.bt_client_id(raw)
+        seg._clients.add(self)
+        _live_clients.add(self)
+
+    def close(self):
+        """Release the client's rows and blocks and its slot. Idempotent."""
+        if self._cl is not None:
+            cl, self._cl = self._cl, None
+            self._gone_why = "the client is closed"
+            _live_clients.discard(self)
+            ffi.release(cl)
+
+    def _disown(self, why):
+        if self._cl is not None:
+            ffi.gc(self._cl, None)
+            self._cl = None
+            self._gone_why = why
+
+    @property
+    def closed(self):
+        return self._cl is None
+
+    @property
+    def segment(self):
+        return self._segobj
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<blocktable.Client id={self.id} {'closed' if self._cl is None else 'open'}>"
+
+    def _gone(self):
+        raise make_error(_ECLIENT, f"client {self.id}: {self._gone_why}")
+
+    def slot(self):
+        """ClientSlotInfo of this client (hand count, rows, ops)."""
+        return self._segobj.client_slot(self.id)
+
+    # ---- blocks ---------------------------------------------------------------
+    def alloc(self, n, pool=0, out=None):
+        """Allocate n blocks (reference count 1, held loose by this client).
+        Returns out[:n] (int32). All or nothing. Errors: OutOfBlocks,
+        HandFull, OutOfRange (pool)."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            out = np.empty(n, I32) if out is None else out_array(out, n, I32)
+            rc = lib.bt_blocks_alloc(cl, pool, n, ffi.from_buffer("int32_t[]", out))
+        except BtError:
+            raise
+        except (OverflowError, ValueError) as e:  # n < 0 or >= 2^32
+            raise _range_error(e, f"alloc(n={n}, pool={pool})") from None
+        if rc:
+            raise make_error(rc, f"alloc(n={n}, pool={pool})")
+        return out if out.shape[0] == n else out[:n]
+
+    def release(self, ids):
+        """Drop loose references this client holds (freed at zero).
+        Errors: NotHeld, OutOfRange; nothing changes then."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        a = as_array(ids, I32, "ids")
+        rc = lib.bt_blocks_release(cl, ffi.from_buffer("int32_t[]", a), a.shape[0])
+        if rc:
+            raise make_error(rc, f"release(ids={preview(a)})")
+
+    def share(self, ids):
+        """Take an extra loose reference on allocated blocks (prefix sharing).
+        Errors: NotHeld (a free block), OutOfRange, HandFull."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        a = as_array(ids, I32, "ids")
+        rc = lib.bt_blocks_share(cl, ffi.from_buffer("int32_t[]", a), a.shape[0])
+        if rc:
+            raise make_error(rc, f"share(ids={preview(a)})")
+
+    # ---- rows -------------------------------------------------------------------
+    def claim_row(self, key=0, row=-1, raw=False):
+        """Claim a free row for request `key` (row -1: any free row) and
+        return its index. raw=True: entries are ids you manage yourself
+        (BT_ROW_RAW), not references to this segment's blocks.
+        Errors: OutOfRows, RowStateError (that row is taken), OutOfRange."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        out = ffi.new("uint32_t *")
+        flags = ROW_RAW if raw else ROW_MANAGED
+        try:
+            rc = lib.bt_row_claim(cl, key, row, flags, out)
+        except OverflowError as e:
+            raise _range_error(e, f"claim_row(key={key}, row={row})") from None
+        if rc:
+            raise make_error(rc, f"claim_row(key={key}, row={row}, raw={raw})")
+        return out[0]
+
+    def release_row(self, row):
+        """Release a claimed row: its blocks are decref'd, entries zeroed."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            rc = lib.bt_row_release(cl, row)
+        except OverflowError as e:
+            raise _range_error(e, f"release_row({row})") from None
+        if rc:
+            raise make_error(rc, f"release_row(row={row})")
+
+    def append(self, row, ids):
+        """Append ids to a row this client claimed. MANAGED rows: each id
+        must be a loose reference of this client (it moves into the row).
+        Errors: RowFull, NotHeld, NotOwner, RowStateError, OutOfRange."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        a = as_array(ids, I32, "ids")
+        try:
+            rc = lib.bt_row_append(cl, row, ffi.from_buffer("int32_t[]", a), a.shape[0])
+        except OverflowError as e:
+            raise _range_error(e, f"append(row={row})") from None
+        if rc:
+            raise make_error(rc, f"append(row={row}, n={a.shape[0]}, ids={preview(a)})")
+
+    def append_shared(self, row, ids):
+        """Take a new reference on allocated blocks and append them (prefix
+        sharing in one step; MANAGED rows only)."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        a = as_array(ids, I32, "ids")
+        try:
+            rc = lib.bt_row_append_shared(cl, row, ffi.from_buffer("int32_t[]", a), a.shape[0])
+        except OverflowError as e:
+            raise _range_error(e, f"append_shared(row={row})") from None
+        if rc:
+            raise make_error(rc, f"append_shared(row={row}, ids={preview(a)})")
+
+    def alloc_append(self, row, n, pool=0, out=None):
+        """Allocate n blocks from `pool` straight into `row`; returns their
+        ids (out[:n]). Errors: OutOfBlocks, RowFull, NotOwner."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            out = np.empty(n, I32) if out is None else out_array(out, n, I32)
+            rc = lib.bt_row_alloc_append(cl, row, pool, n, ffi.from_buffer("int32_t[]", out))
+        except BtError:
+            raise
+        except (OverflowError, ValueError) as e:  # n < 0 or >= 2^32
+            raise _range_error(e, f"alloc_append(row={row}, n={n}, pool={pool})") from None
+        if rc:
+            raise make_error(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
+        return out if out.shape[0] == n else out[:n]
+
+    def set_row(self, row, ids):
+        """Replace a row's contents (vLLM's add_row)."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        a = as_array(ids, I32, "ids")
+        try:
+            rc = lib.bt_row_set(cl, row, ffi.from_buffer("int32_t[]", a), a.shape[0])
+        except OverflowError as e:
+            raise _range_error(e, f"set_row(row={row})") from None
+        if rc:
+            raise make_error(rc, f"set_row(row={row}, n={a.shape[0]}, ids={preview(a)})")
+
+    def truncate(self, row, keep=0):
+        """Drop the row's entries from index `keep` on (keep 0 clears it)."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            rc = lib.bt_row_truncate(cl, row, keep)
+        except OverflowError as e:
+            raise _range_error(e, f"truncate(row={row}, keep={keep})") from None
+        if rc:
+            raise make_error(rc, f"truncate(row={row}, keep={keep})")
+
+    def set_tokens(self, row, num_tokens):
+        """Set the row's token count (bookkeeping; slot mapping ignores it)."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            rc = lib.bt_row_set_tokens(cl, row, num_tokens)
+        except OverflowError as e:
+            raise _range_error(e, f"set_tokens(row={row}, num_tokens={num_tokens})") from None
+        if rc:
+            raise make_error(rc, f"set_tokens(row={row}, num_tokens={num_tokens})")
+
+    def move(self, src, dst):
+        """Move src's contents into the empty row dst; src ends empty."""
+        self._pair(lib.bt_row_move, "move", src, dst)
+
+    def swap(self, a, b):
+        """Swap two claimed rows' contents."""
+        self._pair(lib.bt_row_swap, "swap", a, b)
+
+    def _pair(self, fn, what, a, b):
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            rc = fn(cl, a, b)
+        except OverflowError as e:
+            raise _range_error(e, f"{what}({a}, {b})") from None
+        if rc:
+            raise make_error(rc, f"{what}({a}, {b})")
+
+    def read_row(self, row, out=None):
+        """Same as Segment.read_row."""
+        return self._segobj.read_row(row, out)
+
+    # ---- the scheduler step -----------------------------------------------------
+    def step(self, rows, n_new, free_rows=(), pool=0, out=None):
+        """One scheduler step in one call: release the rows in `free_rows`,
+        then allocate n_new[i] blocks from `pool` into rows[i]. Returns the new
+        ids row after row (out[:sum(n_new)]). All or nothing: on error no row
+        changed. Errors: OutOfBlocks, RowFull, NotOwner, RowStateError."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        r, k = as_array(rows, U32, "rows"), as_array(n_new, U32, "n_new")
+        f = as_array(free_rows, U32, "free_rows")
+        if r.shape[0] != k.shape[0]:
+            raise make_error(_EINVAL, f"{r.shape[0]} rows but {k.shape[0]} counts")
+        total = int(k.sum(dtype=np.uint64))
+        out = np.empty(total, I32) if out is None else out_array(out, total, I32)
+        rc = lib.bt_step(cl, pool, ffi.from_buffer("uint32_t[]", f), f.shape[0],
+                         ffi.from_buffer("uint32_t[]", r), ffi.from_buffer("uint32_t[]", k),
+                         r.shape[0], ffi.from_buffer("int32_t[]", out))
+        if rc:
+            raise make_error(rc, f"step(rows={preview(r)}, n_new={preview(k)}, "
+                                 f"free_rows={preview(f)}, pool={pool})")
+        return out if out.shape[0] == total else out[:total]
+
+    # ---- slot mapping (delegated: it needs no client) -----------------------------
+    def slots_row(self, row, start, n, out=None, params=None):
+        return self._segobj.slots_row(row, start, n, out, params)
+
+    def slots_req(self, rows, positions, out=None, params=None):
+        return self._segobj.slots_req(rows, positions, out, params)
+
+    def slots_qsl(self, query_start_loc, positions, rows=None, out=None, out_len=None,
+                  params=None):
+        return self._segobj.slots_qsl(query_start_loc, positions, rows, out, out_len, params)
+
+
+def _cname(name):
+    """A segment name for C: None (embedded) or bytes."""
+    if name is None:
+        return ffi.NULL
+    if not isinstance(name, str):
+        raise make_error(lib.BT_ENAME, f"name must be a str, got {type(name).__name__}")
+    b = name.encode()
+    if b"\0" in b:
+        raise make_error(lib.BT_ENAME, f"{name!r} holds a NUL")
+    return b
+
+
+def _check(rc, detail):
+    if rc:
+        raise make_error(rc, detail)

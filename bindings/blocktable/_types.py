@@ -1,0 +1,214 @@
+"""Plain value types copied out of libbt's structs (snapshots, not live views),
+and the array-argument helpers every wrapper uses."""
+from dataclasses import dataclass, fields, make_dataclass
+
+import numpy as np
+
+from ._errors import make_error
+from ._ffi import ffi, lib
+
+__all__ = ["SegmentConfig", "SegmentInfo", "RowInfo", "CheckReport",
+           "ClientSlotInfo", "BlockInfo"]
+
+I32 = np.dtype(np.int32)
+I64 = np.dtype(np.int64)
+U32 = np.dtype(np.uint32)
+_CTYPE = {I32: "int32_t[]", I64: "int64_t[]", U32: "uint32_t[]"}
+
+_D = ffi.new("bt_config *")
+lib.bt_config_default(_D)
+
+
+def from_struct(cls, cdata):
+    """A dataclass instance from a C struct with the same field names."""
+    return cls(**{f.name: getattr(cdata, f.name) for f in fields(cls)})
+
+
+class _ConfigMethods:
+    def to_c(self):
+        c = ffi.new("bt_config *")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
+                raise make_error(lib.BT_ECONFIG, f"{f.name}={v!r} is not a uint32")
+            setattr(c, f.name, v)
+        return c
+
+    def check(self):
+        """The C struct, or ConfigError naming the first impossible field."""
+        c = self.to_c()
+        buf = ffi.new("char[256]")
+        if lib.bt_config_explain(c, buf, 256):
+            raise make_error(lib.BT_ECONFIG, f"{ffi.string(buf).decode()}: {self}")
+        return c
+
+    @property
+    def size(self):
+        """Bytes a segment of this config maps."""
+        return lib.bt_config_size(self.check())
+
+
+def _config_class():
+    """SegmentConfig's fields are bt_config's (so a field added to bt.h
+    appears here without an edit), with bt_config_default()'s values."""
+    names = [n for n, _ in ffi.typeof("bt_config").fields if not n.startswith("_")]
+    cls = make_dataclass("SegmentConfig", [(n, int, getattr(_D, n)) for n in names],
+                         bases=(_ConfigMethods,), frozen=True)
+    cls.__module__ = "blocktable"
+    cls.__doc__ = (
+        "The size of a segment, fixed at creation (bt_config): "
+        + ", ".join(f"{n}={getattr(_D, n)}" for n in names) + ".\n\n"
+        "Defaults come from bt_config_default(); kernel_block_size 0 means the "
+        "block size. check() raises ConfigError naming the impossible field.")
+    return cls
+
+
+SegmentConfig = _config_class()
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """bt_seg_info: the segment's config, size and where its arrays lie."""
+    config: SegmentConfig
+    size: int
+    generation: int
+    total_blocks: int
+    owner_pid: int
+    format: int
+    abi: int
+    table_offset: int
+    nblocks_offset: int
+    ntokens_offset: int
+
+    @classmethod
+    def _from_c(cls, c):
+        vals = {f.name: getattr(c, f.name) for f in fields(cls) if f.name != "config"}
+        return cls(config=from_struct(SegmentConfig, c.config), **vals)
+
+
+@dataclass(frozen=True)
+class RowInfo:
+    """bt_row_info: a consistent snapshot of one row's metadata."""
+    owner: int
+    flags: int
+    key: int
+    num_blocks: int
+    generation: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ClientSlotInfo:
+    """bt_client_slot_info: a racy snapshot of one client slot."""
+    state: int
+    pid: int
+    start_time: int
+    in_op: int
+    hand_count: int
+    rows: int
+    ops: int
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """bt_check_report: what bt_seg_check / bt_seg_recover_client found."""
+    blocks_free: int
+    blocks_held: int
+    refcnt_fixed: int
+    leaked: int
+    double_free: int
+    rows_fixed: int
+    bad_entries: int
+    clients_reaped: int
+    pause_ns: int
+    stuck_client: int
+
+    @property
+    def clean(self):
+        """No leak, no double free, nothing fixed, nothing out of range."""
+        return not (self.leaked or self.double_free or self.refcnt_fixed
+                    or self.rows_fixed or self.bad_entries)
+
+
+@dataclass
+class BlockInfo:
+    """Information about one KV block (the seed's BlockInfo).
+
+    A plain value: ``Segment.block(id)`` returns a snapshot of the block's
+    reference count and owner stamp; changing the fields here changes nothing
+    in the segment (share/release through a Client do that).
+
+    Where the seed differs: ``decrement_ref`` below zero raised nothing there
+    and left a negative count; here it raises NotHeld and changes nothing.
+    ``can_free`` is False for block 0, the null block, which is never freed.
+    """
+    block_id: int
+    ref_count: int = 0
+    owner: int = 0
+
+    def increment_ref(self):
+        self.ref_count += 1
+        return self.ref_count
+
+    def decrement_ref(self):
+        if self.ref_count <= 0:
+            raise make_error(lib.BT_ENOTHELD,
+                             f"block {self.block_id}: reference count is already 0")
+        self.ref_count -= 1
+        return self.ref_count
+
+    def can_free(self):
+        return self.ref_count == 0 and self.block_id > 0
+
+
+# ---- array arguments ------------------------------------------------------
+def as_array(values, dtype, what):
+    """`values` as a 1-d C-contiguous array of `dtype`, without a copy when it
+    already is one. Lists and other dtypes are converted, refusing floats and
+    values that do not fit (no silent wrap-around: a wrapped id is a valid
+    id of someone else)."""
+    if type(values) is np.ndarray and values.dtype == dtype and values.flags.c_contiguous \
+            and values.ndim == 1:
+        return values
+    a = np.asarray(values)
+    if a.ndim != 1:
+        raise make_error(lib.BT_EINVAL, f"{what} must be 1-d, got shape {a.shape}")
+    if a.size == 0:
+        return np.empty(0, dtype)
+    if a.dtype.kind not in "iu":
+        raise make_error(lib.BT_EINVAL, f"{what} must be integers, got dtype {a.dtype}")
+    if a.dtype != dtype:
+        info = np.iinfo(dtype)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < info.min or hi > info.max:
+            bad = lo if lo < info.min else hi
+            raise make_error(lib.BT_ERANGE, f"{what} holds {bad}, which does not fit {dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def out_array(out, n, dtype, what="out"):
+    """A caller's output buffer checked (dtype, contiguous, writable, >= n),
+    or a new one of n entries."""
+    if n < 0:
+        raise make_error(lib.BT_EINVAL, f"a count of {n} tokens or blocks is negative")
+    if out is None:
+        return np.empty(n, dtype)
+    if type(out) is not np.ndarray or out.dtype != dtype or not out.flags.c_contiguous \
+            or not out.flags.writeable or out.ndim != 1:
+        raise make_error(lib.BT_EINVAL,
+                         f"{what} must be a writable 1-d C-contiguous {dtype} numpy array")
+    if out.shape[0] < n:
+        raise make_error(lib.BT_EINVAL, f"{what} has {out.shape[0]} entries, {n} needed")
+    return out
+
+
+def cbuf(a):
+    """The C view of a checked array (no copy)."""
+    return ffi.from_buffer(_CTYPE[a.dtype], a)
+
+
+def preview(a, limit=8):
+    """A short rendering of an id list for error messages."""
+    a = list(np.asarray(a).ravel()[:limit + 1])
+    s = ", ".join(str(int(x)) for x in a[:limit])
+    return f"[{s}{', ...' if len(a) > limit else ''}]"

@@ -1,0 +1,72 @@
+"""Fixtures and helpers shared by the Python tests."""
+import os
+import secrets
+
+import numpy as np
+import pytest
+
+import blocktable as bt
+
+SMALL = bt.SegmentConfig(blocks_per_pool=64, num_pools=2, num_rows=8, row_width=16,
+                         max_clients=8, hand_size=64)
+
+
+@pytest.fixture
+def seg():
+    """A small embedded segment."""
+    with bt.Segment.create(None, SMALL) as s:
+        yield s
+
+
+@pytest.fixture
+def client(seg):
+    with seg.client() as c:
+        yield c
+
+
+def unique_name(tag="t"):
+    return f"pytest-{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def shm_name():
+    """A fresh segment name, unlinked after the test whatever happened."""
+    name = unique_name()
+    yield name
+    try:
+        bt.Segment.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def snapshot(seg, clients=()):
+    """Everything a rejected call must leave alone: the table, the counts,
+    every block's reference count and owner, the free counts, the hands."""
+    c = seg.config
+    blocks = [(b.ref_count, b.owner) for b in
+              (seg.block(i) for i in range(1, c.num_pools * c.blocks_per_pool))]
+    return {
+        "table": seg.table.copy(), "nblocks": seg.num_blocks.copy(),
+        "ntokens": seg.num_tokens.copy(), "blocks": blocks,
+        "free": [seg.free_blocks(p) for p in range(c.num_pools)],
+        "rows": [seg.row_info(r) for r in range(c.num_rows)],
+        "hands": [cl.slot().hand_count for cl in clients],
+    }
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+def assert_rejected(seg, exc, fn, *args, clients=(), match=None, **kw):
+    """fn(*args) raises exc (matching `match`) and changes nothing."""
+    before = snapshot(seg, clients)
+    with pytest.raises(exc, match=match) as info:
+        fn(*args, **kw)
+    assert_same(before, snapshot(seg, clients))
+    return info.value
