@@ -156,11 +156,14 @@ static void test_fork_handles(void)
         T_RC(bt_blocks_release(cl, &ids[2], 1), BT_ECLIENT);
         T_RC(bt_row_release(cl, row), BT_ECLIENT);
         T_RC(bt_row_truncate(cl, row, 0), BT_ECLIENT);
-        bt_client_close(cl);
         /* the child's own client works */
         bt_client *mine = t_client(seg);
         T_OK(bt_blocks_alloc(mine, 0, 1, &x));
         bt_client_close(mine);
+        /* a data-path write, like every other: refused from a copied handle
+         * (bt_row_set_tokens skips bt_op_begin as of writing) */
+        T_RC(bt_row_set_tokens(cl, row, 123), BT_ECLIENT);
+        bt_client_close(cl);            /* frees the copy, touches nothing shared */
         _exit(0);
     }
     t_wait_ok(pid, "child with inherited handles");
@@ -171,6 +174,7 @@ static void test_fork_handles(void)
     bt_row_info ri = t_row(seg, row, NULL, 0);
     T_EQ(ri.owner, bt_client_id(cl));
     T_EQ(ri.num_blocks, 2);
+    T_EQ(ri.num_tokens, 0);
     T_EQ(t_free(seg, 0), 60);
     T_OK(bt_blocks_release(cl, &ids[2], 1));
     bt_client_close(cl);

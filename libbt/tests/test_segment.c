@@ -429,9 +429,17 @@ static const char *const cfg_names[8] = {
     "block_size", "kernel_block_size", "num_pools", "blocks_per_pool", "num_rows",
     "row_width", "max_clients", "hand_size",
 };
-static const char *const region_names[BT_R_COUNT] = {
-    "pools", "next", "refcnt", "owner", "rows", "table", "nblocks", "ntokens", "clients", "hands",
-};
+static const char *region_name(int r)
+{
+    static const char *const names[] = {
+        "pools", "next", "refcnt", "owner", "rows", "table", "nblocks", "ntokens", "clients", "hands",
+    };
+    static char buf[32];
+    if (r < (int)(sizeof(names) / sizeof(names[0])))
+        return names[r];
+    snprintf(buf, sizeof(buf), "#%d", r);
+    return buf;
+}
 
 static void test_validate_fields(void)
 {
@@ -518,8 +526,9 @@ static void test_validate_fields(void)
         const uint64_t vals[] = { 0, v + 1, v + 4, v + 64, v - 64, v + 4096, seg_size,
                                   seg_size - 64, UINT64_MAX, v ^ (1ull << 40) };
         for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++)
-            EXPECT(poke64(off, vals[i]), BT_ECORRUPT, "offset of region %s = %" PRIu64
-                   " (was %" PRIu64 ")", region_names[r], vals[i], v);
+            if (vals[i] != v)
+                EXPECT(poke64(off, vals[i]), BT_ECORRUPT, "offset of region %s = %" PRIu64
+                       " (was %" PRIu64 ")", region_name(r), vals[i], v);
     }
 
     /* buffers too short for the header, or for the segment */

@@ -1,0 +1,386 @@
+/*
+ * test_slots.c -- slot mapping: the three forms against a naive reference
+ * computed here, kernel-block views, decode context parallelism.
+ *
+ * Reference (bt.h, DESIGN.md, vLLM's dcp): virtual block vbs = bs * world;
+ * position pos is local to rank iff (pos % vbs) / I % world == rank, and then
+ *   slot = table[row][pos / vbs] * bs + (pos % vbs) / (world * I) * I + pos % I
+ * -1 for negative positions, positions past the row's blocks, and (with
+ * world > 1) positions of other ranks.
+ */
+#include "bt_test.h"
+
+#define ROWS 8
+#define WIDTH 64
+#define SENTINEL ((int64_t)0x5a5a5a5a5a5a5a5all)
+
+struct params { uint32_t bs, world, rank, il; };
+
+/* The rows, read once per segment: they do not change while slots are checked. */
+static int32_t cache_ids[ROWS][WIDTH];
+static uint32_t cache_nb[ROWS], cache_B;
+static void cache_rows(const bt_seg *seg)
+{
+    cache_B = t_info(seg).config.block_size;
+    for (uint32_t r = 0; r < ROWS; r++)
+        cache_nb[r] = t_row(seg, r, cache_ids[r], WIDTH).num_blocks;
+}
+
+static int64_t ref_slot(const struct params *p, uint32_t row, int64_t pos)
+{
+    const int32_t *ids = cache_ids[row];
+    int64_t bs = p->bs ? p->bs : cache_B;
+    int64_t world = p->world > 1 ? p->world : 1, rank = world > 1 ? p->rank : 0;
+    int64_t il = p->il ? p->il : 1;
+    if (pos < 0)
+        return -1;
+    int64_t vbs = bs * world;
+    if (pos / vbs >= (int64_t)cache_nb[row])
+        return -1;
+    int64_t v = pos % vbs;
+    if (world > 1 && (v / il) % world != rank)
+        return -1;
+    return (int64_t)ids[pos / vbs] * bs + v / (world * il) * il + pos % il;
+}
+
+static bt_slot_params sp(const struct params *p)
+{
+    bt_slot_params o = { .block_size = p->bs, .cp_world = p->world, .cp_rank = p->rank,
+                         .cp_interleave = p->il };
+    return o;
+}
+
+static const char *pstr(const struct params *p)
+{
+    static char buf[96];
+    snprintf(buf, sizeof(buf), "bs %u world %u rank %u interleave %u", p->bs, p->world, p->rank,
+             p->il);
+    return buf;
+}
+
+/* Every parameter set that makes sense for block size B: bs a divisor of B
+ * (kernel views), worlds 1..4 with every rank, interleaves dividing bs. */
+static int param_sets(uint32_t B, struct params *out, int max)
+{
+    int n = 0;
+    for (uint32_t bs = 1; bs <= B; bs++) {
+        if (B % bs)
+            continue;
+        for (uint32_t world = 0; world <= 4; world++)
+            for (uint32_t rank = 0; rank < (world > 1 ? world : 1); rank++)
+                for (uint32_t il = 0; il <= bs; il++) {
+                    if (il > 1 && bs % il)
+                        continue;
+                    if (world <= 1 && il > 1)
+                        continue;       /* interleave means nothing without cp */
+                    if (n < max)
+                        out[n] = (struct params){ bs == B && world == 0 ? 0 : bs, world, rank, il };
+                    n++;
+                }
+    }
+    return n < max ? n : max;
+}
+
+/* Segment with block size B and a few rows of known contents:
+ *   0: MANAGED, 5 allocated blocks      1: RAW { 7, 0, 300, INT32_MAX, 2 }
+ *   2: RAW, row 0 in kernel blocks of K 3: claimed, empty
+ *   4: never claimed                    5: RAW, WIDTH entries (a full row)
+ *   6: MANAGED, 1 block                 7: RAW, 3 blocks, ids up to 2^29 */
+static bt_seg *setup(uint32_t B, uint32_t K, bt_client **clp)
+{
+    bt_config c = t_config_small();
+    c.block_size = B;
+    c.kernel_block_size = K;
+    c.num_pools = 2;
+    c.blocks_per_pool = 256;
+    c.num_rows = ROWS;
+    c.row_width = WIDTH;
+    bt_seg *seg = t_seg_embedded(&c);
+    bt_client *cl = t_client(seg);
+    uint32_t r;
+    int32_t x[WIDTH];
+    T_OK(bt_row_claim(cl, 0, 0, BT_ROW_MANAGED, &r));
+    T_OK(bt_row_alloc_append(cl, 0, 1, 5, x));
+    T_OK(bt_row_claim(cl, 1, 1, BT_ROW_RAW, &r));
+    int32_t raw1[5] = { 7, 0, 300, INT32_MAX, 2 };
+    T_OK(bt_row_append(cl, 1, raw1, 5));
+    T_OK(bt_row_claim(cl, 2, 2, BT_ROW_RAW, &r));
+    uint32_t per = B / K;
+    int32_t kv[WIDTH];
+    for (uint32_t i = 0; i < 5 * per; i++)
+        kv[i] = x[i / per] * (int32_t)per + (int32_t)(i % per);
+    T_OK(bt_row_append(cl, 2, kv, 5 * per));
+    T_OK(bt_row_claim(cl, 3, 3, BT_ROW_MANAGED, &r));
+    T_OK(bt_row_claim(cl, 5, 5, BT_ROW_RAW, &r));
+    for (int i = 0; i < WIDTH; i++)
+        kv[i] = 1000 + 3 * i;
+    T_OK(bt_row_append(cl, 5, kv, WIDTH));
+    T_OK(bt_row_claim(cl, 6, 6, BT_ROW_MANAGED, &r));
+    T_OK(bt_row_alloc_append(cl, 6, 0, 1, NULL));
+    T_OK(bt_row_claim(cl, 7, 7, BT_ROW_RAW, &r));
+    int32_t big[3] = { 1 << 29, (1 << 29) - 1, 12345678 };
+    T_OK(bt_row_append(cl, 7, big, 3));
+    *clp = cl;
+    return seg;
+}
+
+static void check_form1(bt_seg *seg, const struct params *p)
+{
+    const int64_t starts[] = { -100, -1, 0, 5, 15, 16, 17, 63, 79, 200, 1023, (int64_t)1 << 40 };
+    const uint32_t lens[] = { 0, 1, 3, 37, 129, 700 };
+    static int64_t out[1024];
+    bt_slot_params prm = sp(p);
+    for (uint32_t row = 0; row < ROWS; row++)
+        for (size_t si = 0; si < sizeof(starts) / sizeof(starts[0]); si++)
+            for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+                uint32_t n = lens[li];
+                for (uint32_t i = 0; i <= n; i++)
+                    out[i] = SENTINEL;
+                int rc = bt_slots_row(seg, &prm, row, starts[si], n, out);
+                if (rc)
+                    T_FAIL("bt_slots_row(row %u, start %" PRId64 ", n %u, %s) returned %s", row,
+                           starts[si], n, pstr(p), bt_errname(rc));
+                for (uint32_t i = 0; i < n; i++) {
+                    int64_t want = ref_slot(p, row, starts[si] + i);
+                    if (out[i] != want)
+                        T_FAIL("bt_slots_row row %u pos %" PRId64 " (%s): %" PRId64
+                               ", reference %" PRId64, row, starts[si] + i, pstr(p), out[i], want);
+                }
+                if (out[n] != SENTINEL)
+                    T_FAIL("bt_slots_row wrote past n = %u", n);
+            }
+}
+
+static void check_form2(bt_seg *seg, const struct params *p, uint64_t *rnd)
+{
+    enum { N = 600 };
+    static int32_t rows[N];
+    static int64_t pos[N], out[N + 1];
+    bt_slot_params prm = sp(p);
+    for (int i = 0; i < N; i++) {
+        rows[i] = (int32_t)t_below(rnd, ROWS);
+        uint32_t k = t_below(rnd, 16);
+        pos[i] = k == 0 ? -(int64_t)t_below(rnd, 100) - 1
+               : k == 1 ? (int64_t)t_below(rnd, 1u << 31) * 4096
+               : k == 2 ? INT64_MAX - t_below(rnd, 3)
+               : k == 3 ? INT64_MIN + t_below(rnd, 3)
+               : (int64_t)t_below(rnd, 1200);
+    }
+    out[N] = SENTINEL;
+    T_OK(bt_slots_req(seg, &prm, rows, pos, N, out));
+    for (int i = 0; i < N; i++) {
+        int64_t want = ref_slot(p, (uint32_t)rows[i], pos[i]);
+        if (out[i] != want)
+            T_FAIL("bt_slots_req row %d pos %" PRId64 " (%s): %" PRId64 ", reference %" PRId64,
+                   rows[i], pos[i], pstr(p), out[i], want);
+    }
+    T_EQ(out[N], SENTINEL);
+}
+
+static void check_form3(bt_seg *seg, const struct params *p, uint64_t *rnd)
+{
+    enum { MAXT = 512 };
+    int32_t qsl[ROWS + 1], rows[ROWS];
+    static int64_t pos[MAXT], out[MAXT + 1];
+    bt_slot_params prm = sp(p);
+    for (int with_rows = 0; with_rows < 2; with_rows++) {
+        uint32_t nreq = 1 + t_below(rnd, ROWS);
+        qsl[0] = 0;
+        for (uint32_t i = 0; i < nreq; i++) {
+            rows[i] = (int32_t)t_below(rnd, ROWS);
+            uint32_t len = t_below(rnd, 4) == 0 ? 0 : 1 + t_below(rnd, 40);
+            qsl[i + 1] = qsl[i] + (int32_t)len;
+            int64_t start = (int64_t)t_below(rnd, 120) - 4;
+            for (int32_t t = qsl[i]; t < qsl[i + 1]; t++)
+                pos[t] = start + (t - qsl[i]);          /* a request's tokens run on */
+        }
+        uint32_t total = (uint32_t)qsl[nreq];
+        uint32_t out_len = total + t_below(rnd, 20);    /* CUDA-graph padding */
+        for (uint32_t t = 0; t <= out_len; t++)
+            out[t] = SENTINEL;
+        T_OK(bt_slots_qsl(seg, &prm, with_rows ? rows : NULL, qsl, nreq, pos, out, out_len));
+        for (uint32_t i = 0; i < nreq; i++)
+            for (int32_t t = qsl[i]; t < qsl[i + 1]; t++) {
+                uint32_t row = with_rows ? (uint32_t)rows[i] : i;
+                int64_t want = ref_slot(p, row, pos[t]);
+                if (out[t] != want)
+                    T_FAIL("bt_slots_qsl req %u (row %u) token %d pos %" PRId64 " (%s): %" PRId64
+                           ", reference %" PRId64, i, row, t, pos[t], pstr(p), out[t], want);
+            }
+        for (uint32_t t = total; t < out_len; t++)
+            if (out[t] != -1)
+                T_FAIL("bt_slots_qsl padding out[%u] = %" PRId64 ", expected -1", t, out[t]);
+        T_EQ(out[out_len], SENTINEL);
+    }
+}
+
+static void test_against_reference(uint32_t B, uint32_t K)
+{
+    bt_client *cl;
+    bt_seg *seg = setup(B, K, &cl);
+    static struct params ps[4096];
+    int np = param_sets(B, ps, 4096);
+    uint64_t rnd = t_substream(B * 100 + K);
+    cache_rows(seg);
+    for (int i = 0; i < np; i++) {
+        check_form1(seg, &ps[i]);
+        check_form2(seg, &ps[i], &rnd);
+        check_form3(seg, &ps[i], &rnd);
+    }
+    printf("B=%u K=%u: %d parameter sets agree with the reference\n", B, K, np);
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+/* A table of kernel-block ids (K tokens each) maps every token to the same
+ * slot as the table of B-token blocks it was derived from. */
+static void test_kernel_view(uint32_t B, uint32_t K)
+{
+    bt_client *cl;
+    bt_seg *seg = setup(B, K, &cl);
+    int64_t a[1024], b[1024];
+    bt_slot_params pb = { .block_size = 0 }, pk = { .block_size = K };
+    T_OK(bt_slots_row(seg, &pb, 0, -3, 1000, a));
+    T_OK(bt_slots_row(seg, &pk, 2, -3, 1000, b));
+    for (int i = 0; i < 1000; i++)
+        if (a[i] != b[i])
+            T_FAIL("B=%u K=%u pos %d: block view %" PRId64 ", kernel view %" PRId64, B, K, i - 3,
+                   a[i], b[i]);
+    T_EQ(a[2], -1);                     /* position -1 */
+    T_ASSERT(a[3] >= 0);
+    T_ASSERT(a[3 + 5 * B - 1] >= 0);
+    T_EQ(a[3 + 5 * B], -1);
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+/* With context parallelism each rank keeps exactly bs tokens of every
+ * virtual block, and they fill its local block: slots id*bs .. id*bs+bs-1,
+ * each once. */
+static void test_cp_partition(void)
+{
+    bt_client *cl;
+    bt_seg *seg = setup(16, 16, &cl);
+    int32_t ids[WIDTH];
+    bt_row_info ri = t_row(seg, 0, ids, WIDTH);
+    for (uint32_t world = 2; world <= 8; world *= 2)
+        for (uint32_t il = 1; il <= 16; il *= 2) {
+            uint32_t owners[5 * 16 * 8];
+            memset(owners, 0, sizeof(owners));
+            for (uint32_t rank = 0; rank < world; rank++) {
+                bt_slot_params p = { 16, world, rank, il };
+                int64_t out[5 * 16 * 8];
+                uint32_t n = ri.num_blocks * 16 * world;
+                T_OK(bt_slots_row(seg, &p, 0, 0, n, out));
+                uint8_t seen[5][16];
+                memset(seen, 0, sizeof(seen));
+                for (uint32_t pos = 0; pos < n; pos++) {
+                    if (out[pos] < 0)
+                        continue;
+                    owners[pos]++;
+                    uint32_t blk = pos / (16 * world);
+                    int64_t off = out[pos] - (int64_t)ids[blk] * 16;
+                    T_ASSERTF(off >= 0 && off < 16, "world %u il %u rank %u pos %u: slot %" PRId64
+                              " outside block %d", world, il, rank, pos, out[pos], ids[blk]);
+                    T_ASSERTF(!seen[blk][off], "world %u il %u rank %u: slot %" PRId64 " twice",
+                              world, il, rank, out[pos]);
+                    seen[blk][off] = 1;
+                }
+                for (uint32_t blk = 0; blk < ri.num_blocks; blk++)
+                    for (int off = 0; off < 16; off++)
+                        T_ASSERTF(seen[blk][off], "world %u il %u rank %u: block %u slot %d unused",
+                                  world, il, rank, blk, off);
+            }
+            for (uint32_t pos = 0; pos < ri.num_blocks * 16 * world; pos++)
+                T_ASSERTF(owners[pos] == 1, "world %u il %u: pos %u on %u ranks", world, il, pos,
+                          owners[pos]);
+        }
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+static void test_errors(void)
+{
+    bt_client *cl;
+    bt_seg *seg = setup(16, 4, &cl);
+    bt_slot_params p = { 0 };
+    int64_t out[64], pos[4] = { 0, 1, 2, 3 };
+    for (int i = 0; i < 64; i++)
+        out[i] = SENTINEL;
+
+    /* bad rows: BT_ERANGE, and nothing written */
+    T_RC(bt_slots_row(seg, &p, ROWS, 0, 4, out), BT_ERANGE);
+    T_RC(bt_slots_row(seg, &p, UINT32_MAX, 0, 4, out), BT_ERANGE);
+    const int32_t badrows[][4] = { { 0, 1, 2, ROWS }, { -1, 0, 0, 0 }, { 0, INT32_MAX, 0, 0 },
+                                   { 0, 0, 0, INT32_MIN } };
+    for (int k = 0; k < 4; k++)
+        T_RC(bt_slots_req(seg, &p, badrows[k], pos, 4, out), BT_ERANGE);
+    int32_t qsl[5] = { 0, 1, 2, 3, 4 };
+    for (int k = 0; k < 4; k++)
+        T_RC(bt_slots_qsl(seg, &p, badrows[k], qsl, 4, pos, out, 8), BT_ERANGE);
+    /* rows == NULL means row i: request ROWS has no row */
+    static int32_t qbig[ROWS + 2];
+    static int64_t pbig[ROWS + 1];
+    for (int i = 0; i <= ROWS + 1; i++)
+        qbig[i] = i;
+    T_RC(bt_slots_qsl(seg, &p, NULL, qbig, ROWS + 1, pbig, out, 16), BT_ERANGE);
+    for (int i = 0; i < 64; i++)
+        T_EQ(out[i], SENTINEL);
+
+    /* query_start_loc: out too short, or going backwards */
+    T_RC(bt_slots_qsl(seg, &p, NULL, qsl, 4, pos, out, 3), BT_EINVAL);
+    int32_t back[3] = { 0, 3, 2 };
+    T_RC(bt_slots_qsl(seg, &p, NULL, back, 2, pos, out, 8), BT_EINVAL);
+    /* no requests: all padding */
+    T_OK(bt_slots_qsl(seg, &p, NULL, qsl, 0, pos, out, 8));
+    for (int i = 0; i < 8; i++)
+        T_EQ(out[i], -1);
+    T_EQ(out[8], SENTINEL);
+
+    /* impossible parameters */
+    bt_slot_params bad1 = { .cp_world = 2, .cp_rank = 2 };
+    bt_slot_params bad2 = { .cp_world = 0, .cp_rank = 1 };
+    T_ERR(bt_slots_row(seg, &bad1, 0, 0, 4, out));
+    T_ERR(bt_slots_row(seg, &bad2, 0, 0, 4, out));
+    T_ERR(bt_slots_req(seg, &bad1, badrows[0], pos, 3, out));
+
+    /* null buffers */
+    T_RC(bt_slots_row(seg, &p, 0, 0, 4, NULL), BT_EINVAL);
+    T_RC(bt_slots_req(seg, &p, NULL, pos, 4, out), BT_EINVAL);
+    T_RC(bt_slots_req(seg, &p, badrows[0], NULL, 4, out), BT_EINVAL);
+    T_RC(bt_slots_qsl(seg, &p, NULL, NULL, 1, pos, out, 8), BT_EINVAL);
+    T_RC(bt_slots_row(NULL, &p, 0, 0, 4, out), BT_EINVAL);
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+/* Form 1 near the end of int64: positions start .. start + n - 1 would pass
+ * INT64_MAX. The call must refuse or give -1; computing start + i in int64 is
+ * undefined behaviour (UBSan in `make asan` reports it). */
+static void test_form1_overflow(void)
+{
+    bt_client *cl;
+    bt_seg *seg = setup(16, 16, &cl);
+    bt_slot_params p = { 0 };
+    int64_t out[8];
+    int rc = bt_slots_row(seg, &p, 0, INT64_MAX - 3, 8, out);
+    if (rc == 0)
+        for (int i = 0; i < 8; i++)
+            T_EQ(out[i], -1);
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+int main(int argc, char **argv)
+{
+    t_init(argc, argv);
+    test_errors();
+    test_kernel_view(16, 4);
+    test_kernel_view(16, 2);
+    test_kernel_view(12, 3);
+    test_cp_partition();
+    test_against_reference(16, 4);
+    test_against_reference(12, 4);      /* not a power of two */
+    test_form1_overflow();
+    return T_EXIT_PASS;
+}
