@@ -77,7 +77,8 @@ extern "C" {
 #define BT_ENAME           (-31015) /* a segment name is empty, too long or has '/' */
 #define BT_ECONFIG         (-31016) /* the configuration is impossible */
 #define BT_ECLIENT         (-31017) /* the client handle is dead or its slot was reclaimed */
-#define BT_ERR_LAST        (-31017)
+#define BT_ENOCHUNKS       (-31018) /* the chunk pool of paged rows is exhausted */
+#define BT_ERR_LAST        (-31018)
 
 const char *bt_strerror(int err);  /* "BT_ENOBLOCKS: ..." or strerror(-err) */
 const char *bt_errname(int err);   /* "BT_ENOBLOCKS", "ENOENT", ... */
@@ -98,7 +99,9 @@ typedef struct bt_config {
     uint32_t max_clients;       /* client slots */
     uint32_t hand_size;         /* loose (not in a row) references one client may hold */
     uint32_t max_mirrors;       /* GPU mirrors that can be published (0..64) */
-    uint32_t _reserved;         /* 0 */
+    uint32_t chunk_size;        /* block ids per chunk of a paged row; 0 = no paged rows */
+    uint32_t num_chunks;        /* chunks in the shared chunk pool */
+    uint32_t dir_width;         /* chunks one paged row may hold (capacity / chunk_size) */
 } bt_config;
 
 /* Flags for bt_seg_create. */
@@ -235,6 +238,9 @@ int bt_pool_push(bt_seg *seg, const int32_t *ids, uint32_t n);
 /* Row flags for bt_row_claim. */
 #define BT_ROW_MANAGED     0    /* entries are references to this segment's blocks */
 #define BT_ROW_RAW         1    /* entries are ids the caller manages (vLLM's pool) */
+#define BT_ROW_PAGED       2    /* entries live in chunks from the shared chunk pool:
+                                   memory follows the blocks used; 0 entries are
+                                   holes (no block, slot -1). Or'd with the above. */
 
 typedef struct bt_row_info {
     uint32_t owner;             /* client id, 0 = free */
@@ -272,6 +278,19 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
 /* Drop the row's entries from index `keep` on (keep = 0 clears the row). */
 int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep);
 
+/* Paged rows: set entry `index` (num_blocks grows to index + 1 if needed,
+ * holes in between). id 0 makes a hole. MANAGED: the id's reference moves
+ * from the hand, the old entry's is dropped. Chunks are taken as needed
+ * (BT_ENOCHUNKS) and given back when they hold only holes. */
+int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id);
+
+/* Paged rows: make holes of entries [from, to) (a sliding window's past);
+ * their references are dropped and emptied chunks returned. */
+int bt_row_punch(bt_client *cl, uint32_t row, uint32_t from, uint32_t to);
+
+/* Free chunks in the chunk pool (snapshot). */
+int bt_chunks_free(const bt_seg *seg, uint32_t *out);
+
 /* Token count bookkeeping (not used by slot mapping, which takes positions). */
 int bt_row_set_tokens(bt_client *cl, uint32_t row, int64_t num_tokens);
 
@@ -285,7 +304,8 @@ int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst);
 int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b);
 
 /* Read a row consistently (seqlock), from any process. ids_out may be NULL;
- * cap is its capacity (BT_EINVAL if smaller than num_blocks). */
+ * cap is its capacity (BT_EINVAL if smaller than num_blocks). Paged rows
+ * read as dense, holes as 0. */
 int bt_row_read(const bt_seg *seg, uint32_t row, int32_t *ids_out, uint32_t cap, bt_row_info *info_out);
 
 /* ---- 6. The scheduler step ----------------------------------------------- */
@@ -346,6 +366,8 @@ typedef struct bt_check_report {
     uint64_t pause_ns;          /* how long the segment was frozen */
     uint32_t stuck_client;      /* a live client that stayed in_op: repair deferred */
     uint32_t _pad;
+    uint64_t chunks_free;       /* paged rows' chunk pool: free chunks */
+    uint64_t chunks_leaked;     /* chunks neither free nor in a live row's directory */
 } bt_check_report;
 
 /* Check the segment. Without flags, a read-only scan (racy under load, exact

@@ -26,35 +26,32 @@ static inline uint32_t pool_of(const bt_seg *s, int32_t id)
     return (uint32_t)id / s->cfg.blocks_per_pool;
 }
 
-/* Walk n links from `first`; 0 and *after = the link past the last one, or
- * BT_ENOBLOCKS (list too short) / BT_ECORRUPT (a link leaves the pool). The
- * caller re-checks the head before trusting either error. */
-static int walk(const bt_seg *s, uint32_t pool, uint32_t first, uint32_t n,
-                int32_t *out, uint32_t *after)
+/* Walk n links from `first` over ids [lo, lo + span); 0 and *after = the
+ * link past the last one, or BT_ENOBLOCKS (list too short) / BT_ECORRUPT (a
+ * link leaves the range). The caller re-checks the head before trusting
+ * either error. */
+static int walk(const uint32_t *next, uint32_t lo, uint32_t span, uint32_t first,
+                uint32_t n, int32_t *out, uint32_t *after)
 {
-    /* ids in [lo, lo + span): one unsigned compare; pool 0 starts at 1. */
-    uint32_t lo = pool * s->cfg.blocks_per_pool, span = s->cfg.blocks_per_pool;
-    if (lo == 0)
-        lo = 1, span--;
     uint32_t idx = first;
     for (uint32_t i = 0; i < n; i++) {
-        if (idx - lo >= span)
+        if (idx - lo >= span)           /* one unsigned compare */
             return idx == BT_NIL ? BT_ENOBLOCKS : BT_ECORRUPT;
         out[i] = (int32_t)idx;
-        idx = bt_load_relaxed(&s->next[idx]);
+        idx = bt_load_relaxed(&next[idx]);
     }
     *after = idx;
     return BT_OK;
 }
 
-/* Pop n blocks of `pool` into out; refcount 0 -> 1, owner = stamp. */
-int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out)
+/* Pop n ids off a Treiber stack with one CAS; all or nothing. */
+int bt_stack_pop(struct bt_pool *p, const uint32_t *next, uint32_t lo, uint32_t span,
+                 uint32_t n, int32_t *out)
 {
-    struct bt_pool *p = &s->pools[pool];
     uint64_t old = bt_load_acquire(&p->head);
     uint32_t after = 0;
     for (;;) {
-        int rc = walk(s, pool, HIDX(old), n, out, &after);
+        int rc = walk(next, lo, span, HIDX(old), n, out, &after);
         if (rc) {
             uint64_t now = bt_load_acquire(&p->head);
             if (now != old) {           /* raced: the walk saw a moving list */
@@ -67,6 +64,29 @@ int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *ou
             break;
     }
     bt_fetch_add_relaxed(&p->nfree, -(int64_t)n);
+    return BT_OK;
+}
+
+/* Push the chain first..last (already linked, count ids) with one CAS. */
+void bt_stack_push(struct bt_pool *p, uint32_t *next, int32_t first, int32_t last, uint32_t count)
+{
+    uint64_t old = bt_load_relaxed(&p->head);
+    do {
+        bt_store_relaxed(&next[last], HIDX(old));
+    } while (!bt_cas_acqrel(&p->head, &old, HEAD(first, HTAG(old) + 1)));
+    bt_fetch_add_relaxed(&p->nfree, (int64_t)count);
+}
+
+/* Pop n blocks of `pool` into out; refcount 0 -> 1, owner = stamp. */
+int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out)
+{
+    /* ids of `pool`; pool 0 starts at 1, past the null block */
+    uint32_t lo = pool * s->cfg.blocks_per_pool, span = s->cfg.blocks_per_pool;
+    if (lo == 0)
+        lo = 1, span--;
+    int rc = bt_stack_pop(&s->pools[pool], s->next, lo, span, n, out);
+    if (rc)
+        return rc;
     /* The popped blocks are ours alone, and nobody moves a count up from 0
      * (incref refuses free blocks), so a load and a store do what a CAS
      * would, at a third of the cost. */
@@ -94,17 +114,6 @@ int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *ou
     return BT_ECORRUPT;
 }
 
-/* Push the chain first..last (already linked, count blocks) with one CAS. */
-static void push_chain(bt_seg *s, uint32_t pool, int32_t first, int32_t last, uint32_t count)
-{
-    struct bt_pool *p = &s->pools[pool];
-    uint64_t old = bt_load_relaxed(&p->head);
-    do {
-        bt_store_relaxed(&s->next[last], HIDX(old));
-    } while (!bt_cas_acqrel(&p->head, &old, HEAD(first, HTAG(old) + 1)));
-    bt_fetch_add_relaxed(&p->nfree, (int64_t)count);
-}
-
 /* Push blocks whose counts are 0: one pass clears owners and links each run
  * of one pool, and each run goes in with one CAS. */
 void bt_push_zeroed(bt_seg *s, const int32_t *ids, uint32_t n)
@@ -117,7 +126,7 @@ void bt_push_zeroed(bt_seg *s, const int32_t *ids, uint32_t n)
             bt_store_relaxed(&s->next[ids[i]], (uint32_t)ids[i + 1]);
             bt_store_relaxed(&s->owner[ids[i + 1]], 0u);
         }
-        push_chain(s, pool, ids[start], ids[i], i - start + 1);
+        bt_stack_push(&s->pools[pool], s->next, ids[start], ids[i], i - start + 1);
         i++;
     }
 }

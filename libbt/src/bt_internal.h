@@ -31,6 +31,10 @@ struct bt_seg {
     uint32_t         *hands;
     struct bt_mirror *mirrors;
     struct bt_synced *synced;
+    struct bt_pool   *cpool;
+    uint32_t         *cnext;
+    int32_t          *chunks;
+    uint32_t         *dir;
 };
 
 struct bt_client {
@@ -50,7 +54,10 @@ uint64_t bt_proc_start_time(int32_t pid);  /* 0 if the process is gone */
 uint64_t bt_fork_generation(void);
 uint64_t bt_now_ns(void);
 
-/* alloc.c: pools without the client protocol */
+/* alloc.c: Treiber stacks, and pools without the client protocol */
+int  bt_stack_pop(struct bt_pool *p, const uint32_t *next, uint32_t lo, uint32_t span,
+                  uint32_t n, int32_t *out);
+void bt_stack_push(struct bt_pool *p, uint32_t *next, int32_t first, int32_t last, uint32_t count);
 int  bt_pop_raw(bt_seg *seg, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out);
 void bt_push_zeroed(bt_seg *seg, const int32_t *ids, uint32_t n);
 int  bt_decref_many(bt_seg *seg, const int32_t *ids, uint32_t n);
@@ -82,6 +89,30 @@ static inline int32_t *bt_row_ids(const bt_seg *seg, uint32_t row)
 {
     return seg->table + (uint64_t)row * seg->cfg.row_width;
 }
+static inline int bt_row_paged(const bt_seg *seg, uint32_t row)
+{
+    return seg->cfg.chunk_size && (bt_load_relaxed(&seg->rows[row].flags) & BT_ROW_PAGED);
+}
+static inline uint32_t bt_row_cap(const bt_seg *seg, uint32_t row)
+{
+    return bt_row_paged(seg, row) ? seg->cfg.dir_width * seg->cfg.chunk_size : seg->cfg.row_width;
+}
+static inline int bt_row_managed(const bt_seg *seg, uint32_t row)
+{
+    return !(bt_load_relaxed(&seg->rows[row].flags) & BT_ROW_RAW);
+}
+
+/* paged.c */
+int32_t *bt_entry_ptr(const bt_seg *seg, uint32_t row, uint32_t i);
+int  bt_paged_reserve(bt_seg *seg, uint32_t row, uint32_t from, uint32_t to);
+void bt_paged_trim(bt_seg *seg, uint32_t row, uint32_t from, uint32_t hfrom);
+void bt_paged_swap(bt_seg *seg, uint32_t a, uint32_t b);
+static inline int32_t bt_entry_get(const bt_seg *seg, uint32_t row, uint32_t i)
+{
+    const int32_t *p = bt_entry_ptr(seg, row, i);
+    return p ? bt_load_relaxed(p) : 0;
+}
+
 static inline int bt_id_ok(const bt_seg *seg, int32_t id)
 {
     return id > 0 && (uint64_t)id < seg->total;

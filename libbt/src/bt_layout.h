@@ -8,6 +8,9 @@
  *   [row meta x R][table i32 x R*W][nblocks i32 x R][ntokens i64 x R]
  *   [client slots x C][hands u32 x C*H]
  *   [mirror descriptors x M][synced {seq, nb} u32 x 2 x M*R]
+ *   [chunk pool][chunk next u32 x N][chunks i32 x N*S][directory u32 x R*D]
+ * A directory entry holds chunk index + 1 (0 = no chunk), so fresh zeroed
+ * memory is a valid empty directory.
  *
  * Every region starts on a 64-byte line; the table on a 4 KiB page, so that a
  * GPU can register it and a numpy view of it is aligned.
@@ -39,7 +42,7 @@
 enum bt_region {
     BT_R_POOLS, BT_R_NEXT, BT_R_REFCNT, BT_R_OWNER, BT_R_ROWS, BT_R_TABLE,
     BT_R_NBLOCKS, BT_R_NTOKENS, BT_R_CLIENTS, BT_R_HANDS, BT_R_MIRRORS, BT_R_SYNCED,
-    BT_R_COUNT
+    BT_R_CPOOL, BT_R_CNEXT, BT_R_CHUNKS, BT_R_DIR, BT_R_COUNT
 };
 
 struct bt_header {
@@ -115,6 +118,9 @@ struct bt_synced {
 };
 
 #define BT_MAX_MIRRORS 64u
+#define BT_MAX_CHUNK   4096u
+#define BT_MAX_CHUNKS  (1u << 26)
+#define BT_MAX_DIR     (1u << 20)
 #define BT_CLIENT_RESERVED   3          /* reserved by the daemon, not yet adopted */
 #define BT_CLIENT_RECOVERING 4          /* a recoverer is releasing its holdings */
 
@@ -122,7 +128,7 @@ _Static_assert(sizeof(struct bt_header) == BT_CACHELINE * 6, "header layout");
 _Static_assert(sizeof(struct bt_pool) == BT_CACHELINE, "pool layout");
 _Static_assert(sizeof(struct bt_row) == BT_CACHELINE, "row layout");
 _Static_assert(sizeof(struct bt_cslot) == BT_CACHELINE * 2, "client slot layout");
-_Static_assert(sizeof(bt_config) == 40, "config layout");
+_Static_assert(sizeof(bt_config) == 48, "config layout");
 _Static_assert(sizeof(struct bt_mirror) == BT_CACHELINE * 3, "mirror layout");
 _Static_assert(offsetof(struct bt_header, freeze) % BT_CACHELINE == 0, "freeze line");
 

@@ -95,6 +95,7 @@ struct scan {
     uint32_t *count;                    /* holders per block */
     uint8_t  *onlist;                   /* 0, 1, or 2 = seen twice */
     uint8_t  *live;                     /* per client slot */
+    uint8_t  *cmark;                    /* per chunk: 1 held by a live row, 2 on the free list */
     bt_check_report *rep;
 };
 
@@ -122,6 +123,58 @@ static void scan_lists(struct scan *sc)
     }
 }
 
+static void scan_chunk_list(struct scan *sc)
+{
+    bt_seg *s = sc->s;
+    uint32_t idx = (uint32_t)bt_load_acquire(&s->cpool->head);
+    for (uint32_t steps = 0; idx < s->cfg.num_chunks && steps < s->cfg.num_chunks; steps++) {
+        if (sc->cmark[idx] & 2)
+            break;                      /* a cycle: the rebuild mends it */
+        sc->cmark[idx] |= 2;
+        idx = bt_load_relaxed(&s->cnext[idx]);
+    }
+}
+
+/* A live paged row: mark its chunks (a chunk listed twice, or out of range,
+ * is dropped from the directory), count its blocks; holes are fine, bad ids
+ * become holes, entries past nb are stale. Returns nonzero if it needs fixing. */
+static int scan_paged(struct scan *sc, uint32_t row, uint32_t nb)
+{
+    bt_seg *s = sc->s;
+    uint32_t cs = s->cfg.chunk_size, *d = s->dir + (uint64_t)row * s->cfg.dir_width;
+    int managed = bt_row_managed(s, row), fix = 0;
+    for (uint32_t k = 0; k < s->cfg.dir_width; k++) {
+        uint32_t c = bt_load_relaxed(&d[k]);
+        if (c == 0)
+            continue;
+        if (c > s->cfg.num_chunks || (sc->cmark[c - 1] & 1)) {
+            sc->rep->bad_entries++;
+            fix = 1;
+            if (sc->repair)
+                bt_store_relaxed(&d[k], 0u);
+            continue;
+        }
+        sc->cmark[c - 1] |= 1;
+        int32_t *data = s->chunks + (uint64_t)(c - 1) * cs;
+        for (uint32_t x = 0; x < cs; x++) {
+            int32_t id = bt_load_relaxed(&data[x]);
+            int stale = k * cs + x >= nb;
+            if (id == 0)
+                continue;
+            if (stale || (managed ? !bt_id_ok(s, id) : id < 0)) {
+                sc->rep->bad_entries += !stale;
+                fix = 1;
+                if (sc->repair)
+                    bt_store_relaxed(&data[x], 0);
+                continue;
+            }
+            if (managed)
+                sc->count[id]++;
+        }
+    }
+    return fix;
+}
+
 /* Count one row's holdings; on repair, heal it or release it. */
 static void scan_row(struct scan *sc, uint32_t row)
 {
@@ -130,12 +183,15 @@ static void scan_row(struct scan *sc, uint32_t row)
     uint32_t o = bt_load_acquire(&r->owner), seq = bt_load_relaxed(&r->seq);
     int32_t raw = bt_load_relaxed(&s->nblocks[row]);
     int dead = o != 0 && (o > s->cfg.max_clients || !sc->live[o - 1]);
-    uint32_t nb = raw < 0 ? 0 : (uint32_t)raw > s->cfg.row_width ? s->cfg.row_width : (uint32_t)raw;
+    uint32_t cap = bt_row_cap(s, row);
+    uint32_t nb = raw < 0 ? 0 : (uint32_t)raw > cap ? cap : (uint32_t)raw;
     int fix = (seq & 1u) || (uint32_t)raw != nb || (o == 0 && raw != 0);
     int32_t *e = bt_row_ids(s, row);
-    int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
+    int managed = bt_row_managed(s, row), paged = bt_row_paged(s, row);
     uint32_t good = nb;
-    for (uint32_t i = 0; i < nb && o != 0; i++) {
+    if (paged && o != 0 && !dead)
+        fix |= scan_paged(sc, row, nb);
+    for (uint32_t i = 0; i < nb && o != 0 && !paged; i++) {
         int32_t id = bt_load_relaxed(&e[i]);
         if (managed ? !bt_id_ok(s, id) : id < 0) {
             sc->rep->bad_entries++;
@@ -145,7 +201,7 @@ static void scan_row(struct scan *sc, uint32_t row)
     }
     if (o == 0 || dead)
         good = 0;
-    else if (managed)
+    else if (managed && !paged)
         for (uint32_t i = 0; i < good; i++)
             sc->count[bt_load_relaxed(&e[i])]++;
     fix |= good != nb;
@@ -234,6 +290,34 @@ static void settle_blocks(struct scan *sc)
     }
 }
 
+/* Chunks no live row holds are free; on repair the list is rebuilt. */
+static void settle_chunks(struct scan *sc)
+{
+    bt_seg *s = sc->s;
+    uint32_t first = BT_NIL, prev = BT_NIL, nfree = 0;
+    for (uint32_t c = 0; c < s->cfg.num_chunks; c++) {
+        if (sc->cmark[c] & 1)
+            continue;
+        nfree++;
+        sc->rep->chunks_leaked += !(sc->cmark[c] & 2);
+        if (!sc->repair)
+            continue;
+        if (prev == BT_NIL)
+            first = c;
+        else
+            bt_store_relaxed(&s->cnext[prev], c);
+        prev = c;
+    }
+    sc->rep->chunks_free = nfree;
+    if (!sc->repair || !s->cfg.num_chunks)
+        return;
+    if (prev != BT_NIL)
+        bt_store_relaxed(&s->cnext[prev], BT_NIL);
+    uint64_t tag = (bt_load_relaxed(&s->cpool->head) >> 32) + 1;
+    bt_store_release(&s->cpool->head, tag << 32 | first);
+    bt_store_relaxed(&s->cpool->nfree, (int64_t)nfree);
+}
+
 /* Free the slots of clients that are gone (their holdings were not counted). */
 static void reap_slots(struct scan *sc)
 {
@@ -260,8 +344,9 @@ static int scan_all(bt_seg *s, int repair, bt_check_report *rep)
     sc.count = calloc(s->total, sizeof(uint32_t));
     sc.onlist = calloc(s->total, 1);
     sc.live = calloc(s->cfg.max_clients, 1);
-    if (!sc.count || !sc.onlist || !sc.live) {
-        free(sc.count), free(sc.onlist), free(sc.live);
+    sc.cmark = calloc(s->cfg.num_chunks + 1, 1);
+    if (!sc.count || !sc.onlist || !sc.live || !sc.cmark) {
+        free(sc.count), free(sc.onlist), free(sc.live), free(sc.cmark);
         return -ENOMEM;
     }
     for (uint32_t i = 0; i < s->cfg.max_clients; i++) {
@@ -271,15 +356,17 @@ static int scan_all(bt_seg *s, int repair, bt_check_report *rep)
         sc.live[i] = repair ? slot_live(&s->clients[i]) : st == BT_CLIENT_ACTIVE || st == BT_CLIENT_DEAD;
     }
     scan_lists(&sc);
+    scan_chunk_list(&sc);
     for (uint32_t r = 0; r < s->cfg.num_rows; r++)
         scan_row(&sc, r);
     for (uint32_t i = 0; i < s->cfg.max_clients; i++)
         if (sc.live[i])
             scan_hand(&sc, i);
     settle_blocks(&sc);
+    settle_chunks(&sc);
     if (repair)
         reap_slots(&sc);
-    free(sc.count), free(sc.onlist), free(sc.live);
+    free(sc.count), free(sc.onlist), free(sc.live), free(sc.cmark);
     return BT_OK;
 }
 

@@ -142,7 +142,10 @@ static int stage_row(bt_seg *s, uint32_t row, struct bt_synced *sy, int valid, s
         }
         if (valid && s1 == sy->seq)
             return 0;
-        uint32_t nb = bt_row_nblocks(s, row);
+        /* The mirror holds the dense table: a paged row shows there as empty. */
+        uint32_t nb = bt_row_paged(s, row) ? 0 : bt_row_nblocks(s, row);
+        if (nb > w)
+            nb = w;
         uint32_t old = valid ? (sy->nb > w ? w : sy->nb) : w;
         int appends_only = valid && !after(bt_load_relaxed(&r->rewrite_seq), sy->seq) && nb >= old;
         uint32_t from = appends_only ? old : 0, to = nb > old ? nb : old;

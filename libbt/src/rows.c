@@ -21,7 +21,8 @@
 uint32_t bt_row_nblocks(const bt_seg *s, uint32_t row)
 {
     int32_t n = bt_load_relaxed(&s->nblocks[row]);
-    return n < 0 ? 0 : (uint32_t)n > s->cfg.row_width ? s->cfg.row_width : (uint32_t)n;
+    uint32_t cap = bt_row_cap(s, row);
+    return n < 0 ? 0 : (uint32_t)n > cap ? cap : (uint32_t)n;
 }
 
 void bt_row_write_begin(struct bt_row *r)
@@ -45,9 +46,14 @@ void bt_row_write_end(struct bt_row *r)
     bt_store_release(&r->seq, seq + 1);
 }
 
-/* Zero entries [from, width): the tail invariant, restored wholesale. */
+/* Zero entries [from, capacity): the tail invariant, restored wholesale.
+ * A paged row gives back the chunks past `from`. */
 void bt_row_wipe(bt_seg *s, uint32_t row, uint32_t from)
 {
+    if (bt_row_paged(s, row)) {
+        bt_paged_trim(s, row, from, from);
+        return;
+    }
     int32_t *e = bt_row_ids(s, row);
     for (uint32_t i = from; i < s->cfg.row_width; i++)
         bt_store_relaxed(&e[i], 0);
@@ -67,9 +73,9 @@ int bt_row_owned(bt_client *cl, uint32_t row, struct bt_row **out)
     return BT_OK;
 }
 
-static int check_ids(const bt_seg *s, const struct bt_row *r, const int32_t *ids, uint32_t n)
+static int check_ids(const bt_seg *s, uint32_t row, const int32_t *ids, uint32_t n)
 {
-    int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
+    int managed = bt_row_managed(s, row);
     for (uint32_t i = 0; i < n; i++) {
         if (ids[i] < 0 || (managed && !bt_id_ok(s, ids[i])))
             return BT_ERANGE;
@@ -77,20 +83,28 @@ static int check_ids(const bt_seg *s, const struct bt_row *r, const int32_t *ids
     return BT_OK;
 }
 
+/* Store entries [at, at + n) (chunks reserved by the caller) and the count. */
 static void put_entries(bt_seg *s, uint32_t row, uint32_t at, const int32_t *ids, uint32_t n)
 {
-    int32_t *e = bt_row_ids(s, row);
-    for (uint32_t i = 0; i < n; i++)
-        bt_store_relaxed(&e[at + i], ids[i]);
+    if (!bt_row_paged(s, row)) {
+        int32_t *e = bt_row_ids(s, row);
+        for (uint32_t i = 0; i < n; i++)
+            bt_store_relaxed(&e[at + i], ids[i]);
+    } else {
+        for (uint32_t i = 0; i < n; i++) {
+            int32_t *p = bt_entry_ptr(s, row, at + i);
+            if (p)
+                bt_store_relaxed(p, ids[i]);
+        }
+    }
     bt_store_relaxed(&s->nblocks[row], (int32_t)(at + n));
 }
 
 /* Copy the row's first n entries out (owner's view, no seqlock needed). */
 static void get_entries(const bt_seg *s, uint32_t row, uint32_t n, int32_t *out)
 {
-    const int32_t *e = bt_row_ids(s, row);
     for (uint32_t i = 0; i < n; i++)
-        out[i] = bt_load_relaxed(&e[i]);
+        out[i] = bt_entry_get(s, row, i);
 }
 
 /* Drop one reference on each valid id: a batch (one CAS per pool) when it
@@ -116,9 +130,8 @@ uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
     uint32_t nb = bt_row_nblocks(s, row);
     if (keep >= nb)
         return 0;
-    const int32_t *e = bt_row_ids(s, row);
     for (uint32_t i = keep; out && i < nb; i++)
-        out[i - keep] = bt_load_relaxed(&e[i]);
+        out[i - keep] = bt_entry_get(s, row, i);
     bt_row_rewrite_begin(r);
     bt_store_relaxed(&s->nblocks[row], (int32_t)keep);
     bt_row_wipe(s, row, keep);
@@ -137,7 +150,7 @@ static int shrink(bt_client *cl, uint32_t row, uint32_t keep)
     if (!drop)
         return -ENOMEM;
     uint32_t n = bt_row_cut(s, row, keep, drop);
-    if (bt_load_relaxed(&s->rows[row].flags) == BT_ROW_MANAGED)
+    if (bt_row_managed(s, row))
         bt_drop_refs(s, drop, n);
     if (drop != small)
         free(drop);
@@ -158,9 +171,11 @@ int bt_row_drop(bt_client *cl, uint32_t row)
 
 int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
 {
-    if (!cl || !row_out || flags > BT_ROW_RAW)
+    if (!cl || !row_out || (flags & ~(uint32_t)(BT_ROW_RAW | BT_ROW_PAGED)))
         return BT_EINVAL;
     bt_seg *s = cl->seg;
+    if ((flags & BT_ROW_PAGED) && !s->cfg.chunk_size)
+        return BT_EINVAL;               /* the segment has no chunk pool */
     if (hint >= 0 && (uint32_t)hint >= s->cfg.num_rows)
         return BT_ERANGE;
     int rc = bt_op_begin(cl);
@@ -181,14 +196,14 @@ int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint
     }
     struct bt_row *r = &s->rows[found];
     bt_row_rewrite_begin(r);
-    bt_store_relaxed(&r->key, key);
-    bt_store_relaxed(&r->flags, flags);
-    bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
-    bt_store_relaxed(&s->ntokens[found], (int64_t)0);
     if (bt_load_relaxed(&s->nblocks[found]) != 0) {  /* should never be: heal */
         bt_store_relaxed(&s->nblocks[found], 0);
         bt_row_wipe(s, found, 0);
     }
+    bt_store_relaxed(&r->key, key);
+    bt_store_relaxed(&r->flags, flags);
+    bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
+    bt_store_relaxed(&s->ntokens[found], (int64_t)0);
     bt_row_write_end(r);
     bt_fetch_add_relaxed(&cl->slot->nrows, 1u);
     bt_op_end(cl);
@@ -217,12 +232,12 @@ static int append_prep(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t
     int rc = bt_row_owned(cl, row, r);
     if (rc)
         return rc;
-    if (need_managed && bt_load_relaxed(&(*r)->flags) != BT_ROW_MANAGED)
+    if (need_managed && !bt_row_managed(cl->seg, row))
         return BT_EROWSTATE;
     *nb = bt_row_nblocks(cl->seg, row);
-    if ((uint64_t)*nb + n > cl->seg->cfg.row_width)
+    if ((uint64_t)*nb + n > bt_row_cap(cl->seg, row))
         return BT_EROWFULL;
-    return ids ? check_ids(cl->seg, *r, ids, n) : BT_OK;
+    return ids ? check_ids(cl->seg, row, ids, n) : BT_OK;
 }
 
 int bt_row_append(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
@@ -235,8 +250,9 @@ int bt_row_append(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
     if (rc)
         return rc;
     if (!(rc = append_prep(cl, row, ids, n, 0, &r, &nb))) {
-        int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
-        if (!managed || !(rc = bt_hand_find_all(cl, ids, n))) {
+        int managed = bt_row_managed(cl->seg, row);
+        if ((!managed || !(rc = bt_hand_find_all(cl, ids, n))) &&
+            !(rc = bt_paged_reserve(cl->seg, row, nb, nb + n))) {
             bt_row_write_begin(r);
             put_entries(cl->seg, row, nb, ids, n);
             bt_row_write_end(r);
@@ -258,6 +274,7 @@ int bt_row_append_shared(bt_client *cl, uint32_t row, const int32_t *ids, uint32
     if (rc)
         return rc;
     if (!(rc = append_prep(cl, row, ids, n, 1, &r, &nb)) &&
+        !(rc = bt_paged_reserve(cl->seg, row, nb, nb + n)) &&
         !(rc = bt_incref_many(cl->seg, ids, n))) {
         bt_row_write_begin(r);
         put_entries(cl->seg, row, nb, ids, n);
@@ -282,7 +299,8 @@ int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, 
         int32_t small[256], *ids = ids_out ? ids_out : n <= 256 ? small : malloc(n * 4);
         if (!ids)
             rc = -ENOMEM;
-        else if (!(rc = bt_pop_raw(cl->seg, pool, n, cl->id, ids))) {
+        else if (!(rc = bt_paged_reserve(cl->seg, row, nb, nb + n)) &&
+                 !(rc = bt_pop_raw(cl->seg, pool, n, cl->id, ids))) {
             bt_row_write_begin(r);
             put_entries(cl->seg, row, nb, ids, n);
             bt_row_write_end(r);
@@ -305,11 +323,12 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
         return rc;
     /* Room is checked against an empty row: the old entries are going. */
     if (!(rc = bt_row_owned(cl, row, &r))) {
-        int managed = bt_load_relaxed(&r->flags) == BT_ROW_MANAGED;
-        if (n > cl->seg->cfg.row_width)
+        int managed = bt_row_managed(cl->seg, row);
+        if (n > bt_row_cap(cl->seg, row))
             rc = BT_EROWFULL;
-        else if (!(rc = check_ids(cl->seg, r, ids, n)) &&
-                 !(rc = managed ? bt_hand_find_all(cl, ids, n) : BT_OK)) {
+        else if (!(rc = check_ids(cl->seg, row, ids, n)) &&
+                 !(rc = managed ? bt_hand_find_all(cl, ids, n) : BT_OK) &&
+                 !(rc = bt_paged_reserve(cl->seg, row, 0, n))) {
             /* Take the new references first, then drop the old ones, so a
              * block in both lists never touches zero in between. */
             nb = bt_row_nblocks(cl->seg, row);
@@ -384,6 +403,10 @@ static int exchange(bt_client *cl, uint32_t a, uint32_t b)
     uint32_t m = na > nb ? na : nb;
     bt_row_rewrite_begin(ra);
     bt_row_rewrite_begin(rb);
+    if (bt_row_paged(s, a)) {
+        bt_paged_swap(s, a, b);         /* directories, not entries */
+        m = 0;
+    }
     for (uint32_t i = 0; i < m; i++) {
         int32_t x = bt_load_relaxed(&ea[i]), y = bt_load_relaxed(&eb[i]);
         bt_store_relaxed(&ea[i], y);
@@ -435,7 +458,6 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
     if (row >= s->cfg.num_rows)
         return BT_ERANGE;
     const struct bt_row *r = &s->rows[row];
-    const int32_t *e = bt_row_ids(s, row);
     for (uint32_t spin = 0; spin < SEQ_SPINS; spin++) {
         uint32_t s1 = bt_load_acquire(&r->seq);
         if (s1 & 1u) {
@@ -448,12 +470,11 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         in.seq = s1;
         in.rewrite_seq = bt_load_relaxed(&r->rewrite_seq);
         int32_t raw = bt_load_relaxed(&s->nblocks[row]);
-        int bad = raw < 0 || (uint32_t)raw > s->cfg.row_width;
+        int bad = raw < 0 || (uint32_t)raw > bt_row_cap(s, row);
         in.num_blocks = bad ? 0 : (uint32_t)raw;
         int small = ids && in.num_blocks > cap;
         if (ids && !bad && !small)
-            for (uint32_t i = 0; i < in.num_blocks; i++)
-                ids[i] = bt_load_relaxed(&e[i]);
+            get_entries(s, row, in.num_blocks, ids);
         bt_fence_acquire();
         if (bt_load_relaxed(&r->seq) != s1)
             continue;
@@ -466,4 +487,103 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         return BT_OK;
     }
     return BT_EBUSY;
+}
+
+/* ---- paged rows: entries by index, holes ---------------------------------- */
+
+/* Length of the row once trailing holes are dropped. */
+static uint32_t trim_holes(const bt_seg *s, uint32_t row, uint32_t nb)
+{
+    while (nb > 0 && bt_entry_get(s, row, nb - 1) == 0)
+        nb--;
+    return nb;
+}
+
+int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id)
+{
+    struct bt_row *r;
+    if (!cl)
+        return BT_EINVAL;
+    bt_seg *s = cl->seg;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if ((rc = bt_row_owned(cl, row, &r)))
+        goto out;
+    int managed = bt_row_managed(s, row);
+    uint32_t nb = bt_row_nblocks(s, row);
+    if (!bt_row_paged(s, row))
+        rc = BT_EROWSTATE;
+    else if (index >= bt_row_cap(s, row))
+        rc = BT_EROWFULL;
+    else if (id < 0 || (managed && id != 0 && !bt_id_ok(s, id)))
+        rc = BT_ERANGE;
+    if (!rc && id != 0 && managed)
+        rc = bt_hand_find_all(cl, &id, 1);          /* the reference to move */
+    if (!rc && id != 0)
+        rc = bt_paged_reserve(s, row, index, index + 1);
+    if (rc)
+        goto out;
+    int32_t old = index < nb ? bt_entry_get(s, row, index) : 0;
+    int32_t *p = bt_entry_ptr(s, row, index);
+    bt_row_rewrite_begin(r);
+    if (p)
+        bt_store_relaxed(p, id);
+    uint32_t len = index >= nb ? (id ? index + 1 : nb) : index + 1 == nb ? trim_holes(s, row, nb) : nb;
+    bt_store_relaxed(&s->nblocks[row], (int32_t)len);
+    if (id == 0)                        /* give back chunks left holding only holes */
+        bt_paged_trim(s, row, len, index < len ? index : len);
+    bt_row_write_end(r);
+    if (managed && id != 0)
+        bt_hand_drop(cl, 1);
+    if (managed && old != 0)
+        bt_drop_refs(s, &old, 1);
+out:
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_punch(bt_client *cl, uint32_t row, uint32_t from, uint32_t to)
+{
+    struct bt_row *r;
+    if (!cl)
+        return BT_EINVAL;
+    bt_seg *s = cl->seg;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if ((rc = bt_row_owned(cl, row, &r)))
+        goto out;
+    uint32_t nb = bt_row_nblocks(s, row);
+    if (!bt_row_paged(s, row))
+        rc = BT_EROWSTATE;
+    else if (from > to || to > nb)
+        rc = BT_ERANGE;
+    if (rc || from == to)
+        goto out;
+    int32_t small[256], *drop = to - from <= 256 ? small : malloc((to - from) * sizeof(int32_t));
+    if (!drop) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    uint32_t n = 0;
+    bt_row_rewrite_begin(r);
+    for (uint32_t i = from; i < to; i++) {
+        int32_t *p = bt_entry_ptr(s, row, i);
+        if (!p || !bt_load_relaxed(p))
+            continue;
+        drop[n++] = bt_load_relaxed(p);
+        bt_store_relaxed(p, 0);
+    }
+    uint32_t len = to == nb ? trim_holes(s, row, from) : nb;
+    bt_store_relaxed(&s->nblocks[row], (int32_t)len);
+    bt_paged_trim(s, row, len, from < len ? from : len);
+    bt_row_write_end(r);
+    if (bt_row_managed(s, row))
+        bt_drop_refs(s, drop, n);
+    if (drop != small)
+        free(drop);
+out:
+    bt_op_end(cl);
+    return rc;
 }

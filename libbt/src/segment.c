@@ -38,7 +38,13 @@ int bt_config_explain(const bt_config *c, char *buf, size_t len)
     else if (c->max_clients == 0 || c->max_clients > BT_MAX_CLIENTS) why = "max_clients must be in [1, 4096]";
     else if (c->hand_size == 0 || c->hand_size > BT_MAX_HAND) why = "hand_size must be in [1, 2^20]";
     else if (c->max_mirrors > BT_MAX_MIRRORS) why = "max_mirrors must be in [0, 64]";
-    else if (c->_reserved) why = "_reserved must be 0";
+    else if (c->chunk_size == 0 && (c->num_chunks || c->dir_width)) why = "num_chunks and dir_width need a chunk_size";
+    else if (c->chunk_size > BT_MAX_CHUNK) why = "chunk_size must be in [0, 4096]";
+    else if (c->chunk_size && (c->num_chunks == 0 || c->num_chunks > BT_MAX_CHUNKS)) why = "num_chunks must be in [1, 2^26]";
+    else if (c->chunk_size && (c->dir_width == 0 || c->dir_width > BT_MAX_DIR)) why = "dir_width must be in [1, 2^20]";
+    else if ((uint64_t)c->num_chunks * c->chunk_size * 4 > BT_MAX_TABLE) why = "num_chunks * chunk_size * 4 must be at most 16 GiB";
+    else if ((uint64_t)c->num_rows * c->dir_width * 4 > BT_MAX_TABLE) why = "num_rows * dir_width * 4 must be at most 16 GiB";
+    else if ((uint64_t)c->dir_width * c->chunk_size >= (1u << 31)) why = "dir_width * chunk_size must be below 2^31";
     if (buf && len)
         snprintf(buf, len, "%s", why ? why : "ok");
     return why ? BT_ECONFIG : BT_OK;
@@ -63,10 +69,13 @@ int bt_layout(const bt_config *c, uint64_t off[BT_R_COUNT], uint64_t *size)
         [BT_R_CLIENTS] = cl * sizeof(struct bt_cslot), [BT_R_HANDS] = cl * c->hand_size * 4,
         [BT_R_MIRRORS] = (uint64_t)c->max_mirrors * sizeof(struct bt_mirror),
         [BT_R_SYNCED] = (uint64_t)c->max_mirrors * r * sizeof(struct bt_synced),
+        [BT_R_CPOOL] = sizeof(struct bt_pool), [BT_R_CNEXT] = (uint64_t)c->num_chunks * 4,
+        [BT_R_CHUNKS] = (uint64_t)c->num_chunks * c->chunk_size * 4,
+        [BT_R_DIR] = r * c->dir_width * 4,
     };
     uint64_t at = sizeof(struct bt_header);
     for (int i = 0; i < BT_R_COUNT; i++) {
-        at = align_up(at, i == BT_R_TABLE ? BT_PAGE : BT_CACHELINE);
+        at = align_up(at, i == BT_R_TABLE || i == BT_R_CHUNKS ? BT_PAGE : BT_CACHELINE);
         off[i] = at;
         at += bytes[i];
     }
@@ -96,6 +105,10 @@ void bt_seg_bind(bt_seg *s)
     s->hands = (uint32_t *)(s->base + s->off[BT_R_HANDS]);
     s->mirrors = (struct bt_mirror *)(s->base + s->off[BT_R_MIRRORS]);
     s->synced = (struct bt_synced *)(s->base + s->off[BT_R_SYNCED]);
+    s->cpool = (struct bt_pool *)(s->base + s->off[BT_R_CPOOL]);
+    s->cnext = (uint32_t *)(s->base + s->off[BT_R_CNEXT]);
+    s->chunks = (int32_t *)(s->base + s->off[BT_R_CHUNKS]);
+    s->dir = (uint32_t *)(s->base + s->off[BT_R_DIR]);
 }
 
 /* Fresh memory is zero (ftruncate, MAP_ANONYMOUS): only non-zero state is
@@ -113,6 +126,10 @@ static void seg_format(bt_seg *s)
         s->pools[p].head = first;       /* tag 0 */
         s->pools[p].nfree = end - first;
     }
+    for (uint32_t k = 0; k < c->num_chunks; k++)
+        s->cnext[k] = k + 1 < c->num_chunks ? k + 1 : BT_NIL;
+    s->cpool->head = c->num_chunks ? 0 : BT_NIL;
+    s->cpool->nfree = c->num_chunks;
     struct bt_header *h = s->hdr;
     h->format = BT_FORMAT;
     h->header_size = sizeof(*h);

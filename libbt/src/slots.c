@@ -37,11 +37,28 @@ static int sp_init(const bt_seg *s, const bt_slot_params *p, struct sp *o)
     return BT_OK;
 }
 
+/* A paged row's hole (entry 0) backs nothing: -1. */
+static int64_t slot_paged(const bt_seg *s, const struct sp *p, uint32_t row, int64_t pos, uint32_t nb)
+{
+    int64_t bi = pos / p->vbs;
+    if (bi >= nb)
+        return -1;
+    int64_t v = pos % p->vbs;
+    if (p->world > 1 && (v / p->il) % p->world != p->rank)
+        return -1;
+    int32_t id = bt_entry_get(s, row, (uint32_t)bi);
+    if (id == 0)
+        return -1;
+    return (int64_t)id * p->bs + v / (p->world * p->il) * p->il + v % p->il;
+}
+
 static inline int64_t slot_of(const bt_seg *s, const struct sp *p, uint32_t row, int64_t pos)
 {
     if (pos < 0)
         return -1;
     uint32_t nb = bt_row_nblocks(s, row);
+    if (bt_row_paged(s, row))
+        return slot_paged(s, p, row, pos, nb);
     const int32_t *e = bt_row_ids(s, row);
     if (p->shift >= 0) {
         int64_t bi = pos >> p->shift;

@@ -40,7 +40,7 @@ static int step_check(bt_client *cl, const uint32_t *free_rows, uint32_t n_free,
         if (mark_test_set(cl->mark, rows[j]))
             rc = BT_EINVAL;
         else if (bt_load_relaxed(&r->flags) != BT_ROW_MANAGED)
-            rc = BT_EROWSTATE;
+            rc = BT_EROWSTATE;          /* step serves dense managed rows */
         else if ((uint64_t)bt_row_nblocks(s, rows[j]) + n_new[j] > s->cfg.row_width)
             rc = BT_EROWFULL;
         *total += n_new[j];
@@ -56,7 +56,7 @@ static int release_rows(bt_client *cl, const uint32_t *rows, uint32_t n)
     bt_seg *s = cl->seg;
     uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++)
-        if (bt_load_relaxed(&s->rows[rows[i]].flags) == BT_ROW_MANAGED)
+        if (bt_row_managed(s, rows[i]))
             total += bt_row_nblocks(s, rows[i]);
     int32_t small[1024], *drop = total <= 1024 ? small : malloc(total * sizeof(int32_t));
     if (!drop)
@@ -64,7 +64,7 @@ static int release_rows(bt_client *cl, const uint32_t *rows, uint32_t n)
     uint32_t k = 0;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t row = rows[i];
-        int managed = bt_load_relaxed(&s->rows[row].flags) == BT_ROW_MANAGED;
+        int managed = bt_row_managed(s, row);
         k += bt_row_cut(s, row, 0, managed ? drop + k : NULL) * (uint32_t)managed;
         bt_store_relaxed(&s->ntokens[row], (int64_t)0);
         bt_store_release(&s->rows[row].owner, 0u);

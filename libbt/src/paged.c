@@ -1,0 +1,147 @@
+/*
+ * paged.c -- rows whose entries live in chunks from a shared chunk pool.
+ *
+ * A dense table costs rows x max_len whatever the rows hold (1024 requests
+ * able to reach 1M tokens at block size 16 is 256 MiB per copy). A paged row
+ * has a small directory of chunk indices instead; chunks (chunk_size ids
+ * each) are taken from a lock-free pool as the row grows and given back when
+ * they hold nothing but holes, so memory follows the blocks in use, and a
+ * sliding window's past (holes) costs nothing.
+ *
+ * Directory entries hold chunk index + 1 (0 = none) and are bounds-checked
+ * on every read: a scribbled directory reads as holes, never as memory
+ * outside the chunk region. Only the row's owner changes its directory.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include "bt_internal.h"
+
+static inline uint32_t *dir_of(const bt_seg *s, uint32_t row)
+{
+    return s->dir + (uint64_t)row * s->cfg.dir_width;
+}
+
+/* Entry slot of `i`, or NULL where no chunk backs it. */
+int32_t *bt_entry_ptr(const bt_seg *s, uint32_t row, uint32_t i)
+{
+    if (!bt_row_paged(s, row))
+        return bt_row_ids(s, row) + i;
+    uint32_t cs = s->cfg.chunk_size, k = i / cs;
+    if (k >= s->cfg.dir_width)
+        return NULL;
+    uint32_t c = bt_load_acquire(&dir_of(s, row)[k]);
+    if (c == 0 || c > s->cfg.num_chunks)
+        return NULL;
+    return s->chunks + (uint64_t)(c - 1) * cs + i % cs;
+}
+
+static void chunks_push(bt_seg *s, const int32_t *ids, uint32_t n)
+{
+    if (!n)
+        return;
+    for (uint32_t i = 0; i + 1 < n; i++)
+        bt_store_relaxed(&s->cnext[ids[i]], (uint32_t)ids[i + 1]);
+    bt_stack_push(s->cpool, s->cnext, ids[0], ids[n - 1], n);
+}
+
+/* Make sure chunks back entries [from, to); all or nothing (BT_ENOCHUNKS). */
+int bt_paged_reserve(bt_seg *s, uint32_t row, uint32_t from, uint32_t to)
+{
+    if (!bt_row_paged(s, row) || from >= to)
+        return BT_OK;
+    uint32_t cs = s->cfg.chunk_size, k0 = from / cs, k1 = (to - 1) / cs, need = 0;
+    uint32_t *d = dir_of(s, row);
+    if (k1 >= s->cfg.dir_width)
+        return BT_EROWFULL;
+    for (uint32_t k = k0; k <= k1; k++)
+        need += bt_load_relaxed(&d[k]) == 0;
+    if (!need)
+        return BT_OK;
+    int32_t small[64], *got = need <= 64 ? small : malloc(need * sizeof(int32_t));
+    if (!got)
+        return -ENOMEM;
+    int rc = bt_stack_pop(s->cpool, s->cnext, 0, s->cfg.num_chunks, need, got);
+    if (rc == BT_ENOBLOCKS)
+        rc = BT_ENOCHUNKS;
+    for (uint32_t k = k0, j = 0; !rc && k <= k1; k++) {
+        if (bt_load_relaxed(&d[k]) != 0)
+            continue;
+        int32_t *data = s->chunks + (uint64_t)got[j] * cs;
+        for (uint32_t x = 0; x < cs; x++)
+            bt_store_relaxed(&data[x], 0);
+        bt_store_release(&d[k], (uint32_t)got[j++] + 1);
+    }
+    if (got != small)
+        free(got);
+    return rc;
+}
+
+static int chunk_empty(const bt_seg *s, uint32_t c)
+{
+    const int32_t *data = s->chunks + (uint64_t)c * s->cfg.chunk_size;
+    for (uint32_t x = 0; x < s->cfg.chunk_size; x++)
+        if (bt_load_relaxed(&data[x]))
+            return 0;
+    return 1;
+}
+
+/* Zero entries from `from` on; return chunks wholly past it, and (with
+ * `holes`) chunks in [hfrom, from) that hold only holes. Under the row's
+ * write seqlock. */
+void bt_paged_trim(bt_seg *s, uint32_t row, uint32_t from, uint32_t hfrom)
+{
+    uint32_t cs = s->cfg.chunk_size, *d = dir_of(s, row);
+    int32_t small[64], *back = small;
+    uint32_t nback = 0, cap = 64;
+    for (uint32_t k = hfrom / cs; k < s->cfg.dir_width; k++) {
+        uint32_t c = bt_load_relaxed(&d[k]);
+        if (c == 0 || c > s->cfg.num_chunks) {
+            if (c)
+                bt_store_relaxed(&d[k], 0u);    /* scribbled: forget it */
+            continue;
+        }
+        uint32_t lo = k * cs;
+        if (lo + cs > from) {           /* part of the chunk is cut: zero it */
+            int32_t *data = s->chunks + (uint64_t)(c - 1) * cs;
+            for (uint32_t x = lo < from ? from - lo : 0; x < cs; x++)
+                bt_store_relaxed(&data[x], 0);
+        }
+        if (lo < from && !chunk_empty(s, c - 1))
+            continue;
+        if (nback == cap) {             /* rare: more than 64 chunks at once */
+            int32_t *grown = malloc(2 * cap * sizeof(int32_t));
+            if (!grown)
+                break;                  /* the rest stay attached: harmless */
+            memcpy(grown, back, nback * sizeof(int32_t));
+            if (back != small)
+                free(back);
+            back = grown, cap *= 2;
+        }
+        bt_store_relaxed(&d[k], 0u);
+        back[nback++] = (int32_t)(c - 1);
+    }
+    chunks_push(s, back, nback);
+    if (back != small)
+        free(back);
+}
+
+/* Swap two paged rows' directories. */
+void bt_paged_swap(bt_seg *s, uint32_t a, uint32_t b)
+{
+    uint32_t *da = dir_of(s, a), *db = dir_of(s, b);
+    for (uint32_t k = 0; k < s->cfg.dir_width; k++) {
+        uint32_t x = bt_load_relaxed(&da[k]);
+        bt_store_relaxed(&da[k], bt_load_relaxed(&db[k]));
+        bt_store_relaxed(&db[k], x);
+    }
+}
+
+int bt_chunks_free(const bt_seg *s, uint32_t *out)
+{
+    if (!s || !out)
+        return BT_EINVAL;
+    int64_t v = bt_load_relaxed(&s->cpool->nfree);
+    *out = v < 0 ? 0 : (uint32_t)v;
+    return BT_OK;
+}
