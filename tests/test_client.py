@@ -171,3 +171,19 @@ def test_step_is_all_or_nothing(seg, client):
     assert_rejected(seg, bt.OutOfBlocks, client.step, [rows[0], *more], [13] * 5,
                     free_rows=[rows[1]], clients=[client])
     assert_rejected(seg, bt.InvalidArgument, client.step, rows, [1])
+
+
+@pytest.mark.xfail(reason="libbt bug: bt_step pops the new blocks before releasing "
+                          "free_rows, so their blocks cannot serve the same step "
+                          "(bt.h: 'first release the rows in free_rows ... then allocate')")
+def test_step_reuses_the_blocks_of_the_rows_it_frees(seg, client):
+    """A scheduler frees finished requests and reuses their blocks in the
+    same step (vLLM does); bt.h documents that order."""
+    ending, growing = client.claim_row(), client.claim_row()
+    rest = seg.free_blocks() - 1
+    hold = client.alloc(rest)                 # all but one block are taken
+    client.alloc_append(ending, 1)            # the last one
+    assert seg.free_blocks(0) == 0
+    ids = client.step([growing], [1], free_rows=[ending])
+    assert len(ids) == 1 and seg.row_info(ending).owner == 0
+    client.release(hold)

@@ -1,0 +1,151 @@
+"""blocktable.compat.vllm.BlockTable against a plain numpy model of vLLM v1's
+BlockTable (its formulas, with two fixes vLLM itself made later: move_row
+zeroes the source, and no stale tails)."""
+import numpy as np
+import pytest
+
+import blocktable as bt
+from blocktable.compat.vllm import BlockTable
+
+torch = pytest.importorskip("torch")
+
+
+class Reference:
+    """vLLM v1's BlockTable in numpy (block_table.py), dense and private."""
+
+    def __init__(self, block_size, max_num_reqs, max_blocks, kernel_block_size,
+                 interleave=1, world=1, rank=0):
+        self.ratio = block_size // kernel_block_size
+        self.block_size = kernel_block_size
+        self.width = max_blocks * self.ratio
+        self.table = np.zeros((max_num_reqs, self.width), np.int32)
+        self.n = np.zeros(max_num_reqs, np.int32)
+        self.interleave, self.world, self.rank = interleave, world, rank
+
+    def _kernel(self, ids):
+        ids = np.asarray(ids, np.int64)
+        return (ids.reshape(-1, 1) * self.ratio + np.arange(self.ratio)).reshape(-1)
+
+    def append_row(self, ids, row):
+        ids = self._kernel(ids)
+        self.table[row, self.n[row]:self.n[row] + len(ids)] = ids
+        self.n[row] += len(ids)
+
+    def add_row(self, ids, row):
+        self.table[row] = 0
+        self.n[row] = 0
+        self.append_row(ids, row)
+
+    def clear_row(self, row):
+        self.table[row] = 0
+        self.n[row] = 0
+
+    def move_row(self, src, tgt):
+        self.table[tgt] = self.table[src]
+        self.n[tgt] = self.n[src]
+        if src != tgt:
+            self.clear_row(src)
+
+    def swap_row(self, a, b):
+        self.table[[a, b]] = self.table[[b, a]]
+        self.n[[a, b]] = self.n[[b, a]]
+
+    def slots(self, req, pos):
+        """vLLM's expression, then -1 where the row has no block."""
+        bs, w, il, r = self.block_size, self.world, self.interleave, self.rank
+        vbs = bs * w
+        idx = req * self.width + pos // vbs
+        have = pos // vbs < self.n[req]
+        nums = self.table.ravel()[np.where(have, idx, 0)].astype(np.int64)
+        v = pos % vbs
+        mask = (v // il % w == r) if w > 1 else np.ones(len(pos), bool)
+        off = v // (w * il) * il + v % il
+        return np.where(have & mask, nums * bs + off, -1)
+
+
+CASES = [  # block_size, kernel_block_size, interleave, world, rank
+    (16, 16, 1, 1, 0), (32, 16, 1, 1, 0), (64, 16, 1, 1, 0),
+    (16, 16, 1, 2, 1), (16, 16, 4, 4, 2), (32, 16, 2, 2, 0), (16, 16, 16, 2, 1),
+]
+
+
+@pytest.mark.parametrize("B,K,il,world,rank", CASES)
+def test_matches_reference_over_random_operations(B, K, il, world, rank):
+    R, M = 6, 5
+    ours = BlockTable(B, R, M, 512, False, "cpu", K, il, dcp_world_size=world, dcp_rank=rank)
+    ref = Reference(B, R, M, K, il, world, rank)
+    rng = np.random.default_rng(B * 100 + world * 10 + rank)
+    for step in range(200):
+        op, row, other = rng.integers(5), int(rng.integers(R)), int(rng.integers(R))
+        n = int(rng.integers(0, 3))
+        ids = rng.integers(0, 1000, n).tolist()
+        if op == 0 and ref.n[row] + n * ref.ratio <= ref.width:
+            ours.append_row(ids, row), ref.append_row(ids, row)
+        elif op == 1:
+            ours.add_row(ids, row), ref.add_row(ids, row)
+        elif op == 2 and rng.random() < 0.3:
+            ours.clear_row(row), ref.clear_row(row)
+        elif op == 3:
+            ours.move_row(row, other), ref.move_row(row, other)
+        elif op == 4:
+            ours.swap_row(row, other), ref.swap_row(row, other)
+        np.testing.assert_array_equal(ours.get_numpy_array(), ref.table, err_msg=f"step {step}")
+        np.testing.assert_array_equal(ours.num_blocks_per_row, ref.n)
+        if step % 10 == 0:
+            req = rng.integers(0, R, 300).astype(np.int32)
+            pos = rng.integers(0, M * B * world + 8, 300).astype(np.int64)
+            ours.compute_slot_mapping(req, pos)
+            np.testing.assert_array_equal(ours.slot_mapping.np[:300], ref.slots(req, pos))
+
+
+def test_attributes_like_vllm():
+    t = BlockTable(32, 4, 8, 128, False, "cpu", 16, 1)
+    assert t.block_size == 16 and t.blocks_per_kv_block == 2 and t.use_hybrid_blocks
+    assert t.max_num_blocks_per_req == 16 and t.get_numpy_array().shape == (4, 16)
+    assert t.num_blocks_per_row.dtype == np.int32 and t.slot_mapping.np.shape == (128,)
+    np.testing.assert_array_equal(
+        BlockTable.map_to_kernel_blocks(np.array([0, 1, 2]), 2, np.arange(2).reshape(1, -1)),
+        [0, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError):
+        BlockTable(32, 4, 8, 128, False, "cpu", 12, 1)
+
+
+def test_torch_views_are_zero_copy():
+    t = BlockTable(16, 4, 4, 64, False, "cuda")  # no GPU here: the CPU tensor
+    cpu = t.get_cpu_tensor()
+    assert cpu.data_ptr() == t.get_numpy_array().ctypes.data
+    t.append_row([5, 6], 2)
+    assert cpu[2, :2].tolist() == [5, 6]
+    if not torch.cuda.is_available():
+        assert t.get_device_tensor(3).data_ptr() == cpu.data_ptr()
+        assert t.get_device_tensor(3).shape == (3, 4)
+    t.compute_slot_mapping(np.array([2, 2], np.int32), np.array([0, 17]))
+    assert t.slot_mapping.cpu[:2].tolist() == [80, 97]
+    assert t.slot_mapping.cpu.data_ptr() == t.slot_mapping.np.ctypes.data
+    t.commit_block_table(2)
+    t.commit_slot_mapping(2)
+    t.clear()
+    assert not cpu.any() and not t.num_blocks_per_row.any()
+
+
+def test_errors_change_nothing():
+    t = BlockTable(16, 4, 4, 8, False, "cpu")
+    t.append_row([1, 2, 3], 0)
+    before = t.get_numpy_array().copy(), t.num_blocks_per_row.copy()
+    with pytest.raises(bt.RowFull):
+        t.append_row([4, 5], 0)
+    with pytest.raises(bt.OutOfRange):
+        t.append_row([1], 4)
+    with pytest.raises(bt.InvalidArgument):
+        t.compute_slot_mapping(np.zeros(9, np.int32), np.zeros(9, np.int64))
+    with pytest.raises(bt.OutOfRange):
+        t.compute_slot_mapping(np.array([7], np.int32), np.zeros(1, np.int64))
+    np.testing.assert_array_equal(t.get_numpy_array(), before[0])
+    np.testing.assert_array_equal(t.num_blocks_per_row, before[1])
+
+
+def test_bad_context_parallel_params_fail_at_construction():
+    with pytest.raises(bt.InvalidArgument):
+        BlockTable(16, 4, 4, 8, False, "cpu", dcp_world_size=2, dcp_rank=2)
+    with pytest.raises(bt.InvalidArgument):
+        BlockTable(16, 4, 4, 8, False, "cpu", 16, 3, dcp_world_size=2)
