@@ -1,0 +1,113 @@
+"""Attach to a segment that the daemon btd owns: register over its control
+socket, then map the segment and take the reserved client slot.
+
+Only registration goes through the socket. The daemon reads the caller's pid
+from the socket's peer credentials (never from the request), reserves a
+client slot for it, and watches the process; from then on every call is a
+direct libbt call on the shared mapping, and if the process dies the daemon
+recovers what it held. Without a daemon, ``Segment.create()`` (embedded) and
+``Segment.attach(name).client()`` keep working as before.
+
+The socket protocol (newline-delimited JSON) is spoken here in a few lines
+so that a client needs nothing but this package; btd.protocol is the server
+side and bt-ctl's client.
+"""
+import errno
+import json
+import os
+import socket as _socket
+
+from ._core import Segment
+
+__all__ = ["connect", "request", "default_socket_path", "socket_candidates",
+           "DaemonNotRunning", "DaemonError", "SOCKET_ENV", "SOCKET_NAME"]
+
+SOCKET_ENV = "BT_SOCKET"            # picks the daemon, for connect() and bt-ctl
+SOCKET_NAME = "btd.sock"
+MAX_REPLY = 64 << 20                # a reply larger than this is refused
+
+
+class DaemonNotRunning(ConnectionError):
+    """Nobody listens on the control socket (absent, or refused)."""
+
+
+class DaemonError(RuntimeError):
+    """The daemon answered with an error: ``code``, ``name``, ``message``."""
+
+    def __init__(self, code, name, message):
+        super().__init__(f"{name}: {message}")
+        self.code, self.name, self.message = code, name, message
+
+
+def socket_candidates():
+    """Where a daemon's socket may be, most specific first: systemd's
+    RuntimeDirectory (/run/blocktable), then the user's runtime dir, then a
+    per-uid folder in /tmp (btd picks the first it can create)."""
+    out = []
+    rd = os.environ.get("RUNTIME_DIRECTORY")
+    if rd:                          # set by systemd for the service itself
+        out.append(os.path.join(rd.split(":")[0], SOCKET_NAME))
+    out.append(os.path.join("/run/blocktable", SOCKET_NAME))
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        out.append(os.path.join(xdg, "blocktable", SOCKET_NAME))
+    out.append(os.path.join(f"/tmp/blocktable-{os.getuid()}", SOCKET_NAME))
+    return list(dict.fromkeys(out))
+
+
+def default_socket_path():
+    """$BT_SOCKET, else the first candidate that exists, else the first one."""
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return env
+    cands = socket_candidates()
+    return next((p for p in cands if os.path.exists(p)), cands[0])
+
+
+def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
+    """Send one request and return its result; raise DaemonError for an
+    error reply and DaemonNotRunning when nobody listens."""
+    path = socket or default_socket_path()
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonNotRunning(e.errno, f"btd is not running (no listener on {path})",
+                                   path) from None
+        line = json.dumps({"id": req_id, "cmd": cmd, "args": args or {}}) + "\n"
+        s.sendall(line.encode())
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError(errno.ECONNRESET, f"btd closed the connection ({path})")
+            buf += chunk
+            if len(buf) > MAX_REPLY:
+                raise ConnectionError(errno.EMSGSIZE, "btd's reply is too large")
+    finally:
+        s.close()
+    reply = json.loads(buf)
+    if reply.get("status") != "ok":
+        err = reply.get("error") or {}
+        raise DaemonError(err.get("code", -1), err.get("name", "EUNKNOWN"),
+                          err.get("message", "no message"))
+    return reply.get("result")
+
+
+def connect(name="default", socket=None, timeout=10.0):
+    """Register with btd for segment `name` and return an attached Client
+    (its Segment is ``client.segment``). Closing the client releases what it
+    holds; if the process dies instead, the daemon recovers it.
+
+    Errors: DaemonNotRunning; DaemonError (the daemon refused: an unknown
+    segment, a uid it does not serve, no free client slot); the errors of
+    Segment.attach and Segment.adopt_client."""
+    res = request("register", {"segment": name}, socket=socket, timeout=timeout)
+    seg = Segment.attach(res["segment"])
+    try:
+        return seg.adopt_client(res["slot"])
+    except BaseException:
+        seg.close()
+        raise

@@ -1,0 +1,472 @@
+"""The control commands, one class each: its arguments, its server side
+(execute, run by btd's loop) and its rendering (bt-ctl's table). The result
+of execute is what `bt-ctl CMD --json` prints: its keys are stable.
+
+Arguments are checked by type before execute runs (EARGS otherwise); bool
+is not an int here, and unknown arguments are refused.
+"""
+import time
+
+from blocktable import ffi, lib
+
+from .protocol import RequestError
+
+REQUIRED = object()
+REPORT_KEYS = ("blocks_free", "blocks_held", "refcnt_fixed", "leaked", "double_free",
+               "rows_fixed", "bad_entries", "clients_reaped", "pause_ns", "stuck_client")
+PROBLEM_KEYS = ("refcnt_fixed", "leaked", "double_free", "rows_fixed", "bad_entries")
+SERVER = {}         # name -> Command, what btd answers
+CLI = {}            # name -> Command, what bt-ctl offers
+
+
+def command(cls):
+    inst = cls()
+    if cls.server:
+        SERVER[cls.name] = inst
+    if cls.cli:
+        CLI[cls.name] = inst
+    return cls
+
+
+class Command:
+    name = ""
+    help = ""
+    server = True
+    cli = True
+    args = {}           # name -> (type, default or REQUIRED)
+
+    def check_args(self, args):
+        unknown = set(args) - set(self.args)
+        if unknown:
+            raise RequestError("EARGS", f"{self.name}: unknown arguments {sorted(unknown)} "
+                                        f"(takes {', '.join(self.args) or 'none'})")
+        out = {}
+        for key, (typ, default) in self.args.items():
+            if key not in args or (args[key] is None and default is not REQUIRED):
+                if default is REQUIRED:
+                    raise RequestError("EARGS", f"{self.name}: {key} is required")
+                out[key] = default
+                continue
+            v = args[key]
+            if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+                raise RequestError("EARGS", f"{self.name}: {key} must be {typ.__name__}, "
+                                            f"got {type(v).__name__}")
+            out[key] = v
+        return out
+
+    def execute(self, daemon, conn, args):
+        raise NotImplementedError
+
+    # ---- bt-ctl side ----
+    def add_arguments(self, parser):
+        pass
+
+    def request_args(self, ns):
+        return {}
+
+    def render(self, result, ns):
+        raise NotImplementedError
+
+    def exit_code(self, result):
+        return 0
+
+
+def _segments(daemon, name):
+    return [daemon.segment(name)] if name is not None else list(daemon.segments.values())
+
+
+def _seg_arg(parser):
+    parser.add_argument("--segment", "-S", help="only this segment")
+
+
+# ---- rendering helpers ----------------------------------------------------------------
+def table(headers, rows):
+    """Aligned columns; numbers right-aligned."""
+    cells = [[_cell(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    num = [all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows)
+           and bool(rows) for i in range(len(headers))]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if n else v.ljust(w)
+                         for v, w, n in zip(vals, widths, num)).rstrip()
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _cell(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _ms(ns):
+    return round(ns / 1e6, 3)
+
+
+# ---- shared views -------------------------------------------------------------------------
+def slot_list(daemon, m):
+    from .server import STATES, proc_state
+    out = []
+    for sid in range(1, m.seg.config.max_clients + 1):
+        s = m.slot(sid)
+        if s.state == lib.BT_CLIENT_FREE:
+            continue
+        pending = m.pending.get(sid)
+        note = []
+        if sid in m.stuck:
+            note.append("stuck in a call, holding up a repair")
+        if pending is not None:
+            note.append(f"dead, recovering ({pending.attempts} tries)")
+        out.append({"segment": m.name, "slot": sid, "state": STATES.get(s.state, str(s.state)),
+                    "pid": s.pid, "proc_state": proc_state(s.pid) if s.pid > 0 else "gone",
+                    "in_op": s.in_op, "hand": s.hand_count, "rows": s.rows, "ops": s.ops,
+                    "watched": (s.pid, s.start_time) in daemon.watches,
+                    "stuck": sid in m.stuck, "recovering": pending is not None,
+                    "note": "; ".join(note)})
+    return out
+
+
+def segment_summary(daemon, m):
+    from .server import STATES
+    info = ffi.new("bt_seg_info *")
+    lib.bt_seg_info_get(m.seg._s(), info)
+    c = m.seg.config
+    pools = []
+    for p in range(c.num_pools):
+        blocks = c.blocks_per_pool - (1 if p == 0 else 0)      # block 0 is the null block
+        free = m.seg.free_blocks(p)
+        pools.append({"pool": p, "blocks": blocks, "free": free, "used": blocks - free})
+    states = dict.fromkeys(STATES.values(), 0)
+    rows_used = 0
+    ops = m.retired_ops
+    for sid in range(1, c.max_clients + 1):
+        s = m.slot(sid)
+        states[STATES.get(s.state, str(s.state))] += 1
+        if s.state != lib.BT_CLIENT_FREE:
+            rows_used += s.rows
+            ops += s.ops
+    stat = m.shm_stat()
+    return {"name": m.name, "shm": "/dev/shm" + m.shm_path, "size": int(info.size),
+            "mode": f"{stat[1]:04o}" if stat else None, "linked": stat is not None,
+            "generation": int(info.generation), "owner_pid": int(info.owner_pid),
+            "created": m.created, "config": {k: getattr(c, k) for k in _CFG_KEYS},
+            "pools": pools, "blocks_free": sum(p["free"] for p in pools),
+            "blocks_used": sum(p["used"] for p in pools), "rows_used": rows_used,
+            "rows_total": c.num_rows, "clients": states, "client_ops": ops,
+            "pending_recoveries": len(m.pending), "stuck": list(m.stuck.values())}
+
+
+_CFG_KEYS = ("block_size", "kernel_block_size", "num_pools", "blocks_per_pool", "num_rows",
+             "row_width", "max_clients", "hand_size")
+
+
+# ---- the commands --------------------------------------------------------------------------
+@command
+class Register(Command):
+    name = "register"
+    help = "reserve a client slot for the calling process (blocktable.connect)"
+    cli = False
+    args = {"segment": (str, None)}
+
+    def execute(self, daemon, conn, args):
+        m = daemon.segment(args["segment"])
+        slot = daemon.register(conn, m)
+        return {"segment": m.name, "slot": slot, "pid": conn.pid, "shm": "/dev/shm" + m.shm_path}
+
+
+@command
+class Status(Command):
+    name = "status"
+    help = "the daemon and its segments"
+
+    def execute(self, daemon, conn, args):
+        return {"version": _version(), "pid": _pid(), "socket": daemon.socket_path,
+                "uptime_s": round(time.time() - daemon.started, 3),
+                "metrics": "%s:%d" % daemon.metrics.addr if daemon.metrics and daemon.metrics.addr
+                else None,
+                "recoveries": daemon.stats.total_recoveries,
+                "segments": [segment_summary(daemon, m) for m in daemon.segments.values()]}
+
+    def render(self, r, ns):
+        head = [f"btd {r['version']}  pid {r['pid']}  up {r['uptime_s']:.0f} s",
+                f"socket   {r['socket']}",
+                f"metrics  {r['metrics'] or 'off'}",
+                f"recovered clients  {r['recoveries']}", ""]
+        rows = []
+        for s in r["segments"]:
+            c = s["config"]
+            live = s["clients"]["active"] + s["clients"]["reserved"]
+            rows.append([s["name"], s["shm"], s["size"], c["num_pools"], s["blocks_used"],
+                         s["blocks_free"], f"{s['rows_used']}/{s['rows_total']}", live,
+                         s["generation"], s["pending_recoveries"], len(s["stuck"])])
+        out = "\n".join(head) + table(["SEGMENT", "SHM", "BYTES", "POOLS", "USED", "FREE",
+                                       "ROWS", "CLIENTS", "GEN", "RECOVERING", "STUCK"], rows)
+        for s in r["segments"]:
+            for st in s["stuck"]:
+                out += (f"\nwarning: segment {s['name']}: client {st['slot']} (pid {st['pid']}, "
+                        f"state {st['proc_state']}) is stuck inside a call; the recovery of "
+                        f"client {st['blocking_slot']} waits for it")
+        return out
+
+
+@command
+class Clients(Command):
+    name = "clients"
+    help = "client slots in use"
+    args = {"segment": (str, None)}
+
+    def add_arguments(self, p):
+        _seg_arg(p)
+
+    def request_args(self, ns):
+        return {"segment": ns.segment}
+
+    def execute(self, daemon, conn, args):
+        return {"clients": [c for m in _segments(daemon, args["segment"])
+                            for c in slot_list(daemon, m)]}
+
+    def render(self, r, ns):
+        return table(["SEGMENT", "SLOT", "STATE", "PID", "PROC", "IN_OP", "HAND", "ROWS", "OPS",
+                      "NOTE"],
+                     [[c["segment"], c["slot"], c["state"], c["pid"], c["proc_state"], c["in_op"],
+                       c["hand"], c["rows"], c["ops"], c["note"]] for c in r["clients"]])
+
+
+@command
+class Pools(Command):
+    name = "pools"
+    help = "free and used blocks per pool"
+    args = {"segment": (str, None)}
+
+    def add_arguments(self, p):
+        _seg_arg(p)
+
+    def request_args(self, ns):
+        return {"segment": ns.segment}
+
+    def execute(self, daemon, conn, args):
+        out = []
+        for m in _segments(daemon, args["segment"]):
+            for p in segment_summary(daemon, m)["pools"]:
+                out.append({"segment": m.name, **p})
+        return {"pools": out}
+
+    def render(self, r, ns):
+        return table(["SEGMENT", "POOL", "BLOCKS", "USED", "FREE", "USED%"],
+                     [[p["segment"], p["pool"], p["blocks"], p["used"], p["free"],
+                       round(100.0 * p["used"] / max(p["blocks"], 1), 1)] for p in r["pools"]])
+
+
+@command
+class Rows(Command):
+    name = "rows"
+    help = "claimed rows"
+    args = {"segment": (str, None), "owner": (int, None), "limit": (int, 10000)}
+
+    def add_arguments(self, p):
+        _seg_arg(p)
+        p.add_argument("--owner", type=int, metavar="PID", help="only rows of this process")
+        p.add_argument("--limit", type=int, default=10000, help="at most this many (10000)")
+
+    def request_args(self, ns):
+        return {"segment": ns.segment, "owner": ns.owner, "limit": ns.limit}
+
+    def execute(self, daemon, conn, args):
+        out, truncated = [], False
+        for m in _segments(daemon, args["segment"]):
+            pids = {}
+            for sid in range(1, m.seg.config.max_clients + 1):
+                s = m.slot(sid)
+                if s.state != lib.BT_CLIENT_FREE:
+                    pids[sid] = s.pid
+            for row in range(m.seg.config.num_rows):
+                info = m.seg.row_info(row)
+                if info.owner == 0:
+                    continue
+                pid = pids.get(info.owner)
+                if args["owner"] is not None and pid != args["owner"]:
+                    continue
+                if len(out) >= args["limit"]:
+                    truncated = True
+                    break
+                out.append(_row_dict(m.name, row, info, pid))
+        return {"rows": out, "truncated": truncated}
+
+    def render(self, r, ns):
+        out = table(["SEGMENT", "ROW", "SLOT", "PID", "KEY", "KIND", "BLOCKS", "TOKENS", "GEN"],
+                    [[x["segment"], x["row"], x["slot"], x["pid"], x["key"], x["kind"],
+                      x["num_blocks"], x["num_tokens"], x["generation"]] for x in r["rows"]])
+        return out + ("\n(truncated: --limit)" if r["truncated"] else "")
+
+
+def _row_dict(seg, row, info, pid):
+    return {"segment": seg, "row": row, "slot": info.owner, "pid": pid, "key": info.key,
+            "kind": "raw" if info.flags == lib.BT_ROW_RAW else "managed",
+            "num_blocks": info.num_blocks, "num_tokens": info.num_tokens,
+            "generation": info.generation}
+
+
+@command
+class Row(Command):
+    name = "row"
+    help = "one row and its block ids"
+    args = {"segment": (str, None), "row": (int, REQUIRED)}
+
+    def add_arguments(self, p):
+        _seg_arg(p)
+        p.add_argument("row", type=int, metavar="N")
+
+    def request_args(self, ns):
+        return {"segment": ns.segment, "row": ns.row}
+
+    def execute(self, daemon, conn, args):
+        m = daemon.segment(args["segment"])
+        n = args["row"]
+        if not 0 <= n < m.seg.config.num_rows:
+            raise RequestError("ENOENT", f"row {n} is out of range [0, {m.seg.config.num_rows})")
+        ids, info = m.seg.read_row(n)
+        pid = m.slot(info.owner).pid if info.owner else None
+        return {**_row_dict(m.name, n, info, pid), "blocks": [int(x) for x in ids]}
+
+    def render(self, r, ns):
+        head = [f"segment {r['segment']}  row {r['row']}  generation {r['generation']}",
+                f"owner    {'slot %d, pid %s' % (r['slot'], r['pid']) if r['slot'] else 'free'}",
+                f"key      {r['key']}  ({r['kind']})",
+                f"blocks   {r['num_blocks']}   tokens {r['num_tokens']}"]
+        ids = r["blocks"]
+        for i in range(0, len(ids), 16):
+            head.append(f"  [{i:5d}] " + " ".join(str(x) for x in ids[i:i + 16]))
+        return "\n".join(head)
+
+
+@command
+class Stats(Command):
+    name = "stats"
+    help = "requests, registrations, recoveries and their pauses"
+
+    def execute(self, daemon, conn, args):
+        s = daemon.stats
+        recent = list(s.recent)
+        pauses = sorted(x["pause_ms"] for x in recent)
+        lats = sorted(x["latency_ms"] for x in recent)
+        return {"requests": dict(s.requests),
+                "request_errors": {f"{c}:{n}": v for (c, n), v in s.request_errors.items()},
+                "registrations": dict(s.registrations),
+                "recoveries": {f"{seg}:{kind}": v for (seg, kind), v in s.recoveries.items()},
+                "recovery_failures": {f"{seg}:{why}": v
+                                      for (seg, why), v in s.recovery_failures.items()},
+                "recoveries_total": s.total_recoveries,
+                "pause_ms": _dist(pauses), "latency_ms": _dist(lats),
+                "client_ops": {m.name: segment_summary(daemon, m)["client_ops"]
+                               for m in daemon.segments.values()},
+                "recent": recent[-20:]}
+
+    def render(self, r, ns):
+        lines = [f"recoveries       {r['recoveries_total']}"]
+        for k, v in sorted(r["recoveries"].items()):
+            lines.append(f"  {k:<28} {v}")
+        for k, v in sorted(r["recovery_failures"].items()):
+            lines.append(f"  retried {k:<20} {v}")
+        for what in ("pause_ms", "latency_ms"):
+            d = r[what]
+            lines.append(f"{what:<16} n={d['n']} p50={d['p50']} p99={d['p99']} max={d['max']}"
+                         " (last 256 recoveries)")
+        lines.append("client ops       " + ", ".join(f"{k}={v}" for k, v in r["client_ops"].items()))
+        lines.append("registrations    " + (", ".join(f"{k}={v}" for k, v in
+                                                     r["registrations"].items()) or "0"))
+        lines.append("requests         " + ", ".join(f"{k}={v}" for k, v in
+                                                     sorted(r["requests"].items())))
+        if r["request_errors"]:
+            lines.append("request errors   " + ", ".join(f"{k}={v}" for k, v in
+                                                         sorted(r["request_errors"].items())))
+        return "\n".join(lines)
+
+
+def _dist(xs):
+    if not xs:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    return {"n": len(xs), "p50": round(xs[len(xs) // 2], 3),
+            "p99": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 3), "max": round(xs[-1], 3)}
+
+
+@command
+class Fsck(Command):
+    name = "fsck"
+    help = "check a segment exactly (a short freeze); --repair rebuilds counts and lists"
+    args = {"segment": (str, None), "repair": (bool, False), "wait_ms": (int, 1000)}
+
+    def add_arguments(self, p):
+        _seg_arg(p)
+        p.add_argument("--repair", action="store_true",
+                       help="rebuild counts and free lists, reap dead clients")
+        p.add_argument("--wait-ms", type=int, default=1000,
+                       help="how long to wait for clients inside a call (1000)")
+
+    def request_args(self, ns):
+        return {"segment": ns.segment, "repair": ns.repair, "wait_ms": ns.wait_ms}
+
+    def execute(self, daemon, conn, args):
+        from .server import report_dict
+        flags = lib.BT_CHECK_REPAIR if args["repair"] else lib.BT_CHECK_FROZEN
+        out = []
+        for m in _segments(daemon, args["segment"]):
+            rc, rep = m.check(flags, max(0, args["wait_ms"]))
+            r = report_dict(rep)
+            problems = {k: r[k] for k in PROBLEM_KEYS if r[k]}
+            out.append({"segment": m.name, "ok": rc == 0 and not (problems and not args["repair"]),
+                        "error": None if rc == 0 else ffi.string(lib.bt_errname(rc)).decode(),
+                        "repaired": bool(args["repair"] and rc == 0), "problems": problems,
+                        "report": r})
+            if args["repair"] and rc == 0:
+                daemon.dirty = True
+        return {"segments": out, "ok": all(s["ok"] for s in out)}
+
+    def render(self, r, ns):
+        rows = []
+        for s in r["segments"]:
+            rep = s["report"]
+            if s["error"]:
+                verdict = f"not checked: {s['error']}"
+                if rep["stuck_client"]:
+                    verdict += f" (client {rep['stuck_client']} stuck inside a call)"
+            elif s["problems"]:
+                fixed = ", ".join(f"{k}={v}" for k, v in s["problems"].items())
+                verdict = ("repaired: " if s["repaired"] else "PROBLEMS: ") + fixed
+            else:
+                verdict = "clean" + (" (repaired)" if s["repaired"] else "")
+            rows.append([s["segment"], rep["blocks_free"], rep["blocks_held"],
+                         rep["clients_reaped"], _ms(rep["pause_ns"]), verdict])
+        return table(["SEGMENT", "FREE", "HELD", "REAPED", "PAUSE_MS", "VERDICT"], rows)
+
+    def exit_code(self, result):
+        return 0 if result["ok"] else 1
+
+
+@command
+class Reload(Command):
+    name = "reload"
+    help = "re-read the config file (as SIGHUP does)"
+
+    def execute(self, daemon, conn, args):
+        return daemon.reload()
+
+    def render(self, r, ns):
+        if r.get("error"):
+            return f"reload failed: {r['error']}"
+        return (f"changed: {', '.join(r['changed']) or 'nothing'}; new segments: "
+                f"{', '.join(r.get('segments_added') or []) or 'none'}")
+
+    def exit_code(self, result):
+        return 1 if result.get("error") else 0
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+def _pid():
+    import os
+    return os.getpid()
