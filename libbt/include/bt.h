@@ -257,6 +257,10 @@ typedef struct bt_row_info {
  * with BT_EROWSTATE if taken); -1 takes any free row. */
 int bt_row_claim(bt_client *cl, uint64_t key, int32_t row_hint, uint32_t flags, uint32_t *row_out);
 
+/* Claim n rows at once (requests arriving in one scheduler step), any free
+ * ones; all or nothing (BT_ENOROWS and no row claimed). */
+int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t flags, uint32_t *rows_out);
+
 /* Release a claimed row: its blocks are decref'd (freed at zero), entries zeroed. */
 int bt_row_release(bt_client *cl, uint32_t row);
 
@@ -339,7 +343,9 @@ typedef struct bt_slot_params {
 int bt_slots_row(const bt_seg *seg, const bt_slot_params *p, uint32_t row,
                  int64_t start, uint32_t n, int64_t *out);
 
-/* Form 2 (vLLM v1): per token (row index, position). */
+/* Form 2 (vLLM v1): per token (row index, position). On BT_ERANGE (a bad
+ * row) the first entries of out may have been written: out is the caller's
+ * scratch, and nothing shared changed. */
 int bt_slots_req(const bt_seg *seg, const bt_slot_params *p, const int32_t *rows,
                  const int64_t *positions, uint32_t n, int64_t *out);
 

@@ -169,18 +169,10 @@ int bt_row_drop(bt_client *cl, uint32_t row)
     return BT_OK;
 }
 
-int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
+/* Claim one row inside an op; see bt_row_claim. */
+static int claim_one(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
 {
-    if (!cl || !row_out || (flags & ~(uint32_t)(BT_ROW_RAW | BT_ROW_PAGED)))
-        return BT_EINVAL;
     bt_seg *s = cl->seg;
-    if ((flags & BT_ROW_PAGED) && !s->cfg.chunk_size)
-        return BT_EINVAL;               /* the segment has no chunk pool */
-    if (hint >= 0 && (uint32_t)hint >= s->cfg.num_rows)
-        return BT_ERANGE;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
     uint32_t n = s->cfg.num_rows, found = UINT32_MAX;
     uint32_t start = hint >= 0 ? (uint32_t)hint : bt_fetch_add_relaxed(&s->hdr->row_cursor, 1u) % n;
     for (uint32_t k = 0; k < (hint >= 0 ? 1 : n); k++) {
@@ -190,10 +182,8 @@ int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint
             break;
         }
     }
-    if (found == UINT32_MAX) {
-        bt_op_end(cl);
+    if (found == UINT32_MAX)
         return hint >= 0 ? BT_EROWSTATE : BT_ENOROWS;
-    }
     struct bt_row *r = &s->rows[found];
     bt_row_rewrite_begin(r);
     if (bt_load_relaxed(&s->nblocks[found]) != 0) {  /* should never be: heal */
@@ -206,9 +196,45 @@ int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint
     bt_store_relaxed(&s->ntokens[found], (int64_t)0);
     bt_row_write_end(r);
     bt_fetch_add_relaxed(&cl->slot->nrows, 1u);
-    bt_op_end(cl);
     *row_out = found;
     return BT_OK;
+}
+
+static int claim_flags_ok(const bt_seg *s, uint32_t flags)
+{
+    if (flags & ~(uint32_t)(BT_ROW_RAW | BT_ROW_PAGED))
+        return 0;
+    return !(flags & BT_ROW_PAGED) || s->cfg.chunk_size;  /* paged needs a chunk pool */
+}
+
+int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
+{
+    if (!cl || !row_out || !claim_flags_ok(cl->seg, flags))
+        return BT_EINVAL;
+    if (hint >= 0 && (uint32_t)hint >= cl->seg->cfg.num_rows)
+        return BT_ERANGE;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    rc = claim_one(cl, key, hint, flags, row_out);
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t flags, uint32_t *rows_out)
+{
+    if (!cl || (n && (!keys || !rows_out)) || !claim_flags_ok(cl->seg, flags))
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    uint32_t i = 0;
+    while (i < n && !(rc = claim_one(cl, keys[i], -1, flags, &rows_out[i])))
+        i++;
+    while (rc && i-- > 0)               /* all or nothing: give back the empty rows */
+        bt_row_drop(cl, rows_out[i]);
+    bt_op_end(cl);
+    return rc;
 }
 
 int bt_row_release(bt_client *cl, uint32_t row)

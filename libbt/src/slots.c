@@ -12,7 +12,10 @@
  * the rows' writer, or they are quiescent, as in vLLM), but every value read
  * from shared memory is bounded: num_blocks is clamped to the row width, so
  * a scribbled count can make a slot wrong, never a read stray.
- * All rows are checked before anything is written.
+ * Tokens arrive grouped by request, so the per-row part (count, entries,
+ * kind) is looked up once per run of tokens of one row, and the common case
+ * (dense row, power-of-two block, no context parallelism) is a shift, a mask
+ * and one bounds compare per token.
  */
 #include "bt_internal.h"
 
@@ -76,10 +79,48 @@ static inline int64_t slot_of(const bt_seg *s, const struct sp *p, uint32_t row,
     return (int64_t)bt_load_relaxed(&e[bi]) * p->bs + off;
 }
 
+/* The per-row part of a slot computation, cached while consecutive tokens
+ * belong to the same row (the usual case: tokens come grouped by request). */
+struct rowc {
+    uint32_t row;
+    int      paged;
+    uint32_t nb;
+    int64_t  lim;                       /* first position past the row's blocks (fast path) */
+    const int32_t *e;
+};
+
+static inline void rowc_load(const bt_seg *s, const struct sp *p, struct rowc *c, uint32_t row)
+{
+    c->row = row;
+    c->paged = bt_row_paged(s, row);
+    c->nb = bt_row_nblocks(s, row);
+    c->e = bt_row_ids(s, row);
+    c->lim = p->shift >= 0 ? (int64_t)c->nb << p->shift : 0;
+}
+
+/* Fill out[0..n) for positions pos[0..n) of one row. */
+static void slots_run(const bt_seg *s, const struct sp *p, const struct rowc *c,
+                      const int64_t *pos, uint32_t n, int64_t *out)
+{
+    if (p->shift >= 0 && !c->paged) {
+        int sh = p->shift;
+        int64_t mask = p->bs - 1;
+        for (uint32_t i = 0; i < n; i++) {
+            int64_t x = pos[i];
+            out[i] = (uint64_t)x < (uint64_t)c->lim
+                         ? ((int64_t)bt_load_relaxed(&c->e[x >> sh]) << sh) | (x & mask) : -1;
+        }
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = slot_of(s, p, c->row, pos[i]);
+}
+
 int bt_slots_row(const bt_seg *s, const bt_slot_params *prm, uint32_t row,
                  int64_t start, uint32_t n, int64_t *out)
 {
     struct sp p;
+    struct rowc c;
     if (!s || (!out && n))
         return BT_EINVAL;
     if (row >= s->cfg.num_rows)
@@ -87,25 +128,35 @@ int bt_slots_row(const bt_seg *s, const bt_slot_params *prm, uint32_t row,
     int rc = sp_init(s, prm, &p);
     if (rc)
         return rc;
-    for (uint32_t i = 0; i < n; i++)
-        out[i] = slot_of(s, &p, row, start + i);
+    rowc_load(s, &p, &c, row);
+    for (uint32_t i = 0; i < n; i++)    /* positions are start + i: no array */
+        out[i] = start + i;
+    slots_run(s, &p, &c, out, n, out);
     return BT_OK;
 }
 
+/* Out is the caller's scratch: on BT_ERANGE its first entries may be written. */
 int bt_slots_req(const bt_seg *s, const bt_slot_params *prm, const int32_t *rows,
                  const int64_t *pos, uint32_t n, int64_t *out)
 {
     struct sp p;
+    struct rowc c = { .row = UINT32_MAX };
     if (!s || (n && (!rows || !pos || !out)))
         return BT_EINVAL;
     int rc = sp_init(s, prm, &p);
     if (rc)
         return rc;
-    for (uint32_t i = 0; i < n; i++)
-        if ((uint32_t)rows[i] >= s->cfg.num_rows)     /* negatives wrap: refused */
+    for (uint32_t i = 0; i < n;) {
+        uint32_t row = (uint32_t)rows[i], j = i + 1;
+        if (row >= s->cfg.num_rows)     /* negatives wrap: refused */
             return BT_ERANGE;
-    for (uint32_t i = 0; i < n; i++)
-        out[i] = slot_of(s, &p, (uint32_t)rows[i], pos[i]);
+        while (j < n && (uint32_t)rows[j] == row)
+            j++;
+        if (row != c.row)
+            rowc_load(s, &p, &c, row);
+        slots_run(s, &p, &c, pos + i, j - i, out + i);
+        i = j;
+    }
     return BT_OK;
 }
 
@@ -114,6 +165,7 @@ int bt_slots_qsl(const bt_seg *s, const bt_slot_params *prm, const int32_t *rows
                  int64_t *out, uint32_t out_len)
 {
     struct sp p;
+    struct rowc c;
     if (!s || !qsl || !out || (num_reqs && !pos))
         return BT_EINVAL;
     int rc = sp_init(s, prm, &p);
@@ -129,9 +181,8 @@ int bt_slots_qsl(const bt_seg *s, const bt_slot_params *prm, const int32_t *rows
             return BT_ERANGE;
     }
     for (uint32_t i = 0; i < num_reqs; i++) {
-        uint32_t row = rows ? (uint32_t)rows[i] : i;
-        for (int32_t t = qsl[i]; t < qsl[i + 1]; t++)
-            out[t] = slot_of(s, &p, row, pos[t]);
+        rowc_load(s, &p, &c, rows ? (uint32_t)rows[i] : i);
+        slots_run(s, &p, &c, pos + qsl[i], (uint32_t)(qsl[i + 1] - qsl[i]), out + qsl[i]);
     }
     for (uint32_t t = (uint32_t)qsl[num_reqs]; t < out_len; t++)
         out[t] = -1;
