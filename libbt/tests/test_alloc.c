@@ -345,10 +345,11 @@ static void test_raw_pool(void)
     T_OK(bt_pool_push(seg, ids, 2));
 
     /* exhaustion is all-or-nothing; n = 0 and bad pools */
+    int32_t more[16];                   /* out must have room for n, even on failure */
     T_OK(bt_pool_pop(seg, 0, 63, 1, ids));
-    T_RC(bt_pool_pop(seg, 0, 1, 1, ids + 63), BT_ENOBLOCKS);
+    T_RC(bt_pool_pop(seg, 0, 1, 1, more), BT_ENOBLOCKS);
     T_OK(bt_pool_push(seg, ids, 10));
-    T_RC(bt_pool_pop(seg, 0, 11, 1, ids + 63), BT_ENOBLOCKS);
+    T_RC(bt_pool_pop(seg, 0, 11, 1, more), BT_ENOBLOCKS);
     T_EQ(t_free(seg, 0), 10);
     T_OK(bt_pool_push(seg, ids + 10, 53));
     T_OK(bt_pool_pop(seg, 0, 0, 1, ids));
@@ -365,11 +366,11 @@ static void test_raw_pool(void)
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
-    test_single();
-    test_batch_and_exhaustion();
-    test_share();
-    test_hand_limit();
-    test_multi_pool();
-    test_raw_pool();
-    return T_EXIT_PASS;
+    T_RUN(test_single);
+    T_RUN(test_batch_and_exhaustion);
+    T_RUN(test_share);
+    T_RUN(test_hand_limit);
+    T_RUN(test_multi_pool);
+    T_RUN(test_raw_pool);
+    return t_done();
 }

@@ -186,8 +186,8 @@ static void test_fork_handles(void)
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
-    test_open_close();
-    test_reserve_adopt();
-    test_fork_handles();
-    return T_EXIT_PASS;
+    T_RUN(test_open_close);
+    T_RUN(test_reserve_adopt);
+    T_RUN(test_fork_handles);
+    return t_done();
 }

@@ -639,17 +639,17 @@ static void test_close_releases(void)
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
-    test_claim_release();
-    test_append();
-    test_append_shared();
-    test_alloc_append();
-    test_set();
-    test_truncate();
-    test_move();
-    test_swap();
-    test_raw_rows();
-    test_ownership();
-    test_close_releases();
-    test_move_into_full();              /* last: a contract question, see there */
-    return T_EXIT_PASS;
+    T_RUN(test_claim_release);
+    T_RUN(test_append);
+    T_RUN(test_append_shared);
+    T_RUN(test_alloc_append);
+    T_RUN(test_set);
+    T_RUN(test_truncate);
+    T_RUN(test_move);
+    T_RUN(test_swap);
+    T_RUN(test_raw_rows);
+    T_RUN(test_ownership);
+    T_RUN(test_close_releases);
+    T_RUN(test_move_into_full);              /* last: a contract question, see there */
+    return t_done();
 }

@@ -381,7 +381,7 @@ static void test_bad_names(void)
     size_t n = strlen(longest);
     memset(longest + n, 'y', BT_NAME_MAX - n);
     longest[BT_NAME_MAX] = 0;
-    snprintf(t_names[t_nnames - 1], BT_NAME_MAX + 1, "%s", longest);  /* unlink it on failure */
+    memcpy(t_names[t_nnames - 1], longest, BT_NAME_MAX + 1);          /* unlink it on failure */
     T_OK(bt_seg_create(longest, &c, BT_CREATE_EXCL, &s));
     bt_seg_close(s);
     T_OK(bt_seg_attach(longest, &s));
@@ -449,16 +449,24 @@ static const char *region_name(int r)
     return buf;
 }
 
-static void test_validate_fields(void)
+/* A segment of odd_cfg, copied to `orig` (pristine) and `copy` (to poke). */
+static bt_seg *setup_copies(bt_seg_info *info)
 {
     bt_seg *seg = t_seg_embedded(&odd_cfg);
-    bt_seg_info info = t_info(seg);
-    seg_size = info.size;
+    *info = t_info(seg);
+    seg_size = info->size;
     orig = aligned_alloc(4096, seg_size);
     copy = aligned_alloc(4096, seg_size);
     T_ASSERT(orig && copy);
     memcpy(orig, bt_seg_base(seg), seg_size);
     T_OK(bt_seg_validate(orig, seg_size));
+    return seg;
+}
+
+static void test_validate_fields(void)
+{
+    bt_seg_info info;
+    bt_seg *seg = setup_copies(&info);
     T_EQ(poke32(0, get32(0)), 0);      /* the copy itself is fine */
 
     /* magic: any bit, or the other byte order */
@@ -554,6 +562,8 @@ static void test_validate_fields(void)
     T_ERR(bt_seg_attach_at(orig, 16, &s));
 
     bt_seg_close(seg);
+    free(orig);
+    free(copy);
 }
 
 /* Every word of the header's fixed part (up to the hot words, freeze and the
@@ -582,6 +592,8 @@ static void smoke(bt_seg *s)
 
 static void test_validate_fuzz(void)
 {
+    bt_seg_info info;
+    bt_seg *seg = setup_copies(&info);
     int counts[4] = { 0 };
     for (size_t off = 0; off < offsetof(struct bt_header, freeze); off += 4) {
         uint32_t v = get32(off);
@@ -608,6 +620,7 @@ static void test_validate_fuzz(void)
            counts[0], counts[1], counts[2], counts[3]);
     free(orig);
     free(copy);
+    bt_seg_close(seg);
 }
 
 static void test_errors(void)
@@ -629,14 +642,14 @@ static void test_errors(void)
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
-    test_errors();
-    test_config();
-    test_embedded();
-    test_create_at();
-    test_named();
-    test_named_garbage();
-    test_bad_names();
-    test_validate_fields();
-    test_validate_fuzz();
-    return T_EXIT_PASS;
+    T_RUN(test_errors);
+    T_RUN(test_config);
+    T_RUN(test_embedded);
+    T_RUN(test_create_at);
+    T_RUN(test_named);
+    T_RUN(test_named_garbage);
+    T_RUN(test_bad_names);
+    T_RUN(test_validate_fields);
+    T_RUN(test_validate_fuzz);
+    return t_done();
 }

@@ -313,8 +313,6 @@ static void test_errors(void)
     T_RC(bt_slots_row(seg, &p, UINT32_MAX, 0, 4, out), BT_ERANGE);
     const int32_t badrows[][4] = { { 0, 1, 2, ROWS }, { -1, 0, 0, 0 }, { 0, INT32_MAX, 0, 0 },
                                    { 0, 0, 0, INT32_MIN } };
-    for (int k = 0; k < 4; k++)
-        T_RC(bt_slots_req(seg, &p, badrows[k], pos, 4, out), BT_ERANGE);
     int32_t qsl[5] = { 0, 1, 2, 3, 4 };
     for (int k = 0; k < 4; k++)
         T_RC(bt_slots_qsl(seg, &p, badrows[k], qsl, 4, pos, out, 8), BT_ERANGE);
@@ -325,6 +323,11 @@ static void test_errors(void)
         qbig[i] = i;
     T_RC(bt_slots_qsl(seg, &p, NULL, qbig, ROWS + 1, pbig, out, 16), BT_ERANGE);
     for (int i = 0; i < 64; i++)
+        T_EQ(out[i], SENTINEL);
+    /* form 2 may have written the entries before the bad row (bt.h) */
+    for (int k = 0; k < 4; k++)
+        T_RC(bt_slots_req(seg, &p, badrows[k], pos, 4, out), BT_ERANGE);
+    for (int i = 4; i < 64; i++)
         T_EQ(out[i], SENTINEL);
 
     /* query_start_loc: out too short, or going backwards */
@@ -371,16 +374,23 @@ static void test_form1_overflow(void)
     bt_seg_close(seg);
 }
 
-int main(int argc, char **argv)
+static void test_kernel_views(void)
 {
-    t_init(argc, argv);
-    test_errors();
     test_kernel_view(16, 4);
     test_kernel_view(16, 2);
     test_kernel_view(12, 3);
-    test_cp_partition();
-    test_against_reference(16, 4);
-    test_against_reference(12, 4);      /* not a power of two */
-    test_form1_overflow();
-    return T_EXIT_PASS;
+}
+static void test_reference_b16_k4(void) { test_against_reference(16, 4); }
+static void test_reference_b12_k4(void) { test_against_reference(12, 4); }   /* not a power of two */
+
+int main(int argc, char **argv)
+{
+    t_init(argc, argv);
+    T_RUN(test_errors);
+    T_RUN(test_kernel_views);
+    T_RUN(test_cp_partition);
+    T_RUN(test_reference_b16_k4);
+    T_RUN(test_reference_b12_k4);
+    T_RUN(test_form1_overflow);
+    return t_done();
 }

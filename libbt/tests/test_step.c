@@ -320,9 +320,9 @@ static void test_random(void)
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
-    test_basic();
-    test_all_or_nothing();
-    test_random();
-    test_bad_free_rows();               /* last: crashes in step.c as of writing */
-    return T_EXIT_PASS;
+    T_RUN(test_basic);
+    T_RUN(test_all_or_nothing);
+    T_RUN(test_random);
+    T_RUN(test_bad_free_rows);               /* last: crashes in step.c as of writing */
+    return t_done();
 }
