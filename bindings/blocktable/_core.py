@@ -13,7 +13,7 @@ import numpy as np
 from ._errors import BtError, make_error
 from ._ffi import ffi, lib
 from ._types import (I32, I64, U32, BlockInfo, CheckReport, ClientSlotInfo,
-                     RowInfo, SegmentConfig, SegmentInfo, as_array, cbuf,
+                     RowInfo, SegmentConfig, SegmentInfo, as_array, c_array, cbuf,
                      from_struct, out_array, preview)
 
 __all__ = ["Segment", "Client", "SlotParams", "ROW_MANAGED", "ROW_RAW"]
@@ -21,6 +21,9 @@ __all__ = ["Segment", "Client", "SlotParams", "ROW_MANAGED", "ROW_RAW"]
 ROW_MANAGED = lib.BT_ROW_MANAGED
 ROW_RAW = lib.BT_ROW_RAW
 _EINVAL, _ERANGE, _ECLIENT = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ECLIENT
+_NO_ROWS = np.empty(0, U32)
+_NO_ROWS_C = ffi.from_buffer("uint32_t[]", _NO_ROWS)
+_SCRATCH_MAX = 1 << 16  # entries of a client's step buffer (grown on demand)
 
 # Every open Client, so that a forked child can disown its parent's handles.
 _live_clients = weakref.WeakSet()
@@ -375,7 +378,8 @@ class Client:
     a call that raised changed nothing.
     """
 
-    __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "__weakref__")
+    __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_total",
+                 "__weakref__")
 
     def __init__(self, seg, raw):
         """Private: use Segment.client()."""
@@ -386,6 +390,11 @@ class Client:
         self._pid = os.getpid()
         self._gone_why = None
         self.id = lib.bt_client_id(raw)
+        # step() writes here when the caller gives no buffer: cheaper than
+        # sizing a new array with numpy's sum (see blocktable_step).
+        c = seg.config
+        self._scratch = np.empty(min(c.num_rows * c.row_width, _SCRATCH_MAX), I32)
+        self._total = ffi.new("uint64_t *")
         seg._clients.add(self)
         _live_clients.add(self)
 
@@ -452,10 +461,10 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
-        a = as_array(ids, I32, "ids")
-        rc = lib.bt_blocks_release(cl, ffi.from_buffer("int32_t[]", a), a.shape[0])
+        buf, n = c_array(ids, I32, "int32_t[]", "ids")
+        rc = lib.bt_blocks_release(cl, buf, n)
         if rc:
-            raise make_error(rc, f"release(ids={preview(a)})")
+            raise make_error(rc, f"release(ids={preview(ids)})")
 
     def share(self, ids):
         """Take an extra loose reference on allocated blocks (prefix sharing).
@@ -463,10 +472,10 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
-        a = as_array(ids, I32, "ids")
-        rc = lib.bt_blocks_share(cl, ffi.from_buffer("int32_t[]", a), a.shape[0])
+        buf, n = c_array(ids, I32, "int32_t[]", "ids")
+        rc = lib.bt_blocks_share(cl, buf, n)
         if rc:
-            raise make_error(rc, f"share(ids={preview(a)})")
+            raise make_error(rc, f"share(ids={preview(ids)})")
 
     # ---- rows -------------------------------------------------------------------
     def claim_row(self, key=0, row=-1, raw=False):
@@ -506,13 +515,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
-        a = as_array(ids, I32, "ids")
+        buf, n = c_array(ids, I32, "int32_t[]", "ids")
         try:
-            rc = lib.bt_row_append(cl, row, ffi.from_buffer("int32_t[]", a), a.shape[0])
+            rc = lib.bt_row_append(cl, row, buf, n)
         except OverflowError as e:
             raise _range_error(e, f"append(row={row})") from None
         if rc:
-            raise make_error(rc, f"append(row={row}, n={a.shape[0]}, ids={preview(a)})")
+            raise make_error(rc, f"append(row={row}, n={n}, ids={preview(ids)})")
 
     def append_shared(self, row, ids):
         """Take a new reference on allocated blocks and append them (prefix
@@ -520,13 +529,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
-        a = as_array(ids, I32, "ids")
+        buf, n = c_array(ids, I32, "int32_t[]", "ids")
         try:
-            rc = lib.bt_row_append_shared(cl, row, ffi.from_buffer("int32_t[]", a), a.shape[0])
+            rc = lib.bt_row_append_shared(cl, row, buf, n)
         except OverflowError as e:
             raise _range_error(e, f"append_shared(row={row})") from None
         if rc:
-            raise make_error(rc, f"append_shared(row={row}, ids={preview(a)})")
+            raise make_error(rc, f"append_shared(row={row}, ids={preview(ids)})")
 
     def alloc_append(self, row, n, pool=0, out=None):
         """Allocate n blocks from `pool` straight into `row`; returns their
@@ -550,13 +559,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
-        a = as_array(ids, I32, "ids")
+        buf, n = c_array(ids, I32, "int32_t[]", "ids")
         try:
-            rc = lib.bt_row_set(cl, row, ffi.from_buffer("int32_t[]", a), a.shape[0])
+            rc = lib.bt_row_set(cl, row, buf, n)
         except OverflowError as e:
             raise _range_error(e, f"set_row(row={row})") from None
         if rc:
-            raise make_error(rc, f"set_row(row={row}, n={a.shape[0]}, ids={preview(a)})")
+            raise make_error(rc, f"set_row(row={row}, n={n}, ids={preview(ids)})")
 
     def truncate(self, row, keep=0):
         """Drop the row's entries from index `keep` on (keep 0 clears it)."""
@@ -606,27 +615,42 @@ class Client:
         return self._segobj.read_row(row, out)
 
     # ---- the scheduler step -----------------------------------------------------
-    def step(self, rows, n_new, free_rows=(), pool=0, out=None):
+    def step(self, rows, n_new, free_rows=_NO_ROWS, pool=0, out=None):
         """One scheduler step in one call: release the rows in `free_rows`,
         then allocate n_new[i] blocks from `pool` into rows[i]. Returns the new
-        ids row after row (out[:sum(n_new)]). All or nothing: on error no row
-        changed. Errors: OutOfBlocks, RowFull, NotOwner, RowStateError."""
+        ids row after row: out[:sum(n_new)], or a new array. All or nothing:
+        on error no row changed. rows/n_new/free_rows as uint32 numpy arrays
+        pass without a copy. Errors: OutOfBlocks, RowFull, NotOwner,
+        RowStateError, InvalidArgument (a row listed twice)."""
         cl = self._cl
         if cl is None:
             self._gone()
-        r, k = as_array(rows, U32, "rows"), as_array(n_new, U32, "n_new")
-        f = as_array(free_rows, U32, "free_rows")
-        if r.shape[0] != k.shape[0]:
-            raise make_error(_EINVAL, f"{r.shape[0]} rows but {k.shape[0]} counts")
-        total = int(k.sum(dtype=np.uint64))
-        out = np.empty(total, I32) if out is None else out_array(out, total, I32)
-        rc = lib.bt_step(cl, pool, ffi.from_buffer("uint32_t[]", f), f.shape[0],
-                         ffi.from_buffer("uint32_t[]", r), ffi.from_buffer("uint32_t[]", k),
-                         r.shape[0], ffi.from_buffer("int32_t[]", out))
+        rb, nr = c_array(rows, U32, "uint32_t[]", "rows")
+        kb, nk = c_array(n_new, U32, "uint32_t[]", "n_new")
+        if free_rows is _NO_ROWS:
+            fb, nf = _NO_ROWS_C, 0
+        else:
+            fb, nf = c_array(free_rows, U32, "uint32_t[]", "free_rows")
+        if nr != nk:
+            raise make_error(_EINVAL, f"{nr} rows but {nk} counts")
+        mine = out is None
+        out = self._scratch if mine else out_array(out, 0, I32)
+        total = self._total
+        try:
+            rc = lib.blocktable_step(cl, pool, fb, nf, rb, kb, nr,
+                                     ffi.from_buffer("int32_t[]", out), out.shape[0], total)
+        except OverflowError as e:
+            raise _range_error(e, f"step(pool={pool})") from None
         if rc:
-            raise make_error(rc, f"step(rows={preview(r)}, n_new={preview(k)}, "
-                                 f"free_rows={preview(f)}, pool={pool})")
-        return out if out.shape[0] == total else out[:total]
+            if rc == _EINVAL and total[0] > out.shape[0]:
+                if not mine:
+                    raise make_error(rc, f"out has {out.shape[0]} entries, "
+                                         f"sum(n_new) is {total[0]}")
+                self._scratch = np.empty(total[0], I32)  # grow and go again
+                return self.step(rows, n_new, free_rows, pool)
+            raise make_error(rc, f"step(rows={preview(rows)}, n_new={preview(n_new)}, "
+                                 f"free_rows={preview(free_rows)}, pool={pool})")
+        return out[:total[0]].copy() if mine else out[:total[0]]
 
     # ---- slot mapping (delegated: it needs no client) -----------------------------
     def slots_row(self, row, start, n, out=None, params=None):

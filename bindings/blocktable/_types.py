@@ -167,8 +167,8 @@ def as_array(values, dtype, what):
     already is one. Lists and other dtypes are converted, refusing floats and
     values that do not fit (no silent wrap-around: a wrapped id is a valid
     id of someone else)."""
-    if type(values) is np.ndarray and values.dtype == dtype and values.flags.c_contiguous \
-            and values.ndim == 1:
+    if type(values) is np.ndarray and values.dtype == dtype and values.ndim == 1 \
+            and values.flags.c_contiguous:
         return values
     a = np.asarray(values)
     if a.ndim != 1:
@@ -184,6 +184,20 @@ def as_array(values, dtype, what):
             bad = lo if lo < info.min else hi
             raise make_error(lib.BT_ERANGE, f"{what} holds {bad}, which does not fit {dtype}")
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+def c_array(values, dtype, ctype, what):
+    """(C view, length) of an input array. The hot path: a 1-d array of the
+    C type goes through without a copy or a flags lookup (ffi.from_buffer
+    itself refuses a non-contiguous one, which is then copied)."""
+    if type(values) is np.ndarray and values.dtype is dtype and values.ndim == 1:
+        try:
+            buf = ffi.from_buffer(ctype, values)
+            return buf, len(buf)
+        except ValueError:  # not C-contiguous
+            pass
+    buf = ffi.from_buffer(ctype, as_array(values, dtype, what))
+    return buf, len(buf)
 
 
 def out_array(out, n, dtype, what="out"):
