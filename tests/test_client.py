@@ -187,3 +187,58 @@ def test_step_reuses_the_blocks_of_the_rows_it_frees(seg, client):
     ids = client.step([growing], [1], free_rows=[ending])
     assert len(ids) == 1 and seg.row_info(ending).owner == 0
     client.release(hold)
+
+
+def test_claim_rows_in_one_call(seg, client):
+    rows = client.claim_rows([11, 12, 13])
+    assert rows.dtype == np.uint32 and len(set(rows.tolist())) == 3
+    assert [seg.row_info(int(r)).key for r in rows] == [11, 12, 13]
+    owners = [seg.row_info(r).owner for r in range(seg.config.num_rows)]
+    with pytest.raises(bt.OutOfRows):  # all or nothing
+        client.claim_rows(list(range(seg.config.num_rows)))
+    assert [seg.row_info(r).owner for r in range(seg.config.num_rows)] == owners
+    assert client.slot().rows == 3 and seg.check().clean
+    assert_rejected(seg, bt.OutOfRange, client.claim_rows, [-1])
+
+
+@pytest.mark.xfail(reason="libbt: bt_row_claim_many claims, then gives back on BT_ENOROWS, "
+                          "leaving those rows' generation and seqlock advanced")
+def test_failed_claim_rows_leaves_generations_alone(seg, client):
+    client.claim_rows([1, 2, 3])
+    assert_rejected(seg, bt.OutOfRows, client.claim_rows, list(range(seg.config.num_rows)))
+
+
+PAGED = bt.SegmentConfig(blocks_per_pool=64, num_rows=4, row_width=16, max_clients=2,
+                         hand_size=16, chunk_size=4, num_chunks=3, dir_width=8)
+
+
+def test_paged_rows_hold_holes_and_give_chunks_back():
+    with bt.Segment.create(None, PAGED) as seg, seg.client() as c:
+        row = c.claim_row(paged=True)
+        a, b, x = c.alloc(3)
+        c.set_block(row, 0, a)
+        c.set_block(row, 9, b)      # entries 1..8 are holes; chunks 0 and 2 taken
+        assert seg.free_chunks() == 1
+        ids, info = seg.read_row(row)
+        assert info.num_blocks == 10 and ids.tolist() == [a] + [0] * 8 + [b]
+        slots = seg.slots_row(row, 0, 16 * 11)
+        assert (slots[:16] == a * 16 + np.arange(16)).all()
+        assert (slots[16:16 * 9] == -1).all() and slots[16 * 9] == b * 16
+        assert_rejected(seg, bt.NotHeld, c.set_block, row, 1, 50, clients=[c])
+        c.punch(row, 0, 5)          # the window moved past block a
+        assert seg.block(int(a)).ref_count == 0 and seg.free_chunks() == 2
+        c.set_block(row, 4, x)
+        c.release_row(row)
+        assert seg.free_chunks() == 3 and seg.check().clean
+        assert seg.free_blocks() == 63
+
+
+def test_out_of_chunks_changes_nothing():
+    with bt.Segment.create(None, PAGED) as seg, seg.client() as c:
+        row = c.claim_row(paged=True)
+        ids = c.alloc(4)
+        for k in range(3):
+            c.set_block(row, 4 * k, ids[k])
+        assert seg.free_chunks() == 0
+        assert_rejected(seg, bt.OutOfChunks, c.set_block, row, 12, ids[3], clients=[c])
+        assert issubclass(bt.OutOfChunks, MemoryError)

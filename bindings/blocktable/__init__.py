@@ -14,14 +14,14 @@ from ._errors import *  # noqa: F401,F403 - one class per code
 from . import _errors as errors
 from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
                      SegmentConfig, SegmentInfo)
-from ._core import ROW_MANAGED, ROW_RAW, Client, Segment, SlotParams
+from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams
 from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
 
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",
     "BtError", "BtOSError", "CODES", "error_class", *errors.__all__,
     "Segment", "Client", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
-    "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW",
+    "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
     "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
 ]
 __all__ = list(dict.fromkeys(__all__))

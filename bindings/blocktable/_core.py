@@ -12,14 +12,15 @@ import numpy as np
 
 from ._errors import BtError, make_error
 from ._ffi import ffi, lib
-from ._types import (I32, I64, U32, BlockInfo, CheckReport, ClientSlotInfo,
-                     RowInfo, SegmentConfig, SegmentInfo, as_array, c_array, cbuf,
+from ._types import (I32, I64, U32, U64, BlockInfo, CheckReport, ClientSlotInfo,
+                     RowInfo, SegmentConfig, SegmentInfo, as_array, c_array, c_out, cbuf,
                      from_struct, out_array, preview)
 
-__all__ = ["Segment", "Client", "SlotParams", "ROW_MANAGED", "ROW_RAW"]
+__all__ = ["Segment", "Client", "SlotParams", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED"]
 
 ROW_MANAGED = lib.BT_ROW_MANAGED
 ROW_RAW = lib.BT_ROW_RAW
+ROW_PAGED = lib.BT_ROW_PAGED
 _EINVAL, _ERANGE, _ECLIENT = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ECLIENT
 _NO_ROWS = np.empty(0, U32)
 _NO_ROWS_C = ffi.from_buffer("uint32_t[]", _NO_ROWS)
@@ -230,6 +231,12 @@ class Segment:
         _check(lib.bt_pool_free_count(self._s(), pool, out), f"pool={pool}")
         return out[0]
 
+    def free_chunks(self):
+        """Free chunks in the paged rows' chunk pool (snapshot)."""
+        out = ffi.new("uint32_t *")
+        _check(lib.bt_chunks_free(self._s(), out), "chunks")
+        return out[0]
+
     def block(self, block_id):
         """BlockInfo snapshot (reference count, owner stamp) of one block."""
         ref, owner = ffi.new("uint32_t *"), ffi.new("uint32_t *")
@@ -281,29 +288,34 @@ class Segment:
     def slots_row(self, row, start, n, out=None, params=None):
         """Form 1: slots of positions start..start+n-1 of `row` (int64, -1
         where no block backs the position). Returns out[:n]."""
-        out = out_array(out, n, I64)
-        p = (params or self._params).c
+        seg = self._seg
+        if seg is None:
+            self._s()
         try:
-            rc = lib.bt_slots_row(self._s(), p, row, start, n, cbuf(out))
+            out, ob = c_out(out, n, I64, "int64_t[]")
+            rc = lib.bt_slots_row(seg, (params or self._params).c, row, start, n, ob)
         except OverflowError as e:
             raise _range_error(e, f"row={row}, start={start}, n={n}") from None
         if rc:
             raise make_error(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
-        return out[:n]
+        return out if out.shape[0] == n else out[:n]
 
     def slots_req(self, rows, positions, out=None, params=None):
         """Form 2 (vLLM v1): token i is at positions[i] of rows[i].
-        Returns out[:len(positions)]."""
-        r, pos = as_array(rows, I32, "rows"), as_array(positions, I64, "positions")
-        n = pos.shape[0]
-        if r.shape[0] != n:
-            raise make_error(_EINVAL, f"{r.shape[0]} rows for {n} positions")
-        out = out_array(out, n, I64)
-        rc = lib.bt_slots_req(self._s(), (params or self._params).c, cbuf(r), cbuf(pos),
-                              n, cbuf(out))
+        Returns out[:len(positions)]. int32 rows and int64 positions as
+        numpy arrays pass without a copy."""
+        seg = self._seg
+        if seg is None:
+            self._s()
+        rb, n = c_array(rows, I32, "int32_t[]", "rows")
+        pb, npos = c_array(positions, I64, "int64_t[]", "positions")
+        if n != npos:
+            raise make_error(_EINVAL, f"{n} rows for {npos} positions")
+        out, ob = c_out(out, n, I64, "int64_t[]")
+        rc = lib.bt_slots_req(seg, (params or self._params).c, rb, pb, n, ob)
         if rc:
             raise make_error(rc, f"slots_req(n={n}, {params or ''})")
-        return out[:n]
+        return out if out.shape[0] == n else out[:n]
 
     def slots_qsl(self, query_start_loc, positions, rows=None, out=None, out_len=None,
                   params=None):
@@ -478,16 +490,17 @@ class Client:
             raise make_error(rc, f"share(ids={preview(ids)})")
 
     # ---- rows -------------------------------------------------------------------
-    def claim_row(self, key=0, row=-1, raw=False):
+    def claim_row(self, key=0, row=-1, raw=False, paged=False):
         """Claim a free row for request `key` (row -1: any free row) and
         return its index. raw=True: entries are ids you manage yourself
-        (BT_ROW_RAW), not references to this segment's blocks.
+        (BT_ROW_RAW), not references to this segment's blocks. paged=True:
+        entries live in chunks of the segment's chunk pool (BT_ROW_PAGED).
         Errors: OutOfRows, RowStateError (that row is taken), OutOfRange."""
         cl = self._cl
         if cl is None:
             self._gone()
         out = ffi.new("uint32_t *")
-        flags = ROW_RAW if raw else ROW_MANAGED
+        flags = (ROW_RAW if raw else ROW_MANAGED) | (ROW_PAGED if paged else 0)
         try:
             rc = lib.bt_row_claim(cl, key, row, flags, out)
         except OverflowError as e:
@@ -495,6 +508,21 @@ class Client:
         if rc:
             raise make_error(rc, f"claim_row(key={key}, row={row}, raw={raw})")
         return out[0]
+
+    def claim_rows(self, keys, raw=False, paged=False, out=None):
+        """Claim one free row per key in one call (requests arriving in one
+        step); returns the rows (uint32, out[:len(keys)]). All or nothing:
+        OutOfRows and no row claimed."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        kb, n = c_array(keys, U64, "uint64_t[]", "keys")
+        out = np.empty(n, U32) if out is None else out_array(out, n, U32)
+        flags = (ROW_RAW if raw else ROW_MANAGED) | (ROW_PAGED if paged else 0)
+        rc = lib.bt_row_claim_many(cl, kb, n, flags, ffi.from_buffer("uint32_t[]", out))
+        if rc:
+            raise make_error(rc, f"claim_rows(n={n}, raw={raw}, paged={paged})")
+        return out if out.shape[0] == n else out[:n]
 
     def release_row(self, row):
         """Release a claimed row: its blocks are decref'd, entries zeroed."""
@@ -578,6 +606,34 @@ class Client:
             raise _range_error(e, f"truncate(row={row}, keep={keep})") from None
         if rc:
             raise make_error(rc, f"truncate(row={row}, keep={keep})")
+
+    def set_block(self, row, index, block_id):
+        """Paged rows: set entry `index` (the row grows to index + 1, with
+        holes between); block_id 0 makes a hole. MANAGED rows take the id's
+        loose reference and drop the old entry's. Errors: OutOfChunks,
+        NotHeld, RowStateError (not a paged row), OutOfRange."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            rc = lib.bt_row_set_block(cl, row, index, block_id)
+        except OverflowError as e:
+            raise _range_error(e, f"set_block(row={row}, index={index})") from None
+        if rc:
+            raise make_error(rc, f"set_block(row={row}, index={index}, block_id={block_id})")
+
+    def punch(self, row, start, stop):
+        """Paged rows: make holes of entries [start, stop) (a sliding
+        window's past); their references are dropped, empty chunks returned."""
+        cl = self._cl
+        if cl is None:
+            self._gone()
+        try:
+            rc = lib.bt_row_punch(cl, row, start, stop)
+        except OverflowError as e:
+            raise _range_error(e, f"punch(row={row}, {start}, {stop})") from None
+        if rc:
+            raise make_error(rc, f"punch(row={row}, start={start}, stop={stop})")
 
     def set_tokens(self, row, num_tokens):
         """Set the row's token count (bookkeeping; slot mapping ignores it)."""

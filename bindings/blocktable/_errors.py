@@ -52,6 +52,7 @@ _NAMES = {
     "BT_ENAME": ("BadName", ValueError),
     "BT_ECONFIG": ("ConfigError", ValueError),
     "BT_ECLIENT": ("ClientGone", None),
+    "BT_ENOCHUNKS": ("OutOfChunks", MemoryError),
 }
 
 # code -> class, for library codes and the OS errors seen so far.

@@ -13,7 +13,8 @@ __all__ = ["SegmentConfig", "SegmentInfo", "RowInfo", "CheckReport",
 I32 = np.dtype(np.int32)
 I64 = np.dtype(np.int64)
 U32 = np.dtype(np.uint32)
-_CTYPE = {I32: "int32_t[]", I64: "int64_t[]", U32: "uint32_t[]"}
+U64 = np.dtype(np.uint64)
+_CTYPE = {I32: "int32_t[]", I64: "int64_t[]", U32: "uint32_t[]", U64: "uint64_t[]"}
 
 _D = ffi.new("bt_config *")
 lib.bt_config_default(_D)
@@ -86,48 +87,35 @@ class SegmentInfo:
         return cls(config=from_struct(SegmentConfig, c.config), **vals)
 
 
-@dataclass(frozen=True)
-class RowInfo:
-    """bt_row_info: a consistent snapshot of one row's metadata."""
-    owner: int
-    flags: int
-    key: int
-    num_blocks: int
-    generation: int
-    num_tokens: int
+def _struct_class(name, ctype, doc, namespace=None):
+    """A frozen dataclass with the public fields of C struct `ctype` (a field
+    added to bt.h shows up without an edit here)."""
+    names = [n for n, _ in ffi.typeof(ctype).fields if not n.startswith("_")]
+    cls = make_dataclass(name, [(n, int) for n in names], frozen=True,
+                         namespace=namespace or {})
+    cls.__module__, cls.__doc__ = "blocktable", doc
+    return cls
 
 
-@dataclass(frozen=True)
-class ClientSlotInfo:
-    """bt_client_slot_info: a racy snapshot of one client slot."""
-    state: int
-    pid: int
-    start_time: int
-    in_op: int
-    hand_count: int
-    rows: int
-    ops: int
+RowInfo = _struct_class("RowInfo", "bt_row_info", """bt_row_info: a consistent
+    snapshot of one row's metadata (owner client id, flags, key, num_blocks,
+    generation, num_tokens, and the seqlock values it was read at).""")
+
+ClientSlotInfo = _struct_class("ClientSlotInfo", "bt_client_slot_info", """bt_client_slot_info:
+    a racy snapshot of one client slot (state, pid, hand_count, rows, ops...).""")
 
 
-@dataclass(frozen=True)
-class CheckReport:
-    """bt_check_report: what bt_seg_check / bt_seg_recover_client found."""
-    blocks_free: int
-    blocks_held: int
-    refcnt_fixed: int
-    leaked: int
-    double_free: int
-    rows_fixed: int
-    bad_entries: int
-    clients_reaped: int
-    pause_ns: int
-    stuck_client: int
+def _clean(self):
+    """No leak, no double free, nothing fixed, nothing out of range."""
+    bad = ("leaked", "double_free", "refcnt_fixed", "rows_fixed", "bad_entries",
+           "chunks_leaked")
+    return not any(getattr(self, f, 0) for f in bad)
 
-    @property
-    def clean(self):
-        """No leak, no double free, nothing fixed, nothing out of range."""
-        return not (self.leaked or self.double_free or self.refcnt_fixed
-                    or self.rows_fixed or self.bad_entries)
+
+CheckReport = _struct_class("CheckReport", "bt_check_report", """bt_check_report: what
+    bt_seg_check / bt_seg_recover_client found (blocks_free, blocks_held,
+    leaked, double_free, ...); ``clean`` says all is well.""",
+                            {"clean": property(_clean)})
 
 
 @dataclass
@@ -214,6 +202,23 @@ def out_array(out, n, dtype, what="out"):
     if out.shape[0] < n:
         raise make_error(lib.BT_EINVAL, f"{what} has {out.shape[0]} entries, {n} needed")
     return out
+
+
+def c_out(out, n, dtype, ctype, what="out"):
+    """(array, C view) of an output buffer of at least n entries: a new one,
+    or the caller's after the checks (dtype, 1-d, contiguous, writable)."""
+    if out is None:
+        if n < 0:
+            raise make_error(lib.BT_EINVAL, f"a count of {n} is negative")
+        out = np.empty(n, dtype)
+        return out, ffi.from_buffer(ctype, out)
+    if type(out) is np.ndarray and out.dtype is dtype and out.ndim == 1 and out.shape[0] >= n:
+        try:
+            return out, ffi.from_buffer(ctype, out, require_writable=True)
+        except ValueError:  # not contiguous, or read-only: out_array says which
+            pass
+    out = out_array(out, n, dtype, what)
+    return out, ffi.from_buffer(ctype, out, require_writable=True)
 
 
 def cbuf(a):

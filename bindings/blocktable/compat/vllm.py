@@ -31,7 +31,7 @@ import numpy as np
 from .._core import SlotParams, Segment
 from .._errors import make_error
 from .._ffi import ffi, lib
-from .._types import I32, I64, SegmentConfig, as_array
+from .._types import I32, I64, SegmentConfig, as_array, c_array
 
 __all__ = ["BlockTable", "CpuGpuBuffer"]
 
@@ -195,14 +195,12 @@ class BlockTable:
         """slot_mapping.np[:n] = the slots of token i at positions[i] of row
         req_indices[i] (-1 where no block backs it, or, with context
         parallelism, where the token is another rank's)."""
-        r = as_array(req_indices, I32, "req_indices")
-        p = as_array(positions, I64, "positions")
-        n = p.shape[0]
-        if r.shape[0] != n or n > self.max_num_batched_tokens:
-            raise make_error(lib.BT_EINVAL, f"{r.shape[0]} req_indices, {n} positions, "
+        rb, nr = c_array(req_indices, I32, "int32_t[]", "req_indices")
+        pb, n = c_array(positions, I64, "int64_t[]", "positions")
+        if nr != n or n > self.max_num_batched_tokens:
+            raise make_error(lib.BT_EINVAL, f"{nr} req_indices, {n} positions, "
                                             f"max_num_batched_tokens {self.max_num_batched_tokens}")
-        rc = lib.bt_slots_req(self._seg, self._params.c, ffi.from_buffer("int32_t[]", r),
-                              ffi.from_buffer("int64_t[]", p), n, self._slot_buf)
+        rc = lib.bt_slots_req(self._seg, self._params.c, rb, pb, n, self._slot_buf)
         if rc:
             raise make_error(rc, f"compute_slot_mapping(n={n})")
 
