@@ -33,9 +33,8 @@ def source_files(root=ROOT):
     """Every file whose content goes into the extension, in a stable order."""
     headers = sorted(glob.glob(os.path.join(root, "libbt", "src", "*.h")))
     here = os.path.join(root, "bindings", "blocktable")
-    return [header_path(root), *headers, *c_sources(root),
-            os.path.join(here, "_build.py"), os.path.join(here, "_buildid.py"),
-            os.path.join(here, "_version.py")]
+    # _version.py is not hashed: the version is a part of the id of its own.
+    return [header_path(root), *headers, *c_sources(root), os.path.join(here, "_build.py")]
 
 
 def version(root=ROOT):

@@ -457,8 +457,8 @@ class Client:
         if cl is None:
             self._gone()
         try:
-            out = np.empty(n, I32) if out is None else out_array(out, n, I32)
-            rc = lib.bt_blocks_alloc(cl, pool, n, ffi.from_buffer("int32_t[]", out))
+            out, ob = c_out(out, n, I32, "int32_t[]")
+            rc = lib.bt_blocks_alloc(cl, pool, n, ob)
         except BtError:
             raise
         except (OverflowError, ValueError) as e:  # n < 0 or >= 2^32
@@ -572,8 +572,8 @@ class Client:
         if cl is None:
             self._gone()
         try:
-            out = np.empty(n, I32) if out is None else out_array(out, n, I32)
-            rc = lib.bt_row_alloc_append(cl, row, pool, n, ffi.from_buffer("int32_t[]", out))
+            out, ob = c_out(out, n, I32, "int32_t[]")
+            rc = lib.bt_row_alloc_append(cl, row, pool, n, ob)
         except BtError:
             raise
         except (OverflowError, ValueError) as e:  # n < 0 or >= 2^32

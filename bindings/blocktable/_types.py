@@ -192,7 +192,7 @@ def out_array(out, n, dtype, what="out"):
     """A caller's output buffer checked (dtype, contiguous, writable, >= n),
     or a new one of n entries."""
     if n < 0:
-        raise make_error(lib.BT_EINVAL, f"a count of {n} tokens or blocks is negative")
+        raise make_error(lib.BT_ERANGE, f"a count of {n} tokens or blocks is negative")
     if out is None:
         return np.empty(n, dtype)
     if type(out) is not np.ndarray or out.dtype != dtype or not out.flags.c_contiguous \
@@ -209,7 +209,7 @@ def c_out(out, n, dtype, ctype, what="out"):
     or the caller's after the checks (dtype, 1-d, contiguous, writable)."""
     if out is None:
         if n < 0:
-            raise make_error(lib.BT_EINVAL, f"a count of {n} is negative")
+            raise make_error(lib.BT_ERANGE, f"a count of {n} is negative")
         out = np.empty(n, dtype)
         return out, ffi.from_buffer(ctype, out)
     if type(out) is np.ndarray and out.dtype is dtype and out.ndim == 1 and out.shape[0] >= n:
