@@ -158,8 +158,9 @@ class Segment:
             return
         for c in list(self._clients):
             c.close()
-        self._seg = None
-        self._base = None
+        # Unmapped now unless a view made earlier is still alive.
+        self._seg = self._base = None
+        self.table = self.num_blocks = self.num_tokens = None
 
     @property
     def closed(self):
