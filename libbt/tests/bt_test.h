@@ -140,6 +140,13 @@ static void t_on_alarm(int sig)
     _exit(T_EXIT_FAIL);
 }
 
+static T_UNUSED void t_sleep(double seconds)
+{
+    struct timespec ts = { (time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9) };
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
 /* Fail the test (from any thread) if it runs longer than `seconds`. A child
  * inherits no alarm: call t_timeout again in it if it may hang. */
 static T_UNUSED void t_timeout(int seconds)

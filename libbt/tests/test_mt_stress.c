@@ -7,6 +7,11 @@
  *                          and repairs, which must find nothing to fix.
  *   test_raw_pool_threads  N threads on bt_pool_pop / bt_pool_push alone, small
  *                          pools that run dry: no block handed out twice.
+ *   test_seqlock_readers   writers rewrite RAW rows with self-describing
+ *                          contents (every entry v, num_blocks v % W + 1);
+ *                          readers on other threads must never see a mix.
+ *   test_client_churn      threads open and close clients and claim rows by
+ *                          hint at once: ids and rows are never given twice.
  *
  * At the end every block is free or held, free + held == total - 1, and the
  * library's counts equal what the workers hold.
@@ -152,10 +157,188 @@ static void test_raw_pool_threads(void)
     bt_seg_close(seg);
 }
 
+struct sl_arg { bt_seg *seg; bt_client *cl; uint32_t row; uint64_t n, rnd; uint32_t *stop; };
+
+static void *sl_writer(void *p)
+{
+    struct sl_arg *a = p;
+    int32_t ids[8];
+    for (uint32_t v = 1; !__atomic_load_n(a->stop, __ATOMIC_ACQUIRE); v++) {
+        uint32_t n = v % 8 + 1;
+        for (uint32_t i = 0; i < 8; i++)
+            ids[i] = (int32_t)v;
+        switch (t_below(&a->rnd, 3)) {
+        case 0:
+            T_OK(bt_row_set(a->cl, a->row, ids, n));
+            break;
+        case 1:                         /* truncate then append: two writes */
+            T_OK(bt_row_truncate(a->cl, a->row, 0));
+            T_OK(bt_row_append(a->cl, a->row, ids, n));
+            break;
+        default: {                      /* via a second row and a swap */
+            uint32_t other = a->row + 1;
+            T_OK(bt_row_set(a->cl, other, ids, n));
+            T_OK(bt_row_swap(a->cl, a->row, other));
+        }
+        }
+        a->n++;
+    }
+    return NULL;
+}
+
+static void *sl_reader(void *p)
+{
+    struct sl_arg *a = p;
+    int32_t ids[8];
+    while (!__atomic_load_n(a->stop, __ATOMIC_ACQUIRE)) {
+        uint32_t row = 2 * t_below(&a->rnd, 2);     /* rows 0 and 2 are written */
+        bt_row_info ri;
+        int rc = bt_row_read(a->seg, row, ids, 8, &ri);
+        if (rc)
+            T_FAIL("reader: bt_row_read(%u) returned %s", row, bt_errname(rc));
+        if (ri.num_blocks == 0)
+            continue;                   /* between a truncate and an append */
+        int32_t v = ids[0];
+        for (uint32_t i = 0; i < ri.num_blocks; i++)
+            if (ids[i] != v)
+                T_FAIL("torn read of row %u: entry %u is %d, entry 0 is %d (%u blocks)", row, i,
+                       ids[i], v, ri.num_blocks);
+        if (v <= 0 || ri.num_blocks != (uint32_t)v % 8 + 1)
+            T_FAIL("torn read of row %u: %u blocks of %d", row, ri.num_blocks, v);
+        a->n++;
+    }
+    return NULL;
+}
+
+static void test_seqlock_readers(void)
+{
+    bt_config c = t_config_small();
+    c.num_rows = 4;
+    c.row_width = 8;
+    bt_seg *seg = t_seg_embedded(&c);
+    uint32_t stop = 0, r;
+    struct sl_arg w[2], rd[2];
+    pthread_t tw[2], tr[2];
+    for (int i = 0; i < 2; i++) {
+        bt_client *cl = t_client(seg);
+        T_OK(bt_row_claim(cl, 1, 2 * i, BT_ROW_RAW, &r));
+        T_OK(bt_row_claim(cl, 2, 2 * i + 1, BT_ROW_RAW, &r));
+        w[i] = (struct sl_arg){ .seg = seg, .cl = cl, .row = 2 * (uint32_t)i, .stop = &stop,
+                                .rnd = t_substream(300 + i) };
+        rd[i] = (struct sl_arg){ .seg = seg, .stop = &stop, .rnd = t_substream(310 + i) };
+    }
+    for (int i = 0; i < 2; i++) {
+        T_ASSERT(pthread_create(&tw[i], NULL, sl_writer, &w[i]) == 0);
+        T_ASSERT(pthread_create(&tr[i], NULL, sl_reader, &rd[i]) == 0);
+    }
+    t_sleep(st_seconds(3.0) / 3);
+    __atomic_store_n(&stop, 1u, __ATOMIC_RELEASE);
+    for (int i = 0; i < 2; i++) {
+        T_ASSERT(pthread_join(tw[i], NULL) == 0);
+        T_ASSERT(pthread_join(tr[i], NULL) == 0);
+    }
+    printf("seqlock: %" PRIu64 " writes, %" PRIu64 " non-empty reads, none torn\n",
+           w[0].n + w[1].n, rd[0].n + rd[1].n);
+    T_ASSERT(rd[0].n + rd[1].n > 0);
+    bt_client_close(w[0].cl);
+    bt_client_close(w[1].cl);
+    t_check_quiet(seg);
+    bt_seg_close(seg);
+}
+
+struct churn { bt_seg *seg; uint32_t *slot_owner, *row_owner, me, *stop; uint64_t rnd, opens, claims; };
+
+static void *churn_main(void *p)
+{
+    struct churn *a = p;
+    while (!__atomic_load_n(a->stop, __ATOMIC_ACQUIRE)) {
+        bt_client *cl;
+        int rc = bt_client_open(a->seg, &cl);
+        if (rc == BT_ENOCLIENTS)
+            continue;
+        if (rc)
+            T_FAIL("churn %u: bt_client_open returned %s", a->me, bt_errname(rc));
+        uint32_t id = bt_client_id(cl), zero = 0;
+        if (!__atomic_compare_exchange_n(&a->slot_owner[id], &zero, a->me, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            T_FAIL("client id %u given to thread %u while thread %u has it", id, a->me, zero);
+        a->opens++;
+        for (int k = 0; k < 4; k++) {
+            uint32_t row, hint = t_below(&a->rnd, 6);
+            rc = bt_row_claim(cl, a->me, t_below(&a->rnd, 2) ? (int32_t)hint : -1, BT_ROW_MANAGED,
+                              &row);
+            if (rc == BT_EROWSTATE || rc == BT_ENOROWS)
+                continue;
+            if (rc)
+                T_FAIL("churn %u: bt_row_claim returned %s", a->me, bt_errname(rc));
+            zero = 0;
+            if (!__atomic_compare_exchange_n(&a->row_owner[row], &zero, a->me, 0,
+                                             __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                T_FAIL("row %u claimed by thread %u while thread %u has it", row, a->me, zero);
+            a->claims++;
+            T_OK(bt_row_alloc_append(cl, row, 0, 1, NULL));
+            uint32_t me = a->me;
+            if (t_below(&a->rnd, 2)) {
+                T_ASSERT(__atomic_compare_exchange_n(&a->row_owner[row], &me, 0u, 0,
+                                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+                T_OK(bt_row_release(cl, row));
+            }
+        }
+        /* closing releases the rows still claimed: unmark them first */
+        for (uint32_t r = 0; r < 6; r++) {
+            uint32_t me = a->me;
+            __atomic_compare_exchange_n(&a->row_owner[r], &me, 0u, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE);
+        }
+        uint32_t me = a->me;
+        T_ASSERT(__atomic_compare_exchange_n(&a->slot_owner[id], &me, 0u, 0, __ATOMIC_ACQ_REL,
+                                             __ATOMIC_ACQUIRE));
+        bt_client_close(cl);
+    }
+    return NULL;
+}
+
+static void test_client_churn(void)
+{
+    uint32_t n = nthreads();
+    bt_config c = t_config_small();
+    c.num_rows = 6;
+    c.max_clients = n > 2 ? n - 1 : 2;  /* fewer slots than threads: BT_ENOCLIENTS */
+    bt_seg *seg = t_seg_embedded(&c);
+    uint32_t slot_owner[ST_MAXW + 1] = { 0 }, row_owner[6] = { 0 }, stop = 0;
+    struct churn a[ST_MAXW];
+    pthread_t tid[ST_MAXW];
+    for (uint32_t i = 0; i < n; i++) {
+        a[i] = (struct churn){ .seg = seg, .slot_owner = slot_owner, .row_owner = row_owner,
+                               .me = i + 1, .stop = &stop, .rnd = t_substream(400 + i) };
+        T_ASSERT(pthread_create(&tid[i], NULL, churn_main, &a[i]) == 0);
+    }
+    t_sleep(st_seconds(3.0) / 3);
+    __atomic_store_n(&stop, 1u, __ATOMIC_RELEASE);
+    uint64_t opens = 0, claims = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        T_ASSERT(pthread_join(tid[i], NULL) == 0);
+        opens += a[i].opens;
+        claims += a[i].claims;
+    }
+    printf("churn: %u threads, %" PRIu64 " client opens, %" PRIu64 " row claims\n", n, opens,
+           claims);
+    for (uint32_t id = 1; id <= c.max_clients; id++) {
+        bt_client_slot_info si;
+        T_OK(bt_client_slot_get(seg, id, &si));
+        T_EQ(si.state, BT_CLIENT_FREE);
+    }
+    bt_check_report rep = t_check_quiet(seg);
+    T_EQ(rep.blocks_free, 63);
+    bt_seg_close(seg);
+}
+
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
     T_RUN(test_clients_threads);
     T_RUN(test_raw_pool_threads);
+    T_RUN(test_seqlock_readers);
+    T_RUN(test_client_churn);
     return t_done();
 }
