@@ -6,6 +6,7 @@ Layers (after pyca/cryptography and pynacl):
   blocktable._core   Segment and Client, the handles people use
   blocktable.table   the seed's API (BlockTable, BlockTableConfig, ...)
   blocktable.compat  adapters with other engines' signatures (vLLM v1)
+  blocktable.connect registration with the daemon btd (connect())
 """
 from ._version import __version__
 from ._ffi import BUILD_ID, ffi, lib
@@ -16,6 +17,7 @@ from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
                      SegmentConfig, SegmentInfo)
 from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams
 from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
+from .connect import DaemonError, DaemonNotRunning, connect
 
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",
@@ -23,5 +25,6 @@ __all__ = [
     "Segment", "Client", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
     "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
     "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
+    "connect", "DaemonError", "DaemonNotRunning",
 ]
 __all__ = list(dict.fromkeys(__all__))
