@@ -388,6 +388,14 @@ static T_UNUSED void t_check_tails_at(const bt_seg *seg, const char *file, int l
         int rc = bt_row_read(seg, r, NULL, 0, &ri);
         if (rc)
             t_fail_at(file, line, "row %u: bt_row_read returned %d (%s)", r, rc, bt_errname(rc));
+#ifdef BT_ROW_PAGED
+        if (ri.flags & BT_ROW_PAGED) {  /* entries live in chunks: bt_row_read's view */
+            if (nb[r] < 0 || (uint32_t)nb[r] != ri.num_blocks)
+                t_fail_at(file, line, "paged row %u: nblocks %d, bt_row_read says %u", r, nb[r],
+                          ri.num_blocks);
+            continue;
+        }
+#endif
         if (nb[r] < 0 || (uint32_t)nb[r] > w || (uint32_t)nb[r] != ri.num_blocks)
             t_fail_at(file, line, "row %u: nblocks %d, bt_row_read says %u, width %u",
                       r, nb[r], ri.num_blocks, w);
@@ -417,6 +425,11 @@ static T_UNUSED bt_check_report t_check_quiet_at(bt_seg *seg, const char *file, 
                   " double_free %" PRIu64 " refcnt_fixed %" PRIu64 " rows_fixed %" PRIu64
                   " bad_entries %" PRIu64, rep.leaked, rep.double_free, rep.refcnt_fixed,
                   rep.rows_fixed, rep.bad_entries);
+#ifdef BT_ENOCHUNKS
+    if (rep.chunks_leaked)
+        t_fail_at(file, line, "bt_seg_check on a quiet segment: %" PRIu64 " chunks leaked",
+                  rep.chunks_leaked);
+#endif
     if (rep.blocks_free != fr || rep.blocks_free + rep.blocks_held != info.total_blocks - 1)
         t_fail_at(file, line, "bt_seg_check: free %" PRIu64 " held %" PRIu64
                   " (pools say free %" PRIu64 ", total %" PRIu64 " incl. the null block)",

@@ -571,6 +571,40 @@ static void test_raw_rows(void)
     bt_seg_close(seg);
 }
 
+/* Rows for a whole step's new requests at once: all or nothing. */
+static void test_claim_many(void)
+{
+    bt_config c = cfg();                /* 4 rows */
+    bt_seg *seg = t_seg_embedded(&c);
+    bt_client *a = t_client(seg), *b = t_client(seg);
+    uint64_t keys[4] = { 11, 12, 13, 14 };
+    uint32_t rows[4], r;
+    T_OK(bt_row_claim(b, 1, 2, BT_ROW_MANAGED, &r));
+    T_OK(bt_row_claim_many(a, keys, 2, BT_ROW_MANAGED, rows));
+    for (int i = 0; i < 2; i++) {
+        T_ASSERT(rows[i] < 4 && rows[i] != 2);
+        bt_row_info ri = t_row(seg, rows[i], NULL, 0);
+        T_EQ(ri.owner, bt_client_id(a));
+        T_EQ(ri.key, keys[i]);
+        T_EQ(ri.num_blocks, 0);
+    }
+    T_ASSERT(rows[0] != rows[1]);
+    t_snap *s = t_snap_take(seg);
+    T_RC(bt_row_claim_many(a, keys, 2, BT_ROW_MANAGED, rows), BT_ENOROWS);   /* 1 left */
+    T_RC(bt_row_claim_many(a, keys, 2, 0xff, rows), BT_EINVAL);
+    T_SAME(seg, s);
+    T_OK(bt_row_claim_many(a, keys + 3, 1, BT_ROW_RAW, rows));
+    T_EQ(t_row(seg, rows[0], NULL, 0).flags, BT_ROW_RAW);
+    T_OK(bt_row_claim_many(a, keys, 0, BT_ROW_MANAGED, rows));
+    bt_client_slot_info si;
+    T_OK(bt_client_slot_get(seg, bt_client_id(a), &si));
+    T_EQ(si.rows, 3);
+    bt_client_close(a);
+    bt_client_close(b);
+    t_check_quiet(seg);
+    bt_seg_close(seg);
+}
+
 /* Every mutating call from a client that does not own the row. */
 static void test_ownership(void)
 {
@@ -648,6 +682,7 @@ int main(int argc, char **argv)
     T_RUN(test_move);
     T_RUN(test_swap);
     T_RUN(test_raw_rows);
+    T_RUN(test_claim_many);
     T_RUN(test_ownership);
     T_RUN(test_close_releases);
     T_RUN(test_move_into_full);              /* last: a contract question, see there */
