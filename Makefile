@@ -48,7 +48,8 @@ tsan:
 	$(MAKE) ctest BUILD=build-tsan CFLAGS="-O1 -g -fsanitize=thread" BT_TEST_FILTER=mt
 
 # The virtual environment is rebuilt when the packaging or the C sources change.
-$(VENV)/.stamp: pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR) $(wildcard bindings/blocktable/_build.py)
+$(VENV)/.stamp: pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR) \
+               $(wildcard bindings/blocktable/_build.py bindings/blocktable/_buildid.py bindings/blocktable/_version.py)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'

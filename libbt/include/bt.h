@@ -313,12 +313,14 @@ int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b);
 int bt_row_read(const bt_seg *seg, uint32_t row, int32_t *ids_out, uint32_t cap, bt_row_info *info_out);
 
 /* ---- 6. The scheduler step ----------------------------------------------- */
-/* One call for a scheduler step: first release the rows in free_rows (ending
+/* One call for a scheduler step: release the rows in free_rows (ending
  * requests), then allocate n_new[i] blocks from `pool` and append them to
- * rows[i]. All blocks for the step are popped with one CAS. All-or-nothing for
- * the allocation part: every row's room and the pool's supply are checked
- * first; on error no row changed (the releases are done first only if the whole
- * step can proceed). ids_out receives the new ids, row after row (sum n_new). */
+ * rows[i], all new blocks popped with one CAS. Every row is validated first
+ * (owned, listed once across both lists, MANAGED dense rows for growth, with
+ * room): on any validation error nothing changed. Once valid, the releases
+ * happen and their blocks can serve this step; the allocation is all or
+ * nothing: on BT_ENOBLOCKS no row got a block (the ending rows stay
+ * released: they ended). ids_out receives the new ids, row after row. */
 int bt_step(bt_client *cl, uint32_t pool,
             const uint32_t *free_rows, uint32_t n_free,
             const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows,

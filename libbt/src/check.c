@@ -199,6 +199,11 @@ static void scan_row(struct scan *sc, uint32_t row)
             break;
         }
     }
+    for (uint32_t i = nb; !paged && !dead && i < s->cfg.row_width; i++)
+        if (bt_load_relaxed(&e[i]) != 0) {      /* a stale tail: readers would see it */
+            fix = 1;
+            break;
+        }
     if (o == 0 || dead)
         good = 0;
     else if (managed && !paged)
@@ -277,8 +282,16 @@ static void settle_blocks(struct scan *sc)
                 bt_store_relaxed(&s->next[prev], b);
             prev = b;
         }
-        rep->blocks_free += nfree;
-        rep->blocks_held += (hi - (lo ? lo : 1)) - nfree;
+        /* Read-only: free means on a free list (leaks are reported apart);
+         * repairing: free means free once the lists are rebuilt. */
+        uint32_t listed = 0;
+        for (uint32_t b = lo ? lo : 1; !sc->repair && b < hi; b++)
+            listed += sc->onlist[b] != 0;
+        uint32_t counted = 0;           /* read-only: blocks with a nonzero count */
+        for (uint32_t b = lo ? lo : 1; !sc->repair && b < hi; b++)
+            counted += bt_load_relaxed(&s->refcnt[b]) != 0;
+        rep->blocks_free += sc->repair ? nfree : listed;
+        rep->blocks_held += sc->repair ? (hi - (lo ? lo : 1)) - nfree : counted;
         if (!sc->repair)
             continue;
         if (prev != BT_NIL)
@@ -295,6 +308,22 @@ static void settle_chunks(struct scan *sc)
 {
     bt_seg *s = sc->s;
     uint32_t first = BT_NIL, prev = BT_NIL, nfree = 0;
+    if (sc->repair) {
+        /* Repairs trimmed directories after they were marked: mark again
+         * from what the claimed rows hold now. */
+        for (uint32_t c = 0; c < s->cfg.num_chunks; c++)
+            sc->cmark[c] &= (uint8_t)~1u;
+        for (uint32_t row = 0; row < s->cfg.num_rows && s->cfg.num_chunks; row++) {
+            if (!bt_load_relaxed(&s->rows[row].owner) || !bt_row_paged(s, row))
+                continue;
+            const uint32_t *d = s->dir + (uint64_t)row * s->cfg.dir_width;
+            for (uint32_t k = 0; k < s->cfg.dir_width; k++) {
+                uint32_t c = bt_load_relaxed(&d[k]);
+                if (c && c <= s->cfg.num_chunks)
+                    sc->cmark[c - 1] |= 1;
+            }
+        }
+    }
     for (uint32_t c = 0; c < s->cfg.num_chunks; c++) {
         if (sc->cmark[c] & 1)
             continue;

@@ -169,35 +169,46 @@ int bt_row_drop(bt_client *cl, uint32_t row)
     return BT_OK;
 }
 
-/* Claim one row inside an op; see bt_row_claim. */
-static int claim_one(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
+/* Take a free row's owner word (row_hint >= 0: that row only). */
+static int claim_take(bt_client *cl, int32_t hint, uint32_t *row_out)
 {
     bt_seg *s = cl->seg;
-    uint32_t n = s->cfg.num_rows, found = UINT32_MAX;
+    uint32_t n = s->cfg.num_rows;
     uint32_t start = hint >= 0 ? (uint32_t)hint : bt_fetch_add_relaxed(&s->hdr->row_cursor, 1u) % n;
     for (uint32_t k = 0; k < (hint >= 0 ? 1 : n); k++) {
         uint32_t row = (start + k) % n, zero = 0;
         if (bt_cas_acqrel(&s->rows[row].owner, &zero, cl->id)) {
-            found = row;
-            break;
+            *row_out = row;
+            return BT_OK;
         }
     }
-    if (found == UINT32_MAX)
-        return hint >= 0 ? BT_EROWSTATE : BT_ENOROWS;
-    struct bt_row *r = &s->rows[found];
+    return hint >= 0 ? BT_EROWSTATE : BT_ENOROWS;
+}
+
+/* Make a taken row the request's: new generation, empty, key and flags. */
+static void claim_init(bt_client *cl, uint32_t row, uint64_t key, uint32_t flags)
+{
+    bt_seg *s = cl->seg;
+    struct bt_row *r = &s->rows[row];
     bt_row_rewrite_begin(r);
-    if (bt_load_relaxed(&s->nblocks[found]) != 0) {  /* should never be: heal */
-        bt_store_relaxed(&s->nblocks[found], 0);
-        bt_row_wipe(s, found, 0);
+    if (bt_load_relaxed(&s->nblocks[row]) != 0) {  /* should never be: heal */
+        bt_store_relaxed(&s->nblocks[row], 0);
+        bt_row_wipe(s, row, 0);
     }
     bt_store_relaxed(&r->key, key);
     bt_store_relaxed(&r->flags, flags);
     bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
-    bt_store_relaxed(&s->ntokens[found], (int64_t)0);
+    bt_store_relaxed(&s->ntokens[row], (int64_t)0);
     bt_row_write_end(r);
     bt_fetch_add_relaxed(&cl->slot->nrows, 1u);
-    *row_out = found;
-    return BT_OK;
+}
+
+static int claim_one(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
+{
+    int rc = claim_take(cl, hint, row_out);
+    if (!rc)
+        claim_init(cl, *row_out, key, flags);
+    return rc;
 }
 
 static int claim_flags_ok(const bt_seg *s, uint32_t flags)
@@ -228,11 +239,18 @@ int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t 
     int rc = bt_op_begin(cl);
     if (rc)
         return rc;
+    /* Take every owner word first, touching nothing else, so that running
+     * out of rows can hand them back with no trace (all or nothing). */
     uint32_t i = 0;
-    while (i < n && !(rc = claim_one(cl, keys[i], -1, flags, &rows_out[i])))
+    while (i < n && !(rc = claim_take(cl, -1, &rows_out[i])))
         i++;
-    while (rc && i-- > 0)               /* all or nothing: give back the empty rows */
-        bt_row_drop(cl, rows_out[i]);
+    if (rc) {
+        while (i-- > 0)
+            bt_store_release(&cl->seg->rows[rows_out[i]].owner, 0u);
+    } else {
+        for (i = 0; i < n; i++)
+            claim_init(cl, rows_out[i], keys[i], flags);
+    }
     bt_op_end(cl);
     return rc;
 }
@@ -403,12 +421,15 @@ int bt_row_set_tokens(bt_client *cl, uint32_t row, int64_t num_tokens)
     struct bt_row *r;
     if (!cl || num_tokens < 0)
         return BT_EINVAL;
-    int rc = bt_row_owned(cl, row, &r);
-    if (!rc) {
+    int rc = bt_op_begin(cl);           /* a write like any other: freeze, fork, reaping */
+    if (rc)
+        return rc;
+    if (!(rc = bt_row_owned(cl, row, &r))) {
         bt_row_write_begin(r);
         bt_store_relaxed(&cl->seg->ntokens[row], num_tokens);
         bt_row_write_end(r);
     }
+    bt_op_end(cl);
     return rc;
 }
 

@@ -1,7 +1,8 @@
 /*
  * step.c -- a whole scheduler step in one call: the per-call cost of Python
- * is the enemy, not the CAS. Validate everything, pop every new block with
- * one CAS, then release the ending rows and fill the growing ones.
+ * is the enemy, not the CAS. Validate everything, release the ending rows
+ * (their blocks can serve the same step), pop every new block with one CAS,
+ * then fill the growing rows.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -20,7 +21,8 @@ static void mark_clear(uint8_t *m, const uint32_t *rows, uint32_t n)
         m[rows[i] >> 3] = 0;
 }
 
-/* Every row valid, owned, MANAGED, listed once over both lists, with room. */
+/* Every row valid, owned, listed once over both lists; growing rows MANAGED
+ * dense with room. Marks are cleared for exactly the rows that were marked. */
 static int step_check(bt_client *cl, const uint32_t *free_rows, uint32_t n_free,
                       const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows,
                       uint64_t *total)
@@ -28,25 +30,35 @@ static int step_check(bt_client *cl, const uint32_t *free_rows, uint32_t n_free,
     bt_seg *s = cl->seg;
     struct bt_row *r;
     int rc = BT_OK;
-    uint32_t i, j;
+    uint32_t nf = 0, ng = 0;            /* rows marked in each list */
     *total = 0;
-    for (i = 0; i < n_free && !rc; i++) {
-        if (!(rc = bt_row_owned(cl, free_rows[i], &r)) && mark_test_set(cl->mark, free_rows[i]))
-            rc = BT_EINVAL;             /* listed twice */
-    }
-    for (j = 0; j < n_rows && !rc; j++) {
-        if ((rc = bt_row_owned(cl, rows[j], &r)))
+    for (; nf < n_free; nf++) {
+        if ((rc = bt_row_owned(cl, free_rows[nf], &r)))
             break;
-        if (mark_test_set(cl->mark, rows[j]))
-            rc = BT_EINVAL;
-        else if (bt_load_relaxed(&r->flags) != BT_ROW_MANAGED)
-            rc = BT_EROWSTATE;          /* step serves dense managed rows */
-        else if ((uint64_t)bt_row_nblocks(s, rows[j]) + n_new[j] > s->cfg.row_width)
-            rc = BT_EROWFULL;
-        *total += n_new[j];
+        if (mark_test_set(cl->mark, free_rows[nf])) {
+            rc = BT_EINVAL;             /* listed twice: the first mark stays ours */
+            break;
+        }
     }
-    mark_clear(cl->mark, free_rows, i);
-    mark_clear(cl->mark, rows, j);
+    for (; !rc && ng < n_rows; ng++) {
+        if ((rc = bt_row_owned(cl, rows[ng], &r)))
+            break;
+        if (mark_test_set(cl->mark, rows[ng])) {
+            rc = BT_EINVAL;
+            break;
+        }
+        if (bt_load_relaxed(&r->flags) != BT_ROW_MANAGED)
+            rc = BT_EROWSTATE;          /* step grows dense managed rows */
+        else if ((uint64_t)bt_row_nblocks(s, rows[ng]) + n_new[ng] > s->cfg.row_width)
+            rc = BT_EROWFULL;
+        *total += n_new[ng];
+        if (rc) {
+            ng++;                       /* this one was marked */
+            break;
+        }
+    }
+    mark_clear(cl->mark, free_rows, nf);
+    mark_clear(cl->mark, rows, ng);
     return rc;
 }
 
@@ -90,16 +102,15 @@ int bt_step(bt_client *cl, uint32_t pool, const uint32_t *free_rows, uint32_t n_
         return rc;
     if ((rc = step_check(cl, free_rows, n_free, rows, n_new, n_rows, &total)))
         goto out;
-    if (total > s->cfg.blocks_per_pool) {
-        rc = BT_ENOBLOCKS;
+    /* Ending requests go first, so their blocks can serve this very step. */
+    if (n_free && (rc = release_rows(cl, free_rows, n_free)))
         goto out;
-    }
-    if (total && (rc = bt_pop_raw(s, pool, (uint32_t)total, cl->id, ids_out)))
+    if (total > s->cfg.blocks_per_pool)
+        rc = BT_ENOBLOCKS;              /* more than the pool could ever hold */
+    else if (total)
+        rc = bt_pop_raw(s, pool, (uint32_t)total, cl->id, ids_out);
+    if (rc)
         goto out;
-    if (n_free && (rc = release_rows(cl, free_rows, n_free))) {
-        bt_decref_many(s, ids_out, (uint32_t)total);   /* give the new ones back */
-        goto out;
-    }
     const int32_t *src = ids_out;
     for (uint32_t j = 0; j < n_rows; j++) {
         uint32_t row = rows[j], nb = bt_row_nblocks(s, row);
