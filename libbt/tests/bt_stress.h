@@ -141,7 +141,7 @@ static int st_drop(struct st_worker *w, int32_t id)
 }
 
 /* The call failed after all: the references are still ours. */
-static void st_undrop(struct st_worker *w, int32_t id, int cleared)
+static T_UNUSED void st_undrop(struct st_worker *w, int32_t id, int cleared)
 {
     __atomic_store_n(st_refs(w, id), *st_refs(w, id) + 1, __ATOMIC_RELAXED);
     if (cleared) {
@@ -506,14 +506,8 @@ static void st_one(struct st_worker *w)
         }
         rc = bt_step(w->cl, (uint32_t)pool, fr, nf, rows, nn, ng, ids);
         ST_EXPECT(w, rc == 0 || rc == BT_ENOBLOCKS, rc, "bt_step");
-        if (rc) {
-            nc = 0;
-            for (uint32_t i = 0; i < nf; i++) {
-                struct st_row *f = &w->rows[fk[i]];
-                for (uint32_t j = 0; j < f->n; j++)
-                    st_undrop(w, f->ids[j], cl_at[nc++]);
-            }
-        } else {
+        /* on BT_ENOBLOCKS too, the ending rows are released (bt.h) */
+        if (!rc) {
             const int32_t *src = ids;
             for (uint32_t i = 0; i < ng; i++) {
                 struct st_row *g = NULL;
@@ -525,10 +519,9 @@ static void st_one(struct st_worker *w)
                     g->ids[g->n++] = *src++;
                 }
             }
-            /* remove released rows, highest index first */
-            for (uint32_t i = nf; i-- > 0;)
-                st_remove_row(w, fk[i]);
         }
+        for (uint32_t i = nf; i-- > 0;)       /* highest index first */
+            st_remove_row(w, fk[i]);
         (void)total;
         st_count(w, rc != 0);
         break;
