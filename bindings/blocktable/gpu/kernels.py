@@ -190,6 +190,7 @@ BLOCK = 128          # threads per block of the slot and gather kernels
 SCATTER_BLOCK = 256
 
 _modules = {}        # device id -> cupy.RawModule
+_functions = {}      # (device id, name) -> RawKernel
 _streams = {}        # raw stream pointer -> object with .ptr (what cupy launches take)
 
 
@@ -221,12 +222,14 @@ def get_kernel(name, device=None):
     Launch it with that device current (the mirror methods see to it)."""
     import cupy
     dev = cupy.cuda.runtime.getDevice() if device is None else device
-    mod = _modules.get(dev)
-    if mod is None:
-        with cupy.cuda.Device(dev):
-            mod = cupy.RawModule(code=CUDA_PRELUDE + SOURCE, options=("-std=c++17",))
-            _modules[dev] = mod
-    fn = mod.get_function(name)
+    fn = _functions.get((dev, name))
+    if fn is None:
+        mod = _modules.get(dev)
+        if mod is None:
+            with cupy.cuda.Device(dev):
+                mod = _modules[dev] = cupy.RawModule(code=CUDA_PRELUDE + SOURCE,
+                                                     options=("-std=c++17",))
+        fn = _functions[(dev, name)] = mod.get_function(name)
     return fn
 
 

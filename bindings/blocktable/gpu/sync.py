@@ -41,7 +41,8 @@ from .._ffi import ffi, lib
 from . import kernels
 from ._cuda import ProcWatch, cupy, proc_start_time, stream_ptr
 
-__all__ = ["Syncer", "MODES", "DEFAULT_MODE", "AUTO_RANGES_MAX_ROWS", "AUTO_ZEROCOPY_MAX"]
+__all__ = ["Syncer", "MODES", "DEFAULT_MODE", "AUTO_RANGES_MAX_ROWS", "AUTO_ZEROCOPY_MAX",
+           "remove_sync_file"]
 
 MODES = ("auto", "scatter", "zerocopy", "ranges")
 DEFAULT_MODE = "auto"
@@ -156,6 +157,18 @@ class _Handoff:
         os.pwrite(self.fd, struct.pack(_REC_FMT, _REC_MAGIC, pid, start, gen, handle), self.off)
 
 
+def remove_sync_file(name):
+    """Remove the record file beside segment `name` (/dev/shm/bt.<name>.gpusync),
+    e.g. when the segment itself is unlinked. Absent: nothing to do."""
+    try:
+        os.unlink(f"/dev/shm/bt.{name}.gpusync")
+    except FileNotFoundError:
+        pass
+    with _Handoff._flock:
+        for key in [k for k in _Handoff._files if k[0] == f"/dev/shm/bt.{name}.gpusync"]:
+            os.close(_Handoff._files.pop(key))
+
+
 class Syncer:
     """Brings one mirror's device copy up to date; one per process, mirror
     and generation (Mirror and MirrorExporter share it through `get`).
@@ -166,7 +179,9 @@ class Syncer:
 
     @classmethod
     def get(cls, seg, index, generation, device, table_ptr, counts_ptr):
-        key = (int(ffi.cast("uintptr_t", seg._base)), index, generation, os.getpid())
+        # The mapping's address is part of the key: a handle closed and opened
+        # again may come back elsewhere.
+        key = (int(ffi.cast("uintptr_t", seg._base)), index, generation, os.getpid(), table_ptr)
         with cls._all_lock:
             s = cls._all.get(key)
             if s is None:
