@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD/bindings PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 setup.py -q build_ext --inplace > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; exit 1; }
 python3 -c "import blocktable, blocktable.gpu as g; print(blocktable.BUILD_ID, g.gpu_available())"
-timeout 330 python3 -m pytest -q -rs -p no:cacheprovider --timeout 150 \
+timeout 250 python3 -m pytest -q -rs -p no:cacheprovider --timeout 150 \
     tests/test_gpu.py tests/test_gpu_kernels_host.py 2>&1 | tee "$OUT/pytest.txt"
-timeout 120 python3 examples/gpu_two_process.py --steps 120 2>&1 | tee "$OUT/example.txt"
-timeout 300 python3 bench/bench_gpu.py --json "$OUT/gpu_results.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 60 python3 examples/gpu_two_process.py --steps 120 2>&1 | tee "$OUT/example.txt"
+timeout 200 python3 bench/bench_gpu.py --json "$OUT/gpu_results.json" 2>&1 | tee "$OUT/bench.txt"
