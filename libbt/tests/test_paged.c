@@ -6,7 +6,9 @@
  * chunks that the rows' lengths span; every error leaves rows, counts and
  * the chunk pool as they were; a release gives every chunk back.
  */
+#include <stddef.h>
 #include "bt_test.h"
+#include "bt_layout.h"
 
 #define CS   4                           /* chunk size */
 #define NCH  10                          /* chunks */
@@ -539,6 +541,58 @@ static void test_dead_client_chunks(void)
     t_seg_shared_close(seg);
 }
 
+/* A dead client's paged row whose directory names a chunk of a live row
+ * (scribbled, white-box): releasing the dead row in a repair must not zero
+ * or take the live row's chunk. (Found by test_scribble, seed 11.) */
+static void test_repair_foreign_chunk(void)
+{
+    bt_config c = cfg();
+    bt_seg *seg = t_seg_shared(&c);
+    bt_client *a = t_client(seg);
+    uint32_t ra;
+    int32_t x[3], got[CAP];
+    T_OK(bt_row_claim(a, 1, -1, BT_ROW_PAGED, &ra));
+    T_OK(bt_row_alloc_append(a, ra, 0, 3, x));        /* chunk of entries 0..3 */
+    int fd[2];
+    T_ASSERT(pipe(fd) == 0);
+    pid_t pid = fork();
+    T_ASSERT(pid >= 0);
+    if (pid == 0) {
+        bt_client *b = t_client(seg);
+        uint32_t rb;
+        int32_t ids[2] = { 3, 4 };
+        T_OK(bt_row_claim(b, 2, -1, BT_ROW_PAGED | BT_ROW_RAW, &rb));
+        T_OK(bt_row_append(b, rb, ids, 2));
+        T_EQ(write(fd[1], &rb, 4), 4);
+        _exit(0);                       /* dies holding the row */
+    }
+    uint32_t rb = 0;
+    close(fd[1]);
+    T_EQ(read(fd[0], &rb, 4), 4);
+    close(fd[0]);
+    t_wait_ok(pid, "child with a paged row");
+    /* the dead row's directory slot 3 now names chunk (a's first) */
+    const uint8_t *base = bt_seg_base(seg);
+    uint64_t dir_off;
+    memcpy(&dir_off, base + offsetof(struct bt_header, off) + 8 * BT_R_DIR, 8);
+    uint32_t *dir = (uint32_t *)(bt_seg_base(seg)) + dir_off / 4;
+    uint32_t a_chunk = dir[(uint64_t)ra * DIRW];
+    T_ASSERT(a_chunk != 0);
+    dir[(uint64_t)rb * DIRW + 3] = a_chunk;
+    bt_check_report rep;
+    T_OK(bt_seg_check(seg, BT_CHECK_REPAIR, 1000, &rep));
+    T_ASSERT(rep.clients_reaped >= 1);
+    bt_row_info ri = t_row(seg, ra, got, CAP);
+    T_EQ(ri.num_blocks, 3);
+    for (int i = 0; i < 3; i++)
+        T_ASSERTF(got[i] == x[i], "live row's entry %d is %d, was %d", i, got[i], x[i]);
+    t_check_quiet(seg);
+    bt_client_close(a);
+    T_EQ(chunks_free(seg), NCH);
+    t_check_quiet(seg);
+    t_seg_shared_close(seg);
+}
+
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
@@ -549,5 +603,6 @@ int main(int argc, char **argv)
     T_RUN(test_managed_random);
     T_RUN(test_dead_client_chunks);
     T_RUN(test_repair_shortened);
+    T_RUN(test_repair_foreign_chunk);
     return t_done();
 }
