@@ -1,0 +1,471 @@
+"""Allocation strategies (the seed's BlockAllocationStrategy, each one real).
+
+Every strategy is a BlockSource: allocate(request_id, num_blocks) hands out
+loose references held by one client (the caller appends them to a row, or
+frees them), and get_stats() says what the strategy did, so each behaviour
+can be seen and tested:
+
+  SCATTERED   whatever the pool's free list gives, one shared pop per call.
+              Baseline. Interleaved requests get interleaved ids.
+  CONTIGUOUS  prefers runs of consecutive ids per request: a sorted local
+              magazine of free blocks (refilled a batch per shared pop),
+              from which each request continues its last run and new runs
+              start in the middle of the largest free gap. Runs make slot
+              mappings compressible (compress.py) and KV copies larger.
+              Stats: runs, mean_run_length.
+  NUMA_AWARE  allocates from the pool of the device's NUMA node (read from
+              /sys/bus/pci/devices/<bdf>/numa_node), spilling to the other
+              pools only when it is empty. Stats: numa_node, numa_source
+              (where the node came from, or why it fell back to node 0),
+              pool, spilled_blocks.
+  PREDICTIVE  PredictiveBlockAllocator (predictive.py): per-request
+              reservations ahead of need. Stats: hit_rate, reserved, reclaims.
+
+The magazine is a prototype in Python of what libbt could do in C (see the
+module's report): it holds at most `cache_limit` blocks in this client's
+hand, invisible to other processes until trim() or close().
+
+Every BlockSource counts runs the same way (a run continues across calls
+of the same request when the next id is the last one plus one) and its
+shared operations (pops and pushes on the shared free lists).
+
+Thread safety: one thread at a time. Errors: BtError subclasses; a call
+that raised changed nothing.
+"""
+import bisect
+import enum
+import os
+import re
+import sys
+
+import numpy as np
+
+from ._errors import error_class, make_error
+from ._ffi import lib
+from ._types import I32, preview
+from .sparse import count
+from .table import BlockAllocationStrategy
+
+__all__ = ["BlockAllocationStrategy", "BlockSource", "ScatteredAllocator",
+           "ContiguousAllocator", "NumaAwareAllocator", "make_allocator", "numa_node_of",
+           "count_runs"]
+
+_EINVAL, _ERANGE, _ENOTHELD = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ENOTHELD
+OutOfBlocks = error_class(lib.BT_ENOBLOCKS)
+HandFull = error_class(lib.BT_EHANDFULL)
+
+
+def count_runs(ids):
+    """Runs of consecutive ids (b, b+1, ...) in a sequence (0 for empty)."""
+    a = np.asarray(ids, dtype=np.int64)
+    return int(a.size and 1 + np.count_nonzero(np.diff(a) != 1))
+
+
+class UnknownRequest(error_class(_EINVAL), KeyError):
+    """A request id the allocator has never seen, or one that has ended."""
+    code = _EINVAL
+    __str__ = Exception.__str__    # not KeyError's repr-quoting
+
+
+def unknown_request(rid):
+    e = UnknownRequest(f"BT_EINVAL: unknown request {rid!r} (never allocated for, or ended)")
+    e.code, e.detail = _EINVAL, f"unknown request {rid!r}"
+    return e
+
+
+class BlockSource:
+    """What every strategy shares: handed-out bookkeeping (free / detach /
+    end_request refuse ids not handed out, or handed back twice), run and
+    shared-operation counters, get_stats().
+
+    Subclasses implement _take(request_id, n) -> list of n loose ids, all
+    or nothing, and may override _give_back(ids) (default: one release)."""
+
+    strategy = None
+
+    def __init__(self, client, pool=0):
+        cfg = client.segment.config
+        if not 0 <= count(pool, "pool") < cfg.num_pools:
+            raise make_error(_ERANGE, f"pool {pool} not in [0, {cfg.num_pools})")
+        self.client, self.segment, self.pool = client, client.segment, pool
+        self._out = set()           # ids handed out and still loose
+        self._last = {}             # request id -> last id handed to it (runs)
+        self._s = dict.fromkeys(("allocations", "blocks_allocated", "runs", "shared_pops",
+                                 "shared_pushes", "failed_pops", "pool_blocks", "failures",
+                                 "requests_ended"), 0)
+
+    # ---- allocation -----------------------------------------------------------
+    def allocate(self, request_id, num_blocks):
+        """num_blocks loose blocks (int32) for request_id (None: anonymous,
+        no run continuity). Errors: OutOfBlocks, HandFull, OutOfRange."""
+        n = count(num_blocks, "num_blocks")
+        ids = self._take(request_id, n)
+        self._record(request_id, ids)
+        return np.array(ids, I32)
+
+    def _record(self, rid, ids):
+        s = self._s
+        s["allocations"] += 1
+        s["blocks_allocated"] += len(ids)
+        if ids:
+            runs = 1 if len(ids) == 1 else count_runs(ids)
+            if rid is not None and self._last.get(rid) == ids[0] - 1:
+                runs -= 1           # continues the request's run
+            s["runs"] += runs
+            if rid is not None:
+                self._last[rid] = ids[-1]
+        elif rid is not None:
+            self._last.setdefault(rid, None)
+        self._out.update(ids)
+
+    def _pop(self, n, pool=None):
+        """n fresh ids in one shared pop, or None if the pool or hand can't."""
+        try:
+            ids = self.client.alloc(n, self.pool if pool is None else pool)
+        except (OutOfBlocks, HandFull):
+            self._s["failed_pops"] += 1
+            return None
+        self._s["shared_pops"] += 1
+        self._s["pool_blocks"] += n
+        return ids.tolist()
+
+    def _fail(self, detail):
+        self._s["failures"] += 1
+        return make_error(lib.BT_ENOBLOCKS, detail)
+
+    # ---- giving back ------------------------------------------------------------
+    def check_out(self, block_ids, what):
+        """block_ids as a list, if each was handed out by this allocator and
+        is still loose (once); else NotHeld naming `what`."""
+        a = np.asarray(block_ids).ravel()
+        if a.size and a.dtype.kind not in "iu":
+            raise make_error(_EINVAL, f"{what}: block ids must be integers, got {a.dtype}")
+        ids, seen = a.tolist(), set()
+        for b in ids:
+            if b not in self._out or b in seen:
+                why = "listed twice" if b in seen else \
+                    "not handed out by this allocator, or already freed"
+                raise make_error(_ENOTHELD, f"{what}: block {b} is {why} (ids {preview(ids)})")
+            seen.add(b)
+        return ids
+
+    def _give_back(self, ids):
+        if ids:
+            self.client.release(ids)
+            self._s["shared_pushes"] += 1
+
+    def free(self, block_ids):
+        """Give back blocks allocate() handed out. Errors: NotHeld (an id not
+        handed out, already freed or detached, or listed twice); nothing is
+        freed then."""
+        ids = self.check_out(block_ids, "free")
+        self._give_back(ids)
+        self._out.difference_update(ids)
+
+    def detach(self, block_ids):
+        """Forget blocks the caller moved into a row of this client (the row
+        holds their references now). Errors: NotHeld, as free()."""
+        self._out.difference_update(self.check_out(block_ids, "detach"))
+
+    def knows(self, request_id):
+        return request_id in self._last
+
+    def end_request(self, request_id, block_ids=()):
+        """The request is done: block_ids (loose blocks it still holds) go
+        back, and what the strategy kept for it is dropped.
+        Errors: UnknownRequest, NotHeld."""
+        if request_id not in self._last:
+            raise unknown_request(request_id)
+        ids = self.check_out(block_ids, "end_request")
+        self._give_back(ids)
+        self._out.difference_update(ids)
+        del self._last[request_id]
+        self._s["requests_ended"] += 1
+
+    def close(self):
+        """Give back what the strategy keeps for itself (not handed-out blocks)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- questions ----------------------------------------------------------------
+    def get_num_free(self):
+        """Free blocks in the pool (snapshot)."""
+        return self.segment.free_blocks(self.pool)
+
+    def get_stats(self):
+        s = dict(self._s)
+        s["strategy"] = self.strategy.name if self.strategy else None
+        s["pool"] = self.pool
+        s["shared_ops"] = s["shared_pops"] + s["shared_pushes"]
+        s["mean_run_length"] = s["blocks_allocated"] / s["runs"] if s["runs"] else 0.0
+        s["handed_out"] = len(self._out)
+        s["free"] = self.get_num_free()
+        return s
+
+
+class ScatteredAllocator(BlockSource):
+    """Whatever the pool's free list gives: one shared pop per call."""
+
+    strategy = BlockAllocationStrategy.SCATTERED
+
+    def _take(self, rid, n):
+        if n == 0:
+            return []
+        ids = self._pop(n)
+        if ids is None:
+            raise self._fail(f"{n} blocks asked, pool {self.pool} has {self.get_num_free()} free")
+        return ids
+
+
+class ContiguousAllocator(BlockSource):
+    """Runs of consecutive ids per request, from a sorted local magazine.
+
+    batch: blocks per refill (one shared pop), at least run_target per
+    active request so that each has a gap of that many to grow into;
+    cache_limit: most freed blocks the magazine keeps (beyond it they go
+    back to the pool at once; default twice the batch).
+    Under pressure (the pool cannot refill a batch) it refills exactly what
+    is missing; an allocation fails only when the magazine and the pool
+    together are short."""
+
+    strategy = BlockAllocationStrategy.CONTIGUOUS
+
+    def __init__(self, client, pool=0, batch=256, cache_limit=None, run_target=16):
+        super().__init__(client, pool)
+        self.batch = max(1, count(batch, "batch"))
+        self.run_target = count(run_target, "run_target")
+        self.cache_limit = 2 * self.batch if cache_limit is None else count(cache_limit,
+                                                                           "cache_limit")
+        self._mag = []              # sorted free ids held loose
+        self._s["refills"] = 0
+
+    def _take(self, rid, n):
+        short = n - len(self._mag)
+        if short > 0:
+            got = self._pop(max(short, self.batch, self.run_target * len(self._last)))
+            if got is None:
+                got = self._pop(short)
+            if got is None:
+                raise self._fail(f"{n} blocks asked: the magazine holds {len(self._mag)}, "
+                                 f"pool {self.pool} has {self.get_num_free()} free")
+            self._mag = sorted(self._mag + got)
+            self._s["refills"] += 1
+        out = []
+        nxt = self._last.get(rid) if rid is not None else None
+        nxt = None if nxt is None else nxt + 1
+        while len(out) < n:
+            i = self._find(nxt) if nxt is not None else -1
+            if i < 0:
+                i = self._new_run_start()
+            b = self._mag.pop(i)
+            out.append(b)
+            nxt = b + 1
+        return out
+
+    def _find(self, b):
+        i = bisect.bisect_left(self._mag, b)
+        return i if i < len(self._mag) and self._mag[i] == b else -1
+
+    def _new_run_start(self):
+        """Index in the magazine where a new run starts: the largest free
+        gap, at its start unless that is another request's continuation
+        (then in its middle, leaving both room to grow)."""
+        m = np.asarray(self._mag, dtype=np.int64)
+        breaks = np.flatnonzero(np.diff(m) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        lengths = np.diff(np.concatenate((starts, [m.size])))
+        k = int(np.argmax(lengths))
+        s, length = int(starts[k]), int(lengths[k])
+        taken = {b + 1 for b in self._last.values() if b is not None}
+        return s + length // 2 if self._mag[s] in taken else s
+
+    def _give_back(self, ids):
+        room = max(0, self.cache_limit - len(self._mag))
+        keep, back = ids[:room], ids[room:]
+        if keep:
+            self._mag = sorted(self._mag + keep)
+        if back:
+            self.client.release(back)
+            self._s["shared_pushes"] += 1
+
+    def trim(self):
+        """Give the magazine back to the pool (one shared operation)."""
+        if self._mag and not self.client.closed:
+            self.client.release(self._mag)
+            self._s["shared_pushes"] += 1
+        self._mag = []
+
+    close = trim
+
+    def get_stats(self):
+        s = super().get_stats()
+        s["cached"] = len(self._mag)
+        return s
+
+
+# ---- NUMA ------------------------------------------------------------------------
+_BDF = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cpu_list(text):
+    cpus = set()
+    for part in (text or "").split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            cpus.update(range(int(a), int(b) + 1))
+        elif part.strip():
+            cpus.add(int(part))
+    return cpus
+
+
+def _gpu_bdf(index, sysfs_root, proc_root):
+    """PCI address of CUDA device `index`: from torch when it is already
+    imported and knows it, else the index-th NVIDIA GPU in PCI order (what
+    CUDA numbers with CUDA_DEVICE_ORDER=PCI_BUS_ID; with the default
+    FASTEST_FIRST order it agrees on machines of identical GPUs)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            p = torch.cuda.get_device_properties(index)
+            dom = getattr(p, "pci_domain_id", 0)
+            return f"{dom:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0", "torch"
+        except Exception:   # no CUDA, or a torch without the fields: try /proc
+            pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",")]
+        if index >= len(ids) or not ids[index].isdigit():
+            return None, f"CUDA_VISIBLE_DEVICES={visible!r} does not name device {index} " \
+                         "by number"
+        index = int(ids[index])
+    try:
+        gpus = sorted(os.listdir(os.path.join(proc_root, "driver/nvidia/gpus")))
+    except OSError:
+        return None, "no NVIDIA driver (/proc/driver/nvidia/gpus)"
+    if index >= len(gpus):
+        return None, f"device {index} not among {len(gpus)} NVIDIA GPUs"
+    return gpus[index].lower(), "/proc/driver/nvidia/gpus (PCI order)"
+
+
+def numa_node_of(device=None, sysfs_root="/sys", proc_root="/proc"):
+    """(node, source): the NUMA node of `device` and where that came from.
+
+    device: None or "cpu" (the node of the first CPU this process may run
+    on), "cuda:N" / N (an NVIDIA GPU), or a PCI address "0000:3b:00.0".
+    Where nothing says, node 0 with source "fallback: <why>"."""
+    def fallback(why):
+        return 0, f"fallback: {why}"
+
+    if device is None or device == "cpu":
+        cpus = sorted(os.sched_getaffinity(0))
+        nodes_dir = os.path.join(sysfs_root, "devices/system/node")
+        try:
+            names = sorted(n for n in os.listdir(nodes_dir) if re.fullmatch(r"node\d+", n))
+        except OSError:
+            return fallback(f"no {nodes_dir}")
+        for name in names:
+            if cpus and cpus[0] in _cpu_list(_read(os.path.join(nodes_dir, name, "cpulist"))):
+                return int(name[4:]), f"{nodes_dir}/{name}/cpulist (cpu {cpus[0]})"
+        return fallback(f"cpu {cpus[0] if cpus else '?'} is in no node of {nodes_dir}")
+    if isinstance(device, str) and _BDF.match(device):
+        bdf, how = device.lower(), "given"
+    else:
+        dev = str(device)
+        m = re.fullmatch(r"(?:cuda:)?(\d+)", dev)
+        if not m:
+            return fallback(f"device {device!r} is neither cpu, cuda:N nor a PCI address")
+        bdf, how = _gpu_bdf(int(m.group(1)), sysfs_root, proc_root)
+        if bdf is None:
+            return fallback(how)
+    if bdf.count(":") == 2 and len(bdf.split(":")[0]) == 8:   # nvidia's 8-digit domain
+        bdf = bdf[4:]
+    path = os.path.join(sysfs_root, "bus/pci/devices", bdf, "numa_node")
+    text = _read(path)
+    if text is None:
+        return fallback(f"no {path}")
+    node = int(text)
+    if node < 0:
+        return fallback(f"{path} says {node} (the platform gives no NUMA information)")
+    return node, f"{path} ({how})"
+
+
+class NumaAwareAllocator(BlockSource):
+    """Blocks from the pool of the device's NUMA node.
+
+    The pool is node_to_pool[node] if given, else node % num_pools (pools
+    numbered by node, as a daemon that makes one pool per socket would).
+    When that pool is empty the rest comes from the pool with the most free
+    blocks (spilled_blocks counts them)."""
+
+    strategy = BlockAllocationStrategy.NUMA_AWARE
+
+    def __init__(self, client, device=None, node_to_pool=None, sysfs_root="/sys",
+                 proc_root="/proc"):
+        node, source = numa_node_of(device, sysfs_root, proc_root)
+        npools = client.segment.config.num_pools
+        pool = node_to_pool[node] if node_to_pool and node in node_to_pool else node % npools
+        super().__init__(client, pool)
+        self.numa_node, self.numa_source, self.device = node, source, device
+        self._s["spilled_blocks"] = 0
+
+    def _take(self, rid, n):
+        if n == 0:
+            return []
+        ids = self._pop(n)
+        if ids is not None:
+            return ids
+        got, spilled, seg = [], 0, self.segment
+        order = [self.pool] + sorted((p for p in range(seg.config.num_pools) if p != self.pool),
+                                     key=lambda p: -seg.free_blocks(p))
+        for p in order:
+            k = min(n - len(got), seg.free_blocks(p))
+            part = self._pop(k, p) if k else None
+            if part:
+                got += part
+                spilled += len(part) if p != self.pool else 0
+            if len(got) == n:
+                self._s["spilled_blocks"] += spilled
+                return got
+        if got:                     # all or nothing
+            self.client.release(got)
+            self._s["shared_pushes"] += 1
+        raise self._fail(f"{n} blocks asked, only {len(got)} free in all pools")
+
+    def get_stats(self):
+        s = super().get_stats()
+        s.update(numa_node=self.numa_node, numa_source=self.numa_source)
+        return s
+
+
+def make_allocator(strategy, client, pool=0, **kw):
+    """A BlockSource for `strategy` (a BlockAllocationStrategy or its name)
+    on `client`. Keywords go to the strategy's class (batch, device,
+    prediction_horizon, ...)."""
+    if isinstance(strategy, str):
+        try:
+            strategy = BlockAllocationStrategy[strategy.upper()]
+        except KeyError:
+            raise make_error(_EINVAL, f"unknown strategy {strategy!r}; one of "
+                                      f"{[s.name for s in BlockAllocationStrategy]}") from None
+    if not isinstance(strategy, enum.Enum) or strategy not in BlockAllocationStrategy:
+        raise make_error(_EINVAL, f"strategy must be a BlockAllocationStrategy, got {strategy!r}")
+    if strategy is BlockAllocationStrategy.SCATTERED:
+        return ScatteredAllocator(client, pool, **kw)
+    if strategy is BlockAllocationStrategy.CONTIGUOUS:
+        return ContiguousAllocator(client, pool, **kw)
+    if strategy is BlockAllocationStrategy.NUMA_AWARE:
+        return NumaAwareAllocator(client, **kw)
+    from .predictive import PredictiveBlockAllocator
+    return PredictiveBlockAllocator(client=client, pool=pool, **kw)
