@@ -22,6 +22,7 @@
 #define BT_TEST_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -199,7 +200,25 @@ static T_UNUSED uint64_t t_substream(uint64_t k)
 /* Each test function runs in a forked child, so that one failure (or crash)
  * does not hide the others: every sub-test reports, and the program fails if
  * any did. The child has its own timeout and unlinks its own named segments. */
-static int t_failed_subtests;
+static int t_failed_subtests, t_skipped_subtests, t_subtests;
+
+/* Skip the current sub-test (or the whole program, outside T_RUN). */
+#define T_SKIP(...) do { \
+    printf("SKIP: "); printf(__VA_ARGS__); printf("\n"); fflush(stdout); \
+    exit(T_EXIT_SKIP); \
+} while (0)
+
+/* Named segments need a writable /dev/shm (containers sometimes lack one). */
+static T_UNUSED void t_need_shm(void)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/bt.t.probe.%d", (int)getpid());
+    int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0)
+        T_SKIP("no POSIX shared memory here (shm_open: %s)", strerror(errno));
+    close(fd);
+    shm_unlink(path);
+}
 
 #define T_RUN(fn) t_run(#fn, fn)
 static T_UNUSED void t_run(const char *name, void (*fn)(void))
@@ -223,6 +242,12 @@ static T_UNUSED void t_run(const char *name, void (*fn)(void))
         if (errno != EINTR)
             T_FAIL("waitpid: %s", strerror(errno));
     double ms = (double)(t_now_ns() - t0) / 1e6;
+    t_subtests++;
+    if (WIFEXITED(st) && WEXITSTATUS(st) == T_EXIT_SKIP) {
+        t_skipped_subtests++;
+        printf("  skip  %s\n", name);
+        return;
+    }
     if (WIFEXITED(st) && WEXITSTATUS(st) == T_EXIT_PASS) {
         printf("  ok    %s (%.0f ms)\n", name, ms);
         return;
@@ -240,7 +265,13 @@ static T_UNUSED int t_done(void)
     if (t_failed_subtests)
         fprintf(stderr, "%d sub-test(s) failed (seed %" PRIu64 ")\n", t_failed_subtests,
                 t_seed_value);
-    return t_failed_subtests ? T_EXIT_FAIL : T_EXIT_PASS;
+    if (t_failed_subtests)
+        return T_EXIT_FAIL;
+    if (t_subtests && t_skipped_subtests == t_subtests) {
+        printf("every sub-test skipped\n");
+        return T_EXIT_SKIP;
+    }
+    return T_EXIT_PASS;
 }
 
 /* ---- segments ---------------------------------------------------------- */

@@ -76,6 +76,7 @@ for t in "$@"; do
     77)
         skip=$((skip + 1))
         why=$(tail -n 1 "$log")
+        why=${why#SKIP: }
         echo "SKIP  $name${why:+: $why}"
         ;;
     *)

@@ -419,6 +419,7 @@ static uint32_t dead_child(const char *name, const int32_t *share, int in_op)
 
 static void test_dead_client(void)
 {
+    t_need_shm();
     bt_config c = cfg();
     const char *name = t_name("chk");
     bt_seg *seg;
@@ -491,6 +492,7 @@ static void test_dead_client(void)
  * deferred to the next successful repair. */
 static void test_stuck_client(void)
 {
+    t_need_shm();
     bt_config c = cfg();
     const char *name = t_name("stk");
     bt_seg *seg;

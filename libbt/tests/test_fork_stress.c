@@ -87,6 +87,7 @@ static void recover(bt_seg *seg, uint32_t id)
 
 static void test_clients_processes(void)
 {
+    t_need_shm();
     uint32_t n = nprocs();
     uint32_t victim = n;                /* worker index n: killed mid-run */
     bt_config c = st_config(n + 1);
@@ -167,6 +168,7 @@ static void *raw_main(void *p)
 
 static void test_raw_pool_processes(void)
 {
+    t_need_shm();
     uint32_t n = nprocs();
     bt_config c = t_config_small();
     c.num_pools = 2;

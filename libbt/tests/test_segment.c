@@ -235,6 +235,7 @@ static int shm_mode(const char *name)
 
 static void test_named(void)
 {
+    t_need_shm();
     bt_config c = t_config_small();
     const char *name = t_name("seg");
     bt_seg *a = NULL, *b = NULL, *d = NULL;
@@ -318,6 +319,7 @@ static void test_named(void)
 /* Named objects that are not segments: empty, short, zeroed, other magic. */
 static void test_named_garbage(void)
 {
+    t_need_shm();
     const char *name = t_name("junk");
     char path[128];
     bt_seg *s = NULL;
@@ -357,6 +359,7 @@ static void test_named_garbage(void)
 
 static void test_bad_names(void)
 {
+    t_need_shm();
     bt_config c = t_config_small();
     bt_seg *s = NULL;
     char longest[BT_NAME_MAX + 2];
