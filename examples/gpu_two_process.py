@@ -36,8 +36,11 @@ from blocktable import gpu  # noqa: E402
 BS, D = 16, 64                          # tokens per block, head dimension
 
 
-def scheduler(name, steps, n_req, q, seed):
-    """Edits the tables; sends [(row, key, num_tokens, new_tokens)] per step."""
+def scheduler(name, steps, n_req, q, ack, seed):
+    """Edits the tables; sends [(row, key, num_tokens, new_tokens)] per step
+    and waits for the worker's step to finish before the next edits (as a
+    scheduler waits for the forward pass: a released row must not change
+    under a step that still reads it)."""
     seg = bt.Segment.attach(name)
     cl = seg.client()
     rng = np.random.default_rng(seed)
@@ -57,6 +60,7 @@ def scheduler(name, steps, n_req, q, seed):
         admit()
     q.put([(r, k, n, n) for r, (k, n) in live.items()])
     for step in range(steps):
+        ack.get()
         batch = []
         for row in list(live):
             if rng.random() < 0.03:                    # finished: blocks go back
@@ -95,7 +99,7 @@ def attention(torch, q, K, V, lens):
     return torch.einsum("bl,bld->bd", torch.softmax(s, dim=1), V)
 
 
-def worker(name, q, verbose=True):
+def worker(name, q, ack, verbose=True):
     import cupy as cp
     import torch
     seg = bt.Segment.attach(name)
@@ -143,6 +147,7 @@ def worker(name, q, verbose=True):
         worst = max(worst, err)
         assert err < 1e-4, f"step {steps}: paged attention differs by {err}"
         steps += 1
+        ack.put(steps)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     if verbose:
@@ -169,16 +174,17 @@ def main(argv=None):
         max_clients=4, hand_size=64, max_mirrors=2))
     try:
         c = mp.get_context("spawn")
-        q = c.Queue(maxsize=4)
-        p = c.Process(target=scheduler, args=(name, a.steps, a.requests, q, a.seed))
+        q, ack = c.Queue(), c.Queue()
+        p = c.Process(target=scheduler, args=(name, a.steps, a.requests, q, ack, a.seed))
         p.start()
-        worst = worker(name, q)
+        worst = worker(name, q, ack)
         p.join(60)
         print(f"gpu_two_process: OK (scheduler exit {p.exitcode}, worst error {worst:.2e})")
         return 0 if p.exitcode == 0 else 1
     finally:
         seg.close()
         bt.Segment.unlink(name)
+        gpu.sync.remove_sync_file(name)
 
 
 if __name__ == "__main__":

@@ -328,6 +328,28 @@ def test_slot_mapping_kernels_bit_identical_to_cpu(bs, world, rank, il):
             got2 = ex.slot_mapping_tokens(tr, tp, out_len=800, params=sp)
             want2 = np.concatenate([seg.slots_req(tr, tp, params=sp), np.full(23, -1)])
             np.testing.assert_array_equal(cp.asnumpy(got2), want2)
+        # The hot-path form: persistent buffers, one prepared launch.
+        for use_starts in (False, True):
+            mp_ = ex.slot_mapper(40, 40 * 300 + 200, params=sp, starts=use_starts)
+            num_reqs = 33
+            lens = rng.integers(0, 300, num_reqs)
+            qsl = np.zeros(num_reqs + 1, np.int32)
+            qsl[1:] = np.cumsum(lens)
+            rows = rng.integers(0, R, num_reqs).astype(np.int32)
+            out_len = int(qsl[-1]) + 77
+            mp_.query_start_loc[:num_reqs + 1] = cp.asarray(qsl)
+            mp_.rows[:num_reqs] = cp.asarray(rows)
+            if use_starts:
+                st = rng.integers(0, W * bs * world, num_reqs).astype(np.int64)
+                mp_.starts[:num_reqs] = cp.asarray(st)
+                pos = np.concatenate([np.arange(a, a + n) for a, n in zip(st, lens)] or
+                                     [np.empty(0, np.int64)]).astype(np.int64)
+            else:
+                pos = rng.integers(-4, W * bs * world + 64, int(qsl[-1])).astype(np.int64)
+                mp_.positions[:pos.shape[0]] = cp.asarray(pos)
+            got3 = mp_(num_reqs, out_len)
+            want3 = seg.slots_qsl(qsl, pos, rows=rows, out_len=out_len, params=sp)
+            np.testing.assert_array_equal(cp.asnumpy(got3), want3)
         cl.close()
 
 

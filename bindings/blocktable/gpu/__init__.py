@@ -16,10 +16,10 @@ from ._cuda import (GpuUnavailable, MirrorGone, MirrorNotFound, device_uuid,
                     gpu_available)
 from .buffer import CpuGpuBuffer
 from .kernels import SlotKernelParams
-from .mirror import Mirror, MirrorExporter, MirrorInfo, export, list_mirrors
+from .mirror import Mirror, MirrorExporter, MirrorInfo, SlotMapper, export, list_mirrors
 from .pinned import register_segment
 from .sync import DEFAULT_MODE, MODES
 
 __all__ = ["GpuUnavailable", "MirrorGone", "MirrorNotFound", "gpu_available", "device_uuid",
-           "Mirror", "MirrorExporter", "MirrorInfo", "export", "list_mirrors",
+           "Mirror", "MirrorExporter", "MirrorInfo", "SlotMapper", "export", "list_mirrors",
            "CpuGpuBuffer", "SlotKernelParams", "register_segment", "MODES", "DEFAULT_MODE"]

@@ -25,10 +25,12 @@ such tokens get -1 (and the Python wrappers check host-side inputs first).
 
 cupy is imported on first launch only, so this module imports anywhere.
 """
+import ctypes
+
 import numpy as np
 
 __all__ = ["SOURCE", "CUDA_PRELUDE", "HOST_PRELUDE", "SlotKernelParams", "scatter",
-           "slots_qsl", "slots_rows", "slots_tok", "gather", "get_kernel"]
+           "slots_qsl", "slots_rows", "slots_tok", "gather", "get_kernel", "Launch"]
 
 CUDA_PRELUDE = r"""
 #define BT_KERNEL extern "C" __global__
@@ -231,6 +233,35 @@ def get_kernel(name, device=None):
                                                      options=("-std=c++17",))
         fn = _functions[(dev, name)] = mod.get_function(name)
     return fn
+
+
+class Launch:
+    """A kernel launch whose argument block is built once (ctypes values),
+    for hot paths: set ``args[i].value`` for what changes, then call. One
+    driver call (cuLaunchKernel) and no per-argument conversion: cupy's
+    RawKernel call costs several microseconds of Python per launch, which
+    is most of a small kernel's cost. Build and call it with `device`
+    current (the kernel is compiled and loaded per device)."""
+
+    def __init__(self, name, ctypes_types, device=None):
+        import cupy
+        rk = get_kernel(name, device)
+        self.function = rk.kernel            # cupy Function: keeps the module loaded
+        self.f = self.function.ptr
+        self.args = [t() for t in ctypes_types]
+        self._params = (ctypes.c_void_p * len(self.args))(
+            *[ctypes.addressof(a) for a in self.args])
+        self._pp = ctypes.addressof(self._params)
+        self._launch = cupy.cuda.driver.launchKernel
+
+    def __call__(self, grid, block, stream_ptr, grid_y=1):
+        self._launch(self.f, grid, grid_y, 1, block, 1, 1, 0, stream_ptr, self._pp, 0)
+
+
+_P, _I64, _I32, _U32 = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32
+SCATTER_ARGS = (_P, _P, _I64, _P, _I64, _P, _I64)
+SLOTS_QSL_ARGS = (_P, _P, _U32, _U32, _P, _P, _I32, _P, _P, _P, _I64, _I64, _I32, _I64, _I64,
+                  _I64)
 
 
 class SlotKernelParams:

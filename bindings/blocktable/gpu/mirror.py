@@ -33,10 +33,10 @@ from .._errors import make_error
 from .._ffi import ffi, lib
 from . import kernels
 from ._cuda import (MirrorGone, MirrorNotFound, ProcWatch, _err, cupy, device_by_uuid,
-                    device_uuid, proc_start_time, uuid_str)
+                    device_uuid, proc_start_time, stream_ptr, uuid_str)
 from .sync import Syncer
 
-__all__ = ["MirrorExporter", "Mirror", "export", "list_mirrors", "MirrorInfo"]
+__all__ = ["MirrorExporter", "Mirror", "SlotMapper", "export", "list_mirrors", "MirrorInfo"]
 
 FREE, CLAIMED, PUBLISHED = lib.BT_MIRROR_FREE, lib.BT_MIRROR_CLAIMED, lib.BT_MIRROR_PUBLISHED
 
@@ -229,6 +229,11 @@ class _MirrorBase:
                               device=self.device)
         return out[:out_len]
 
+    def slot_mapper(self, max_reqs, max_tokens, params=None, starts=False):
+        """A SlotMapper over this mirror: persistent device buffers and one
+        prepared launch, for the per-step hot path (and CUDA graphs)."""
+        return SlotMapper(self, max_reqs, max_tokens, params, starts)
+
     def slot_mapping_tokens(self, rows, positions, out=None, out_len=None, params=None,
                             stream=None):
         """Per token: vLLM's compute_slot_mapping(req_indices, positions)."""
@@ -263,6 +268,60 @@ class _MirrorBase:
             kernels.gather(self._table, self._counts, idx, n, out, stream=stream,
                            device=self.device)
         return out
+
+
+class SlotMapper:
+    """Slot mapping for a scheduler step, with vLLM's persistent buffers:
+    fill ``query_start_loc`` (int32 [max_reqs + 1]), ``rows`` (int32
+    [max_reqs]) and ``positions`` (int64 [max_tokens]; or ``starts``, int64
+    [max_reqs], with starts=True: the seed's per-request form) on the device,
+    then call ``mapper(num_reqs, out_len)``: ``out`` (int64 [max_tokens])
+    gets the slots, -1 from query_start_loc[num_reqs] to out_len. One
+    prepared launch (no allocation, no per-argument conversion), and the
+    buffers never move, so the launch can be captured in a CUDA graph.
+    MirrorGone if the mirror went away (checked before each launch)."""
+
+    def __init__(self, mirror, max_reqs, max_tokens, params=None, starts=False):
+        cp = cupy()
+        self.mirror = mirror
+        kp = params if isinstance(params, kernels.SlotKernelParams) else \
+            kernels.SlotKernelParams.of(mirror.segment.config, params)
+        with mirror._on_device():
+            self.query_start_loc = cp.zeros(max_reqs + 1, np.int32)
+            self.rows = cp.zeros(max_reqs, np.int32)
+            self.out = cp.full(max_tokens, -1, np.int64)
+            if starts:
+                self.starts, self.positions = cp.zeros(max_reqs, np.int64), None
+            else:
+                self.positions, self.starts = cp.zeros(max_tokens, np.int64), None
+            self._launch = kernels.Launch("bt_slots_qsl", kernels.SLOTS_QSL_ARGS, mirror.device)
+        t = mirror._table
+        a = self._launch.args
+        vals = (t.data.ptr, mirror._counts.data.ptr, t.shape[1], t.shape[0], self.rows.data.ptr,
+                self.query_start_loc.data.ptr, 0,
+                self.positions.data.ptr if self.positions is not None else 0,
+                self.starts.data.ptr if self.starts is not None else 0, self.out.data.ptr, 0,
+                *[int(x) for x in kp.args])
+        for arg, v in zip(a, vals):
+            arg.value = v
+        self.max_reqs, self.max_tokens = max_reqs, max_tokens
+        self._generation = mirror.generation
+
+    def __call__(self, num_reqs, out_len=None, stream=None, tail_blocks=4):
+        """Launch; returns ``out[:out_len]`` (default max_tokens)."""
+        m = self.mirror
+        m.check()
+        if m.generation != self._generation:
+            raise _err(MirrorGone, "the mirror was reopened: make a new SlotMapper")
+        out_len = self.max_tokens if out_len is None else out_len
+        if not 0 <= num_reqs <= self.max_reqs or not 0 <= out_len <= self.max_tokens:
+            raise make_error(lib.BT_EINVAL, f"num_reqs {num_reqs} / out_len {out_len} over "
+                                            f"{self.max_reqs} / {self.max_tokens}")
+        a = self._launch.args
+        a[6].value, a[10].value = num_reqs, out_len
+        s = stream if isinstance(stream, int) else stream_ptr(stream)
+        self._launch(num_reqs + tail_blocks, kernels.BLOCK, s)
+        return self.out[:out_len]
 
 
 def _dev(cp, a, dtype):

@@ -33,6 +33,7 @@ import fcntl
 import os
 import struct
 import threading
+import weakref
 
 import numpy as np
 
@@ -46,12 +47,14 @@ __all__ = ["Syncer", "MODES", "DEFAULT_MODE", "AUTO_RANGES_MAX_ROWS", "AUTO_ZERO
 
 MODES = ("auto", "scatter", "zerocopy", "ranges")
 DEFAULT_MODE = "auto"
-# "auto": staged entries of at most this many dirty rows go as ranges (one
-# copy per run beats a copy + a launch only when there are one or two runs)...
-AUTO_RANGES_MAX_ROWS = 1
-# ...and up to this many pairs are read by the kernel over the bus (zerocopy),
-# more are copied first (scatter). Set from bench/gpu_results.json.
-AUTO_ZEROCOPY_MAX = 1 << 16
+# "auto", from bench/bench_gpu.py on an H100 (bench/gpu_results.json): the
+# zero-copy scatter was fastest for a decode step (256 rows x 1 entry), a
+# prefill burst (16 rows x 500) and a single append; ranges lost everywhere
+# but a full stage (512 copies for a decode step: 1.5 ms), which goes as two
+# 2-D copies. So: a full stage -> ranges; rows <= AUTO_RANGES_MAX_ROWS ->
+# ranges (0: never); up to AUTO_ZEROCOPY_MAX pairs -> zerocopy; else scatter.
+AUTO_RANGES_MAX_ROWS = 0
+AUTO_ZEROCOPY_MAX = 1 << 20
 
 _H2D = 1                      # cudaMemcpyHostToDevice
 _HOST_ALLOC_FLAGS = 1 | 2     # cudaHostAllocPortable | cudaHostAllocMapped
@@ -164,9 +167,8 @@ def remove_sync_file(name):
         os.unlink(f"/dev/shm/bt.{name}.gpusync")
     except FileNotFoundError:
         pass
-    with _Handoff._flock:
-        for key in [k for k in _Handoff._files if k[0] == f"/dev/shm/bt.{name}.gpusync"]:
-            os.close(_Handoff._files.pop(key))
+    # Descriptors this process holds on it stay open: a Syncer may still use
+    # one, and closing it would let the number be reused under it.
 
 
 class Syncer:
@@ -174,23 +176,27 @@ class Syncer:
     and generation (Mirror and MirrorExporter share it through `get`).
     Thread-safe: syncs of one Syncer are serialised by a lock."""
 
-    _all = {}                 # (segment address, index, generation, pid) -> Syncer
+    _all = weakref.WeakKeyDictionary()   # Segment -> {(index, gen, pid, table ptr): Syncer}
     _all_lock = threading.Lock()
 
     @classmethod
     def get(cls, seg, index, generation, device, table_ptr, counts_ptr):
-        # The mapping's address is part of the key: a handle closed and opened
-        # again may come back elsewhere.
-        key = (int(ffi.cast("uintptr_t", seg._base)), index, generation, os.getpid(), table_ptr)
+        # Per Segment object (a new segment may be mapped where an old one
+        # was), and the device address is part of the key: a handle closed
+        # and opened again may come back elsewhere.
+        key = (index, generation, os.getpid(), table_ptr)
         with cls._all_lock:
-            s = cls._all.get(key)
+            per = cls._all.setdefault(seg, {})
+            s = per.get(key)
             if s is None:
-                s = cls._all[key] = cls(seg, index, generation, device, table_ptr, counts_ptr)
+                s = per[key] = cls(seg, index, generation, device, table_ptr, counts_ptr)
             return s
 
     def __init__(self, seg, index, generation, device, table_ptr, counts_ptr):
         cfg = seg.config
-        self.seg, self._raw = seg, seg._seg
+        # Not the Segment itself (the registry is keyed weakly by it): its
+        # handle, and the mapping, which stays alive as long as we do.
+        self._raw, self._keep, self.name = seg._seg, seg._base, seg.name
         self.index, self.generation, self.device = index, generation, device
         self.R, self.W = cfg.num_rows, cfg.row_width
         self.T = self.R * self.W
@@ -209,6 +215,8 @@ class Syncer:
         self._done_handle = rt.ipcGetEventHandle(self._done) if self._handoff else b""
         self._done_stream = None          # stream of the last recorded _done, None: never
         self._peers = {}                  # (pid, start, handle) -> (ProcWatch, event ptr)
+        self._launch = None               # kernels.Launch of bt_scatter
+        self._threads = set()             # threads that launched through cupy once
         self.last_entries = self.last_rows = self.last_bytes = self.last_calls = 0
         self.last_mode = None
         self.syncs = self.entries_total = self.bytes_total = 0
@@ -331,8 +339,7 @@ class Syncer:
         if mode == "auto":
             mode = self.choose(n, rows)
         if mode == "zerocopy":
-            kernels.scatter(slot.dev_host, slot.dev_host + 8 * slot.cap, n, self.table_ptr,
-                            self.T, self.counts_ptr, self.R, stream=s, device=self.device)
+            self._scatter(slot.dev_host, slot.dev_host + 8 * slot.cap, n, s)
             return mode, 12 * n, 1
         if mode == "scatter":
             d = slot.device_buffer()
@@ -340,12 +347,30 @@ class Syncer:
             b = slot.bytes
             b[8 * n:12 * n] = b[8 * slot.cap:8 * slot.cap + 4 * n]
             rt.memcpyAsync(d, slot.host, 12 * n, _H2D, s)
-            kernels.scatter(d, d + 8 * n, n, self.table_ptr, self.T, self.counts_ptr, self.R,
-                            stream=s, device=self.device)
+            self._scatter(d, d + 8 * n, n, s)
             return mode, 12 * n, 2
         if mode == "ranges":
             return mode, 4 * n, self._ranges(slot, n, s, rt)
         raise make_error(lib.BT_EINVAL, f"sync mode {mode!r} is not one of {MODES}")
+
+    def _scatter(self, idx, val, n, s):
+        tid = threading.get_ident()
+        if tid not in self._threads:
+            # The first launch of a thread through cupy, which makes sure the
+            # thread has the device's context current; then the fast path.
+            kernels.scatter(idx, val, n, self.table_ptr, self.T, self.counts_ptr, self.R,
+                            stream=s, device=self.device)
+            self._threads.add(tid)
+            if self._launch is None:
+                self._launch = kernels.Launch("bt_scatter", kernels.SCATTER_ARGS, self.device)
+                a = self._launch.args
+                a[3].value, a[4].value, a[5].value, a[6].value = \
+                    self.table_ptr, self.T, self.counts_ptr, self.R
+            return
+        a = self._launch.args
+        a[0].value, a[1].value, a[2].value = idx, val, n
+        self._launch(min((n + kernels.SCATTER_BLOCK - 1) // kernels.SCATTER_BLOCK, 1024),
+                     kernels.SCATTER_BLOCK, s)
 
     def _ranges(self, slot, n, s, rt):
         vals = slot.host + 8 * slot.cap
@@ -386,6 +411,7 @@ class Syncer:
                 rt.eventDestroy(self._done)
                 self._done = 0
         with Syncer._all_lock:
-            for key, v in list(Syncer._all.items()):
-                if v is self:
-                    del Syncer._all[key]
+            for per in list(Syncer._all.values()):
+                for key, v in list(per.items()):
+                    if v is self:
+                        del per[key]
