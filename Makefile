@@ -34,7 +34,7 @@ $(BUILD)/libbt.a: $(LIB_OBJ)
 	ar rcs $@ $^
 $(BUILD)/libbt.so: $(LIB_OBJ)
 	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDLIBS)
-$(BUILD)/tests/%: libbt/tests/%.c libbt/tests/bt_test.h $(BUILD)/libbt.a
+$(BUILD)/tests/%: libbt/tests/%.c $(wildcard libbt/tests/*.h) $(BUILD)/libbt.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Ilibbt/tests -o $@ $< $(BUILD)/libbt.a $(LDLIBS)
 

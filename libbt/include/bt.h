@@ -135,8 +135,11 @@ int bt_config_explain(const bt_config *cfg, char *buf, size_t buflen);
 uint64_t bt_config_size(const bt_config *cfg);
 
 /* Create a segment. name == NULL: embedded mode, a private anonymous mapping
- * (no other process can attach). Otherwise a POSIX shm object "/bt.<name>".
- * Errors: BT_ECONFIG, BT_ENAME, -EEXIST (with BT_CREATE_EXCL), -EACCES, -ENOMEM. */
+ * (no other process can attach). Otherwise a POSIX shm object "/bt.<name>",
+ * mode 0600 (0660 with BT_CREATE_GROUP). Without BT_CREATE_EXCL an existing
+ * segment of that name is attached instead (waiting up to ~2 s for a
+ * concurrent creator to finish formatting it): only one process ever formats
+ * a name. Errors: BT_ECONFIG, BT_ENAME, -EEXIST (with BT_CREATE_EXCL), -EACCES, -ENOMEM. */
 int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **out);
 
 /* Create a segment over memory the caller owns (size >= bt_config_size(cfg)),

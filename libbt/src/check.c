@@ -216,7 +216,10 @@ static void scan_row(struct scan *sc, uint32_t row)
         return;
     bt_row_rewrite_begin(r);
     bt_store_relaxed(&s->nblocks[row], (int32_t)good);
-    bt_row_wipe(s, row, good);
+    if (paged && (dead || o == 0))
+        bt_paged_forget(s, row);        /* its chunks may be someone else's */
+    else
+        bt_row_wipe(s, row, good);
     if (dead)
         bt_store_relaxed(&s->ntokens[row], (int64_t)0);
     bt_row_write_end(r);

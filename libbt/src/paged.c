@@ -126,6 +126,16 @@ void bt_paged_trim(bt_seg *s, uint32_t row, uint32_t from, uint32_t hfrom)
         free(back);
 }
 
+/* Drop a directory without touching the chunks it names (a repair of a dead
+ * row: its directory may have been scribbled to name a live row's chunk, so
+ * nothing is zeroed or pushed; the repair rebuilds the chunk list). */
+void bt_paged_forget(bt_seg *s, uint32_t row)
+{
+    uint32_t *d = dir_of(s, row);
+    for (uint32_t k = 0; k < s->cfg.dir_width; k++)
+        bt_store_relaxed(&d[k], 0u);
+}
+
 /* Swap two paged rows' directories. */
 void bt_paged_swap(bt_seg *s, uint32_t a, uint32_t b)
 {

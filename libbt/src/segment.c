@@ -179,6 +179,24 @@ int bt_seg_create_at(void *mem, uint64_t size, const bt_config *cfg, bt_seg **ou
     return BT_OK;
 }
 
+int bt_seg_attach(const char *name, bt_seg **out);
+
+/* Attach to a segment another process is creating: its size and magic appear
+ * a moment after its name. Bounded: a creator that died half way leaves an
+ * object that stays refused (BT_EBADMAGIC), never a hang. */
+static int attach_wait(const char *name, bt_seg **out)
+{
+    int rc = BT_EBADMAGIC;
+    for (int tries = 0; tries < 2000; tries++) {
+        rc = bt_seg_attach(name, out);
+        if (rc != BT_EBADMAGIC)
+            return rc;
+        struct timespec ts = { 0, 1000000 };
+        nanosleep(&ts, NULL);
+    }
+    return rc;
+}
+
 static int shm_path(const char *name, char *path)
 {
     if (!name || !*name)
@@ -219,16 +237,15 @@ int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **ou
     }
     if ((rc = shm_path(name, path)))
         return rc;
-    int oflag = O_RDWR | O_CREAT | ((flags & BT_CREATE_EXCL) ? O_EXCL : 0);
-    int fd = shm_open(path, oflag, (flags & BT_CREATE_GROUP) ? 0660 : 0600);
-    if (fd < 0)
-        return -errno;
-    struct stat st;
-    /* Never reformat a live segment that someone else made: without EXCL an
-     * existing non-empty object is attached (and validated) instead. */
-    if (fstat(fd, &st) == 0 && st.st_size > 0) {
-        close(fd);
-        return bt_seg_attach(name, out);
+    /* Only the process whose O_EXCL open succeeds formats. Without
+     * BT_CREATE_EXCL an existing object is attached instead, waiting for its
+     * creator to finish (two racing creators must never both format). */
+    int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, (flags & BT_CREATE_GROUP) ? 0660 : 0600);
+    if (fd < 0) {
+        rc = -errno;
+        if (rc != -EEXIST || (flags & BT_CREATE_EXCL))
+            return rc;
+        return attach_wait(name, out);
     }
     fchmod(fd, (flags & BT_CREATE_GROUP) ? 0660 : 0600); /* umask must not widen/narrow it */
     if (ftruncate(fd, (off_t)size) < 0) {

@@ -67,7 +67,7 @@ static inline int64_t slot_of(const bt_seg *s, const struct sp *p, uint32_t row,
         int64_t bi = pos >> p->shift;
         if (bi >= nb)
             return -1;
-        return ((int64_t)bt_load_relaxed(&e[bi]) << p->shift) | (pos & (p->bs - 1));
+        return (int64_t)((uint64_t)(int64_t)bt_load_relaxed(&e[bi]) << p->shift) | (pos & (p->bs - 1));
     }
     int64_t bi = pos / p->vbs;
     if (bi >= nb)
@@ -108,7 +108,8 @@ static void slots_run(const bt_seg *s, const struct sp *p, const struct rowc *c,
         for (uint32_t i = 0; i < n; i++) {
             int64_t x = pos[i];
             out[i] = (uint64_t)x < (uint64_t)c->lim
-                         ? ((int64_t)bt_load_relaxed(&c->e[x >> sh]) << sh) | (x & mask) : -1;
+                         ? (int64_t)((uint64_t)(int64_t)bt_load_relaxed(&c->e[x >> sh]) << sh) | (x & mask)
+                         : -1;          /* unsigned shift: a scribbled negative id is no UB */
         }
         return;
     }
@@ -129,8 +130,10 @@ int bt_slots_row(const bt_seg *s, const bt_slot_params *prm, uint32_t row,
     if (rc)
         return rc;
     rowc_load(s, &p, &c, row);
-    for (uint32_t i = 0; i < n; i++)    /* positions are start + i: no array */
-        out[i] = start + i;
+    /* positions start + i, computed unsigned: past INT64_MAX they wrap
+     * negative, which maps to -1 like any position no block backs */
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = (int64_t)((uint64_t)start + i);
     slots_run(s, &p, &c, out, n, out);
     return BT_OK;
 }
