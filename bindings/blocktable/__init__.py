@@ -7,6 +7,9 @@ Layers (after pyca/cryptography and pynacl):
   blocktable.table   the seed's API (BlockTable, BlockTableConfig, ...)
   blocktable.compat  adapters with other engines' signatures (vLLM v1)
   blocktable.connect registration with the daemon btd (connect())
+  blocktable.sparse, .strategies, .predictive, .distributed, .v2, .factory,
+  .multigroup, .compress: the rest of the seed's promises, for real
+  blocktable.gpu     CUDA IPC mirrors, sync, kernels (imported on demand)
 """
 from ._version import __version__
 from ._ffi import BUILD_ID, ffi, lib
@@ -18,6 +21,15 @@ from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
 from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams
 from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
 from .connect import DaemonError, DaemonNotRunning, connect
+from .sparse import SparseBlockTable
+from .strategies import (BlockSource, ContiguousAllocator, NumaAwareAllocator,
+                         ScatteredAllocator, UnknownRequest, make_allocator)
+from .predictive import PredictiveBlockAllocator
+from .distributed import DistributedBlockTable
+from .v2 import BlockTableV2
+from .factory import BlockTableFactory
+from .multigroup import MultiGroupBlockTable
+from .compress import RunLengthSlots, compress_row, compress_rows, compress_slots
 
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",
@@ -26,5 +38,9 @@ __all__ = [
     "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
     "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
     "connect", "DaemonError", "DaemonNotRunning",
+    "SparseBlockTable", "PredictiveBlockAllocator", "DistributedBlockTable", "BlockTableV2",
+    "BlockTableFactory", "MultiGroupBlockTable", "BlockSource", "ScatteredAllocator",
+    "ContiguousAllocator", "NumaAwareAllocator", "make_allocator", "UnknownRequest",
+    "RunLengthSlots", "compress_slots", "compress_row", "compress_rows",
 ]
 __all__ = list(dict.fromkeys(__all__))

@@ -261,16 +261,24 @@ class Segment:
     # ---- rows -----------------------------------------------------------------
     def read_row(self, row, out=None):
         """A consistent copy of one row (seqlock): (ids, RowInfo); ids is
-        `out[:num_blocks]` (out: int32 with row_width entries, or None)."""
-        out = out_array(out, self.config.row_width, I32)
+        `out[:num_blocks]`. out: an int32 array (InvalidArgument if the row
+        holds more than it can take), or None: sized for the row, paged rows
+        longer than row_width included (re-read if the row grew meanwhile)."""
         info = ffi.new("bt_row_info *")
-        try:
-            rc = lib.bt_row_read(self._s(), row, cbuf(out), out.shape[0], info)
-        except OverflowError as e:
-            raise _range_error(e, f"row={row}") from None
+        seg = self._s()
+        for _ in range(8):
+            buf = out if out is not None else np.empty(
+                max(self.config.row_width, int(self.num_blocks[row]) if 0 <= row < len(self.num_blocks) else 0), I32)
+            buf = out_array(buf, 0, I32)
+            try:
+                rc = lib.bt_row_read(seg, row, cbuf(buf), buf.shape[0], info)
+            except OverflowError as e:
+                raise _range_error(e, f"row={row}") from None
+            if rc != _EINVAL or out is not None:
+                break                   # a caller's buffer: too small is its error
         if rc:
             raise make_error(rc, f"row={row}")
-        return out[:info.num_blocks], from_struct(RowInfo, info)
+        return buf[:info.num_blocks], from_struct(RowInfo, info)
 
     def row_info(self, row):
         info = ffi.new("bt_row_info *")

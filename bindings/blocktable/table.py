@@ -21,9 +21,11 @@ _ID_LIMIT = 2**31  # RAW entries are ids in [0, 2^31)
 
 
 class BlockAllocationStrategy(enum.Enum):
-    """Strategy for block allocation. Only CONTIGUOUS and SCATTERED mean
-    anything to libbt today (a fresh pool hands out ascending runs; a used one
-    scatters); NUMA_AWARE and PREDICTIVE are names reserved for later."""
+    """Strategy for block allocation; each one is implemented in
+    blocktable.strategies (make_allocator) and blocktable.predictive:
+    CONTIGUOUS prefers runs of consecutive ids, SCATTERED takes what the pool
+    gives, NUMA_AWARE picks the pool of the device's NUMA node, PREDICTIVE
+    reserves ahead from each request's growth."""
     CONTIGUOUS = enum.auto()
     SCATTERED = enum.auto()
     NUMA_AWARE = enum.auto()
