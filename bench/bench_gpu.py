@@ -165,6 +165,36 @@ def bench_sync(cp, iters=300):
             gts.append(cp.cuda.get_elapsed_time(ev0, ev1) * 1e3)
         results["decode_256x1"]["auto"]["gpu_us"] = float(np.median(gts))
         results["segment_pinned"] = bool(pinned)
+        # The upload's own time on the device: a decode step's staged pairs
+        # scattered by 50 zero-copy launches captured in a graph, replayed.
+        decode_edit()
+        ex.sync(stream=s, mode="zerocopy")
+        s.synchronize()
+        sy = ex._syncer
+        slot = sy._ring[sy._k ^ 1]
+        n = sy.last_entries
+        gs = cp.cuda.Stream(non_blocking=True)
+        from blocktable.gpu import kernels as K
+        K.scatter(slot.dev_host, slot.dev_host + 8 * slot.cap, n, sy.table_ptr, sy.T,
+                  sy.counts_ptr, sy.R, stream=gs)
+        gs.synchronize()
+        gs.begin_capture()
+        for _ in range(50):
+            K.scatter(slot.dev_host, slot.dev_host + 8 * slot.cap, n, sy.table_ptr, sy.T,
+                      sy.counts_ptr, sy.R, stream=gs)
+        graph = gs.end_capture()
+        graph.launch(gs)
+        gs.synchronize()
+        dts = []
+        for _ in range(20):
+            ev0.record(gs)
+            graph.launch(gs)
+            ev1.record(gs)
+            ev1.synchronize()
+            dts.append(cp.cuda.get_elapsed_time(ev0, ev1) * 1e3 / 50)
+        results["decode_256x1"]["zerocopy"]["device_us"] = float(np.median(dts))
+        s.synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(ex.table), seg.table)
         # What the cross-process ordering costs: the same decode step on an
         # embedded segment (no record file to lock) and the host-side time
         # of the call alone.
@@ -285,7 +315,8 @@ def bench_slots(cp, n_tokens=8192, n_req=256):
     mp_.positions[:] = d_pos
     mp_(n_req, n_tokens)
     np.testing.assert_array_equal(cp.asnumpy(mp_.out), want)
-    r_m = benchmark(lambda: mp_(n_req, n_tokens), n_repeat=2000, n_warmup=50)
+    cur = cp.cuda.get_current_stream().ptr      # a caller's stream, known ahead
+    r_m = benchmark(lambda: mp_(n_req, n_tokens, stream=cur), n_repeat=2000, n_warmup=50)
     # The kernel's own time on the device: 50 launches captured in a graph,
     # replayed back to back (no host in between).
     gs = cp.cuda.Stream(non_blocking=True)
@@ -399,6 +430,9 @@ def run():
         "decode_sync_bytes_ratio": base["bytes"] / max(dec["bytes"], 1),
         "decode_sync_time_ratio_vs_vllm": base["us"] / dec["us"],
         "decode_sync_time_ratio_vs_memcpy": sy["baseline_memcpy_segment"]["us"] / dec["us"],
+        "decode_upload_device_us": sy["decode_256x1"]["zerocopy"].get("device_us"),
+        "decode_device_time_ratio_vs_memcpy": sy["baseline_memcpy_segment"]["gpu_us"] /
+        sy["decode_256x1"]["zerocopy"].get("device_us", float("nan")),
         "slot_kernel_device_us": res["slots"]["kernel_device_us"],
         "slot_mapper_call_us": res["slots"]["mapper"]["gpu_us"],
     }
@@ -416,6 +450,11 @@ def render(res):
         lines.append(f"   {shape:<16}" + "".join(
             f"{row[m]['us']:>9.1f}us {row[m]['bytes']:>9}B {row[m]['calls']:>3}"
             for m in ("auto", "scatter", "zerocopy", "ranges")))
+    sm = res["summary"]
+    lines.append(f"   decode step on the device: the upload (scatter) "
+                 f"{sm['decode_upload_device_us']:.2f}us vs the 2 MiB copy "
+                 f"{res['sync']['baseline_memcpy_segment']['gpu_us']:.1f}us: "
+                 f"{sm['decode_device_time_ratio_vs_memcpy']:.0f}x")
     e = res["sync"]["decode_256x1_embedded"]
     lines.append(f"   decode_256x1 on an embedded segment (no cross-process record): "
                  f"{e['us']:.1f}us; named, host part of the call: "

@@ -99,6 +99,22 @@ def attention(torch, q, K, V, lens):
     return torch.einsum("bl,bld->bd", torch.softmax(s, dim=1), V)
 
 
+def diagnose(seg, ex, step, batch, qsl, starts, rows, slots):
+    """A new token without a slot: say where the GPU and libbt disagree."""
+    import cupy as cp
+    torch_slots = slots.cpu().numpy()
+    pos = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, np.diff(qsl))])
+    want = seg.slots_qsl(qsl, pos, rows=rows)
+    t, c = cp.asnumpy(ex._table), cp.asnumpy(ex._counts)
+    rows_bad = np.flatnonzero((t != seg.table).any(1) | (c != seg.num_blocks))
+    i = int(np.flatnonzero(torch_slots < 0)[0])
+    raise AssertionError(
+        f"step {step}: token {i} (position {pos[i]}) has slot {torch_slots[i]}, libbt says "
+        f"{want[i]}; GPU and libbt differ at {int((torch_slots != want).sum())} tokens; "
+        f"mirror rows that differ from the table: {rows_bad.tolist()[:10]} "
+        f"(last sync {ex.last_sync}); batch head {batch[:3]}")
+
+
 def worker(name, q, ack, verbose=True):
     import cupy as cp
     import torch
@@ -122,7 +138,8 @@ def worker(name, q, ack, verbose=True):
         qsl[1:] = np.cumsum(new)
         slots = torch.from_dlpack(ex.slot_mapping(qsl, starts=ntok - new, rows=rows,
                                                   stream=stream))
-        assert (slots >= 0).all(), "a new token has no block"
+        if not bool((slots >= 0).all()):
+            diagnose(seg, ex, steps, batch, qsl, ntok - new, rows, slots)
         tok_keys = torch.repeat_interleave(keys, torch.from_numpy(new).cuda())
         tok_pos = torch.cat([torch.arange(n - k, n, device="cuda")
                              for n, k in zip(ntok.tolist(), new.tolist())])

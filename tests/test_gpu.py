@@ -181,6 +181,9 @@ def test_exporter_death_then_reopen(named):
     with pytest.raises(gpu.MirrorGone):
         m.table
     assert not m.alive
+    # A new Event: the killed exporter died waiting on the first one, and a
+    # multiprocessing Event's set() waits for every sleeper to wake.
+    stop = c.Event()
     p2 = c.Process(target=_exporter, args=(named.name, ready, stop))
     p2.start()
     try:

@@ -81,7 +81,11 @@ def stream_ptr(stream):
     if stream is None:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_initialized():
-            return torch.cuda.current_stream().cuda_stream
+            try:     # what torch.cuda.current_stream() reads, without building a Stream
+                C = torch._C
+                return C._cuda_getCurrentRawStream(C._cuda_getDevice())
+            except AttributeError:
+                return torch.cuda.current_stream().cuda_stream
         return cupy().cuda.get_current_stream().ptr
     if hasattr(stream, "ptr"):
         return stream.ptr

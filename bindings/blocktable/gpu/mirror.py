@@ -104,6 +104,7 @@ class _MirrorBase:
         self._syncer = Syncer.get(seg, index, generation, device, table.data.ptr,
                                   counts.data.ptr)
         self._gone = None
+        self._d = ffi.new("bt_mirror_desc *")      # reused by every check()
 
     # ---- liveness ----------------------------------------------------------------
     def check(self):
@@ -125,7 +126,7 @@ class _MirrorBase:
             return False
 
     def _why_gone(self):
-        d = ffi.new("bt_mirror_desc *")
+        d = self._d
         rc = lib.bt_mirror_get(self.segment._seg, self.index, d)
         if rc:
             return f"mirror {self.index}: {make_error(rc)}"

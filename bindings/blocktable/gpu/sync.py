@@ -30,6 +30,7 @@ the next stage is a full one.
 """
 import ctypes
 import fcntl
+import mmap
 import os
 import struct
 import threading
@@ -111,12 +112,21 @@ _REC_MAGIC = 0x62744753        # "SGtb"
 _FLOCK = "hhxxxxqqixxxx"       # struct flock on Linux x86-64/aarch64
 
 
+def _same_file(fd, path):
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class _Handoff:
     """The last syncer of each mirror of a named segment, in a small file
     beside it. Any process may create it; the exporter's publish starts a new
     generation, so records of an older one are ignored."""
 
-    _files = {}               # path -> fd, one per process
+    _files = {}               # (path, pid) -> fd, one per process
+    _maps = {}                # (path, pid) -> mmap of the file
     _flock = threading.Lock()
 
     def __init__(self, name, index):
@@ -124,6 +134,12 @@ class _Handoff:
         self.off = index * _REC
         with _Handoff._flock:
             fd = _Handoff._files.get((self.path, os.getpid()))
+            if fd is not None and not _same_file(fd, self.path):
+                # Unlinked and made again (a new segment of the same name):
+                # the old inode is nobody's record any more.
+                _Handoff._files.pop((self.path, os.getpid()))
+                _Handoff._maps.pop((self.path, os.getpid()), None)
+                fd = None
             if fd is None:
                 try:
                     mode = os.stat(f"/dev/shm/bt.{name}").st_mode & 0o666
@@ -133,31 +149,38 @@ class _Handoff:
                 if os.fstat(fd).st_size < 64 * _REC:
                     os.ftruncate(fd, 64 * _REC)
                 _Handoff._files[(self.path, os.getpid())] = fd
-        self.fd = fd
-        self._ofd = hasattr(fcntl, "F_OFD_SETLKW")
-
-    def _lk(self, typ):
-        if self._ofd:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, typ, 0, self.off, _REC, 0))
+            mm = _Handoff._maps.get((self.path, os.getpid()))
+            if mm is None:
+                mm = _Handoff._maps[(self.path, os.getpid())] = mmap.mmap(fd, 64 * _REC)
+        self.fd, self.mm = fd, mm
+        # The lock and unlock requests, packed once (each sync makes both).
+        if hasattr(fcntl, "F_OFD_SETLKW"):
+            self._cmd = fcntl.F_OFD_SETLKW
+            self._wr = struct.pack(_FLOCK, fcntl.F_WRLCK, 0, self.off, _REC, 0)
+            self._un = struct.pack(_FLOCK, fcntl.F_UNLCK, 0, self.off, _REC, 0)
         else:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX if typ == fcntl.F_WRLCK else fcntl.LOCK_UN,
-                        _REC, self.off)
+            self._cmd = None
 
     def lock(self):
-        self._lk(fcntl.F_WRLCK)
+        if self._cmd is not None:
+            fcntl.fcntl(self.fd, self._cmd, self._wr)
+        else:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, _REC, self.off)
 
     def unlock(self):
-        self._lk(fcntl.F_UNLCK)
+        if self._cmd is not None:
+            fcntl.fcntl(self.fd, self._cmd, self._un)
+        else:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, _REC, self.off)
 
     def read(self):
-        b = os.pread(self.fd, struct.calcsize(_REC_FMT), self.off)
-        if len(b) < struct.calcsize(_REC_FMT):
-            return None
-        magic, pid, start, gen, handle = struct.unpack(_REC_FMT, b)
+        """(pid, start, generation, event handle) of the last syncer, or None.
+        Read from the mapping (no system call), under the lock."""
+        magic, pid, start, gen, handle = struct.unpack_from(_REC_FMT, self.mm, self.off)
         return (pid, start, gen, handle) if magic == _REC_MAGIC else None
 
     def write(self, pid, start, gen, handle):
-        os.pwrite(self.fd, struct.pack(_REC_FMT, _REC_MAGIC, pid, start, gen, handle), self.off)
+        struct.pack_into(_REC_FMT, self.mm, self.off, _REC_MAGIC, pid, start, gen, handle)
 
 
 def remove_sync_file(name):
@@ -210,7 +233,7 @@ class Syncer:
         self._pid = os.getpid()
         self._start = proc_start_time(self._pid)
         self._handoff = _Handoff(seg.name, index) if seg.name else None
-        rt = cupy().cuda.runtime
+        rt = self._rt = cupy().cuda.runtime
         self._done = rt.eventCreateWithFlags(_EV_FLAGS_IPC if self._handoff else _EV_FLAGS)
         self._done_handle = rt.ipcGetEventHandle(self._done) if self._handoff else b""
         self._done_stream = None          # stream of the last recorded _done, None: never
@@ -228,10 +251,9 @@ class Syncer:
         upload is asynchronous like any copy on `stream`."""
         s = stream_ptr(stream)
         nr = self.R if num_rows is None else num_rows
-        cp = cupy()
         with self._lock:
-            if cp.cuda.runtime.getDevice() != self.device:
-                with cp.cuda.Device(self.device):
+            if self._rt.getDevice() != self.device:
+                with cupy().cuda.Device(self.device):
                     return self._sync_locked(s, nr, mode or DEFAULT_MODE)
             return self._sync_locked(s, nr, mode or DEFAULT_MODE)
 
@@ -246,7 +268,7 @@ class Syncer:
             h.unlock()
 
     def _sync(self, s, num_rows, mode, h):
-        rt = cupy().cuda.runtime
+        rt = self._rt
         k = self._k
         slot = self._ring[k]
         if slot is None:
