@@ -75,6 +75,7 @@ def scheduler(name, steps, n_req, q, ack, seed):
             live[row][1] = n + 1
             batch.append((row, key, n + 1, 1))
         q.put(batch)
+    ack.get()                  # the last step is done before the rows go
     q.put(None)
     cl.close()
 
