@@ -62,32 +62,34 @@ def bench_python_alloc(quick):
         rows_out.append((f"alloc+free {n} block(s), Python, per block", t_ours / n, "ns",
                          "pure-Python FreeKVCacheBlockQueue (vLLM-style)", t_base / n, None))
 
-    # A whole scheduler step: 256 requests gain one block each, then end.
-    rows = np.array([cl.claim_row(key=i) for i in range(256)], np.uint32)
-    ones = np.ones(256, np.uint32)
-    out = np.empty(256, np.int32)
-    empty = np.empty(0, np.uint32)
+    # A whole scheduler step in one call, steady state: the 256 requests of
+    # the last step end (their rows released, blocks freed) and 256 new ones
+    # arrive with one block each (rows claimed, blocks allocated). The
+    # baseline only allocates and frees the same blocks: it keeps no table.
+    plan = cl.step_plan(max_free=256, max_rows=0, max_arrive=256)
+    plan.arrive_keys[:] = np.arange(256)
+    plan.arrive_n[:] = 1
+    plan.run(n_arrive=256)
 
-    # Re-claiming rows after step's release is part of a real step (new
-    # requests arrive), so time it with the rest.
     def step_real(k):
-        s, claim = cl.step, cl.claim_row
+        run, free, arrived = plan.run, plan.free_rows, plan.arrive_rows
         for _ in range(k):
-            s(rows, ones, out=out)
-            s(empty, empty, free_rows=rows, out=out)
-            for r in rows:
-                claim(row=int(r))
+            free[:] = arrived              # last step's requests end
+            run(256, 0, 256)
 
     def step_base(k):
+        held = [python_pool_alloc(queue, 1) for _ in range(256)]
         for _ in range(k):
-            got = [python_pool_alloc(queue, 1) for _ in range(256)]
-            for g in got:
+            for g in held:
                 python_pool_free(queue, g)
+            held = [python_pool_alloc(queue, 1) for _ in range(256)]
+        for g in held:
+            python_pool_free(queue, g)
 
     k = 50 if quick else 300
     t_step = best_ns(step_real, k)
     t_base = best_ns(step_base, k)
-    rows_out.append(("step: 256 requests x 1 block (alloc+release+claim), per block",
+    rows_out.append(("step: 256 end + 256 arrive with 1 block, one call, per block",
                      t_step / 256, "ns", "pure-Python queue, per block", t_base / 256, 20.0))
     seg.close()
     return rows_out

@@ -244,3 +244,56 @@ def test_out_of_chunks_changes_nothing():
         assert seg.free_chunks() == 0
         assert_rejected(seg, bt.OutOfChunks, c.set_block, row, 12, ids[3], clients=[c])
         assert issubclass(bt.OutOfChunks, MemoryError)
+
+
+def test_step_with_arrivals_is_one_scheduler_step(seg, client):
+    """Ending, growing and arriving requests in one call: the ending rows'
+    blocks serve the step, each arrival gets a fresh row (new generation)
+    holding its blocks, and the accounting stays exact."""
+    running = client.claim_rows([1, 2])
+    client.alloc_append(running[0], 2)
+    ending = client.claim_row(key=3)
+    client.alloc_append(ending, 3)
+    free_before = seg.free_blocks()
+    ids, new_rows = client.step([running[0]], [1], free_rows=[ending],
+                                arrive=[10, 11], arrive_n=[2, 0])
+    assert len(ids) == 3 and len(new_rows) == 2
+    assert [seg.row_info(int(r)).key for r in new_rows] == [10, 11]
+    np.testing.assert_array_equal(seg.table[new_rows[0], :2], ids[1:])
+    assert seg.num_blocks[new_rows[1]] == 0 and seg.num_blocks[running[0]] == 3
+    assert seg.free_blocks() == free_before + 3 - 3
+    assert seg.check().clean
+
+
+def test_step_arrivals_are_all_or_nothing(seg, client):
+    rows_before = [seg.row_info(r).owner for r in range(seg.config.num_rows)]
+    w = seg.config.row_width
+    k = min(seg.config.num_rows, seg.free_blocks() // w + 1)   # k rows' worth > free
+    assert k * w > seg.free_blocks()
+    with pytest.raises(bt.OutOfBlocks):
+        client.step([], [], arrive=list(range(k)), arrive_n=[w] * k)
+    assert [seg.row_info(r).owner for r in range(seg.config.num_rows)] == rows_before
+    with pytest.raises(bt.OutOfRows):
+        client.step([], [], arrive=list(range(seg.config.num_rows + 1)),
+                    arrive_n=[0] * (seg.config.num_rows + 1))
+    assert [seg.row_info(r).owner for r in range(seg.config.num_rows)] == rows_before
+    assert seg.check().clean
+
+
+def test_step_plan_runs_steps_from_persistent_buffers(seg, client):
+    """A scheduler loop: the plan's buffers are filled in place and run()
+    does what Client.step does, without converting arguments."""
+    plan = client.step_plan(max_free=8, max_rows=8, max_arrive=8)
+    plan.arrive_keys[:3] = [7, 8, 9]
+    plan.arrive_n[:3] = [1, 2, 0]
+    assert plan.run(n_arrive=3) == 3
+    arrived = plan.arrive_rows[:3].copy()
+    assert [seg.row_info(int(r)).key for r in arrived] == [7, 8, 9]
+    np.testing.assert_array_equal(seg.num_blocks[arrived], [1, 2, 0])
+    plan.free_rows[:1] = arrived[:1]          # request 7 ends
+    plan.rows[:1], plan.n_new[:1] = arrived[2], 1
+    assert plan.run(n_free=1, n_rows=1) == 1
+    assert seg.row_info(int(arrived[0])).owner == 0 and seg.num_blocks[arrived[2]] == 1
+    with pytest.raises(bt.InvalidArgument):
+        plan.run(n_free=9)
+    assert seg.check().clean

@@ -18,7 +18,7 @@ from ._errors import *  # noqa: F401,F403 - one class per code
 from . import _errors as errors
 from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
                      SegmentConfig, SegmentInfo)
-from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams
+from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams, StepPlan
 from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
 from .connect import DaemonError, DaemonNotRunning, connect
 from .sparse import SparseBlockTable
@@ -34,7 +34,7 @@ from .compress import RunLengthSlots, compress_row, compress_rows, compress_slot
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",
     "BtError", "BtOSError", "CODES", "error_class", *errors.__all__,
-    "Segment", "Client", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
+    "Segment", "Client", "StepPlan", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
     "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
     "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
     "connect", "DaemonError", "DaemonNotRunning",

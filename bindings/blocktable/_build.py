@@ -21,33 +21,10 @@ _bid = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bid)
 
 
-# C helpers for the Python layer only (not part of libbt's API): each saves a
-# Python-side pass over an array on a hot path.
 _SHIM_CDEF = """
 const char *blocktable_build_id(void);
-int blocktable_step(bt_client *cl, uint32_t pool, const uint32_t *free_rows,
-                    uint32_t n_free, const uint32_t *rows, const uint32_t *n_new,
-                    uint32_t n_rows, int32_t *ids_out, uint64_t out_cap,
-                    uint64_t *total_out);
 """
-_SHIM_SOURCE = """
-/* bt_step, with the sum of n_new (the ids it writes) checked against the
- * output's capacity first: BT_EINVAL and *total_out set, nothing done, when
- * the output is too small. numpy's sum costs more than the step itself. */
-static int blocktable_step(bt_client *cl, uint32_t pool, const uint32_t *free_rows,
-                           uint32_t n_free, const uint32_t *rows, const uint32_t *n_new,
-                           uint32_t n_rows, int32_t *ids_out, uint64_t out_cap,
-                           uint64_t *total_out)
-{
-    uint64_t total = 0;
-    for (uint32_t i = 0; i < n_rows; i++)
-        total += n_new[i];
-    *total_out = total;
-    if (total > out_cap)
-        return BT_EINVAL;
-    return bt_step(cl, pool, free_rows, n_free, rows, n_new, n_rows, ids_out);
-}
-"""
+_SHIM_SOURCE = ""
 
 
 def make_ffibuilder():

@@ -16,7 +16,7 @@ from ._types import (I32, I64, U32, U64, BlockInfo, CheckReport, ClientSlotInfo,
                      RowInfo, SegmentConfig, SegmentInfo, as_array, c_array, c_out, cbuf,
                      from_struct, out_array, preview)
 
-__all__ = ["Segment", "Client", "SlotParams", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED"]
+__all__ = ["Segment", "Client", "StepPlan", "SlotParams", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED"]
 
 ROW_MANAGED = lib.BT_ROW_MANAGED
 ROW_RAW = lib.BT_ROW_RAW
@@ -399,7 +399,7 @@ class Client:
     a call that raised changed nothing.
     """
 
-    __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_total",
+    __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_args",
                  "__weakref__")
 
     def __init__(self, seg, raw):
@@ -412,10 +412,10 @@ class Client:
         self._gone_why = None
         self.id = lib.bt_client_id(raw)
         # step() writes here when the caller gives no buffer: cheaper than
-        # sizing a new array with numpy's sum (see blocktable_step).
+        # sizing a new array with numpy's sum (bt_step_ex checks ids_cap).
         c = seg.config
         self._scratch = np.empty(min(c.num_rows * c.row_width, _SCRATCH_MAX), I32)
-        self._total = ffi.new("uint64_t *")
+        self._args = ffi.new("bt_step_args *")
         seg._clients.add(self)
         _live_clients.add(self)
 
@@ -680,42 +680,63 @@ class Client:
         return self._segobj.read_row(row, out)
 
     # ---- the scheduler step -----------------------------------------------------
-    def step(self, rows, n_new, free_rows=_NO_ROWS, pool=0, out=None):
-        """One scheduler step in one call: release the rows in `free_rows`,
-        then allocate n_new[i] blocks from `pool` into rows[i]. Returns the new
-        ids row after row: out[:sum(n_new)], or a new array. All or nothing:
-        on error no row changed. rows/n_new/free_rows as uint32 numpy arrays
-        pass without a copy. Errors: OutOfBlocks, RowFull, NotOwner,
+    def step_plan(self, max_free=256, max_rows=256, max_arrive=256, max_ids=None, pool=0):
+        """Persistent buffers for stepping in a loop: see StepPlan."""
+        return StepPlan(self, max_free, max_rows, max_arrive, max_ids, pool)
+
+    def step(self, rows, n_new, free_rows=_NO_ROWS, pool=0, out=None,
+             arrive=None, arrive_n=None, arrive_rows=None):
+        """One scheduler step in one call (bt_step_ex): release `free_rows`
+        (ending requests; their blocks serve this step), claim a row for each
+        key in `arrive` with arrive_n[i] blocks, and grow rows[i] by n_new[i]
+        blocks, every new block popped with one CAS. Returns the new ids,
+        growing rows' first, then arrivals' (out[:total], or a new array);
+        with arrivals, returns (ids, rows claimed) and writes the rows into
+        `arrive_rows` when given. A validation error changes nothing; after
+        it the releases stand (those requests ended) and the claims and the
+        allocation are all or nothing. uint32/uint64 numpy arguments pass
+        without a copy. Errors: OutOfBlocks, OutOfRows, RowFull, NotOwner,
         RowStateError, InvalidArgument (a row listed twice)."""
         cl = self._cl
         if cl is None:
             self._gone()
+        a = self._args
         rb, nr = c_array(rows, U32, "uint32_t[]", "rows")
         kb, nk = c_array(n_new, U32, "uint32_t[]", "n_new")
-        if free_rows is _NO_ROWS:
-            fb, nf = _NO_ROWS_C, 0
-        else:
-            fb, nf = c_array(free_rows, U32, "uint32_t[]", "free_rows")
         if nr != nk:
             raise make_error(_EINVAL, f"{nr} rows but {nk} counts")
+        fb, nf = (_NO_ROWS_C, 0) if free_rows is _NO_ROWS else \
+            c_array(free_rows, U32, "uint32_t[]", "free_rows")
+        a.pool, a.n_free, a.free_rows, a.n_rows, a.rows, a.n_new = pool, nf, fb, nr, rb, kb
+        na = 0
+        if arrive is not None:
+            ab, na = c_array(arrive, U64, "uint64_t[]", "arrive")
+            nb, nn = c_array(arrive_n, U32, "uint32_t[]", "arrive_n")
+            if na != nn:
+                raise make_error(_EINVAL, f"{na} arrivals but {nn} counts")
+            arrive_rows = np.empty(na, U32) if arrive_rows is None else out_array(arrive_rows, na, U32)
+            a.arrive_keys, a.arrive_n = ab, nb
+            a.arrive_rows = ffi.from_buffer("uint32_t[]", arrive_rows)
+        a.n_arrive = na
         mine = out is None
         out = self._scratch if mine else out_array(out, 0, I32)
-        total = self._total
+        a.ids_out, a.ids_cap = ffi.from_buffer("int32_t[]", out), out.shape[0]
         try:
-            rc = lib.blocktable_step(cl, pool, fb, nf, rb, kb, nr,
-                                     ffi.from_buffer("int32_t[]", out), out.shape[0], total)
+            rc = lib.bt_step_ex(cl, a)
         except OverflowError as e:
             raise _range_error(e, f"step(pool={pool})") from None
         if rc:
-            if rc == _EINVAL and total[0] > out.shape[0]:
+            if rc == _EINVAL and a.ids_total > out.shape[0]:
                 if not mine:
-                    raise make_error(rc, f"out has {out.shape[0]} entries, "
-                                         f"sum(n_new) is {total[0]}")
-                self._scratch = np.empty(total[0], I32)  # grow and go again
-                return self.step(rows, n_new, free_rows, pool)
+                    raise make_error(rc, f"out has {out.shape[0]} entries, the step makes {a.ids_total}")
+                self._scratch = np.empty(a.ids_total, I32)  # grow and go again
+                return self.step(rows, n_new, free_rows, pool, None, arrive, arrive_n, arrive_rows)
+            more = "" if arrive is None else f", arrive={preview(arrive)}"
             raise make_error(rc, f"step(rows={preview(rows)}, n_new={preview(n_new)}, "
-                                 f"free_rows={preview(free_rows)}, pool={pool})")
-        return out[:total[0]].copy() if mine else out[:total[0]]
+                                 f"free_rows={preview(free_rows)}{more}, pool={pool})")
+        total = a.ids_total
+        ids = out[:total].copy() if mine else out[:total]
+        return ids if arrive is None else (ids, arrive_rows)
 
     # ---- slot mapping (delegated: it needs no client) -----------------------------
     def slots_row(self, row, start, n, out=None, params=None):
@@ -744,3 +765,56 @@ def _cname(name):
 def _check(rc, detail):
     if rc:
         raise make_error(rc, detail)
+
+
+class StepPlan:
+    """Persistent buffers for Client.step in a scheduler loop.
+
+    Converting arguments costs more than the step itself (hundreds of ns per
+    array), so a loop that steps every few milliseconds keeps its arrays, as
+    vLLM keeps its persistent input buffers: fill ``free_rows``, ``rows`` /
+    ``n_new`` and ``arrive_keys`` / ``arrive_n`` in place, then
+    ``run(n_free, n_rows, n_arrive)``. The rows claimed for arrivals land in
+    ``arrive_rows``, the new ids in ``ids`` (growing rows first, then
+    arrivals; ``run`` returns how many). Semantics and errors are
+    Client.step's (bt_step_ex). One plan per client; not thread-safe."""
+
+    __slots__ = ("client", "free_rows", "rows", "n_new", "arrive_keys", "arrive_n",
+                 "arrive_rows", "ids", "_args", "_keep")
+
+    def __init__(self, client, max_free=256, max_rows=256, max_arrive=256, max_ids=None, pool=0):
+        c = client.segment.config
+        if max_ids is None:
+            max_ids = min((max_rows + max_arrive) * c.row_width, 1 << 22)
+        self.client = client
+        self.free_rows, self.rows = np.zeros(max_free, U32), np.zeros(max_rows, U32)
+        self.n_new, self.arrive_n = np.zeros(max_rows, U32), np.zeros(max_arrive, U32)
+        self.arrive_keys, self.arrive_rows = np.zeros(max_arrive, U64), np.zeros(max_arrive, U32)
+        self.ids = np.zeros(max_ids, I32)
+        a = self._args = ffi.new("bt_step_args *")
+        self._keep = [ffi.from_buffer("uint32_t[]", self.free_rows), ffi.from_buffer("uint32_t[]", self.rows),
+                      ffi.from_buffer("uint32_t[]", self.n_new), ffi.from_buffer("uint64_t[]", self.arrive_keys),
+                      ffi.from_buffer("uint32_t[]", self.arrive_n), ffi.from_buffer("uint32_t[]", self.arrive_rows),
+                      ffi.from_buffer("int32_t[]", self.ids)]
+        (a.free_rows, a.rows, a.n_new, a.arrive_keys, a.arrive_n, a.arrive_rows, a.ids_out) = self._keep
+        a.ids_cap, a.pool = max_ids, pool
+
+    def run(self, n_free=0, n_rows=0, n_arrive=0):
+        """One step over the first n_free / n_rows / n_arrive entries of the
+        buffers; returns the number of new ids in ``ids``."""
+        cl = self.client._cl
+        if cl is None:
+            self.client._gone()
+        if not (0 <= n_free <= len(self.free_rows) and 0 <= n_rows <= len(self.rows)
+                and 0 <= n_arrive <= len(self.arrive_keys)):
+            raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the plan's "
+                                      f"buffers ({len(self.free_rows)}, {len(self.rows)}, "
+                                      f"{len(self.arrive_keys)})")
+        a = self._args
+        a.n_free, a.n_rows, a.n_arrive = n_free, n_rows, n_arrive
+        rc = lib.bt_step_ex(cl, a)
+        if rc:
+            raise make_error(rc, f"step plan run(n_free={n_free}, n_rows={n_rows}, "
+                                 f"n_arrive={n_arrive}): {a.ids_total} ids needed, "
+                                 f"{len(self.ids)} room")
+        return a.ids_total

@@ -316,14 +316,42 @@ int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b);
 int bt_row_read(const bt_seg *seg, uint32_t row, int32_t *ids_out, uint32_t cap, bt_row_info *info_out);
 
 /* ---- 6. The scheduler step ----------------------------------------------- */
-/* One call for a scheduler step: release the rows in free_rows (ending
- * requests), then allocate n_new[i] blocks from `pool` and append them to
- * rows[i], all new blocks popped with one CAS. Every row is validated first
- * (owned, listed once across both lists, MANAGED dense rows for growth, with
- * room): on any validation error nothing changed. Once valid, the releases
- * happen and their blocks can serve this step; the allocation is all or
- * nothing: on BT_ENOBLOCKS no row got a block (the ending rows stay
- * released: they ended). ids_out receives the new ids, row after row. */
+/* A whole scheduler step in one call (the per-call cost of Python is the
+ * enemy, not the CAS), in this order:
+ *   1. every listed row is validated: free_rows and rows owned by cl and
+ *      listed once across both lists; growing rows MANAGED, dense, with room.
+ *      On any error here nothing changed.
+ *   2. free_rows are released (ending requests): their blocks can serve
+ *      this very step.
+ *   3. a row is claimed (MANAGED, dense) for each arriving request; all or
+ *      nothing (BT_ENOROWS: no arrival got a row).
+ *   4. every new block (sum of n_new and arrive_n) is popped with one CAS;
+ *      all or nothing (BT_ENOBLOCKS: no row got a block, the arrivals' rows
+ *      are handed back untouched).
+ *   5. growing rows, then arrivals, get their blocks.
+ * After step 2 the releases stand even if 3 or 4 fail: those requests ended.
+ * ids_out receives the new ids, growing rows first then arrivals, each row's
+ * in order; ids_total says how many (or how many were needed: BT_EINVAL
+ * before anything is done when ids_cap is too small). */
+typedef struct bt_step_args {
+    uint32_t        pool;
+    uint32_t        n_free;
+    const uint32_t *free_rows;
+    uint32_t        n_rows;
+    const uint32_t *rows;
+    const uint32_t *n_new;
+    uint32_t        n_arrive;
+    const uint64_t *arrive_keys;
+    const uint32_t *arrive_n;
+    uint32_t       *arrive_rows;        /* out: the rows claimed, n_arrive of them */
+    int32_t        *ids_out;
+    uint64_t        ids_cap;
+    uint64_t        ids_total;          /* out */
+} bt_step_args;
+
+int bt_step_ex(bt_client *cl, bt_step_args *args);
+
+/* bt_step_ex without arrivals, with ids_out large enough for sum(n_new). */
 int bt_step(bt_client *cl, uint32_t pool,
             const uint32_t *free_rows, uint32_t n_free,
             const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows,

@@ -70,6 +70,12 @@ static inline void bt_op_end(bt_client *cl)
     bt_store_relaxed(&cl->slot->ops, bt_load_relaxed(&cl->slot->ops) + 1);
     bt_store_release(&cl->slot->in_op, 0);
 }
+/* The slot's row count has one writer, its client (or the recoverer of a
+ * dead one): a load and a store, no locked instruction. */
+static inline void bt_nrows_add(bt_client *cl, int32_t d)
+{
+    bt_store_relaxed(&cl->slot->nrows, bt_load_relaxed(&cl->slot->nrows) + (uint32_t)d);
+}
 int  bt_hand_add(bt_client *cl, const int32_t *ids, uint32_t n);
 int  bt_hand_find_all(bt_client *cl, const int32_t *ids, uint32_t n);
 void bt_hand_drop(bt_client *cl, uint32_t n);  /* after bt_hand_find_all */
@@ -83,6 +89,8 @@ void bt_row_write_end(struct bt_row *r);
 void bt_row_wipe(bt_seg *seg, uint32_t row, uint32_t from);
 uint32_t bt_row_cut(bt_seg *seg, uint32_t row, uint32_t keep, int32_t *out);
 int  bt_row_drop(bt_client *cl, uint32_t row);
+int  bt_claim_take(bt_client *cl, int32_t hint, uint32_t *cursor, uint32_t *row_out);
+void bt_claim_init(bt_client *cl, uint32_t row, uint64_t key, uint32_t flags);
 void bt_drop_refs(bt_seg *seg, int32_t *ids, uint32_t n);
 
 static inline int32_t *bt_row_ids(const bt_seg *seg, uint32_t row)

@@ -134,7 +134,13 @@ uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
         out[i - keep] = bt_entry_get(s, row, i);
     bt_row_rewrite_begin(r);
     bt_store_relaxed(&s->nblocks[row], (int32_t)keep);
-    bt_row_wipe(s, row, keep);
+    if (bt_row_paged(s, row)) {
+        bt_row_wipe(s, row, keep);
+    } else {                            /* past nb is zero already: [keep, nb) will do */
+        int32_t *e = bt_row_ids(s, row);
+        for (uint32_t i = keep; i < nb; i++)
+            bt_store_relaxed(&e[i], 0);
+    }
     bt_row_write_end(r);
     return nb - keep;
 }
@@ -165,20 +171,27 @@ int bt_row_drop(bt_client *cl, uint32_t row)
         return rc;
     bt_store_relaxed(&cl->seg->ntokens[row], (int64_t)0);
     bt_store_release(&cl->seg->rows[row].owner, 0u);
-    __atomic_fetch_sub(&cl->slot->nrows, 1u, __ATOMIC_RELAXED);
+    bt_nrows_add(cl, -1);
     return BT_OK;
 }
 
-/* Take a free row's owner word (row_hint >= 0: that row only). */
-static int claim_take(bt_client *cl, int32_t hint, uint32_t *row_out)
+/* Take a free row's owner word (hint >= 0: that row only). Searches start
+ * at *cursor (a batch reads the shared cursor once: UINT32_MAX) and leave it
+ * past the row taken, so a batch of claims walks the table once. */
+int bt_claim_take(bt_client *cl, int32_t hint, uint32_t *cursor, uint32_t *row_out)
 {
     bt_seg *s = cl->seg;
     uint32_t n = s->cfg.num_rows;
-    uint32_t start = hint >= 0 ? (uint32_t)hint : bt_fetch_add_relaxed(&s->hdr->row_cursor, 1u) % n;
+    if (hint < 0 && *cursor == UINT32_MAX)
+        *cursor = bt_fetch_add_relaxed(&s->hdr->row_cursor, 1u) % n;
+    uint32_t start = hint >= 0 ? (uint32_t)hint : *cursor;
     for (uint32_t k = 0; k < (hint >= 0 ? 1 : n); k++) {
-        uint32_t row = (start + k) % n, zero = 0;
-        if (bt_cas_acqrel(&s->rows[row].owner, &zero, cl->id)) {
+        uint32_t row = start + k < n ? start + k : start + k - n, zero = 0;
+        if (bt_load_relaxed(&s->rows[row].owner) == 0 &&     /* look before the CAS */
+            bt_cas_acqrel(&s->rows[row].owner, &zero, cl->id)) {
             *row_out = row;
+            if (hint < 0)
+                *cursor = row + 1 < n ? row + 1 : 0;
             return BT_OK;
         }
     }
@@ -186,7 +199,7 @@ static int claim_take(bt_client *cl, int32_t hint, uint32_t *row_out)
 }
 
 /* Make a taken row the request's: new generation, empty, key and flags. */
-static void claim_init(bt_client *cl, uint32_t row, uint64_t key, uint32_t flags)
+void bt_claim_init(bt_client *cl, uint32_t row, uint64_t key, uint32_t flags)
 {
     bt_seg *s = cl->seg;
     struct bt_row *r = &s->rows[row];
@@ -200,14 +213,15 @@ static void claim_init(bt_client *cl, uint32_t row, uint64_t key, uint32_t flags
     bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
     bt_store_relaxed(&s->ntokens[row], (int64_t)0);
     bt_row_write_end(r);
-    bt_fetch_add_relaxed(&cl->slot->nrows, 1u);
+    bt_nrows_add(cl, 1);
 }
 
 static int claim_one(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
 {
-    int rc = claim_take(cl, hint, row_out);
+    uint32_t cursor = UINT32_MAX;
+    int rc = bt_claim_take(cl, hint, &cursor, row_out);
     if (!rc)
-        claim_init(cl, *row_out, key, flags);
+        bt_claim_init(cl, *row_out, key, flags);
     return rc;
 }
 
@@ -241,15 +255,16 @@ int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t 
         return rc;
     /* Take every owner word first, touching nothing else, so that running
      * out of rows can hand them back with no trace (all or nothing). */
-    uint32_t i = 0;
-    while (i < n && !(rc = claim_take(cl, -1, &rows_out[i])))
+    uint32_t i = 0, cursor = UINT32_MAX;
+    while (i < n && !(rc = bt_claim_take(cl, -1, &cursor, &rows_out[i])))
         i++;
+    bt_store_relaxed(&cl->seg->hdr->row_cursor, cursor);  /* a hint for the next claimer */
     if (rc) {
         while (i-- > 0)
             bt_store_release(&cl->seg->rows[rows_out[i]].owner, 0u);
     } else {
         for (i = 0; i < n; i++)
-            claim_init(cl, rows_out[i], keys[i], flags);
+            bt_claim_init(cl, rows_out[i], keys[i], flags);
     }
     bt_op_end(cl);
     return rc;

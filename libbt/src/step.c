@@ -81,38 +81,32 @@ static int release_rows(bt_client *cl, const uint32_t *rows, uint32_t n)
         bt_store_relaxed(&s->ntokens[row], (int64_t)0);
         bt_store_release(&s->rows[row].owner, 0u);
     }
-    __atomic_fetch_sub(&cl->slot->nrows, n, __ATOMIC_RELAXED);
+    bt_nrows_add(cl, -(int32_t)n);
     bt_drop_refs(s, drop, k);
     if (drop != small)
         free(drop);
     return BT_OK;
 }
 
-int bt_step(bt_client *cl, uint32_t pool, const uint32_t *free_rows, uint32_t n_free,
-            const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows, int32_t *ids_out)
+/* Give arrivals their rows (owner words only: nothing to undo but those). */
+static int arrive_take(bt_client *cl, const bt_step_args *a)
 {
-    uint64_t total;
-    if (!cl || (n_free && !free_rows) || (n_rows && (!rows || !n_new)) || (n_rows && !ids_out))
-        return BT_EINVAL;
-    bt_seg *s = cl->seg;
-    if (pool >= s->cfg.num_pools)
-        return BT_ERANGE;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if ((rc = step_check(cl, free_rows, n_free, rows, n_new, n_rows, &total)))
-        goto out;
-    /* Ending requests go first, so their blocks can serve this very step. */
-    if (n_free && (rc = release_rows(cl, free_rows, n_free)))
-        goto out;
-    if (total > s->cfg.blocks_per_pool)
-        rc = BT_ENOBLOCKS;              /* more than the pool could ever hold */
-    else if (total)
-        rc = bt_pop_raw(s, pool, (uint32_t)total, cl->id, ids_out);
-    if (rc)
-        goto out;
-    const int32_t *src = ids_out;
-    for (uint32_t j = 0; j < n_rows; j++) {
+    int rc = BT_OK;
+    uint32_t i = 0, cursor = UINT32_MAX;
+    while (i < a->n_arrive && !(rc = bt_claim_take(cl, -1, &cursor, &a->arrive_rows[i])))
+        i++;
+    if (cursor != UINT32_MAX)
+        bt_store_relaxed(&cl->seg->hdr->row_cursor, cursor);  /* a hint for the next claimer */
+    while (rc && i-- > 0)
+        bt_store_release(&cl->seg->rows[a->arrive_rows[i]].owner, 0u);
+    return rc;
+}
+
+/* Append the popped ids to rows[0..n) in order; returns the ids used. */
+static const int32_t *fill_rows(bt_seg *s, const uint32_t *rows, const uint32_t *n_new,
+                                uint32_t n, const int32_t *src)
+{
+    for (uint32_t j = 0; j < n; j++) {
         uint32_t row = rows[j], nb = bt_row_nblocks(s, row);
         int32_t *e = bt_row_ids(s, row);
         if (!n_new[j])
@@ -124,7 +118,65 @@ int bt_step(bt_client *cl, uint32_t pool, const uint32_t *free_rows, uint32_t n_
         bt_row_write_end(&s->rows[row]);
         src += n_new[j];
     }
+    return src;
+}
+
+static int step_args_ok(const bt_step_args *a)
+{
+    return (!a->n_free || a->free_rows) && (!a->n_rows || (a->rows && a->n_new)) &&
+           (!a->n_arrive || (a->arrive_keys && a->arrive_n && a->arrive_rows));
+}
+
+int bt_step_ex(bt_client *cl, bt_step_args *a)
+{
+    uint64_t total = 0, grow;
+    if (!cl || !a || !step_args_ok(a))
+        return BT_EINVAL;
+    bt_seg *s = cl->seg;
+    if (a->pool >= s->cfg.num_pools)
+        return BT_ERANGE;
+    for (uint32_t i = 0; i < a->n_arrive; i++) {
+        if (a->arrive_n[i] > s->cfg.row_width)
+            return BT_EROWFULL;
+        total += a->arrive_n[i];
+    }
+    for (uint32_t i = 0; i < a->n_rows; i++)
+        total += a->n_new[i];
+    a->ids_total = total;
+    if (total > a->ids_cap || (total && !a->ids_out))
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if ((rc = step_check(cl, a->free_rows, a->n_free, a->rows, a->n_new, a->n_rows, &grow)))
+        goto out;
+    /* Ending requests go first, so their blocks can serve this very step. */
+    if (a->n_free && (rc = release_rows(cl, a->free_rows, a->n_free)))
+        goto out;
+    if ((rc = arrive_take(cl, a)))
+        goto out;
+    if (total > s->cfg.blocks_per_pool)
+        rc = BT_ENOBLOCKS;              /* more than the pool could ever hold */
+    else if (total)
+        rc = bt_pop_raw(s, a->pool, (uint32_t)total, cl->id, a->ids_out);
+    if (rc) {
+        for (uint32_t i = 0; i < a->n_arrive; i++)
+            bt_store_release(&s->rows[a->arrive_rows[i]].owner, 0u);
+        goto out;
+    }
+    for (uint32_t i = 0; i < a->n_arrive; i++)
+        bt_claim_init(cl, a->arrive_rows[i], a->arrive_keys[i], BT_ROW_MANAGED);
+    const int32_t *src = fill_rows(s, a->rows, a->n_new, a->n_rows, a->ids_out);
+    fill_rows(s, a->arrive_rows, a->arrive_n, a->n_arrive, src);
 out:
     bt_op_end(cl);
     return rc;
+}
+
+int bt_step(bt_client *cl, uint32_t pool, const uint32_t *free_rows, uint32_t n_free,
+            const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows, int32_t *ids_out)
+{
+    bt_step_args a = { .pool = pool, .n_free = n_free, .free_rows = free_rows, .n_rows = n_rows,
+                       .rows = rows, .n_new = n_new, .ids_out = ids_out, .ids_cap = UINT64_MAX };
+    return bt_step_ex(cl, &a);
 }
