@@ -47,6 +47,13 @@ struct bt_client {
     uint8_t         *mark;             /* scratch bitmap over rows, for bt_step */
 };
 
+/* Waiting on a row's seqlock: spin briefly, then yield, and give up after
+ * BT_SEQ_WAIT_NS (the writer died or was stopped mid-write). Time-bounded,
+ * not spin-bounded: on a loaded machine a writer can be descheduled for
+ * longer than any spin count is worth. Returns nonzero when out of time. */
+#define BT_SEQ_WAIT_NS (2ull * 1000000000ull)
+int bt_seq_backoff(uint32_t spin, uint64_t *t0);
+
 /* layout.c */
 int  bt_layout(const bt_config *cfg, uint64_t off[BT_R_COUNT], uint64_t *size);
 void bt_seg_bind(bt_seg *seg);         /* region pointers from base + off */

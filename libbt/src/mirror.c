@@ -15,7 +15,6 @@
 #include <unistd.h>
 #include "bt_internal.h"
 
-#define SEQ_SPINS (1u << 22)
 
 static int after(uint32_t a, uint32_t b) { return (int32_t)(a - b) > 0; }
 
@@ -134,12 +133,11 @@ static int stage_row(bt_seg *s, uint32_t row, struct bt_synced *sy, int valid, s
     const struct bt_row *r = &s->rows[row];
     const int32_t *e = bt_row_ids(s, row);
     uint32_t w = s->cfg.row_width;
-    for (uint32_t spin = 0; spin < SEQ_SPINS; spin++) {
+    uint64_t t0 = 0;
+    for (uint32_t spin = 0; !bt_seq_backoff(spin, &t0); spin++) {
         uint32_t s1 = bt_load_acquire(&r->seq);
-        if (s1 & 1u) {
-            bt_cpu_relax();
+        if (s1 & 1u)
             continue;
-        }
         if (valid && s1 == sy->seq)
             return 0;
         /* The mirror holds the dense table: a paged row shows there as empty. */

@@ -16,13 +16,29 @@
 #include <string.h>
 #include "bt_internal.h"
 
-#define SEQ_SPINS (1u << 22)            /* bt_row_read gives up after this */
+#include <sched.h>
 
 uint32_t bt_row_nblocks(const bt_seg *s, uint32_t row)
 {
     int32_t n = bt_load_relaxed(&s->nblocks[row]);
     uint32_t cap = bt_row_cap(s, row);
     return n < 0 ? 0 : (uint32_t)n > cap ? cap : (uint32_t)n;
+}
+
+int bt_seq_backoff(uint32_t spin, uint64_t *t0)
+{
+    if (spin < 256) {
+        if (spin)
+            bt_cpu_relax();
+        return 0;
+    }
+    uint64_t now = bt_now_ns();
+    if (!*t0)
+        *t0 = now;
+    if (now - *t0 > BT_SEQ_WAIT_NS)
+        return 1;
+    sched_yield();
+    return 0;
 }
 
 void bt_row_write_begin(struct bt_row *r)
@@ -520,12 +536,11 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
     if (row >= s->cfg.num_rows)
         return BT_ERANGE;
     const struct bt_row *r = &s->rows[row];
-    for (uint32_t spin = 0; spin < SEQ_SPINS; spin++) {
+    uint64_t t0 = 0;
+    for (uint32_t spin = 0; !bt_seq_backoff(spin, &t0); spin++) {
         uint32_t s1 = bt_load_acquire(&r->seq);
-        if (s1 & 1u) {
-            bt_cpu_relax();
+        if (s1 & 1u)
             continue;
-        }
         bt_row_info in = { .owner = bt_load_relaxed(&r->owner), .flags = bt_load_relaxed(&r->flags),
                            .key = bt_load_relaxed(&r->key), .generation = bt_load_relaxed(&r->generation),
                            .num_tokens = bt_load_relaxed(&s->ntokens[row]) };
