@@ -476,6 +476,34 @@ int bt_mirror_stage(bt_seg *seg, uint32_t idx, uint32_t num_rows,
                     int64_t *idx_out, int32_t *val_out, uint64_t cap,
                     uint64_t *n_out, uint32_t *rows_dirty_out);
 
+/* Ordering syncs between processes: a sync that holds the mirror's lock
+ * from staging until its copy is enqueued, and leaves behind a CUDA IPC
+ * event recorded after that copy, lets the next syncer (any process) wait
+ * on it before its own copy. */
+typedef struct bt_mirror_sync {
+    int32_t  pid;               /* the last syncer (set by bt_mirror_sync_done) */
+    uint32_t _pad;
+    uint64_t start_time;        /* of pid, to tell a recycled pid */
+    uint64_t seq;               /* bumped by every bt_mirror_sync_done */
+    uint8_t  event[64];         /* cudaIpcEventHandle_t recorded after its copy */
+} bt_mirror_sync;
+
+#define BT_STAGE_KEEP_LOCK 1    /* on success, keep the mirror's lock held */
+
+/* bt_mirror_stage with flags; with BT_STAGE_KEEP_LOCK the lock stays held on
+ * success (release it with bt_mirror_sync_done or bt_mirror_unlock) and
+ * *last_out (may be NULL) receives the previous sync's record. */
+int bt_mirror_stage_ex(bt_seg *seg, uint32_t idx, uint32_t num_rows, int flags,
+                       int64_t *idx_out, int32_t *val_out, uint64_t cap,
+                       uint64_t *n_out, uint32_t *rows_dirty_out, bt_mirror_sync *last_out);
+/* Publish this sync's record (pid, start time and seq are filled in here)
+ * and release the lock taken by bt_mirror_stage_ex. BT_EBUSY if the caller
+ * does not hold it. */
+int bt_mirror_sync_done(bt_seg *seg, uint32_t idx, const bt_mirror_sync *rec);
+/* Release the lock without a record (the copy failed: invalidate first). */
+int bt_mirror_unlock(bt_seg *seg, uint32_t idx);
+int bt_mirror_sync_get(const bt_seg *seg, uint32_t idx, bt_mirror_sync *out);
+
 /* BT_CDEF_END */
 
 #ifdef __cplusplus

@@ -108,7 +108,11 @@ struct bt_mirror {
     uint32_t device_index;
     uint32_t lock;                      /* pid of the process staging a sync */
     uint32_t valid;                     /* 0: the next stage is a full one */
-    uint8_t  _pad[BT_CACHELINE * 3 - 140];
+    int32_t  sync_pid;                  /* the last sync: who, and its CUDA event */
+    uint64_t sync_start;
+    uint64_t sync_seq;
+    uint8_t  sync_event[64];
+    uint8_t  _pad[BT_CACHELINE * 4 - 232];
 } __attribute__((aligned(BT_CACHELINE)));
 
 /* What a mirror last saw of a row. */
@@ -129,7 +133,7 @@ _Static_assert(sizeof(struct bt_pool) == BT_CACHELINE, "pool layout");
 _Static_assert(sizeof(struct bt_row) == BT_CACHELINE, "row layout");
 _Static_assert(sizeof(struct bt_cslot) == BT_CACHELINE * 2, "client slot layout");
 _Static_assert(sizeof(bt_config) == 48, "config layout");
-_Static_assert(sizeof(struct bt_mirror) == BT_CACHELINE * 3, "mirror layout");
+_Static_assert(sizeof(struct bt_mirror) == BT_CACHELINE * 4, "mirror layout");
 _Static_assert(offsetof(struct bt_header, freeze) % BT_CACHELINE == 0, "freeze line");
 
 /* Fingerprint of the layout this library was built with: cache line, struct

@@ -170,6 +170,51 @@ static int stage_row(bt_seg *s, uint32_t row, struct bt_synced *sy, int valid, s
 int bt_mirror_stage(bt_seg *s, uint32_t idx, uint32_t num_rows, int64_t *idx_out,
                     int32_t *val_out, uint64_t cap, uint64_t *n_out, uint32_t *rows_dirty)
 {
+    return bt_mirror_stage_ex(s, idx, num_rows, 0, idx_out, val_out, cap, n_out, rows_dirty, NULL);
+}
+
+static void sync_read(const struct bt_mirror *m, bt_mirror_sync *o)
+{
+    *o = (bt_mirror_sync){ .pid = bt_load_relaxed(&m->sync_pid),
+                           .start_time = bt_load_relaxed(&m->sync_start),
+                           .seq = bt_load_acquire(&m->sync_seq) };
+    memcpy(o->event, m->sync_event, sizeof(o->event));
+}
+
+int bt_mirror_sync_get(const bt_seg *s, uint32_t idx, bt_mirror_sync *o)
+{
+    if (!mirror_ok(s, idx) || !o)
+        return s && o ? BT_ERANGE : BT_EINVAL;
+    sync_read(&s->mirrors[idx], o);
+    return BT_OK;
+}
+
+int bt_mirror_unlock(bt_seg *s, uint32_t idx)
+{
+    if (!mirror_ok(s, idx))
+        return s ? BT_ERANGE : BT_EINVAL;
+    uint32_t me = (uint32_t)getpid();
+    return bt_cas_acqrel(&s->mirrors[idx].lock, &me, 0u) ? BT_OK : BT_EBUSY;
+}
+
+int bt_mirror_sync_done(bt_seg *s, uint32_t idx, const bt_mirror_sync *rec)
+{
+    if (!mirror_ok(s, idx) || !rec)
+        return s && rec ? BT_ERANGE : BT_EINVAL;
+    struct bt_mirror *m = &s->mirrors[idx];
+    if (bt_load_acquire(&m->lock) != (uint32_t)getpid())
+        return BT_EBUSY;
+    memcpy(m->sync_event, rec->event, sizeof(m->sync_event));
+    bt_store_relaxed(&m->sync_pid, (int32_t)getpid());
+    bt_store_relaxed(&m->sync_start, bt_proc_start_time(getpid()));
+    bt_store_release(&m->sync_seq, bt_load_relaxed(&m->sync_seq) + 1);
+    return bt_mirror_unlock(s, idx);
+}
+
+int bt_mirror_stage_ex(bt_seg *s, uint32_t idx, uint32_t num_rows, int flags,
+                       int64_t *idx_out, int32_t *val_out, uint64_t cap,
+                       uint64_t *n_out, uint32_t *rows_dirty, bt_mirror_sync *last_out)
+{
     if (!mirror_ok(s, idx) || !n_out || (cap && (!idx_out || !val_out)))
         return s && n_out ? BT_ERANGE : BT_EINVAL;
     if (num_rows > s->cfg.num_rows)
@@ -194,7 +239,12 @@ int bt_mirror_stage(bt_seg *s, uint32_t idx, uint32_t num_rows, int64_t *idx_out
         bt_store_relaxed(&m->valid, 1u);
         rc = BT_OK;
     }
-    bt_store_release(&m->lock, 0u);
+    if (!rc && (flags & BT_STAGE_KEEP_LOCK)) {
+        if (last_out)
+            sync_read(m, last_out);
+    } else {
+        bt_store_release(&m->lock, 0u);
+    }
     *n_out = rc ? 0 : st.n;
     if (rows_dirty)
         *rows_dirty = rc ? 0 : dirty;
