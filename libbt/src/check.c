@@ -486,18 +486,19 @@ int bt_seg_recover_client(bt_seg *s, uint32_t id, uint32_t wait_ms, bt_check_rep
             goto done;                  /* someone else has it */
         bt_store_relaxed(&sl->recoverer, (int32_t)getpid());
         bt_xchg_seqcst(&sl->in_op, 1u);
-        if (bt_load_seqcst(&s->hdr->freeze) == 0) {
-            release_holdings(s, id, 1);
+        if (bt_load_seqcst(&s->hdr->freeze) == 0 && release_holdings(s, id, 1) == 0) {
             bt_store_relaxed(&sl->pid, 0);
             bt_store_release(&sl->in_op, 0u);
             bt_store_release(&sl->state, (uint32_t)BT_CLIENT_FREE);
             rep.clients_reaped = 1;
             goto done;
         }
-        /* A sweep is starting: it will reap this slot. Step aside. */
+        /* A sweep is starting (it will reap this slot), or a row was left
+         * mid-write (only a scribbler does that outside a call): step aside,
+         * marked as needing a repair. */
         uint32_t rec = BT_CLIENT_RECOVERING;
         bt_cas_acqrel(&sl->state, &rec, (uint32_t)BT_CLIENT_DEAD);
-        bt_store_release(&sl->in_op, 0u);
+        bt_store_release(&sl->in_op, 1u);
     }
     /* Died inside a call (or raced a sweep): a repair undoes half-done work. */
     int rc = bt_seg_check(s, BT_CHECK_REPAIR, wait_ms, &rep);
@@ -509,7 +510,10 @@ int bt_seg_recover_client(bt_seg *s, uint32_t id, uint32_t wait_ms, bt_check_rep
             bt_xchg_seqcst(&sl->in_op, 1u);
             if (bt_load_seqcst(&s->hdr->freeze) == 0)
                 release_holdings(s, id, 0);
-            bt_store_release(&sl->in_op, 0u);
+            /* Still "died inside a call": its hand may name blocks its rows
+             * hold too, so only a repair may finish it, never a lock-free
+             * release of the hand. */
+            bt_store_release(&sl->in_op, 1u);
             uint32_t rec = BT_CLIENT_RECOVERING;
             bt_cas_acqrel(&sl->state, &rec, (uint32_t)BT_CLIENT_DEAD);
         }

@@ -533,6 +533,70 @@ static void test_stuck_client(void)
     T_OK(bt_seg_unlink(name));
 }
 
+/* A client died inside a call with a block named by both its row and its
+ * hand (between an append and the hand's drop), while a live client is stuck
+ * in a call. Recovery is deferred, maybe again and again; the dead client's
+ * hand must never be released lock-free afterwards, or a block the live
+ * client has since been handed would be freed under it. */
+static void test_deferred_recovery_keeps_hand(void)
+{
+    t_need_shm();
+    bt_config c = cfg();
+    const char *name = t_name("dfr");
+    bt_seg *seg;
+    T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
+    bt_client *p = t_client(seg);
+    int fd[2];
+    T_ASSERT(pipe(fd) == 0);
+    pid_t pid = fork();
+    T_ASSERT(pid >= 0);
+    if (pid == 0) {
+        bt_seg *cs;
+        uint32_t r;
+        int32_t b;
+        close(fd[0]);
+        T_OK(bt_seg_attach(name, &cs));
+        bt_client *cl = t_client(cs);
+        T_OK(bt_row_claim(cl, 7, -1, BT_ROW_MANAGED, &r));
+        T_OK(bt_blocks_alloc(cl, 0, 1, &b));
+        T_OK(bt_row_append(cl, r, &b, 1));
+        uint32_t id = bt_client_id(cl);
+        struct bt_cslot *sl = slot_ptr(cs, id);
+        uint32_t *hand = (uint32_t *)(base_of(cs) + region(cs, BT_R_HANDS)) + (uint64_t)(id - 1) * c.hand_size;
+        hand[0] = (uint32_t)b;                      /* the hand still names it */
+        __atomic_store_n(&sl->hand_count, 1u, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&sl->in_op, 1u, __ATOMIC_SEQ_CST);
+        T_EQ(write(fd[1], &id, sizeof(id)), (ssize_t)sizeof(id));
+        _exit(0);
+    }
+    close(fd[1]);
+    uint32_t dead = 0;
+    T_EQ(read(fd[0], &dead, sizeof(dead)), (ssize_t)sizeof(dead));
+    close(fd[0]);
+    t_wait_ok(pid, "dying child");
+    uint32_t *in_op = &slot_ptr(seg, bt_client_id(p))->in_op;
+    __atomic_store_n(in_op, 1u, __ATOMIC_SEQ_CST);     /* p is "stuck" */
+    bt_check_report rep;
+    T_RC(bt_seg_recover_client(seg, dead, 20, &rep), BT_EBUSY);
+    __atomic_store_n(in_op, 0u, __ATOMIC_SEQ_CST);
+    int32_t mine[8];                                    /* p takes blocks, */
+    T_OK(bt_blocks_alloc(p, 0, 8, mine));               /* the dead row's among them */
+    __atomic_store_n(in_op, 1u, __ATOMIC_SEQ_CST);
+    T_RC(bt_seg_recover_client(seg, dead, 20, &rep), BT_EBUSY);
+    __atomic_store_n(in_op, 0u, __ATOMIC_SEQ_CST);
+    T_OK(bt_seg_recover_client(seg, dead, 1000, &rep));
+    for (int i = 0; i < 8; i++) {
+        uint32_t rc1;
+        T_OK(bt_block_get(seg, mine[i], &rc1, NULL));
+        T_EQ(rc1, 1u);
+    }
+    T_OK(bt_blocks_release(p, mine, 8));
+    t_check_quiet(seg);
+    bt_client_close(p);
+    bt_seg_close(seg);
+    T_OK(bt_seg_unlink(name));
+}
+
 /* The freeze word names a sweeper that died: calls fail fast with
  * BT_EFROZEN, and a repairing check takes the freeze over and thaws. */
 static void test_dead_sweeper(void)
@@ -599,6 +663,7 @@ int main(int argc, char **argv)
     T_RUN(test_broken_free_list);
     T_RUN(test_dead_client);
     T_RUN(test_stuck_client);
+    T_RUN(test_deferred_recovery_keeps_hand);
     T_RUN(test_dead_sweeper);
     T_RUN(test_frozen_tokens);
     T_RUN(test_leak_counts);                 /* last: a reporting question, see there */
