@@ -12,9 +12,10 @@ from blocktable import ffi, lib
 from .protocol import RequestError
 
 REQUIRED = object()
-REPORT_KEYS = ("blocks_free", "blocks_held", "refcnt_fixed", "leaked", "double_free",
-               "rows_fixed", "bad_entries", "clients_reaped", "pause_ns", "stuck_client")
-PROBLEM_KEYS = ("refcnt_fixed", "leaked", "double_free", "rows_fixed", "bad_entries")
+# Keys follow libbt's structs, so a field added there shows up here.
+REPORT_KEYS = tuple(n for n, _ in ffi.typeof("bt_check_report").fields if not n.startswith("_"))
+PROBLEM_KEYS = tuple(k for k in ("refcnt_fixed", "leaked", "double_free", "rows_fixed",
+                                 "bad_entries", "chunks_leaked") if k in REPORT_KEYS)
 SERVER = {}         # name -> Command, what btd answers
 CLI = {}            # name -> Command, what bt-ctl offers
 
@@ -84,13 +85,24 @@ def table(headers, rows):
     """Aligned columns; numbers right-aligned."""
     cells = [[_cell(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    num = [all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows)
-           and bool(rows) for i in range(len(headers))]
+    num = [bool(rows) and all(_numeric(r[i]) for r in rows) for i in range(len(headers))]
 
     def line(vals):
         return "  ".join(v.rjust(w) if n else v.ljust(w)
                          for v, w, n in zip(vals, widths, num)).rstrip()
     return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _numeric(v):
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    try:
+        float(v)
+        return isinstance(v, str)
+    except (TypeError, ValueError):
+        return False
 
 
 def _cell(v):
@@ -158,8 +170,7 @@ def segment_summary(daemon, m):
             "pending_recoveries": len(m.pending), "stuck": list(m.stuck.values())}
 
 
-_CFG_KEYS = ("block_size", "kernel_block_size", "num_pools", "blocks_per_pool", "num_rows",
-             "row_width", "max_clients", "hand_size")
+_CFG_KEYS = tuple(n for n, _ in ffi.typeof("bt_config").fields if not n.startswith("_"))
 
 
 # ---- the commands --------------------------------------------------------------------------
@@ -256,7 +267,7 @@ class Pools(Command):
     def render(self, r, ns):
         return table(["SEGMENT", "POOL", "BLOCKS", "USED", "FREE", "USED%"],
                      [[p["segment"], p["pool"], p["blocks"], p["used"], p["free"],
-                       round(100.0 * p["used"] / max(p["blocks"], 1), 1)] for p in r["pools"]])
+                       f'{100.0 * p["used"] / max(p["blocks"], 1):.1f}'] for p in r["pools"]])
 
 
 @command

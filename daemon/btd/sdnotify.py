@@ -16,7 +16,9 @@ def notify(*lines):
         return False
     if addr[0] == "@":
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+    # Non-blocking: a receiver that reads nothing must not stall the loop.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC |
+                       socket.SOCK_NONBLOCK) as s:
         try:
             s.sendto("\n".join(lines).encode(), addr)
         except OSError:

@@ -31,6 +31,24 @@ def wait_for(cond, timeout=10.0, what="condition", interval=0.002):
         time.sleep(interval)
 
 
+def stack_of(pid):
+    """The C and Python stacks of a live process, for a failure message: gdb
+    when it is installed, else /proc's kernel stack and wait channel."""
+    import shutil
+    out = []
+    if shutil.which("gdb"):
+        r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+                           capture_output=True, text=True, timeout=60)
+        out.append(r.stdout[-6000:])
+    for f in ("wchan", "stat"):
+        try:
+            with open(f"/proc/{pid}/{f}") as fh:
+                out.append(f"{f}: {fh.read().strip()}")
+        except OSError:
+            pass
+    return "\n".join(out)
+
+
 def unique_name(prefix="t"):
     return f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
