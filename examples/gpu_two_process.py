@@ -202,7 +202,6 @@ def main(argv=None):
     finally:
         seg.close()
         bt.Segment.unlink(name)
-        gpu.sync.remove_sync_file(name)
 
 
 if __name__ == "__main__":

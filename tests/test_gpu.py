@@ -15,7 +15,6 @@ import pytest
 
 import blocktable as bt
 from blocktable import gpu
-from blocktable.gpu.sync import remove_sync_file
 
 OK, WHY = gpu.gpu_available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"needs a CUDA GPU and cupy: {WHY}")
@@ -33,13 +32,6 @@ def cupy():
 def named(shm_name):
     with bt.Segment.create(shm_name, CFG) as seg:
         yield seg
-    remove_sync_file(shm_name)
-
-
-@pytest.fixture(autouse=True)
-def _no_sync_files(shm_name):
-    yield
-    remove_sync_file(shm_name)
 
 
 def consistent_rows(table, counts):
@@ -111,6 +103,41 @@ def _opener_sync(name, q_in, q_out):
         n = m.sync()
         cp.cuda.get_current_stream().synchronize()
         q_out.put(("synced", n, cp.asnumpy(m.table).tolist(), cp.asnumpy(m.counts).tolist()))
+
+
+def _opener_hammer(name, seconds, edits, q_out):
+    """Opens the mirror by IPC and syncs it on its own stream as fast as it
+    can (while another process does too); reports how each sync was ordered."""
+    cp = cupy()
+    seg = bt.Segment.attach(name)
+    m = gpu.Mirror.open(seg, wait=10)
+    q_out.put("open")
+    s = cp.cuda.Stream(non_blocking=True)
+    waited, n, moved = {}, 0, 0
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        moved += m.sync(stream=s)
+        w = str(m._syncer.last_waited)
+        waited[w] = waited.get(w, 0) + 1
+        n += 1
+    s.synchronize()
+    q_out.put((n, moved, waited, m._syncer.full_restages))
+
+
+def _opener_sync_once(name, q_out):
+    cp = cupy()
+    seg = bt.Segment.attach(name)
+    m = gpu.Mirror.open(seg, wait=10)
+    n = m.sync()
+    cp.cuda.get_current_stream().synchronize()
+    q_out.put((n, m._syncer.last_waited))
+
+
+def sync_record(seg, index):
+    from blocktable import ffi, lib
+    rec = ffi.new("bt_mirror_sync *")
+    assert lib.bt_mirror_sync_get(seg._seg, index, rec) == 0
+    return rec.pid, rec.seq
 
 
 def ctx():
@@ -266,6 +293,131 @@ def test_any_process_may_sync_in_turn(named):
     finally:
         q_in.put("stop")
         p.join(30)
+        ex.close()
+
+
+def test_two_processes_sync_at_once_under_edits(shm_name):
+    """The exporter and an opener both sync in loops, each on its own
+    stream, while a writer edits: the stages take turns through the
+    mirror's lock, each copy waits for the one before it (an IPC event from
+    the other process), and once all stop one more sync makes the mirror
+    equal. A copy landing out of order would leave a row stale that the
+    records call synced: the last sync would not fix it."""
+    cp = cupy()
+    c = ctx()
+    with bt.Segment.create(shm_name, CFG) as seg, gpu.MirrorExporter(seg) as ex:
+        ex.sync()
+        done, q = c.Queue(), c.Queue()
+        o = c.Process(target=_opener_hammer, args=(shm_name, 4.0, None, q))
+        o.start()
+        assert q.get(timeout=60) == "open"
+        w = c.Process(target=_writer, args=(shm_name, 3.0, 23, done))
+        w.start()
+        s = cp.cuda.Stream(non_blocking=True)
+        waited, syncs = {}, 0
+        t_end = time.monotonic() + 30
+        while (w.is_alive() or o.is_alive()) and time.monotonic() < t_end:
+            ex.sync(stream=s)
+            k = str(ex._syncer.last_waited)
+            waited[k] = waited.get(k, 0) + 1
+            syncs += 1
+        ops = done.get(timeout=30)
+        n_o, moved_o, waited_o, restages_o = q.get(timeout=60)
+        w.join(30)
+        o.join(30)
+        assert o.exitcode == 0 and w.exitcode == 0
+        ex.sync(stream=s)
+        s.synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(ex.table), seg.table)
+        np.testing.assert_array_equal(cp.asnumpy(ex.counts), seg.num_blocks)
+        assert ops > 1000 and syncs > 10 and n_o > 10, (ops, syncs, n_o)
+        # Each side found the other's record, and waited on its event.
+        assert waited.get("peer", 0) > 0 and waited_o.get("peer", 0) > 0, (waited, waited_o)
+        assert restages_o == 0 and ex._syncer.full_restages == 0
+        assert sync_record(seg, ex.index)[1] > 2
+
+
+def test_a_dead_last_syncer_makes_the_next_sync_full(named):
+    """The last copy came from a process that is gone: it may never have
+    landed, so the next sync stages every row again, in the same call."""
+    cp = cupy()
+    c = ctx()
+    ex = gpu.MirrorExporter(named)
+    try:
+        cl = named.client()
+        for r in range(CFG.num_rows):
+            cl.claim_row(row=r, raw=True)
+            cl.set_row(r, [r + 1, r + 2])
+        ex.sync()
+        cl.append(3, [99])
+        q = c.Queue()
+        p = c.Process(target=_opener_sync_once, args=(named.name, q))
+        p.start()
+        n, waited = q.get(timeout=60)
+        p.join(30)
+        assert n == 2 and waited == "peer"                 # after the exporter's copy
+        assert sync_record(named, ex.index)[0] == p.pid
+        cl.append(4, [98])
+        ex.sync()
+        assert ex.last_sync[0] == CFG.num_rows * (CFG.row_width + 1)
+        assert ex._syncer.last_waited == "dead" and ex._syncer.full_restages == 1
+        cp.cuda.get_current_stream().synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(ex.table), named.table)
+        np.testing.assert_array_equal(cp.asnumpy(ex.counts), named.num_blocks)
+        assert sync_record(named, ex.index)[0] == os.getpid()
+        cl.append(5, [97])
+        assert ex.sync() == 2 and ex._syncer.last_waited == "self"
+        cl.close()
+    finally:
+        ex.close()
+
+
+def test_threads_of_one_process_sync_one_mirror(named):
+    """Several threads sync the same mirror (each on its own stream) while
+    this thread edits: they take turns, and a last sync makes it equal."""
+    import threading
+    cp = cupy()
+    ex = gpu.MirrorExporter(named)
+    cl = named.client()
+    rng = np.random.default_rng(9)
+    for r in range(CFG.num_rows):
+        cl.claim_row(row=r, raw=True)
+        cl.set_row(r, rand_row(rng, CFG.row_width, 4))
+    errors, stop = [], threading.Event()
+
+    def loop():
+        try:
+            with cp.cuda.Device(ex.device):
+                st = cp.cuda.Stream(non_blocking=True)
+                while not stop.is_set():
+                    ex.sync(stream=st)
+                st.synchronize()
+        except Exception as e:      # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=loop) for _ in range(4)]
+    for t in ts:
+        t.start()
+    try:
+        for i in range(3000):
+            r = int(rng.integers(0, CFG.num_rows))
+            n = int(named.num_blocks[r])
+            if i % 5 and n < CFG.row_width:
+                cl.append(r, [int(named.table[r, n - 1]) + 1 if n else 1])
+            else:
+                cl.set_row(r, rand_row(rng, CFG.row_width))
+    finally:
+        stop.set()
+        for t in ts:
+            t.join(30)
+    try:
+        assert errors == []
+        ex.sync()
+        cp.cuda.get_current_stream().synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(ex.table), named.table)
+        np.testing.assert_array_equal(cp.asnumpy(ex.counts), named.num_blocks)
+    finally:
+        cl.close()
         ex.close()
 
 

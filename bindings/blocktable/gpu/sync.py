@@ -1,6 +1,6 @@
 """Bringing a mirror up to date: stage what changed, move only that.
 
-bt_mirror_stage (libbt) reads every row under its seqlock and writes the
+bt_mirror_stage_ex (libbt) reads every row under its seqlock and writes the
 changed entries as (flat index, value) pairs into pinned staging memory: a
 decode step that appended one block to each of 256 rows stages 256 entries
 and 256 counts. The pairs are what was read consistently, so whatever the
@@ -18,22 +18,37 @@ under it, the staged values don't. How the pairs reach the device (`mode`):
 
 Ordering. Staging buffers form a ring of two per process and mirror: a
 buffer is reused only after the copy that last read it completed (an event).
-A sync is ordered after the previous sync of the same mirror, in this process
-(an event, when the streams differ) and in others: for a named segment, a
-record beside the segment (/dev/shm/bt.<name>.gpusync, one 128-byte record
-per mirror, guarded by an open-file-description lock) names the last syncing
-process and a CUDA IPC event it recorded after its copy; the next syncer from
-another process makes its stream wait on that event before its own copy, so
-copies of one mirror land in the order their stages were taken. If that
-process died, its copy may not have landed: the mirror is invalidated and
-the next stage is a full one.
+Syncs of one mirror, from any thread of any process, are ordered through the
+segment itself:
+
+  1. bt_mirror_stage_ex(..., BT_STAGE_KEEP_LOCK) stages and keeps the
+     mirror's lock (a word holding the syncer's pid; BT_EBUSY while another
+     live process holds it: retried for up to LOCK_WAIT_S). It also returns
+     the last sync's record: the process (pid, start time) that made the
+     last copy and the CUDA IPC event it recorded after it.
+  2. The stream waits for that event (opened once per peer with
+     cudaIpcOpenEventHandle). Our own record needs no IPC: the stream waits
+     on our event only if it differs from the stream of our last copy. If
+     the last syncer is dead, its copy may never have landed: the mirror is
+     invalidated and staged again, in full, under the same lock.
+  3. The copy is enqueued, then our event (interprocess, no timing) is
+     recorded after it, and bt_mirror_sync_done publishes the record naming
+     us and releases the lock. If the record already names this syncer's
+     event, bt_mirror_unlock releases it instead: the record stays true (the
+     next syncer waits on the event's latest record, ours, made before the
+     lock was released) and the call is cheaper.
+  On any failure in between: bt_mirror_invalidate (the records may be ahead
+  of the device: the next stage is a full one), then bt_mirror_unlock.
+
+So copies of one mirror land in the order their stages were taken. The lock
+word belongs to a process, not a thread (libbt lets a process take its own
+lock again), so the threads of one process are serialised by a threading
+lock per segment and mirror before they reach it.
 """
 import ctypes
-import fcntl
-import mmap
 import os
-import struct
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -44,7 +59,7 @@ from . import kernels
 from ._cuda import ProcWatch, cupy, proc_start_time, stream_ptr
 
 __all__ = ["Syncer", "MODES", "DEFAULT_MODE", "AUTO_RANGES_MAX_ROWS", "AUTO_ZEROCOPY_MAX",
-           "remove_sync_file"]
+           "LOCK_WAIT_S"]
 
 MODES = ("auto", "scatter", "zerocopy", "ranges")
 DEFAULT_MODE = "auto"
@@ -56,11 +71,34 @@ DEFAULT_MODE = "auto"
 # ranges (0: never); up to AUTO_ZEROCOPY_MAX pairs -> zerocopy; else scatter.
 AUTO_RANGES_MAX_ROWS = 0
 AUTO_ZEROCOPY_MAX = 1 << 20
+# How long a sync waits for another process's hold of the mirror's lock
+# (it holds it from its stage until its copy is enqueued: microseconds).
+LOCK_WAIT_S = 2.0
 
 _H2D = 1                      # cudaMemcpyHostToDevice
 _HOST_ALLOC_FLAGS = 1 | 2     # cudaHostAllocPortable | cudaHostAllocMapped
-_EV_FLAGS_IPC = 2 | 4         # cudaEventDisableTiming | cudaEventInterprocess
+# cudaEventDisableTiming | cudaEventInterprocess: what
+# cupy.cuda.Event(block=False, disable_timing=True, interprocess=True) makes.
+_EV_FLAGS_IPC = 2 | 4
 _EV_FLAGS = 2
+_KEEP_LOCK = lib.BT_STAGE_KEEP_LOCK
+_MAX_PEERS = 32               # opened peer events kept before the dead are pruned
+
+_orphans = []                 # events of closed Syncers that a record still names
+_tlocks = {}                  # (segment, mirror index) -> threading.Lock of this process
+_tlocks_guard = threading.Lock()
+
+
+def _thread_lock(seg, index):
+    """The lock that serialises this process's syncs of one mirror: keyed by
+    the segment's name (every mapping of it in this process shares the lock
+    word) or, embedded, its address."""
+    key = (seg.name if seg.name else int(ffi.cast("uintptr_t", seg._base)), index)
+    with _tlocks_guard:
+        lk = _tlocks.get(key)
+        if lk is None:
+            lk = _tlocks[key] = threading.Lock()
+        return lk
 
 
 class _Slot:
@@ -105,99 +143,11 @@ class _Slot:
         self.dmem = None
 
 
-# ---- the record beside a named segment -------------------------------------
-_REC = 128
-_REC_FMT = "<IiQQ64s"          # magic, pid, start time, mirror generation, event handle
-_REC_MAGIC = 0x62744753        # "SGtb"
-_FLOCK = "hhxxxxqqixxxx"       # struct flock on Linux x86-64/aarch64
-
-
-def _same_file(fd, path):
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-class _Handoff:
-    """The last syncer of each mirror of a named segment, in a small file
-    beside it. Any process may create it; the exporter's publish starts a new
-    generation, so records of an older one are ignored."""
-
-    _files = {}               # (path, pid) -> fd, one per process
-    _maps = {}                # (path, pid) -> mmap of the file
-    _flock = threading.Lock()
-
-    def __init__(self, name, index):
-        self.path = f"/dev/shm/bt.{name}.gpusync"
-        self.off = index * _REC
-        with _Handoff._flock:
-            fd = _Handoff._files.get((self.path, os.getpid()))
-            if fd is not None and not _same_file(fd, self.path):
-                # Unlinked and made again (a new segment of the same name):
-                # the old inode is nobody's record any more.
-                _Handoff._files.pop((self.path, os.getpid()))
-                _Handoff._maps.pop((self.path, os.getpid()), None)
-                fd = None
-            if fd is None:
-                try:
-                    mode = os.stat(f"/dev/shm/bt.{name}").st_mode & 0o666
-                except OSError:
-                    mode = 0o600
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
-                if os.fstat(fd).st_size < 64 * _REC:
-                    os.ftruncate(fd, 64 * _REC)
-                _Handoff._files[(self.path, os.getpid())] = fd
-            mm = _Handoff._maps.get((self.path, os.getpid()))
-            if mm is None:
-                mm = _Handoff._maps[(self.path, os.getpid())] = mmap.mmap(fd, 64 * _REC)
-        self.fd, self.mm = fd, mm
-        # The lock and unlock requests, packed once (each sync makes both).
-        if hasattr(fcntl, "F_OFD_SETLKW"):
-            self._cmd = fcntl.F_OFD_SETLKW
-            self._wr = struct.pack(_FLOCK, fcntl.F_WRLCK, 0, self.off, _REC, 0)
-            self._un = struct.pack(_FLOCK, fcntl.F_UNLCK, 0, self.off, _REC, 0)
-        else:
-            self._cmd = None
-
-    def lock(self):
-        if self._cmd is not None:
-            fcntl.fcntl(self.fd, self._cmd, self._wr)
-        else:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, _REC, self.off)
-
-    def unlock(self):
-        if self._cmd is not None:
-            fcntl.fcntl(self.fd, self._cmd, self._un)
-        else:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, _REC, self.off)
-
-    def read(self):
-        """(pid, start, generation, event handle) of the last syncer, or None.
-        Read from the mapping (no system call), under the lock."""
-        magic, pid, start, gen, handle = struct.unpack_from(_REC_FMT, self.mm, self.off)
-        return (pid, start, gen, handle) if magic == _REC_MAGIC else None
-
-    def write(self, pid, start, gen, handle):
-        struct.pack_into(_REC_FMT, self.mm, self.off, _REC_MAGIC, pid, start, gen, handle)
-
-
-def remove_sync_file(name):
-    """Remove the record file beside segment `name` (/dev/shm/bt.<name>.gpusync),
-    e.g. when the segment itself is unlinked. Absent: nothing to do."""
-    try:
-        os.unlink(f"/dev/shm/bt.{name}.gpusync")
-    except FileNotFoundError:
-        pass
-    # Descriptors this process holds on it stay open: a Syncer may still use
-    # one, and closing it would let the number be reused under it.
-
-
 class Syncer:
     """Brings one mirror's device copy up to date; one per process, mirror
     and generation (Mirror and MirrorExporter share it through `get`).
-    Thread-safe: syncs of one Syncer are serialised by a lock."""
+    Thread-safe: the syncs of one mirror in this process are serialised by
+    a threading lock (see the module's text on ordering)."""
 
     _all = weakref.WeakKeyDictionary()   # Segment -> {(index, gen, pid, table ptr): Syncer}
     _all_lock = threading.Lock()
@@ -229,81 +179,118 @@ class Syncer:
         self._ring = [None, None]
         self._k = 0
         self._n, self._dirty = ffi.new("uint64_t *"), ffi.new("uint32_t *")
-        self._lock = threading.Lock()
+        self._last = ffi.new("bt_mirror_sync *")     # the record stage_ex hands back
+        self._rec = ffi.new("bt_mirror_sync *")      # ours, for bt_mirror_sync_done
+        self._lock = _thread_lock(seg, index)
         self._pid = os.getpid()
         self._start = proc_start_time(self._pid)
-        self._handoff = _Handoff(seg.name, index) if seg.name else None
         rt = self._rt = cupy().cuda.runtime
-        self._done = rt.eventCreateWithFlags(_EV_FLAGS_IPC if self._handoff else _EV_FLAGS)
-        self._done_handle = rt.ipcGetEventHandle(self._done) if self._handoff else b""
+        # Another process can only wait on our copies through an IPC event;
+        # an embedded segment has no other process.
+        ipc = bool(seg.name)
+        self._done = rt.eventCreateWithFlags(_EV_FLAGS_IPC if ipc else _EV_FLAGS)
+        self._done_handle = bytes(rt.ipcGetEventHandle(self._done))[:64].ljust(64, b"\0") \
+            if ipc else bytes(64)
+        ffi.memmove(self._rec.event, self._done_handle, 64)
         self._done_stream = None          # stream of the last recorded _done, None: never
         self._peers = {}                  # (pid, start, handle) -> (ProcWatch, event ptr)
         self._launch = None               # kernels.Launch of bt_scatter
         self._threads = set()             # threads that launched through cupy once
         self.last_entries = self.last_rows = self.last_bytes = self.last_calls = 0
         self.last_mode = None
-        self.syncs = self.entries_total = self.bytes_total = 0
+        self.last_waited = None           # "peer", "self", "dead" or None: see _order
+        self.syncs = self.entries_total = self.bytes_total = self.full_restages = 0
 
     # ---- the public call -------------------------------------------------------
     def sync(self, stream=None, num_rows=None, mode=None):
         """Stage rows [0, num_rows) (default all) and enqueue their upload on
         `stream`. Returns the number of (index, value) pairs moved; the
-        upload is asynchronous like any copy on `stream`."""
+        upload is asynchronous like any copy on `stream`. Work on `stream`
+        after the call sees every sync of this mirror so far, from any
+        process."""
         s = stream_ptr(stream)
         nr = self.R if num_rows is None else num_rows
         with self._lock:
             if self._rt.getDevice() != self.device:
                 with cupy().cuda.Device(self.device):
-                    return self._sync_locked(s, nr, mode or DEFAULT_MODE)
-            return self._sync_locked(s, nr, mode or DEFAULT_MODE)
+                    return self._sync(s, nr, mode or DEFAULT_MODE)
+            return self._sync(s, nr, mode or DEFAULT_MODE)
 
-    def _sync_locked(self, s, nr, mode):
-        h = self._handoff
-        if h is None:
-            return self._sync(s, nr, mode, None)
-        h.lock()
-        try:
-            return self._sync(s, nr, mode, h)
-        finally:
-            h.unlock()
+    def _stage(self, slot, num_rows):
+        """bt_mirror_stage_ex keeping the lock; BT_EBUSY (another live
+        process holds it) is retried for LOCK_WAIT_S."""
+        t0 = None
+        tries = 0
+        while True:
+            try:
+                rc = lib.bt_mirror_stage_ex(self._raw, self.index, num_rows, _KEEP_LOCK,
+                                            slot.idx_c, slot.val_c, slot.cap, self._n,
+                                            self._dirty, self._last)
+            except OverflowError as e:
+                raise make_error(lib.BT_ERANGE, f"sync(num_rows={num_rows}): {e}") from None
+            if rc != lib.BT_EBUSY:
+                break
+            now = time.monotonic()
+            if t0 is None:
+                t0 = now
+            elif now - t0 > LOCK_WAIT_S:
+                break
+            tries += 1
+            if tries < 64:
+                os.sched_yield()
+            else:
+                time.sleep(50e-6)
+        if rc:
+            raise make_error(rc, f"bt_mirror_stage_ex(mirror {self.index}, num_rows={num_rows})"
+                             + (": another process held the mirror's sync lock, or a row "
+                                "stayed mid-write" if rc == lib.BT_EBUSY else ""))
 
-    def _sync(self, s, num_rows, mode, h):
+    def _sync(self, s, num_rows, mode):
         rt = self._rt
         k = self._k
         slot = self._ring[k]
         if slot is None:
             slot = self._ring[k] = _Slot(self.cap)
         slot.wait()
-        write_rec = self._order_after_previous(s, h, rt) if h is not None else False
-        if self._done_stream is not None and self._done_stream != s:
-            rt.streamWaitEvent(s, self._done, 0)
+        if self._launch is None:
+            # Compile (or load) the scatter kernel before taking the lock,
+            # which other processes wait for.
+            kernels.get_kernel("bt_scatter", self.device)
+        self._stage(slot, num_rows)                 # the mirror's lock is ours from here
+        enqueued = False
         try:
-            rc = lib.bt_mirror_stage(self._raw, self.index, num_rows, slot.idx_c, slot.val_c,
-                                     slot.cap, self._n, self._dirty)
-        except OverflowError as e:
-            raise make_error(lib.BT_ERANGE, f"sync(num_rows={num_rows}): {e}") from None
-        if rc:
-            raise make_error(rc, f"bt_mirror_stage(mirror {self.index}, num_rows={num_rows})")
-        n, rows = self._n[0], self._dirty[0]
-        nbytes = calls = 0
-        used = mode
-        if n:
-            try:
+            ours = self._order(s, slot, num_rows, rt)
+            n, rows = self._n[0], self._dirty[0]
+            nbytes = calls = 0
+            used = mode
+            if n:
+                enqueued = True
                 used, nbytes, calls = self._upload(slot, n, rows, s, mode, rt)
-            except BaseException:
-                lib.bt_mirror_invalidate(self._raw, self.index)  # the record ran ahead
-                raise
-            rt.eventRecord(slot.event, s)
-            slot.used = True
-            self._k = k ^ 1
-        if n or write_rec:
-            # Even with nothing staged, a syncer that takes the record over
-            # records its event after waiting for the previous one: whoever
-            # waits on it next waits for that too.
-            rt.eventRecord(self._done, s)
-            self._done_stream = s
-        if write_rec:
-            h.write(self._pid, self._start, self.generation, self._done_handle)
+                rt.eventRecord(slot.event, s)
+                slot.used = True
+                self._k = k ^ 1
+                rt.eventRecord(self._done, s)
+                self._done_stream = s
+            if n and not ours:
+                rc = lib.bt_mirror_sync_done(self._raw, self.index, self._rec)
+                if rc:
+                    raise make_error(rc, f"bt_mirror_sync_done(mirror {self.index})")
+            else:
+                # Nothing copied (the record still names the last copy, which
+                # the stream now waits for), or the record already names our
+                # event, whose latest record is the one just made.
+                lib.bt_mirror_unlock(self._raw, self.index)
+        except BaseException:
+            lib.bt_mirror_invalidate(self._raw, self.index)   # the records ran ahead
+            if enqueued:
+                # A copy may be queued; let it land before another syncer,
+                # which will not wait for it, starts the full one.
+                try:
+                    rt.streamSynchronize(s)
+                except Exception:
+                    pass
+            lib.bt_mirror_unlock(self._raw, self.index)
+            raise
         self.last_entries, self.last_rows, self.last_bytes = n, rows, nbytes
         self.last_calls, self.last_mode = calls, used
         self.syncs += 1
@@ -311,20 +298,35 @@ class Syncer:
         self.bytes_total += nbytes
         return n
 
-    def _order_after_previous(self, s, h, rt):
-        """Make stream s wait for the last sync of this mirror by another
-        process. True if the record must name us afterwards."""
-        rec = h.read()
-        if rec is None:
-            return True
-        pid, start, gen, handle = rec
+    def _order(self, s, slot, num_rows, rt):
+        """Make stream s wait for the last copy into this mirror (the record
+        that the stage handed back). True if the record names this syncer's
+        own event. A dead last syncer's copy may never have landed: then the
+        mirror is invalidated and staged again, in full, under our lock."""
+        last = self._last
+        pid = last.pid
+        if last.seq == 0 or pid <= 0:
+            self.last_waited = None
+            return False                     # nobody synced yet (since the segment began)
+        start = last.start_time
         if pid == self._pid and start == self._start:
-            return gen != self.generation
-        if gen != self.generation:
-            return True                   # an older publish: nothing of ours to wait for
+            handle = bytes(ffi.buffer(last.event))
+            if handle != self._done_handle:
+                # Another syncer of ours, of an older publish (or closed):
+                # its copies went elsewhere.
+                self.last_waited = None
+                return False
+            if self._done_stream is not None and self._done_stream != s:
+                rt.streamWaitEvent(s, self._done, 0)
+            self.last_waited = "self"
+            return True
+        handle = bytes(ffi.buffer(last.event))
         key = (pid, start, handle)
         peer = self._peers.get(key)
         if peer is None:
+            if len(self._peers) >= _MAX_PEERS:
+                for kk in [kk for kk, (w, _) in self._peers.items() if not w.alive()]:
+                    self._drop_peer(kk, rt)
             w = ProcWatch(pid, start)
             ev = None
             if w.alive():
@@ -336,14 +338,20 @@ class Syncer:
         w, ev = peer
         if ev is not None and w.alive():
             rt.streamWaitEvent(s, ev, 0)
-        else:
-            # Its copy may or may not have landed: start over with a full stage.
-            lib.bt_mirror_invalidate(self._raw, self.index)
-            self._drop_peer(key, rt)
-        return True
+            self.last_waited = "peer"
+            return False
+        # Dead (or its event can't be opened): start over with a full stage.
+        self._drop_peer(key, rt)
+        lib.bt_mirror_invalidate(self._raw, self.index)
+        self._stage(slot, num_rows)
+        self.full_restages += 1
+        self.last_waited = "dead"
+        return False
 
     def _drop_peer(self, key, rt):
         w, ev = self._peers.pop(key, (None, None))
+        if w is not None:
+            w.close()
         if ev is not None:
             try:
                 rt.eventDestroy(ev)
@@ -419,6 +427,14 @@ class Syncer:
             a = b
         return len(bounds)
 
+    def _named_in_record(self):
+        if not self.name:
+            return False
+        rec = ffi.new("bt_mirror_sync *")
+        if lib.bt_mirror_sync_get(self._raw, self.index, rec):
+            return True
+        return rec.pid == self._pid and bytes(ffi.buffer(rec.event)) == self._done_handle
+
     def close(self):
         with self._lock:
             rt = cupy().cuda.runtime
@@ -430,7 +446,13 @@ class Syncer:
                 self._drop_peer(key, rt)
             if self._done:
                 rt.eventSynchronize(self._done)
-                rt.eventDestroy(self._done)
+                if self._named_in_record():
+                    # Another process may still open and wait on it (the
+                    # record outlives us): an event destroyed under an
+                    # opened IPC handle is undefined behaviour. Keep it.
+                    _orphans.append(self._done)
+                else:
+                    rt.eventDestroy(self._done)
                 self._done = 0
         with Syncer._all_lock:
             for per in list(Syncer._all.values()):
