@@ -149,3 +149,121 @@ def test_bad_context_parallel_params_fail_at_construction():
         BlockTable(16, 4, 4, 8, False, "cpu", dcp_world_size=2, dcp_rank=2)
     with pytest.raises(bt.InvalidArgument):
         BlockTable(16, 4, 4, 8, False, "cpu", 16, 3, dcp_world_size=2)
+
+
+# ---- on a GPU: the device table is a mirror -----------------------------------------------
+def _gpu_ok():
+    from blocktable import gpu
+    ok, why = gpu.gpu_available()
+    if ok and not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    return ok, why
+
+
+GPU_OK, GPU_WHY = _gpu_ok()
+needs_gpu = pytest.mark.skipif(not GPU_OK, reason=f"needs a CUDA GPU and cupy: {GPU_WHY}")
+
+
+def test_no_gpu_means_no_mirror():
+    t = BlockTable(16, 4, 4, 64, False, "cuda")
+    if not GPU_OK:
+        assert t.mirror is None
+    assert BlockTable(16, 4, 4, 64, False, "cpu").mirror is None
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,K", [(16, 16), (32, 16)])
+def test_commit_block_table_syncs_the_mirror(B, K):
+    R, M = 32, 24
+    t = BlockTable(B, R, M, 512, True, "cuda", K)
+    ref = Reference(B, R, M, K)
+    assert t.mirror is not None
+    dev = t.get_device_tensor(R)
+    assert dev.is_cuda and dev.dtype == torch.int32 and tuple(dev.shape) == (R, t.max_num_blocks_per_req)
+    assert dev.data_ptr() == t.mirror.table.data.ptr              # zero copy: the mirror itself
+    assert t.block_table.gpu.data_ptr() == dev.data_ptr()
+    rng = np.random.default_rng(B)
+    for r in range(R):
+        ids = rng.integers(1, 1000, int(rng.integers(0, M // 2))).tolist()
+        t.add_row(ids, r), ref.add_row(ids, r)
+    t.commit_block_table(R)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(t.get_device_tensor(R).cpu().numpy(), ref.table)
+    np.testing.assert_array_equal(t.mirror.counts_tensor().cpu().numpy(), ref.n)
+    for step in range(30):
+        # A decode step: each of the first n rows gains at most one block.
+        n = int(rng.integers(1, R + 1))
+        for r in range(n):
+            if rng.random() < 0.7 and ref.n[r] + ref.ratio <= ref.width:
+                ids = [int(rng.integers(1, 1000))]
+                t.append_row(ids, r), ref.append_row(ids, r)
+        if step % 7 == 3:
+            a, b = (int(x) for x in rng.integers(0, n, 2))
+            t.swap_row(a, b), ref.swap_row(a, b)
+        if step % 11 == 5:
+            a, b = (int(x) for x in rng.integers(0, n, 2))
+            t.move_row(a, b), ref.move_row(a, b)
+        if step % 13 == 6:
+            r = int(rng.integers(0, n))
+            t.clear_row(r), ref.clear_row(r)
+        out = t.commit_block_table(n)
+        assert tuple(out.shape) == (n, t.max_num_blocks_per_req)
+        entries = t.mirror.last_sync[0]
+        assert entries <= n * (ref.ratio + 1) or step % 7 == 3 or step % 11 == 5 \
+            or step % 13 == 6, f"step {step}: {entries} entries for a decode step"
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(t.get_device_tensor(n).cpu().numpy(), ref.table[:n],
+                                      err_msg=f"step {step}")
+    t.commit_block_table(R)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(t.get_device_tensor().cpu().numpy(), ref.table)
+    t.clear()
+    torch.cuda.synchronize()
+    assert not t.get_device_tensor().any() and not t.mirror.counts_tensor().any()
+    t.close()
+    assert t.mirror is None
+    t.close()
+
+
+@needs_gpu
+def test_commit_on_torch_stream_and_rows_past_n_wait():
+    """The sync goes on torch's current stream, and rows past num_reqs
+    stay as they were on the device until a commit covers them."""
+    t = BlockTable(16, 8, 8, 64, False, "cuda:0")
+    for r in range(8):
+        t.add_row([r + 1], r)
+    t.commit_block_table(8)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        t.append_row([50], 2)
+        t.append_row([70], 6)
+        t.commit_block_table(4)
+        got = t.get_device_tensor(8).clone()
+    s.synchronize()
+    assert got[2, :2].tolist() == [3, 50]
+    assert got[6, :2].tolist() == [7, 0]                          # not committed yet
+    with torch.cuda.stream(s):
+        t.commit_block_table(8)
+        got = t.get_device_tensor(8).clone()
+    s.synchronize()
+    assert got[6, :2].tolist() == [7, 70]
+    t.close()
+
+
+@needs_gpu
+def test_mirror_slot_mapping_matches_compute_slot_mapping():
+    """The mirror's slot-mapping kernel, from the same table, gives what
+    compute_slot_mapping gives on the CPU."""
+    import cupy as cp
+    t = BlockTable(32, 6, 5, 512, False, "cuda", 16)
+    rng = np.random.default_rng(1)
+    for r in range(6):
+        t.add_row(rng.integers(1, 500, int(rng.integers(0, 6))).tolist(), r)
+    t.commit_block_table(6)
+    req = rng.integers(0, 6, 300).astype(np.int32)
+    pos = rng.integers(0, 5 * 32 + 8, 300).astype(np.int64)
+    t.compute_slot_mapping(req, pos)
+    got = t.mirror.slot_mapping_tokens(req, pos, params=t._params)
+    np.testing.assert_array_equal(cp.asnumpy(got), t.slot_mapping.np[:300])
+    t.close()

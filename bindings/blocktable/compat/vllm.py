@@ -17,6 +17,15 @@ Where vLLM differs and we don't follow it:
     instead of whatever the stale or null entry gave.
   * clear() also resets num_blocks_per_row (vLLM zeroed only the table).
 
+On a CUDA device with cupy present, the device table is a GPU mirror of
+the segment (blocktable.gpu.MirrorExporter, on that device):
+commit_block_table(n) syncs rows [0, n) on torch's current stream, moving
+only the entries that changed since the last sync (vLLM copies the n rows
+whole), and get_device_tensor(num_reqs) / block_table.gpu are zero-copy
+torch views of the mirror; ``mirror`` is the exporter (its slot mapping and
+gather kernels read the same copy). Without cupy, CUDA tensors are plain
+copies as in vLLM.
+
 torch is optional: only the tensor methods (get_cpu_tensor,
 get_device_tensor, the .cpu/.gpu attributes, commit_*) import it. Without a
 GPU (or with device "cpu") the "device" tensor is the CPU tensor itself,
@@ -58,16 +67,33 @@ def _device(device):
     return d
 
 
+def _mirror_for(segment, device):
+    """A MirrorExporter of `segment` on CUDA device `device`, or None where
+    there is no GPU mirror to be had (CPU, no CUDA, no cupy)."""
+    dev = _device(device)
+    if dev is None or dev.type != "cuda":
+        return None
+    from .. import gpu
+    ok, _ = gpu.gpu_available()
+    if not ok:
+        return None
+    index = dev.index if dev.index is not None else _torch().cuda.current_device()
+    return gpu.MirrorExporter(segment, index)
+
+
 class CpuGpuBuffer:
     """vLLM's CpuGpuBuffer over memory we own: ``np`` (numpy), ``cpu`` (a
     torch view of the same memory) and ``gpu`` (a device copy, or ``cpu``
-    itself when there is no device). torch is imported on first use."""
+    itself when there is no device). torch is imported on first use. With
+    ``mirror`` (a blocktable.gpu mirror of the segment that ``np`` views),
+    ``gpu`` is the mirror's torch view and copy_to_gpu(n) syncs rows [0, n)."""
 
-    def __init__(self, np_view, np_writable, device, pin_memory=False):
+    def __init__(self, np_view, np_writable, device, pin_memory=False, mirror=None):
         self.np = np_view
         self._writable = np_writable
         self._device = device
         self._pin = pin_memory
+        self._mirror = mirror
         self._cpu = self._gpu = None
 
     @property
@@ -78,12 +104,17 @@ class CpuGpuBuffer:
 
     @property
     def gpu(self):
+        if self._mirror is not None:
+            return self._mirror.tensor()
         if self._gpu is None:
             dev = _device(self._device)
             self._gpu = self.cpu if dev is None else _torch().zeros_like(self.cpu, device=dev)
         return self._gpu
 
     def copy_to_gpu(self, n=None):
+        if self._mirror is not None:
+            self._mirror.sync(num_rows=n)
+            return self._mirror.tensor(n)
         gpu = self.gpu
         if gpu is not self._cpu:
             gpu[:n].copy_(self.cpu[:n], non_blocking=True)
@@ -143,8 +174,9 @@ class BlockTable:
         for row in range(self.max_num_reqs):
             self._client.claim_row(key=row, row=row, raw=True)
         table_w, _, _ = self.segment.views(writable=True)
+        self.mirror = _mirror_for(self.segment, self.device)
         self.block_table = CpuGpuBuffer(self.segment.table, table_w, self.device,
-                                        self.pin_memory)
+                                        self.pin_memory, self.mirror)
         self.num_blocks_per_row = self.segment.num_blocks
         self._seg = self.segment._seg
 
@@ -186,6 +218,9 @@ class BlockTable:
         for row in range(self.max_num_reqs):
             if self.num_blocks_per_row[row]:
                 self._client.truncate(row, 0)
+        if self.mirror is not None:
+            self.mirror.sync()               # the emptied rows (and counts) land
+            return
         gpu = self.block_table._gpu
         if gpu is not None and gpu is not self.block_table._cpu:
             gpu.fill_(0)
@@ -205,6 +240,8 @@ class BlockTable:
             raise make_error(rc, f"compute_slot_mapping(n={n})")
 
     def commit_block_table(self, num_reqs):
+        """Bring the device table's rows [0, num_reqs) up to date (a GPU
+        mirror: only what changed moves), on torch's current stream."""
         self.block_table.copy_to_gpu(num_reqs)
 
     def commit_slot_mapping(self, num_tokens):
@@ -220,8 +257,17 @@ class BlockTable:
         return (ids.reshape(-1, 1) * blocks_per_kv_block + kernel_block_arange).reshape(-1)
 
     def get_device_tensor(self, num_reqs=None):
-        """The device table ([:num_reqs]); the CPU tensor when there is no GPU."""
+        """The device table ([:num_reqs]): the GPU mirror's torch view (zero
+        copy) where there is one; the CPU tensor when there is no GPU."""
         return self.block_table.gpu[:num_reqs]
+
+    def close(self):
+        """Retire the GPU mirror (if any) and free its device memory. The
+        table stays usable on the CPU; idempotent."""
+        m, self.mirror = self.mirror, None
+        if m is not None:
+            self.block_table._mirror = None
+            m.close()
 
     def get_cpu_tensor(self):
         """torch view of the shared table (zero copy; write through the methods)."""
