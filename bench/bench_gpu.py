@@ -10,8 +10,11 @@ bench/bench_gpu.py [--json out.json]` prints the table.
    Time = host wall clock from the call to the copy's completion on the
    device (stream synchronised), median of many steps; the edit itself is
    outside the timing. Other shapes (a prefill burst, one row, a full
-   resync) decide the "auto" rule. Targets: >= 10x fewer bytes, >= 3x less
-   time.
+   resync) decide the "auto" rule. Also: the same step through the vLLM
+   adapter (blocktable.compat.vllm.BlockTable.commit_block_table on a GPU
+   mirror, torch's stream), and when the previous sync was another
+   process's (the stream waits on its IPC event, the record changes hands).
+   Targets: >= 10x fewer bytes, >= 3x less time.
 2. Slot mapping of 8,192 tokens over 256 requests (vLLM's query_start_loc +
    positions, int64 out): the kernel reading the mirror, against torch
    indexing on the GPU (table[req, pos // B] * B + pos % B) and against
@@ -195,9 +198,9 @@ def bench_sync(cp, iters=300):
         results["decode_256x1"]["zerocopy"]["device_us"] = float(np.median(dts))
         s.synchronize()
         np.testing.assert_array_equal(cp.asnumpy(ex.table), seg.table)
-        # What the cross-process ordering costs: the same decode step on an
-        # embedded segment (no record file to lock) and the host-side time
-        # of the call alone.
+        # The host-side time of the call alone, then the same decode step
+        # on an embedded segment (a plain event, no IPC) and after another
+        # process's sync (its event waited on, the record handed over).
         hts = []
         for _ in range(iters):
             decode_edit()
@@ -206,13 +209,96 @@ def bench_sync(cp, iters=300):
             hts.append(time.perf_counter() - t0)
             s.synchronize()
         results["decode_256x1"]["auto"]["host_us"] = _median_us(hts)
+        results["decode_256x1_after_peer"] = _after_peer(cp, seg, ex, cl, s, decode_edit,
+                                                         min(iters, 150))
         ex.close()
         cl.close()
         results["decode_256x1_embedded"] = _embedded_decode(cp, iters)
+        results["decode_256x1_vllm_adapter"] = _adapter_decode(cp, iters)
         return results
     finally:
         seg.close()
         bt.Segment.unlink(name)
+
+
+def _peer_syncer(name, q_in, q_out):
+    import cupy as cp
+    seg = bt.Segment.attach(name)
+    m = gpu.Mirror.open(seg, wait=30)
+    s = cp.cuda.Stream(non_blocking=True)
+    q_out.put("open")
+    while q_in.get() != "stop":
+        m.sync(stream=s)
+        s.synchronize()
+        q_out.put(m.last_sync[0])
+
+
+def _after_peer(cp, seg, ex, cl, s, decode_edit, iters):
+    """Another process syncs (one changed row) before each of our decode
+    syncs: ours then waits on its event and takes the record over."""
+    c = mp.get_context("spawn")
+    q_in, q_out = c.Queue(), c.Queue()
+    p = c.Process(target=_peer_syncer, args=(seg.name, q_in, q_out))
+    p.start()
+    try:
+        assert q_out.get(timeout=120) == "open"
+        ts, hs, waited = [], [], {}
+        for i in range(iters + 5):
+            cl.truncate(0, 64) if seg.num_blocks[0] >= W else cl.append(0, [7])
+            q_in.put("sync")
+            q_out.get(timeout=60)
+            decode_edit()
+            t0 = time.perf_counter()
+            ex.sync(stream=s)
+            t1 = time.perf_counter()
+            s.synchronize()
+            t2 = time.perf_counter()
+            k = str(ex._syncer.last_waited)
+            waited[k] = waited.get(k, 0) + 1
+            if i >= 5:
+                ts.append(t2 - t0)
+                hs.append(t1 - t0)
+        s.synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(ex.table), seg.table)
+        return {"us": _median_us(ts), "host_us": _median_us(hs), "bytes": ex.last_sync[2],
+                "mode": ex.last_sync[4], "ordered_after": waited}
+    finally:
+        q_in.put("stop")
+        p.join(60)
+
+
+def _adapter_decode(cp, iters):
+    """vLLM's calls on the adapter: a decode step (one block on each of 256
+    rows), commit_block_table(256) on torch's current stream, synchronised."""
+    import torch
+    from blocktable.compat.vllm import BlockTable
+    t = BlockTable(BS, R, W, 8192, True, "cuda")
+    rng = np.random.default_rng(4)
+    for r in range(R):
+        t.add_row(rng.integers(1, 1 << 24, int(rng.integers(64, 1024))).tolist(), r)
+    t.commit_block_table(R)
+    torch.cuda.synchronize()
+    st = torch.cuda.current_stream()
+    ts, hs = [], []
+    for i in range(iters + 5):
+        for r in range(R):
+            if t.num_blocks_per_row[r] >= W:
+                t.clear_row(r)
+            t.append_row([int(rng.integers(1, 1 << 24))], r)
+        t0 = time.perf_counter()
+        dev = t.commit_block_table(R)
+        t1 = time.perf_counter()
+        st.synchronize()
+        t2 = time.perf_counter()
+        if i >= 5:
+            ts.append(t2 - t0)
+            hs.append(t1 - t0)
+    assert dev.data_ptr() == t.get_device_tensor(R).data_ptr()
+    assert torch.equal(t.get_device_tensor(R).cpu(), torch.from_numpy(t.get_numpy_array().copy()))
+    out = {"us": _median_us(ts), "host_us": _median_us(hs), "bytes": t.mirror.last_sync[2],
+           "entries": t.mirror.last_sync[0], "mode": t.mirror.last_sync[4]}
+    t.close()
+    return out
 
 
 def _embedded_decode(cp, iters):
@@ -433,6 +519,9 @@ def run():
         "decode_upload_device_us": sy["decode_256x1"]["zerocopy"].get("device_us"),
         "decode_device_time_ratio_vs_memcpy": sy["baseline_memcpy_segment"]["gpu_us"] /
         sy["decode_256x1"]["zerocopy"].get("device_us", float("nan")),
+        "adapter_commit_time_ratio_vs_vllm": base["us"] / sy["decode_256x1_vllm_adapter"]["us"],
+        "adapter_commit_bytes_ratio": base["bytes"] /
+        max(sy["decode_256x1_vllm_adapter"]["bytes"], 1),
         "slot_kernel_device_us": res["slots"]["kernel_device_us"],
         "slot_mapper_call_us": res["slots"]["mapper"]["gpu_us"],
     }
@@ -456,9 +545,15 @@ def render(res):
                  f"{res['sync']['baseline_memcpy_segment']['gpu_us']:.1f}us: "
                  f"{sm['decode_device_time_ratio_vs_memcpy']:.0f}x")
     e = res["sync"]["decode_256x1_embedded"]
-    lines.append(f"   decode_256x1 on an embedded segment (no cross-process record): "
+    lines.append(f"   decode_256x1 on an embedded segment (no IPC event): "
                  f"{e['us']:.1f}us; named, host part of the call: "
                  f"{res['sync']['decode_256x1']['auto'].get('host_us', 0):.1f}us")
+    pe = res["sync"]["decode_256x1_after_peer"]
+    lines.append(f"   decode_256x1 after another process's sync: {pe['us']:.1f}us "
+                 f"(host {pe['host_us']:.1f}us; ordered after {pe['ordered_after']})")
+    ad = res["sync"]["decode_256x1_vllm_adapter"]
+    lines.append(f"   vLLM adapter commit_block_table(256) on a mirror: {ad['us']:.1f}us "
+                 f"(host {ad['host_us']:.1f}us), {ad['bytes']}B in {ad['entries']} entries")
     for b in ("baseline_vllm_commit_block_table", "baseline_memcpy_segment"):
         r = res["sync"][b]
         lines.append(f"   {b:<34} {r['us']:>9.1f}us {r['bytes']:>9}B"
@@ -467,7 +562,8 @@ def render(res):
     lines.append(f"   decode step, default mode '{res['default_mode']}': "
                  f"{s['decode_sync_bytes_ratio']:.0f}x fewer bytes, "
                  f"{s['decode_sync_time_ratio_vs_vllm']:.1f}x less time than vLLM's commit "
-                 f"({s['decode_sync_time_ratio_vs_memcpy']:.1f}x vs a raw memcpy)")
+                 f"({s['decode_sync_time_ratio_vs_memcpy']:.1f}x vs a raw memcpy); through "
+                 f"the adapter {s['adapter_commit_time_ratio_vs_vllm']:.1f}x less time")
     sl = res["slots"]
     lines.append("")
     lines.append(f"2. slot mapping, {sl['tokens']} tokens over {sl['requests']} requests")
