@@ -1,7 +1,10 @@
 # blocktable -- one Makefile for the C library, the Python package and the tests.
 #   make            libbt.so / libbt.a for C users (build/)
 #   make test       venv + build + every test, C and Python (what CI runs)
-#   make run        venv + build + the main job
+#   make run        venv + build + btd in the foreground (default segment and socket)
+#   make simulate   a short simulated inference workload on an embedded segment
+#   make chaos      the chaos test with KILLS client kills (default 10000)
+#   make check-systemd  systemd-analyze verify + security exposure of btd.service
 #   make bench      benchmarks, a table on stdout and JSON in bench/results.json
 #   make asan|tsan  the C tests under sanitizers
 # Users' CFLAGS survive (liburing's habit): we only append what we need.
@@ -23,7 +26,7 @@ BUILD ?= build
 LIB_OBJ := $(LIB_SRC:libbt/src/%.c=$(BUILD)/obj/%.o)
 TESTS   := $(TEST_SRC:libbt/tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all lib ctest test pytest run bench asan tsan venv clean
+.PHONY: all lib ctest test pytest run simulate chaos check-systemd bench asan tsan venv clean
 all: lib
 lib: $(BUILD)/libbt.a $(BUILD)/libbt.so
 
@@ -59,10 +62,20 @@ venv: $(VENV)/.stamp
 pytest: venv
 	$(VPY) -m pytest -q tests
 
-test: ctest pytest
+test: ctest pytest check-systemd
 
 run: venv
+	$(VENV)/bin/btd
+
+simulate: venv
 	$(VPY) examples/simulate.py
+
+KILLS ?= 10000
+chaos: venv
+	KILLS=$(KILLS) $(VPY) -m pytest -q -s tests/test_chaos.py
+
+check-systemd:
+	sh systemd/check.sh
 
 $(BUILD)/bench_alloc: bench/bench_alloc.c $(BUILD)/libbt.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libbt.a $(LDLIBS)
