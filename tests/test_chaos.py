@@ -17,6 +17,7 @@ KILLS (env) sets the number of client kills (make chaos KILLS=10000).
 Also: btd itself killed under load and restarted (the new one adopts), and a
 client stopped inside a call while another dies (recovery must not wedge).
 """
+import faulthandler
 import os
 import random
 import signal
@@ -69,6 +70,7 @@ def worker(w, seg_name, sock, side, seed, via_daemon, parent_seg):
     record. Runs in a forked child; never returns."""
     rc = 0
     try:
+        faulthandler.enable()
         rng = random.Random(seed)
         if via_daemon:
             cl = connect(seg_name, socket=sock)
@@ -207,7 +209,11 @@ def check_exclusive(side, w, ids):
         side.stop[1] += 1
         bad = [(int(b), np.nonzero(others[:, i])[0].tolist(), _block(b)) for i, b in enumerate(ids)
                if others[:, i].any()]
-        print(f"worker {w}: fresh blocks also held by live workers: {bad}", file=sys.stderr)
+        slots = [(k, *(getattr(_SEG.client_slot(k), f) for f in ("state", "pid", "start_time")))
+                 for k in side.ctl[:, Side.SLOT].tolist() if k]
+        print(f"worker {w} at {time.time():.6f}: fresh blocks also held by live workers: {bad}; "
+              f"workers' (slot, state, pid, start): {slots}; pids {side.ctl[:, Side.PID].tolist()}",
+              file=sys.stderr)
 
 
 _SEG = _HOLDS = None
@@ -284,16 +290,22 @@ class Chaos:
         """Wait until each worker made `ops` more operations."""
         workers = self.alive() if workers is None else workers
         start = {w: self.side.ctl[w, Side.OPS] for w in workers}
-        wait_for(lambda: all(self.side.ctl[w, Side.OPS] >= start[w] + ops for w in workers),
-                 timeout, f"workers {workers} to make progress")
+
+        def done():
+            gone = [w for w in workers if self._exited(w)]
+            assert not gone, f"workers {gone} died on their own (status {self.pids})"
+            return all(self.side.ctl[w, Side.OPS] >= start[w] + ops for w in workers)
+        wait_for(done, timeout, f"workers {workers} to make progress")
 
     def kill(self, w):
         """SIGKILL worker w and reap it; returns its slot."""
         slot, pid = int(self.side.ctl[w, Side.SLOT]), self.pids[w]
         self.side.ctl[w, Side.DEAD] = 1               # its stamps stop counting
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
         self.pids[w] = 0
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+            f"worker {w} had died on its own before the kill (status {status:#x})"
         self.kills += 1
         if self.seg.client_slot(slot).in_op:
             self.in_op_deaths += 1
@@ -344,6 +356,8 @@ class Chaos:
 
     def finish(self):
         """Stop every worker cleanly; everything must come back."""
+        assert not self.side.stop[1], \
+            f"blocks held twice: {int(self.side.stop[1])} times (seed {self.seed})"
         self.side.stop[0] = 1
         for w, pid in enumerate(self.pids):
             if pid > 0:

@@ -293,7 +293,12 @@ class Daemon:
     def start_metrics(self):
         host, port = config_mod.parse_metrics(self.cfg.metrics)
         if self.metrics is None:
-            self.metrics = metrics.Server(self.collector)
+            try:
+                self.metrics = metrics.Server(self.collector)
+            except ImportError:
+                log.error("metrics: prometheus-client is not installed (pip install "
+                          "'blocktable[daemon]'); metrics off")
+                return
         try:
             self.metrics.start(host, port)
         except OSError as e:
@@ -352,6 +357,9 @@ class Daemon:
                 self.client_died(w)
             if dead:
                 self.publish()
+                if any(m.pending for m in self.segments.values()):
+                    # e.g. a zombie not yet reaped: retry soon, not a tick away
+                    self.next_tick = min(self.next_tick, time.monotonic() + FAST_TICK)
             while self.sigq:                 # signals
                 self.on_signal(self.sigq.popleft())
             if not self.running:
@@ -593,6 +601,9 @@ class Daemon:
         info = m.slot(sid)
         if info.state == lib.BT_CLIENT_FREE or info.pid != p.pid:
             return self.recovered(m, sid, p, None, "repair")
+        if p.start_time and info.start_time != p.start_time:
+            m.pending.pop(sid, None)     # a torn read of a slot being claimed: not a death
+            return
         if info.state in (lib.BT_CLIENT_DEAD, _RECOVERING):
             rc, rep = m.check(lib.BT_CHECK_REPAIR, self.cfg.recovery_wait_ms)
             kind = "repair"
@@ -691,8 +702,8 @@ class Daemon:
                             self.unwatch(w)
                     del m.seen[sid]
                     self.dirty = True
-                if info.state == lib.BT_CLIENT_FREE:
-                    continue
+                if info.state == lib.BT_CLIENT_FREE or info.pid <= 0:
+                    continue            # free, or being claimed (pid not stored yet)
                 m.seen[sid] = (info.pid, info.start_time, info.ops)
                 if sid in m.pending:
                     continue
