@@ -105,9 +105,11 @@ def _opener_sync(name, q_in, q_out):
         q_out.put(("synced", n, cp.asnumpy(m.table).tolist(), cp.asnumpy(m.counts).tolist()))
 
 
-def _opener_hammer(name, seconds, edits, q_out):
+def _opener_hammer(name, seconds, release, q_out):
     """Opens the mirror by IPC and syncs it on its own stream as fast as it
-    can (while another process does too); reports how each sync was ordered."""
+    can (while another process does too); reports how each sync was ordered,
+    then stays alive until released (a dead last syncer would make the
+    other's next sync a full one, rightly)."""
     cp = cupy()
     seg = bt.Segment.attach(name)
     m = gpu.Mirror.open(seg, wait=10)
@@ -122,6 +124,7 @@ def _opener_hammer(name, seconds, edits, q_out):
         n += 1
     s.synchronize()
     q_out.put((n, moved, waited, m._syncer.full_restages))
+    release.wait(60)
 
 
 def _opener_sync_once(name, q_out):
@@ -307,34 +310,41 @@ def test_two_processes_sync_at_once_under_edits(shm_name):
     c = ctx()
     with bt.Segment.create(shm_name, CFG) as seg, gpu.MirrorExporter(seg) as ex:
         ex.sync()
-        done, q = c.Queue(), c.Queue()
-        o = c.Process(target=_opener_hammer, args=(shm_name, 4.0, None, q))
+        done, q, release = c.Queue(), c.Queue(), c.Event()
+        o = c.Process(target=_opener_hammer, args=(shm_name, 4.0, release, q))
         o.start()
-        assert q.get(timeout=60) == "open"
-        w = c.Process(target=_writer, args=(shm_name, 3.0, 23, done))
-        w.start()
-        s = cp.cuda.Stream(non_blocking=True)
-        waited, syncs = {}, 0
-        t_end = time.monotonic() + 30
-        while (w.is_alive() or o.is_alive()) and time.monotonic() < t_end:
+        try:
+            assert q.get(timeout=60) == "open"
+            w = c.Process(target=_writer, args=(shm_name, 3.0, 23, done))
+            w.start()
+            s = cp.cuda.Stream(non_blocking=True)
+            waited, syncs = {}, 0
+            t_end = time.monotonic() + 30
+            # Until the writer is done and the opener has reported (it stays
+            # alive after that, until released).
+            while (w.is_alive() or q.empty()) and time.monotonic() < t_end:
+                ex.sync(stream=s)
+                k = str(ex._syncer.last_waited)
+                waited[k] = waited.get(k, 0) + 1
+                syncs += 1
+            ops = done.get(timeout=30)
+            n_o, moved_o, waited_o, restages_o = q.get(timeout=60)
+            w.join(30)
+            assert w.exitcode == 0
             ex.sync(stream=s)
-            k = str(ex._syncer.last_waited)
-            waited[k] = waited.get(k, 0) + 1
-            syncs += 1
-        ops = done.get(timeout=30)
-        n_o, moved_o, waited_o, restages_o = q.get(timeout=60)
-        w.join(30)
-        o.join(30)
-        assert o.exitcode == 0 and w.exitcode == 0
-        ex.sync(stream=s)
-        s.synchronize()
-        np.testing.assert_array_equal(cp.asnumpy(ex.table), seg.table)
-        np.testing.assert_array_equal(cp.asnumpy(ex.counts), seg.num_blocks)
-        assert ops > 1000 and syncs > 10 and n_o > 10, (ops, syncs, n_o)
-        # Each side found the other's record, and waited on its event.
-        assert waited.get("peer", 0) > 0 and waited_o.get("peer", 0) > 0, (waited, waited_o)
-        assert restages_o == 0 and ex._syncer.full_restages == 0
-        assert sync_record(seg, ex.index)[1] > 2
+            s.synchronize()
+            np.testing.assert_array_equal(cp.asnumpy(ex.table), seg.table)
+            np.testing.assert_array_equal(cp.asnumpy(ex.counts), seg.num_blocks)
+            assert ops > 1000 and syncs > 10 and n_o > 10, (ops, syncs, n_o)
+            # Each side found the other's record, and waited on its event;
+            # nobody died, so nobody staged in full again.
+            assert waited.get("peer", 0) > 0 and waited_o.get("peer", 0) > 0, (waited, waited_o)
+            assert restages_o == 0 and ex._syncer.full_restages == 0
+            assert sync_record(seg, ex.index)[1] > 2
+        finally:
+            release.set()
+            o.join(30)
+        assert o.exitcode == 0
 
 
 def test_a_dead_last_syncer_makes_the_next_sync_full(named):
