@@ -194,7 +194,7 @@ int bt_client_open(bt_seg *s, bt_client **out)
     if (!s || !out)
         return BT_EINVAL;
     int32_t pid = getpid();
-    int rc = slot_claim(s, pid, bt_proc_start_time(pid), &id);
+    int rc = slot_claim(s, pid, bt_self_start_time(), &id);
     if (rc)
         return rc;
     if ((rc = bt_client_adopt(s, id, out)))

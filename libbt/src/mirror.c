@@ -33,7 +33,7 @@ int bt_mirror_claim(bt_seg *s, uint32_t *idx_out)
         if (!bt_cas_acqrel(&m->state, &st, (uint32_t)BT_MIRROR_CLAIMED))
             continue;
         bt_store_relaxed(&m->exporter_pid, (int32_t)getpid());
-        bt_store_relaxed(&m->exporter_start, bt_proc_start_time(getpid()));
+        bt_store_relaxed(&m->exporter_start, bt_self_start_time());
         bt_store_relaxed(&m->valid, 0u);
         *idx_out = i;
         return BT_OK;
@@ -58,7 +58,7 @@ int bt_mirror_publish(bt_seg *s, uint32_t idx, const bt_mirror_desc *d)
     m->counts_off = d->counts_off;
     m->device_index = d->device_index;
     bt_store_relaxed(&m->exporter_pid, (int32_t)getpid());
-    bt_store_relaxed(&m->exporter_start, bt_proc_start_time(getpid()));
+    bt_store_relaxed(&m->exporter_start, bt_self_start_time());
     bt_store_relaxed(&m->valid, 0u);
     __atomic_fetch_add(&m->generation, 1ull, __ATOMIC_RELAXED);
     bt_store_release(&m->state, (uint32_t)BT_MIRROR_PUBLISHED);
@@ -117,8 +117,14 @@ static int lock_mirror(struct bt_mirror *m)
         return BT_OK;
     if (cur != me && !(kill((pid_t)cur, 0) < 0 && errno == ESRCH))
         return BT_EBUSY;
-    /* Our own stale lock (a thread of ours died?) or a dead process's. */
-    return bt_cas_acqrel(&m->lock, &cur, me) ? BT_OK : BT_EBUSY;
+    /* Our own stale lock (a full re-stage takes it again), or a dead
+     * process's: that one may have died between staging and its copy, so
+     * the records may be ahead of the device: the next stage is a full one. */
+    if (!bt_cas_acqrel(&m->lock, &cur, me))
+        return BT_EBUSY;
+    if (cur != me)
+        bt_store_relaxed(&m->valid, 0u);
+    return BT_OK;
 }
 
 struct stage {
@@ -206,7 +212,7 @@ int bt_mirror_sync_done(bt_seg *s, uint32_t idx, const bt_mirror_sync *rec)
         return BT_EBUSY;
     memcpy(m->sync_event, rec->event, sizeof(m->sync_event));
     bt_store_relaxed(&m->sync_pid, (int32_t)getpid());
-    bt_store_relaxed(&m->sync_start, bt_proc_start_time(getpid()));
+    bt_store_relaxed(&m->sync_start, bt_self_start_time());
     bt_store_release(&m->sync_seq, bt_load_relaxed(&m->sync_seq) + 1);
     return bt_mirror_unlock(s, idx);
 }

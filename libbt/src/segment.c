@@ -409,6 +409,20 @@ uint64_t bt_proc_start_time(int32_t pid)
     return v ? v : 1;
 }
 
+/* Our own start time, read from /proc once per process (a fork re-reads):
+ * hot paths stamp it, and reading /proc costs tens of microseconds. */
+uint64_t bt_self_start_time(void)
+{
+    static int32_t pid;
+    static uint64_t start;
+    int32_t me = getpid();
+    if (__atomic_load_n(&pid, __ATOMIC_ACQUIRE) != me) {
+        __atomic_store_n(&start, bt_proc_start_time(me), __ATOMIC_RELAXED);
+        __atomic_store_n(&pid, me, __ATOMIC_RELEASE);
+    }
+    return __atomic_load_n(&start, __ATOMIC_RELAXED);
+}
+
 uint64_t bt_now_ns(void)
 {
     struct timespec ts;
