@@ -45,7 +45,8 @@ STATES = {lib.BT_CLIENT_FREE: "free", lib.BT_CLIENT_ACTIVE: "active",
 _RESERVED, _RECOVERING = 3, 4
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)     # Linux 6.5
 MAX_OUT = 32 << 20              # a peer that reads nothing is dropped past this
-FAST_TICK = 0.02                # while recoveries are pending
+FAST_TICK = (0.001, 0.05, 0.02)  # while recoveries are pending: every 1 ms for the
+                                # first 50 ms (a zombie is reaped soon), then every 20 ms
 STUCK_BACKOFF = (0.5, 30.0)     # forced retry while a client stays stuck
 
 
@@ -359,7 +360,7 @@ class Daemon:
                 self.publish()
                 if any(m.pending for m in self.segments.values()):
                     # e.g. a zombie not yet reaped: retry soon, not a tick away
-                    self.next_tick = min(self.next_tick, time.monotonic() + FAST_TICK)
+                    self.next_tick = min(self.next_tick, time.monotonic() + FAST_TICK[0])
             while self.sigq:                 # signals
                 self.on_signal(self.sigq.popleft())
             if not self.running:
@@ -367,12 +368,18 @@ class Daemon:
             now = time.monotonic()
             if now >= self.next_tick:        # tick
                 self.tick()
-                fast = any(m.pending for m in self.segments.values())
-                self.next_tick = now + (FAST_TICK if fast else self.cfg.tick_ms / 1000)
+                self.next_tick = now + self.tick_period(now)
             if self.next_watchdog is not None and now >= self.next_watchdog:
                 sdnotify.notify("WATCHDOG=1")
                 self.next_watchdog = now + sdnotify.watchdog_interval()
         self.shutdown()
+
+    def tick_period(self, now):
+        pending = [p for m in self.segments.values() for p in m.pending.values()]
+        if not pending:
+            return self.cfg.tick_ms / 1000
+        young = any(now - p.since < FAST_TICK[1] for p in pending)
+        return FAST_TICK[0] if young else FAST_TICK[2]
 
     def on_signal(self, signum):
         if signum in (signal.SIGTERM, signal.SIGINT):
