@@ -131,6 +131,8 @@ void bt_push_zeroed(bt_seg *s, const int32_t *ids, uint32_t n)
     }
 }
 
+int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n);
+
 /* Take one reference on each id; all-or-nothing. */
 int bt_incref_many(bt_seg *s, const int32_t *ids, uint32_t n)
 {
@@ -143,8 +145,11 @@ int bt_incref_many(bt_seg *s, const int32_t *ids, uint32_t n)
         uint32_t v = bt_load_relaxed(rc);
         do {
             if (v == 0 || v == UINT32_MAX) {
-                for (uint32_t j = 0; j < i; j++)  /* undo */
-                    __atomic_fetch_sub(&s->refcnt[ids[j]], 1u, __ATOMIC_RELAXED);
+                /* Undo as a release: another holder may have dropped its
+                 * reference meanwhile, and a count we bring to 0 must put
+                 * the block back on its free list, not strand it. */
+                for (uint32_t j = 0; j < i; j++)
+                    bt_decref_many(s, &ids[j], 1);
                 return BT_ENOTHELD;
             }
         } while (!bt_cas_relaxed(rc, &v, v + 1));
@@ -170,8 +175,20 @@ int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
         uint32_t v = bt_load_relaxed(rc);
         do {
             if (v == 0) {
-                for (uint32_t j = 0; j < i; j++)
-                    __atomic_fetch_add(&s->refcnt[ids[j]], 1u, __ATOMIC_RELAXED);
+                /* Undo: take back the references we dropped, but never
+                 * revive a block whose count reached 0 since (another holder
+                 * freed it: it may be on a free list). Only a caller that
+                 * releases what it does not hold gets here. */
+                for (uint32_t j = 0; j < i; j++) {
+                    uint32_t *rj = &s->refcnt[ids[j]], w = bt_load_relaxed(rj);
+                    int zeroed_here = 0;
+                    for (uint32_t z = 0; z < nz; z++)
+                        zeroed_here |= zeroed[z] == ids[j];
+                    do {
+                        if (w == 0 && !zeroed_here)
+                            break;
+                    } while (!bt_cas_relaxed(rj, &w, w + 1));
+                }
                 if (zeroed != zeroed_small)
                     free(zeroed);
                 return BT_ENOTHELD;

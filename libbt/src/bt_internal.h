@@ -58,6 +58,7 @@ int bt_seq_backoff(uint32_t spin, uint64_t *t0);
 int  bt_layout(const bt_config *cfg, uint64_t off[BT_R_COUNT], uint64_t *size);
 void bt_seg_bind(bt_seg *seg);         /* region pointers from base + off */
 uint64_t bt_proc_start_time(int32_t pid);  /* 0 if the process is gone */
+int      bt_proc_probe(int32_t pid, uint64_t *start);  /* 1 running, 0 gone, -1 unknown */
 uint64_t bt_self_start_time(void);         /* ours, cached per process */
 uint64_t bt_fork_generation(void);
 uint64_t bt_now_ns(void);

@@ -23,11 +23,15 @@
 
 static int pid_alive(int32_t pid, uint64_t start)
 {
+    uint64_t now = 0;
     if (pid <= 0)
         return 0;
-    if (start)
-        return bt_proc_start_time(pid) == start;
-    return !(kill(pid, 0) < 0 && errno == ESRCH);
+    if (kill(pid, 0) < 0 && errno == ESRCH)
+        return 0;
+    int st = bt_proc_probe(pid, &now);
+    if (st < 0)
+        return 1;                       /* can't tell: never reap on a guess */
+    return st == 1 && (!start || now == start);
 }
 
 /* A slot whose holdings count: ACTIVE with its process alive. */
@@ -359,6 +363,8 @@ static void reap_slots(struct scan *sc)
         uint32_t st = bt_load_acquire(&sl->state);
         if (sc->live[i] || st == BT_CLIENT_FREE)
             continue;
+        if (st == BT_CLIENT_ACTIVE && slot_live(sl))
+            continue;                   /* adopted during the sweep: alive, holds nothing yet */
         if (st == BT_CLIENT_RESERVED && pid_alive(bt_load_relaxed(&sl->pid), 0))
             continue;                   /* awaiting adoption: holds nothing */
         bt_store_relaxed(&sl->hand_count, 0u);

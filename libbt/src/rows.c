@@ -185,6 +185,8 @@ int bt_row_drop(bt_client *cl, uint32_t row)
     int rc = shrink(cl, row, 0);
     if (rc)
         return rc;
+    if (bt_row_paged(cl->seg, row))     /* chunks past num_blocks too, if any */
+        bt_paged_trim(cl->seg, row, 0, 0);
     bt_store_relaxed(&cl->seg->ntokens[row], (int64_t)0);
     bt_store_release(&cl->seg->rows[row].owner, 0u);
     bt_nrows_add(cl, -1);
@@ -349,11 +351,14 @@ int bt_row_append_shared(bt_client *cl, uint32_t row, const int32_t *ids, uint32
     if (rc)
         return rc;
     if (!(rc = append_prep(cl, row, ids, n, 1, &r, &nb)) &&
-        !(rc = bt_paged_reserve(cl->seg, row, nb, nb + n)) &&
-        !(rc = bt_incref_many(cl->seg, ids, n))) {
-        bt_row_write_begin(r);
-        put_entries(cl->seg, row, nb, ids, n);
-        bt_row_write_end(r);
+        !(rc = bt_paged_reserve(cl->seg, row, nb, nb + n))) {
+        if (!(rc = bt_incref_many(cl->seg, ids, n))) {
+            bt_row_write_begin(r);
+            put_entries(cl->seg, row, nb, ids, n);
+            bt_row_write_end(r);
+        } else if (bt_row_paged(cl->seg, row)) {
+            bt_paged_trim(cl->seg, row, nb, nb);   /* give back the chunks reserved */
+        }
     }
     bt_op_end(cl);
     return rc;
@@ -371,7 +376,7 @@ int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, 
     if (rc)
         return rc;
     if (!(rc = append_prep(cl, row, NULL, n, 1, &r, &nb)) && n) {
-        int32_t small[256], *ids = ids_out ? ids_out : n <= 256 ? small : malloc(n * 4);
+        int32_t small[256], *ids = ids_out ? ids_out : n <= 256 ? small : malloc((size_t)n * sizeof(int32_t));
         if (!ids)
             rc = -ENOMEM;
         else if (!(rc = bt_paged_reserve(cl->seg, row, nb, nb + n)) &&
@@ -379,6 +384,8 @@ int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, 
             bt_row_write_begin(r);
             put_entries(cl->seg, row, nb, ids, n);
             bt_row_write_end(r);
+        } else if (rc != -ENOMEM && bt_row_paged(cl->seg, row)) {
+            bt_paged_trim(cl->seg, row, nb, nb);   /* give back the chunks reserved */
         }
         if (ids && ids != ids_out && ids != small)
             free(ids);
@@ -407,7 +414,7 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
             /* Take the new references first, then drop the old ones, so a
              * block in both lists never touches zero in between. */
             nb = bt_row_nblocks(cl->seg, row);
-            int32_t small[256], *old = nb <= 256 ? small : malloc(nb * 4);
+            int32_t small[256], *old = nb <= 256 ? small : malloc((size_t)nb * sizeof(int32_t));
             if (!old) {
                 rc = -ENOMEM;
             } else {

@@ -383,30 +383,45 @@ int bt_seg_set_owner(bt_seg *s, int32_t pid, uint64_t start_time)
     return BT_OK;
 }
 
-/* Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. With
- * the pid it names a process uniquely, so a recycled pid is not "alive". */
-uint64_t bt_proc_start_time(int32_t pid)
+/* What /proc/<pid>/stat says of a process: 1 running (with *start, field
+ * 22, its start time in ticks since boot: with the pid it names a process
+ * uniquely, so a recycled pid is caught), 0 gone (no such process, or a
+ * zombie: it has exited, only its parent has not reaped it), -1 unknown (the
+ * file could not be read for another reason). Callers deciding that a
+ * client is dead must treat -1 as alive: reaping a live client would free
+ * blocks it holds. */
+int bt_proc_probe(int32_t pid, uint64_t *start)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return errno == ENOENT || errno == ESRCH ? 0 : -1;
     ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    int err = errno;
     close(fd);
     if (n <= 0)
-        return 0;
+        return n == 0 || err == ESRCH ? 0 : -1;
     buf[n] = 0;
     char *p = strrchr(buf, ')');        /* the command name may hold spaces */
-    if (!p)
+    if (!p || p[1] != ' ')
+        return -1;
+    if (p[2] == 'Z' || p[2] == 'X')
         return 0;
     unsigned long long v = 0;
     /* after ")": " state(3) ppid(4) ... starttime(22)": to the space before 22 */
     for (int field = 3; field <= 22 && p; field++)
         p = strchr(p + 1, ' ');
     if (!p || sscanf(p + 1, "%llu", &v) != 1)
-        return 0;
-    return v ? v : 1;
+        return -1;
+    *start = v ? v : 1;
+    return 1;
+}
+
+uint64_t bt_proc_start_time(int32_t pid)
+{
+    uint64_t start = 0;
+    return bt_proc_probe(pid, &start) == 1 ? start : 0;
 }
 
 /* Our own start time, read from /proc once per process (a fork re-reads):
