@@ -10,6 +10,7 @@ say so and are skipped.
 """
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -194,11 +195,22 @@ def main():
     results, table = {}, []
     todo = [(n, f) for n, f in SECTIONS]
     for name, mod in OPTIONAL:
+        if name == "gpu":
+            try:
+                import blocktable.gpu as g
+                ok, why = g.gpu_available()
+            except Exception as e:      # noqa: BLE001 - any reason is a reason to skip
+                ok, why = False, repr(e)
+            if not ok:
+                results[name] = {"skipped": f"no GPU here ({why}); last GPU run: bench/gpu_results.json"}
+                continue
         try:
             m = importlib.import_module(mod)
-            todo.append((name, m.run))
         except ImportError as e:
             results[name] = {"skipped": f"{mod}: {e}"}
+            continue
+        takes_quick = "quick" in inspect.signature(m.run).parameters
+        todo.append((name, (lambda q, m=m: m.run(q)) if takes_quick else (lambda q, m=m: m.run())))
     for name, fn in todo:
         if a.only and name not in a.only:
             continue
