@@ -103,7 +103,14 @@ static inline void fz_config(fz_in *in, bt_config *c)
         c->num_chunks = 1 + fz_below(in, 8);
         c->dir_width = 1 + fz_below(in, 5);
     }
-    if (fz_u8(in) == 0x5a) {            /* one field anything at all */
+    uint8_t k = fz_u8(in);
+    if (k == 0xa5 && c->chunk_size) {   /* paged rows of up to 2^30 entries in ~1 MiB */
+        c->chunk_size = 4096;
+        c->dir_width = 1u << 18;
+        c->num_rows = 1 + fz_below(in, 2);
+        c->num_chunks = 1 + fz_below(in, 4);
+    }
+    if (k == 0x5a) {                    /* one field anything at all */
         uint32_t *f = (uint32_t *)c;
         f[fz_below(in, sizeof(*c) / 4)] = fz_u32(in);
     }
@@ -116,17 +123,8 @@ typedef struct fz_ctx {
     uint64_t   total;
     bt_client *cl[FZ_CLIENTS];
     int        strict;
-    int        tolerate;                /* BT_FUZZ_TOLERATE: known bugs to look past */
     uint32_t   wait_ms;                 /* for checks and recovery */
 } fz_ctx;
-
-#define FZ_TOL_CHUNK_LEAK 1             /* a failed paged append keeps its chunk */
-
-static inline int fz_tolerate_env(void)
-{
-    const char *t = getenv("BT_FUZZ_TOLERATE");
-    return t && strstr(t, "chunk-leak") ? FZ_TOL_CHUNK_LEAK : 0;
-}
 
 #define FZ_FAIL(...) do { \
     fprintf(stderr, "fuzz oracle: " __VA_ARGS__); \
@@ -199,7 +197,7 @@ static inline const char *fz_snap_diff(const fz_ctx *z, const fz_snap *a, const 
 {
     if (memcmp(a->free, b->free, sizeof(a->free)))
         return "a pool's free count";
-    if (!(z->tolerate & FZ_TOL_CHUNK_LEAK) && a->chunks != b->chunks)
+    if (a->chunks != b->chunks)
         return "the free chunk count";
     if (memcmp(a->ref, b->ref, sizeof(a->ref)) || memcmp(a->own, b->own, sizeof(a->own)))
         return "a block's reference count or owner";
@@ -222,9 +220,8 @@ static inline void fz_check_clean(fz_ctx *z, const char *when)
 {
     bt_check_report rep;
     int rc = bt_seg_check(z->seg, 0, 0, &rep);
-    uint64_t chunks = (z->tolerate & FZ_TOL_CHUNK_LEAK) ? 0 : rep.chunks_leaked;
     if (rc || rep.leaked || rep.double_free || rep.refcnt_fixed || rep.rows_fixed ||
-        rep.bad_entries || chunks)
+        rep.bad_entries || rep.chunks_leaked)
         FZ_FAIL("%s: check rc %d leaked %" PRIu64 " double_free %" PRIu64 " refcnt_fixed %"
                 PRIu64 " rows_fixed %" PRIu64 " bad_entries %" PRIu64 " chunks_leaked %" PRIu64,
                 when, rc, rep.leaked, rep.double_free, rep.refcnt_fixed, rep.rows_fixed,
@@ -561,7 +558,7 @@ static inline void fz_finish(fz_ctx *z)
         FZ_FAIL("all clients closed: %" PRIu64 " of %" PRIu64 " blocks free", fr, z->total - 1);
     uint32_t ch;
     bt_chunks_free(z->seg, &ch);
-    if (!(z->tolerate & FZ_TOL_CHUNK_LEAK) && ch != z->cfg.num_chunks)
+    if (ch != z->cfg.num_chunks)
         FZ_FAIL("all clients closed: %u of %u chunks free", ch, z->cfg.num_chunks);
     for (uint32_t r = 0; r < z->cfg.num_rows; r++) {
         bt_row_info ri;

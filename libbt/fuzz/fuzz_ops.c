@@ -12,23 +12,12 @@
  */
 #include "fuzz_common.h"
 
-static int tolerate;
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    tolerate = fz_tolerate_env();
-    return 0;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fz_in in = { data, size };
     fz_ctx z;
     memset(&z, 0, sizeof(z));
     z.strict = 1;
-    z.tolerate = tolerate;
     fz_config(&in, &z.cfg);
     uint64_t need = bt_config_size(&z.cfg);
     char why[128];

@@ -9,8 +9,6 @@
 #   FUZZ_TIMEOUT     libFuzzer's per-input timeout in seconds (default 10): an
 #                    input that runs longer is a finding (a loop over shared
 #                    links that is not bounded)
-#   BT_FUZZ_TOLERATE known bugs the harnesses look past (see fuzz_common.h);
-#                    for a developer exploring beyond one, never for CI
 #   CC_FUZZ          the compiler (default clang)
 #
 # Without clang, and as root with apt-get, it installs the distribution's
@@ -111,7 +109,7 @@ for h in "$@"; do
         art=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n 1)
         why=$(grep -m 1 -E 'fuzz oracle|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)|runtime error' "$log")
         found="FINDING: ${why:-exit $rc} (input: ${art:-none}; log: $log)"
-        sed -n '/ERROR\|fuzz oracle\|runtime error/,+12p' "$log" | head -n 30
+        sed -n "/ERROR\|fuzz oracle\|runtime error/,+8p" "$log" | head -n 12
     fi
     summary="$summary
 fuzz: $h: ${runs:-?} executions in ${secs}s, ${cov:-cov: ?} edges, corpus $files inputs, $found"
