@@ -105,11 +105,17 @@ static void slots_run(const bt_seg *s, const struct sp *p, const struct rowc *c,
     if (p->shift >= 0 && !c->paged) {
         int sh = p->shift;
         int64_t mask = p->bs - 1;
+        /* Branch-free: an out-of-range position reads entry 0 (always
+         * there) and the select drops it. Unsigned shift: a scribbled
+         * negative id is no UB. */
+        const int32_t *e = c->e;
+        uint64_t lim = (uint64_t)c->lim;
         for (uint32_t i = 0; i < n; i++) {
             int64_t x = pos[i];
-            out[i] = (uint64_t)x < (uint64_t)c->lim
-                         ? (int64_t)((uint64_t)(int64_t)bt_load_relaxed(&c->e[x >> sh]) << sh) | (x & mask)
-                         : -1;          /* unsigned shift: a scribbled negative id is no UB */
+            int in = (uint64_t)x < lim;
+            int64_t id = bt_load_relaxed(&e[in ? x >> sh : 0]);
+            int64_t v = (int64_t)((uint64_t)id << sh) | (x & mask);
+            out[i] = in ? v : -1;
         }
         return;
     }
