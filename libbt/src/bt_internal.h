@@ -125,6 +125,7 @@ int  bt_paged_reserve(bt_seg *seg, uint32_t row, uint32_t from, uint32_t to);
 void bt_paged_trim(bt_seg *seg, uint32_t row, uint32_t from, uint32_t hfrom);
 void bt_paged_swap(bt_seg *seg, uint32_t a, uint32_t b);
 void bt_paged_forget(bt_seg *seg, uint32_t row);
+int  bt_paged_shrink(bt_seg *seg, uint32_t row, uint32_t keep, int managed);
 static inline int32_t bt_entry_get(const bt_seg *seg, uint32_t row, uint32_t i)
 {
     const int32_t *p = bt_entry_ptr(seg, row, i);

@@ -12,6 +12,7 @@
  * of the segment, so a recoverer knows exactly what a dead client held.
  */
 #include <errno.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -37,6 +38,8 @@ static int wait_thaw(bt_seg *s)
         uint64_t fz = bt_load_acquire(&s->hdr->freeze);
         if (fz == 0)
             return BT_OK;
+        if ((int32_t)fz <= 0 || fz > INT32_MAX)
+            return BT_EFROZEN;          /* no process could have written that */
         if (spins < 64) {
             bt_cpu_relax();
             continue;

@@ -136,6 +136,54 @@ void bt_paged_forget(bt_seg *s, uint32_t row)
         bt_store_relaxed(&d[k], 0u);
 }
 
+/* Cut a paged row to `keep` entries under its write seqlock, walking its
+ * directory (not its index range): emptied chunks go back to the pool, and
+ * the references of the cut entries are dropped (managed) a bounded batch at
+ * a time. */
+int bt_paged_shrink(bt_seg *s, uint32_t row, uint32_t keep, int managed)
+{
+    enum { BATCH = 512 };
+    uint32_t cs = s->cfg.chunk_size, *d = dir_of(s, row), nd = 0, nback = 0;
+    int32_t drop[BATCH], back[64];
+    struct bt_row *r = &s->rows[row];
+    bt_row_rewrite_begin(r);
+    bt_store_relaxed(&s->nblocks[row], (int32_t)keep);
+    for (uint32_t k = s->cfg.dir_width; k-- > keep / cs;) {
+        uint32_t c = bt_load_relaxed(&d[k]);
+        if (c == 0 || c > s->cfg.num_chunks) {
+            if (c)
+                bt_store_relaxed(&d[k], 0u);    /* scribbled: forget it */
+            continue;
+        }
+        int32_t *data = s->chunks + (uint64_t)(c - 1) * cs;
+        uint32_t lo = k * cs < keep ? keep - k * cs : 0;
+        for (uint32_t x = lo; x < cs; x++) {
+            int32_t id = bt_load_relaxed(&data[x]);
+            if (!id)
+                continue;
+            bt_store_relaxed(&data[x], 0);
+            if (managed)
+                drop[nd++] = id;
+            if (nd == BATCH) {          /* entry zeroed first, then its reference */
+                bt_drop_refs(s, drop, nd);
+                nd = 0;
+            }
+        }
+        if (lo == 0) {
+            bt_store_relaxed(&d[k], 0u);
+            back[nback++] = (int32_t)(c - 1);
+            if (nback == 64) {
+                chunks_push(s, back, nback);
+                nback = 0;
+            }
+        }
+    }
+    bt_row_write_end(r);
+    chunks_push(s, back, nback);
+    bt_drop_refs(s, drop, nd);
+    return BT_OK;
+}
+
 /* Swap two paged rows' directories. */
 void bt_paged_swap(bt_seg *s, uint32_t a, uint32_t b)
 {

@@ -161,14 +161,18 @@ uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
     return nb - keep;
 }
 
-/* Drop entries [keep, nb) and, for a MANAGED row, their references. */
+/* Drop entries [keep, nb) and, for a MANAGED row, their references. Dense
+ * rows: one cut. Paged rows: chunk by chunk through the directory (holes cost
+ * nothing, and a billion-entry row holding one block needs no big buffer). */
 static int shrink(bt_client *cl, uint32_t row, uint32_t keep)
 {
     bt_seg *s = cl->seg;
     uint32_t nb = bt_row_nblocks(s, row);
     if (keep >= nb)
         return BT_OK;
-    int32_t small[256], *drop = nb - keep <= 256 ? small : malloc((nb - keep) * sizeof(int32_t));
+    if (bt_row_paged(s, row))
+        return bt_paged_shrink(s, row, keep, bt_row_managed(s, row));
+    int32_t small[256], *drop = nb - keep <= 256 ? small : malloc((size_t)(nb - keep) * sizeof(int32_t));
     if (!drop)
         return -ENOMEM;
     uint32_t n = bt_row_cut(s, row, keep, drop);

@@ -68,7 +68,7 @@ static int release_rows(bt_client *cl, const uint32_t *rows, uint32_t n)
     bt_seg *s = cl->seg;
     uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++)
-        if (bt_row_managed(s, rows[i]))
+        if (bt_row_managed(s, rows[i]) && !bt_row_paged(s, rows[i]))
             total += bt_row_nblocks(s, rows[i]);
     int32_t small[1024], *drop = total <= 1024 ? small : malloc(total * sizeof(int32_t));
     if (!drop)
@@ -77,7 +77,10 @@ static int release_rows(bt_client *cl, const uint32_t *rows, uint32_t n)
     for (uint32_t i = 0; i < n; i++) {
         uint32_t row = rows[i];
         int managed = bt_row_managed(s, row);
-        k += bt_row_cut(s, row, 0, managed ? drop + k : NULL) * (uint32_t)managed;
+        if (bt_row_paged(s, row))       /* by directory: no buffer as long as the row */
+            bt_paged_shrink(s, row, 0, managed);
+        else
+            k += bt_row_cut(s, row, 0, managed ? drop + k : NULL) * (uint32_t)managed;
         bt_store_relaxed(&s->ntokens[row], (int64_t)0);
         bt_store_release(&s->rows[row].owner, 0u);
     }
