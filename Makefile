@@ -7,6 +7,8 @@
 #   make check-systemd  systemd-analyze verify + security exposure of btd.service
 #   make bench      benchmarks, a table on stdout and JSON in bench/results.json
 #   make asan|tsan  the C tests under sanitizers
+#   make fuzz       model, corruption and libFuzzer runs (FUZZ_SECONDS, FUZZ_EXAMPLES)
+#   make fuzz-c     the libFuzzer harnesses alone
 # Users' CFLAGS survive (liburing's habit): we only append what we need.
 
 PYTHON  ?= python3
@@ -26,7 +28,8 @@ BUILD ?= build
 LIB_OBJ := $(LIB_SRC:libbt/src/%.c=$(BUILD)/obj/%.o)
 TESTS   := $(TEST_SRC:libbt/tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all lib ctest test pytest run simulate chaos check-systemd bench asan tsan venv clean
+.PHONY: all lib ctest test pytest run simulate chaos check-systemd bench asan tsan venv clean \
+        fuzz fuzz-c fuzz-brief
 all: lib
 lib: $(BUILD)/libbt.a $(BUILD)/libbt.so
 
@@ -62,7 +65,24 @@ venv: $(VENV)/.stamp
 pytest: venv
 	$(VPY) -m pytest -q tests
 
-test: ctest pytest check-systemd
+test: ctest pytest check-systemd fuzz-brief
+
+FUZZ_SECONDS  ?= 60
+FUZZ_EXAMPLES ?= 2000
+FUZZ_TRIALS   ?= 2000
+# libFuzzer harnesses (clang, ASan + UBSan), FUZZ_SECONDS each; skips without clang
+fuzz-c:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
+
+# the long run: model and corruption tests with many more examples, then the harnesses
+fuzz: venv
+	BT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) BT_FUZZ_STEPS=60 BT_CORRUPTION_TRIALS=$(FUZZ_TRIALS) \
+	    $(VPY) -m pytest -q tests/test_model.py tests/test_corruption.py
+	FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
+
+# the brief bounded run inside make test
+fuzz-brief:
+	FUZZ_SECONDS=10 sh libbt/fuzz/run.sh
 
 run: venv
 	$(VENV)/bin/btd

@@ -707,7 +707,11 @@ class Client:
             raise make_error(_EINVAL, f"{nr} rows but {nk} counts")
         fb, nf = (_NO_ROWS_C, 0) if free_rows is _NO_ROWS else \
             c_array(free_rows, U32, "uint32_t[]", "free_rows")
-        a.pool, a.n_free, a.free_rows, a.n_rows, a.rows, a.n_new = pool, nf, fb, nr, rb, kb
+        try:
+            a.pool = pool
+        except OverflowError as e:
+            raise _range_error(e, f"step(pool={pool})") from None
+        a.n_free, a.free_rows, a.n_rows, a.rows, a.n_new = nf, fb, nr, rb, kb
         na = 0
         if arrive is not None:
             ab, na = c_array(arrive, U64, "uint64_t[]", "arrive")
@@ -797,7 +801,10 @@ class StepPlan:
                       ffi.from_buffer("uint32_t[]", self.arrive_n), ffi.from_buffer("uint32_t[]", self.arrive_rows),
                       ffi.from_buffer("int32_t[]", self.ids)]
         (a.free_rows, a.rows, a.n_new, a.arrive_keys, a.arrive_n, a.arrive_rows, a.ids_out) = self._keep
-        a.ids_cap, a.pool = max_ids, pool
+        try:
+            a.ids_cap, a.pool = max_ids, pool
+        except OverflowError as e:
+            raise _range_error(e, f"step_plan(pool={pool}, max_ids={max_ids})") from None
 
     def run(self, n_free=0, n_rows=0, n_arrive=0):
         """One step over the first n_free / n_rows / n_arrive entries of the

@@ -159,6 +159,21 @@ def as_array(values, dtype, what):
             and values.flags.c_contiguous:
         return values
     a = np.asarray(values)
+    if a.dtype.kind == "f" and type(values) in (list, tuple) and dtype.kind == "u":
+        # numpy makes float64 of a list mixing ints below and above 2^63:
+        # build from the Python ints instead (they are exact).
+        try:
+            a = np.array(values, dtype=object)
+            if all(type(v) is int for v in values):
+                lo, hi = min(values), max(values)
+                info = np.iinfo(dtype)
+                if lo < info.min or hi > info.max:
+                    raise make_error(lib.BT_ERANGE, f"{what} holds {lo if lo < info.min else hi}, "
+                                                    f"which does not fit {dtype}")
+                return np.array(values, dtype=dtype)
+        except (TypeError, ValueError):
+            pass
+        a = np.asarray(values)
     if a.ndim != 1:
         raise make_error(lib.BT_EINVAL, f"{what} must be 1-d, got shape {a.shape}")
     if a.size == 0:
