@@ -297,11 +297,6 @@ def cpu_ticks(pid):
     return int(f[11]) + int(f[12])                   # utime + stime
 
 
-@pytest.mark.xfail(strict=True, reason="out of fds, btd either drops each new connection without a "
-                                       "reply (one fd left: accept works, pidfd_open fails) or "
-                                       "retries accept() at once (none left: ~100% CPU, ~10^4 "
-                                       "'accept: EMFILE' log lines a second, new peers time out); "
-                                       "no connection cap; reported to the daemon's owner")
 def test_fd_exhaustion_new_peers_get_a_clear_answer(starved_daemon):
     """While a flood holds every descriptor, a new peer gets an answer (an
     error reply is fine) within seconds, and btd does not spin."""

@@ -336,9 +336,6 @@ def test_request_size_limit_is_exact(daemon):
     assert daemon.request("status")["pid"] == daemon.pid
 
 
-@pytest.mark.xfail(strict=True, reason="btd answers deeply nested JSON with EINTERNAL and logs "
-                                       "a traceback per request (RecursionError is not caught "
-                                       "as EPARSE); reported to the daemon's owner")
 def test_deeply_nested_json_is_a_parse_error(daemon):
     [r] = raw_lines(daemon.socket, b"[" * 30000 + b"]" * 30000 + b"\n")
     assert daemon.request("status")["pid"] == daemon.pid     # alive either way

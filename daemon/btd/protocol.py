@@ -60,6 +60,8 @@ def parse_request(line):
         req = json.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError("EPARSE", f"not JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("EPARSE", "JSON nested too deeply") from None
     if not isinstance(req, dict):
         raise RequestError("EREQUEST", f"a request is a JSON object, got {type(req).__name__}")
     req_id = req.get("id")

@@ -191,6 +191,8 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.listener = None
         self.socket_path = None
+        self.nconns = 0
+        self.reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.sigq = collections.deque()
         self.running = False
         self.started = time.time()
@@ -204,9 +206,11 @@ class Daemon:
 
     # ---- start / stop ---------------------------------------------------------
     def start(self):
+        # The socket first: a bad path or another btd on it must be refused
+        # before any segment is created (which would then stay behind).
+        self.open_socket()
         for name, scfg in self.cfg.segments.items():
             self.open_segment(name, scfg)
-        self.open_socket()
         self.install_signals()
         if self.cfg.metrics:
             self.start_metrics()
@@ -428,23 +432,61 @@ class Daemon:
         return {"changed": changed, "segments_added": added}
 
     # ---- control connections --------------------------------------------------------------
+    # Connections beyond this get an EBUSY reply and are closed: one peer
+    # flooding the socket must not take every descriptor.
+    MAX_CONNS = 512
+
     def accept(self):
         while True:
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:           # EMFILE and friends: log, keep serving
+            except OSError as e:
+                # Out of descriptors: spend the reserve one on telling the
+                # peer, so it gets an answer and we don't spin on accept().
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self.refuse_one():
+                    continue
                 log.error("accept: %s", e)
                 return
             sock.setblocking(False)
+            if self.nconns >= self.MAX_CONNS:
+                self.refuse(sock, f"too many connections ({self.nconns}); try again later")
+                continue
             try:
                 conn = Conn(sock)
             except OSError as e:
-                log.warning("connection dropped: %s", e)
-                sock.close()
+                self.refuse(sock, f"cannot serve this connection: {e}")
                 continue
+            self.nconns += 1
             self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
+
+    def refuse(self, sock, message):
+        """A best-effort EBUSY reply (non-blocking), then close."""
+        try:
+            sock.send(protocol.error(None, protocol.RequestError("EBUSY", message)))
+        except OSError:
+            pass
+        sock.close()
+
+    def refuse_one(self):
+        """accept() failed with EMFILE: free the reserve descriptor, accept
+        and refuse one peer, take the reserve back. False if no reserve."""
+        if self.reserve_fd is None:
+            return False
+        os.close(self.reserve_fd)
+        self.reserve_fd = None
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            self.refuse(sock, "btd is out of file descriptors; try again later")
+        try:
+            self.reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+        return sock is not None
 
     def serve(self, conn, mask):
         if mask & selectors.EVENT_READ and not conn.closing:
@@ -493,6 +535,7 @@ class Daemon:
     def drop(self, conn):
         try:
             self.sel.unregister(conn.sock)
+            self.nconns -= 1
         except (KeyError, ValueError):
             pass
         conn.close()
