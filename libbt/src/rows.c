@@ -579,11 +579,20 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
 
 /* ---- paged rows: entries by index, holes ---------------------------------- */
 
-/* Length of the row once trailing holes are dropped. */
+/* Length of the row once trailing holes are dropped; a chunk that is not
+ * there is skipped whole (a sparse row may span 2^30 entries). */
 static uint32_t trim_holes(const bt_seg *s, uint32_t row, uint32_t nb)
 {
-    while (nb > 0 && bt_entry_get(s, row, nb - 1) == 0)
+    while (nb > 0) {
+        const int32_t *p = bt_entry_ptr(s, row, nb - 1);
+        if (!p) {
+            nb = (nb - 1) / s->cfg.chunk_size * s->cfg.chunk_size;
+            continue;
+        }
+        if (bt_load_relaxed(p))
+            break;
         nb--;
+    }
     return nb;
 }
 
