@@ -657,7 +657,8 @@ class Client:
             raise make_error(rc, f"set_tokens(row={row}, num_tokens={num_tokens})")
 
     def move(self, src, dst):
-        """Move src's contents into the empty row dst; src ends empty."""
+        """Move src's contents into dst; src ends empty (zeroed) and what
+        dst held before is released (vLLM left src stale)."""
         self._pair(lib.bt_row_move, "move", src, dst)
 
     def swap(self, a, b):

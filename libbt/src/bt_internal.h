@@ -96,7 +96,7 @@ void bt_row_write_begin(struct bt_row *r);
 void bt_row_rewrite_begin(struct bt_row *r);   /* a write that is not an append */
 void bt_row_write_end(struct bt_row *r);
 void bt_row_wipe(bt_seg *seg, uint32_t row, uint32_t from);
-uint32_t bt_row_cut(bt_seg *seg, uint32_t row, uint32_t keep, int32_t *out);
+uint32_t bt_row_cut(bt_seg *seg, uint32_t row, uint32_t keep, int32_t *out);  /* dense rows */
 int  bt_row_drop(bt_client *cl, uint32_t row);
 int  bt_claim_take(bt_client *cl, int32_t hint, uint32_t *cursor, uint32_t *row_out);
 void bt_claim_init(bt_client *cl, uint32_t row, uint64_t key, uint32_t flags);

@@ -86,9 +86,9 @@ static int chunk_empty(const bt_seg *s, uint32_t c)
     return 1;
 }
 
-/* Zero entries from `from` on; return chunks wholly past it, and (with
- * `holes`) chunks in [hfrom, from) that hold only holes. Under the row's
- * write seqlock. */
+/* Zero entries from `from` on; return chunks wholly past it, and chunks in
+ * [hfrom, from) that hold only holes (hfrom = from: none of those). Under
+ * the row's write seqlock. */
 void bt_paged_trim(bt_seg *s, uint32_t row, uint32_t from, uint32_t hfrom)
 {
     uint32_t cs = s->cfg.chunk_size, *d = dir_of(s, row);

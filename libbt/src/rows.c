@@ -138,25 +138,23 @@ void bt_drop_refs(bt_seg *s, int32_t *ids, uint32_t n)
         bt_decref_many(s, &ids[i], 1);
 }
 
-/* Zero entries [keep, nb) under the seqlock; copy them to `out` (room for
- * nb - keep; NULL for RAW rows) for the caller to drop after. Returns how many were cut. */
+/* Dense rows: zero entries [keep, nb) under the seqlock (past nb is zero
+ * already), copying them to `out` (room for nb - keep; NULL for RAW rows)
+ * for the caller to drop after. Returns how many were cut. Paged rows are
+ * cut by bt_paged_shrink, which walks the directory instead. */
 uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
 {
     struct bt_row *r = &s->rows[row];
     uint32_t nb = bt_row_nblocks(s, row);
+    int32_t *e = bt_row_ids(s, row);
     if (keep >= nb)
         return 0;
     for (uint32_t i = keep; out && i < nb; i++)
-        out[i - keep] = bt_entry_get(s, row, i);
+        out[i - keep] = bt_load_relaxed(&e[i]);
     bt_row_rewrite_begin(r);
     bt_store_relaxed(&s->nblocks[row], (int32_t)keep);
-    if (bt_row_paged(s, row)) {
-        bt_row_wipe(s, row, keep);
-    } else {                            /* past nb is zero already: [keep, nb) will do */
-        int32_t *e = bt_row_ids(s, row);
-        for (uint32_t i = keep; i < nb; i++)
-            bt_store_relaxed(&e[i], 0);
-    }
+    for (uint32_t i = keep; i < nb; i++)
+        bt_store_relaxed(&e[i], 0);
     bt_row_write_end(r);
     return nb - keep;
 }
