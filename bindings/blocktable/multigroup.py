@@ -66,8 +66,9 @@ class MultiGroupBlockTable:
                                                  "must be positive")
             width = max(_cdiv(max_model_len, bs * cp_world), 1 + num_speculative_tokens)
             self.block_tables.append(BlockTable(
-                bs, max_num_reqs, width, max_num_batched_tokens, pin_memory, device, kbs,
-                cp_kv_cache_interleave_size, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+                bs, max_num_reqs, width, max_num_batched_tokens, pin_memory, device,
+                cp_kv_cache_interleave_size, kernel_block_size=kbs,
+                dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
                 pcp_world_size=pcp_world_size, pcp_rank=pcp_rank))
         self.block_sizes, self.kernel_block_sizes = block_sizes, kernel_block_sizes
         self.max_num_reqs = max_num_reqs
@@ -156,8 +157,12 @@ class MultiGroupBlockTable:
             t.swap_row(src, tgt)
 
     def clear(self):
+        """Empty every row of every group (entries and counts). compat.vllm's
+        clear() follows vLLM 0.32 and keeps the counts; this API empties."""
         for t in self.block_tables:
             t.clear()
+            for r in np.flatnonzero(t.num_blocks_per_row):
+                t.clear_row(int(r))
 
     # ---- slot mapping and the GPU copies ------------------------------------------
     def compute_slot_mapping(self, req_indices, positions):
@@ -168,7 +173,7 @@ class MultiGroupBlockTable:
         if r.shape[0] and (int(r.min()) < 0 or int(r.max()) >= self.max_num_reqs):
             raise make_error(lib.BT_ERANGE, f"req_indices outside [0, {self.max_num_reqs})")
         for t in self.block_tables:
-            t.compute_slot_mapping(r, p)
+            t.compute_slot_mapping_tokens(r, p)
 
     def commit_block_table(self, num_reqs):
         for t in self.block_tables:
