@@ -354,8 +354,8 @@ def test_cpu_gpu_buffer_like_vllms():
         other = torch.zeros_like(buf.cpu)
         buf.gpu = other                            # assignable, then copies go there
         buf.np.flat[0] = 3
-        assert buf.copy_to_gpu(1) is not None and other.flatten()[0] == 3
-        other.flatten()[0] = 6 if other.dim() == 1 else other[0, 0].fill_(6)
+        assert buf.copy_to_gpu(1) is not None and other.view(-1)[0] == 3
+        other.view(-1)[0] = 6
         buf.copy_to_cpu()
         assert buf.np.flat[0] == 6
         buf.gpu = buf.cpu
@@ -413,3 +413,51 @@ def test_multigroup_as_input_batch_builds_it():
     with pytest.raises(ValueError):
         MultiGroupBlockTable(4, 64, False, "cpu", [16], [4], 1, [SlotMappingMode.NONE] * 2)
     mg.close()
+
+
+@needs_gpu
+def test_vllm_032_calls_on_the_mirror():
+    """vLLM 0.32's GPU runner calls on a CUDA table: CUDA query_start_loc and
+    positions go to the mirror's slot kernel (into slot_mapping.gpu, padded
+    with -1); direct host writes and preserve_serving_state reach the
+    device at the next commit."""
+    R, M, T = 6, 8, 64
+    t = BlockTable(16, R, M, T, False, "cuda", 1)
+    host = BlockTable(16, R, M, T, False, "cpu", 1)
+    assert t.mirror is not None
+    rng = np.random.default_rng(3)
+    for r in range(R):
+        ids = rng.integers(1, 900, int(rng.integers(1, M))).tolist()
+        t.add_row(ids, r), host.add_row(ids, r)
+
+    def check(n):
+        t.commit_block_table(n)
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(t.get_device_tensor(n).cpu().numpy(),
+                                      host.get_numpy_array()[:n])
+        lens = [int(rng.integers(0, 6)) for _ in range(n)]
+        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        pos = np.concatenate([rng.integers(0, int(host.num_blocks_per_row[r]) * 16, k)
+                              for r, k in enumerate(lens)] + [np.zeros(0)]).astype(np.int64)
+        t.compute_slot_mapping(n, torch.from_numpy(qsl).cuda(), torch.from_numpy(pos).cuda())
+        host.compute_slot_mapping(n, qsl, pos)
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(t.slot_mapping.gpu.cpu().numpy(), host.slot_mapping.np)
+
+    check(R)
+    t.block_table.np[2, 0] = 777                    # a direct write, as vLLM's warmups do
+    host.block_table.np[2, 0] = 777
+    check(R)
+    # preserve_serving_state
+    saved = (t.block_table.gpu.clone(), t.block_table.cpu.clone())
+    t.clear(), host.clear()
+    t.add_row([5, 6], 0), host.add_row([5, 6], 0)   # a dummy run
+    check(2)
+    t.block_table.gpu.copy_(saved[0])
+    t.block_table.cpu.copy_(saved[1])
+    host.block_table.cpu.copy_(saved[1])
+    for r in range(1, R):
+        if host.num_blocks_per_row[r] < M:
+            t.append_row([40 + r], r), host.append_row([40 + r], r)
+    check(R)
+    t.close()

@@ -147,7 +147,8 @@ def _usable(count, garbage_row):
 
 class Pair:
     """vLLM's table and ours (BlockTable or MultiGroupBlockTable), driven
-    together. groups: [(block_size, mode)] of each BlockTable."""
+    together, each as vLLM's CPU runner leaves it (gpu is cpu), with DCP
+    world / rank set as attributes after construction."""
 
     def __init__(self, theirs, mine, rng, world=1, rank=0):
         self.v, self.o, self.rng = theirs, mine, rng

@@ -18,10 +18,11 @@ write to the segment's row and count, so the rows the C slot mapping reads
 are always what vLLM wrote. Our own row methods go through libbt (a Client
 on RAW rows), which also bumps each row's version for GPU mirrors. A direct
 write does not bump versions, so on a GPU with a mirror, handing out a host
-view (.np, .cpu, get_numpy_array, get_cpu_tensor, num_blocks_per_row),
-clear() and copy_to_cpu() mark the table, and the next commit re-stages the
-committed rows whole (vLLM's own cost) instead of only what changed. A view
-kept and written after a commit needs ``mark_dirty()``.
+view of the table (.np, .cpu, get_numpy_array, get_cpu_tensor), a write
+through num_blocks_per_row, clear() and copy_to_cpu() mark the table, and
+the next commit re-stages the committed rows whole (vLLM's own cost)
+instead of only what changed. A table view kept and written after a commit
+needs ``mark_dirty()``.
 
 Semantics are vLLM 0.32's, including: clear() zeroes the table but keeps
 num_blocks_per_row (so preserve_serving_state's clone / clear() / copy back
@@ -264,6 +265,20 @@ class CpuGpuBuffer:
         return cpu[:n].copy_(gpu[:n], non_blocking=True)
 
 
+class _Counts(np.ndarray):
+    """num_blocks_per_row: the segment's int32 counts. A write through it
+    (``n[row] = k``, ``n[row] += k``, as vLLM's code writes them) marks the
+    table for the GPU mirror; reads cost nothing extra."""
+
+    def __array_finalize__(self, obj):
+        self._buf = getattr(obj, "_buf", None)
+
+    def __setitem__(self, key, value):
+        np.ndarray.__setitem__(self, key, value)
+        if self._buf is not None:
+            self._buf.mark_dirty()
+
+
 class BlockTable:
     """vLLM 0.32's BlockTable on a blocktable segment.
 
@@ -327,12 +342,14 @@ class BlockTable:
         self.block_table = CpuGpuBuffer(self._table_w, self.device, self.pin_memory,
                                         self.mirror)
         self._seg = self.segment._seg
+        counts = self._nb_w.view(_Counts)
+        counts._buf = self.block_table
+        self._counts = counts
 
     @property
     def num_blocks_per_row(self):
         """The segment's per-row block counts (int32, writable, as vLLM's)."""
-        self.block_table.mark_dirty()
-        return self._nb_w
+        return self._counts
 
     def mark_dirty(self):
         """The host table or counts were written directly after the last
