@@ -407,3 +407,75 @@ def test_errors_where_vllm_would_corrupt():
     with pytest.raises(bt.RowFull):
         mine.append_row([3, 4], 0)
     assert mine.num_blocks_per_row[0] == 2 and mine.segment.read_row(0)[0].tolist() == [1, 2]
+
+
+def test_vllms_input_batch_drives_ours():
+    """vLLM's own InputBatch, built once with vLLM's MultiGroupBlockTable and
+    once with ours in its place, through the calls the model runner makes
+    each step (remove_request, add_request, append_row for running
+    requests, condense, swap_states, refresh_metadata, commit, slot
+    mapping): identical tables, counts and slot mappings."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.worker import gpu_input_batch as gib
+
+    def batch(cls):
+        orig, gib.MultiGroupBlockTable = gib.MultiGroupBlockTable, cls
+        try:
+            ib = gib.InputBatch(max_num_reqs=8, max_model_len=512, max_num_batched_tokens=256,
+                                device=torch.device("cpu"), vocab_size=1024, block_sizes=[32],
+                                max_num_blocks_per_req=[16])
+        finally:
+            gib.MultiGroupBlockTable = orig
+        for t in ib.block_table.block_tables:
+            _like_cpu_runner(t)
+        return ib
+
+    a, b = batch(vbt.MultiGroupBlockTable), batch(ours.MultiGroupBlockTable)
+    assert isinstance(b.block_table, ours.MultiGroupBlockTable)
+    W = a.block_table[0].max_num_blocks_per_req
+    rng = np.random.default_rng(0)
+    live = {}
+    for step in range(200):
+        if live and rng.random() < 0.3:
+            rid = str(rng.choice(sorted(live)))
+            for ib in (a, b):
+                ib.remove_request(rid)
+            del live[rid]
+        if len(live) < 8 and rng.random() < 0.5:
+            rid, n = f"r{step}", int(rng.integers(1, 4))
+            ids = [int(x) for x in rng.integers(1, 4000, n)]
+            for ib in (a, b):
+                ib.add_request(gib.CachedRequestState(
+                    req_id=rid, prompt_token_ids=[1] * 5, mm_features=[],
+                    sampling_params=SamplingParams(temperature=0), generator=None,
+                    block_ids=(list(ids),), num_computed_tokens=0, output_token_ids=[]))
+            live[rid] = n
+        for rid in live:                             # running requests get new blocks
+            if live[rid] < W and rng.random() < 0.3:
+                new = [int(rng.integers(1, 4000))]
+                for ib in (a, b):
+                    ib.block_table.append_row((new,), ib.req_id_to_index[rid])
+                live[rid] += 1
+        for ib in (a, b):
+            ib.condense()
+            ib.refresh_metadata()
+        if a.num_reqs > 1 and rng.random() < 0.2:
+            i, j = (int(x) for x in rng.choice(a.num_reqs, 2, replace=False))
+            for ib in (a, b):
+                ib.swap_states(i, j)
+                ib.refresh_metadata()
+        assert a.req_ids == b.req_ids
+        n = a.num_reqs
+        counts = a.block_table[0].num_blocks_per_row[:n]
+        lens = [int(rng.integers(0, 5)) for _ in range(n)]
+        qsl = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+        pos = torch.from_numpy(np.concatenate(
+            [rng.integers(0, int(c) * 32, k) for c, k in zip(counts, lens)] +
+            [np.zeros(0, np.int64)]).astype(np.int64))
+        for ib in (a, b):
+            ib.block_table.commit_block_table(n)
+            ib.block_table.compute_slot_mapping(n, qsl, pos)
+        va, vb = a.block_table[0], b.block_table[0]
+        np.testing.assert_array_equal(vb.num_blocks_per_row, va.num_blocks_per_row)
+        np.testing.assert_array_equal(vb.block_table.np, va.block_table.np, err_msg=f"step {step}")
+        np.testing.assert_array_equal(vb.slot_mapping.np, va.slot_mapping.gpu.numpy())
