@@ -175,12 +175,16 @@ class CpuGpuBuffer:
     """vLLM's CpuGpuBuffer (vllm/v1/utils.py) over memory we own: ``np`` (a
     writable numpy view), ``cpu`` (a torch view of the same memory) and
     ``gpu`` (a device copy, the GPU mirror's view, or ``cpu`` itself when
-    there is no device). ``cpu`` and ``gpu`` are assignable, as vLLM's CPU
-    runner does (``buf.gpu = buf.cpu``); assigning ``gpu`` detaches a
-    mirror. copy_to_gpu(n) / copy_to_cpu(n) copy the first n rows (all with
+    there is no device). ``gpu`` is assignable, as vLLM's CPU runner does
+    (``buf.gpu = buf.cpu``); assigning it detaches a mirror. ``np`` and
+    ``cpu`` are not: they are the segment's memory, which must stay the
+    truth. copy_to_gpu(n) / copy_to_cpu(n) copy the first n rows (all with
     None) and return the destination's rows. With ``mirror``, copy_to_gpu
     syncs the mirror (only what changed, unless the host was written behind
-    libbt's back: see the module doc). torch is imported on first use."""
+    libbt's back: see the module doc). torch is imported on first use.
+
+    Thread safety: one thread at a time (as vLLM's). Errors: torch's for
+    the copies; blocktable.gpu's (MirrorGone, ...) for a mirror's sync."""
 
     def __init__(self, np_view, device, pin_memory=False, mirror=None):
         self._np = np_view
@@ -212,10 +216,6 @@ class CpuGpuBuffer:
         if self._mirror is not None:
             self._stale = True
         return self._cpu_tensor()
-
-    @cpu.setter
-    def cpu(self, value):
-        self._cpu = value
 
     @property
     def gpu(self):
@@ -289,7 +289,9 @@ class BlockTable:
     B/K kernel blocks; default B), dcp_world_size / dcp_rank /
     pcp_world_size / pcp_rank (default: vLLM's parallel state if vLLM is
     running here, else 1 / 0). Errors: ConfigError (K does not divide B),
-    InvalidArgument (bad context-parallel parameters or slot mapping mode).
+    InvalidArgument (bad context-parallel parameters or slot mapping mode);
+    per method as documented. Thread safety: one thread at a time, like
+    vLLM's; the segment is private to this object (embedded).
     """
 
     def __init__(self, block_size, max_num_reqs, max_num_blocks_per_req,
@@ -544,6 +546,7 @@ class MultiGroupBlockTable:
     context-parallel overrides of BlockTable. Errors: ValueError (list
     lengths differ), as vLLM; BlockTable's otherwise. Row operations go
     group by group, as vLLM's (a failure in group g leaves groups < g done).
+    Thread safety: one thread at a time.
     """
 
     def __init__(self, max_num_reqs, max_num_batched_tokens, pin_memory, device,
