@@ -7,7 +7,8 @@
 #   make check-systemd  systemd-analyze verify + security exposure of btd.service
 #   make bench      benchmarks, a table on stdout and JSON in bench/results.json
 #   make asan|tsan  the C tests under sanitizers
-#   make fuzz       model, corruption and libFuzzer runs (FUZZ_SECONDS, FUZZ_EXAMPLES)
+#   make fuzz       model, corruption and libFuzzer runs, new random cases each time
+#                   (FUZZ_SECONDS, FUZZ_EXAMPLES); make test replays fixed ones
 #   make fuzz-c     the libFuzzer harnesses alone
 # Users' CFLAGS survive (liburing's habit): we only append what we need.
 
@@ -74,10 +75,12 @@ FUZZ_TRIALS   ?= 2000
 fuzz-c:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
 
-# the long run: model and corruption tests with many more examples, then the harnesses
+# the long run: model and corruption tests with many more examples, drawn at
+# random (make test replays the same derandomized ones), then the harnesses
 fuzz: venv
-	BT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) BT_FUZZ_STEPS=60 BT_CORRUPTION_TRIALS=$(FUZZ_TRIALS) \
-	    $(VPY) -m pytest -q tests/test_model.py tests/test_corruption.py
+	BT_HYPOTHESIS_PROFILE=fuzz BT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) BT_FUZZ_STEPS=60 \
+	    BT_CORRUPTION_TRIALS=$(FUZZ_TRIALS) \
+	    $(VPY) -m pytest -q tests/test_model.py tests/test_corruption.py tests/test_slots.py
 	FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
 
 # the brief bounded run inside make test

@@ -7,6 +7,27 @@ import pytest
 
 import blocktable as bt
 
+# Hypothesis profiles. `make test` (and a plain pytest run) use "ci": the
+# same examples on every run (derandomized, no example database), so a CI
+# run fails only on what a change broke, never on a case it happened to draw
+# for the first time. `make fuzz` uses "fuzz" (BT_HYPOTHESIS_PROFILE=fuzz):
+# new random cases, many more of them, with a local database that replays
+# what failed before. A case that ever failed becomes an explicit test (an
+# @example, or a replay such as test_model.py's FOUND), so "ci" keeps it.
+try:
+    from hypothesis import settings as _hsettings
+except ImportError:                 # the tests that need it import it themselves
+    _hsettings = None
+PROFILE = os.environ.get("BT_HYPOTHESIS_PROFILE", "ci")
+if _hsettings is not None:
+    _hsettings.register_profile("ci", derandomize=True, database=None, deadline=None,
+                                print_blob=True)
+    _hsettings.register_profile("fuzz", derandomize=False, deadline=None, print_blob=True,
+                                max_examples=1000)
+    if PROFILE not in ("ci", "fuzz"):
+        raise RuntimeError(f"BT_HYPOTHESIS_PROFILE={PROFILE!r}: known profiles are ci, fuzz")
+    _hsettings.load_profile(PROFILE)
+
 SMALL = bt.SegmentConfig(blocks_per_pool=64, num_pools=2, num_rows=8, row_width=16,
                          max_clients=8, hand_size=64)
 

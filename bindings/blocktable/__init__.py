@@ -20,7 +20,7 @@ from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
                      SegmentConfig, SegmentInfo)
 from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams, StepPlan
 from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
-from .connect import DaemonError, DaemonNotRunning, connect
+from .connect import DaemonDisconnected, DaemonError, DaemonNotRunning, connect
 from .sparse import SparseBlockTable
 from .strategies import (BlockSource, ContiguousAllocator, NumaAwareAllocator,
                          ScatteredAllocator, UnknownRequest, make_allocator)
@@ -37,7 +37,7 @@ __all__ = [
     "Segment", "Client", "StepPlan", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
     "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
     "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
-    "connect", "DaemonError", "DaemonNotRunning",
+    "connect", "DaemonDisconnected", "DaemonError", "DaemonNotRunning",
     "SparseBlockTable", "PredictiveBlockAllocator", "DistributedBlockTable", "BlockTableV2",
     "BlockTableFactory", "MultiGroupBlockTable", "BlockSource", "ScatteredAllocator",
     "ContiguousAllocator", "NumaAwareAllocator", "make_allocator", "UnknownRequest",

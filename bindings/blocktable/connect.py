@@ -20,7 +20,7 @@ import socket as _socket
 from ._core import Segment
 
 __all__ = ["connect", "request", "default_socket_path", "socket_candidates",
-           "DaemonNotRunning", "DaemonError", "SOCKET_ENV", "SOCKET_NAME"]
+           "DaemonNotRunning", "DaemonDisconnected", "DaemonError", "SOCKET_ENV", "SOCKET_NAME"]
 
 SOCKET_ENV = "BT_SOCKET"            # picks the daemon, for connect() and bt-ctl
 SOCKET_NAME = "btd.sock"
@@ -29,6 +29,12 @@ MAX_REPLY = 64 << 20                # a reply larger than this is refused
 
 class DaemonNotRunning(ConnectionError):
     """Nobody listens on the control socket (absent, or refused)."""
+
+
+class DaemonDisconnected(ConnectionError):
+    """btd closed or reset the connection before its answer was complete
+    (it was stopped, restarted or killed meanwhile). The message names the
+    socket; ``errno`` is ECONNRESET."""
 
 
 class DaemonError(RuntimeError):
@@ -66,7 +72,9 @@ def default_socket_path():
 
 def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
     """Send one request and return its result; raise DaemonError for an
-    error reply and DaemonNotRunning when nobody listens."""
+    error reply (EBUSY: btd is at a limit, try again later),
+    DaemonNotRunning when nobody listens, DaemonDisconnected when btd
+    closes the connection before its answer is complete."""
     path = socket or default_socket_path()
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
@@ -77,15 +85,23 @@ def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
             raise DaemonNotRunning(e.errno, f"btd is not running (no listener on {path})",
                                    path) from None
         line = json.dumps({"id": req_id, "cmd": cmd, "args": args or {}}) + "\n"
-        s.sendall(line.encode())
+        try:
+            s.sendall(line.encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass        # btd answered and closed first (a refusal): its answer is queued
         buf = bytearray()
         while not buf.endswith(b"\n"):
-            chunk = s.recv(1 << 16)
+            try:
+                chunk = s.recv(1 << 16)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
-                raise ConnectionError(errno.ECONNRESET, f"btd closed the connection ({path})")
+                raise DaemonDisconnected(
+                    errno.ECONNRESET, f"btd closed the connection on {path} before its "
+                    "answer was complete (it was stopped, restarted or killed meanwhile)")
             buf += chunk
             if len(buf) > MAX_REPLY:
-                raise ConnectionError(errno.EMSGSIZE, "btd's reply is too large")
+                raise ConnectionError(errno.EMSGSIZE, f"btd's reply is too large ({path})")
     finally:
         s.close()
     reply = json.loads(buf)

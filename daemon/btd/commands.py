@@ -198,13 +198,20 @@ class Status(Command):
                 "metrics": "%s:%d" % daemon.metrics.addr if daemon.metrics and daemon.metrics.addr
                 else None,
                 "recoveries": daemon.stats.total_recoveries,
+                "connections": daemon.conn_stats(),
                 "segments": [segment_summary(daemon, m) for m in daemon.segments.values()]}
 
     def render(self, r, ns):
         head = [f"btd {r['version']}  pid {r['pid']}  up {r['uptime_s']:.0f} s",
                 f"socket   {r['socket']}",
                 f"metrics  {r['metrics'] or 'off'}",
-                f"recovered clients  {r['recoveries']}", ""]
+                f"recovered clients  {r['recoveries']}"]
+        cs = r.get("connections")
+        if cs:
+            head.append(f"connections  {cs['open']} open, at most {cs['cap']} ({cs['per_uid_cap']} "
+                        f"per uid; {cs['fd_limit']} descriptors); {cs['evicted']} closed to make "
+                        f"room, {cs['refused']} refused")
+        head.append("")
         rows = []
         for s in r["segments"]:
             c = s["config"]

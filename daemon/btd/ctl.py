@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
-from blocktable.connect import (DaemonError, DaemonNotRunning, default_socket_path,
-                                request)
+from blocktable.connect import (DaemonDisconnected, DaemonError, DaemonNotRunning,
+                                default_socket_path, request)
 
 from . import commands
 
@@ -87,6 +87,9 @@ def main(argv=None):
         return EXIT_NOT_RUNNING
     except DaemonError as e:
         print(f"bt-ctl: {ns.cmd}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except DaemonDisconnected as e:
+        print(f"bt-ctl: {ns.cmd}: {e.strerror}; try again", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, ValueError) as e:
         print(f"bt-ctl: {ns.cmd}: {e}", file=sys.stderr)

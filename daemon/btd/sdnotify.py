@@ -9,20 +9,28 @@ import os
 import socket
 
 
+_sock = None
+
+
 def notify(*lines):
-    """Send "KEY=value" lines; True if a datagram went out."""
+    """Send "KEY=value" lines; True if a datagram went out. Never raises:
+    the socket is made once and kept, so that status and watchdog pings
+    still go out while btd is out of file descriptors (a socket made per
+    call raised EMFILE then, and took btd down)."""
+    global _sock
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr or not lines:
         return False
     if addr[0] == "@":
         addr = "\0" + addr[1:]
-    # Non-blocking: a receiver that reads nothing must not stall the loop.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC |
-                       socket.SOCK_NONBLOCK) as s:
-        try:
-            s.sendto("\n".join(lines).encode(), addr)
-        except OSError:
-            return False
+    try:
+        if _sock is None:
+            # Non-blocking: a receiver that reads nothing must not stall the loop.
+            _sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC |
+                                  socket.SOCK_NONBLOCK)
+        _sock.sendto("\n".join(lines).encode(), addr)
+    except OSError:
+        return False
     return True
 
 

@@ -23,6 +23,7 @@ import collections
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -48,6 +49,16 @@ MAX_OUT = 32 << 20              # a peer that reads nothing is dropped past this
 FAST_TICK = (0.001, 0.05, 0.02)  # while recoveries are pending: every 1 ms for the
                                 # first 50 ms (a zombie is reaped soon), then every 20 ms
 STUCK_BACKOFF = (0.5, 30.0)     # forced retry while a client stays stuck
+# Descriptors. Each control connection costs two (its socket and the peer's
+# pidfd); a watched client process one (its pidfd). The connection cap is
+# sized from the limit so that connections alone never exhaust it.
+MAX_CONNS = 512                 # connections, at most, whatever the limit
+FD_BASE = 32                    # btd's own: std streams, selector, listener, metrics...
+FD_RESERVE = 4                  # spare descriptors, spent to answer peers when out
+OPERATOR_RESERVE = 8            # connections no single uid may take (room for others)
+LINGER_S = 2.0                  # a refused peer's socket waits this long for its request
+LINGER_MAX = 8                  # refused sockets held at once (oldest closed first)
+DRAIN_MAX = 1 << 17             # bytes read from a refused peer before giving up on it
 
 
 # ---- /proc ------------------------------------------------------------------
@@ -97,13 +108,39 @@ def report_dict(rep):
 
 
 # ---- the parts the loop juggles ------------------------------------------------
+def peer_cred(sock):
+    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED)."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def raise_nofile():
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd starts services
+    with soft 1024): (limit now, limit before)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = int(f.read())
+        except (OSError, ValueError):
+            want = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want, soft
+        except (ValueError, OSError):
+            pass
+    return soft, soft
+
+
 class Conn:
     """One control connection and the credentials of its peer."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, cred=None):
         self.sock = sock
-        self.pid, self.uid, self.gid = struct.unpack(
-            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        self.pid, self.uid, self.gid = cred or peer_cred(sock)
+        self.last = time.monotonic()    # the last bytes from the peer (or the accept)
+        self.requests = 0
         self.pidfd = None
         try:
             self.pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
@@ -116,6 +153,12 @@ class Conn:
         self.lines = protocol.LineBuffer()
         self.out = bytearray()
         self.closing = False            # close once `out` is sent
+
+    def evict_key(self):
+        """Which connection goes first when room is needed: idle ones before
+        those in the middle of a request or a reply, then the ones that never
+        sent a request, the longest idle first."""
+        return (bool(self.lines.buf or self.out), self.requests > 0, self.last)
 
     def close(self):
         if self.pidfd is not None:
@@ -191,8 +234,15 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.listener = None
         self.socket_path = None
-        self.nconns = 0
-        self.reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.fd_limit, self.fd_limit_was = raise_nofile()
+        self.conns = set()              # Conn
+        self.by_uid = collections.Counter()
+        self.conn_cap, self.uid_cap = MAX_CONNS, MAX_CONNS - OPERATOR_RESERVE
+        self.reserve = []               # descriptors on /dev/null, spare
+        self.refill_reserve()
+        self.lingering = collections.OrderedDict()  # refused socket -> deadline
+        self.accept_paused = False
+        self.last_evict_log = self.last_pause_log = -1e9
         self.sigq = collections.deque()
         self.running = False
         self.started = time.time()
@@ -211,6 +261,10 @@ class Daemon:
         self.open_socket()
         for name, scfg in self.cfg.segments.items():
             self.open_segment(name, scfg)
+        self.size_caps()
+        log.info("descriptors: limit %d%s; connections: at most %d, %d per uid", self.fd_limit,
+                 f" (raised from {self.fd_limit_was})" if self.fd_limit != self.fd_limit_was
+                 else "", self.conn_cap, self.uid_cap)
         self.install_signals()
         if self.cfg.metrics:
             self.start_metrics()
@@ -322,7 +376,7 @@ class Daemon:
             self.listener = None
         for key in list(self.sel.get_map().values()):
             kind, obj = key.data
-            if kind == "conn":
+            if kind in ("conn", "linger"):
                 obj.close()
         for w in self.watches.values():
             os.close(w.pidfd)
@@ -346,18 +400,28 @@ class Daemon:
             wake = self.next_tick
             if self.next_watchdog is not None:
                 wake = min(wake, self.next_watchdog)
+            if self.lingering:
+                wake = min(wake, next(iter(self.lingering.values())))
             events = self.sel.select(max(0.0, wake - now))
             dead = []
             for key, mask in events:         # dispatch
                 kind, obj = key.data
                 if kind == "listen":
                     self.accept()
+                # (a connection or a refused socket may have been closed by an
+                # earlier event of this batch: its event is stale)
                 elif kind == "conn":
-                    self.serve(obj, mask)
+                    if obj in self.conns:
+                        self.serve(obj, mask)
+                elif kind == "linger":
+                    if obj in self.lingering and _drain(obj):
+                        self.unlinger(obj)
+                        self.fd_freed()
                 elif kind == "pidfd":
                     dead.append(obj)
                 elif kind == "signal":
-                    _drain(key.fileobj)
+                    _drain_wakeups(key.fileobj)
+            self.expire_lingering(time.monotonic())
             for w in dead:                   # reap
                 self.client_died(w)
             if dead:
@@ -426,15 +490,34 @@ class Daemon:
             log.warning("reload: segments %s stay served until a restart", gone)
         if (new.socket or self.socket_path) != self.socket_path:
             log.warning("reload: the socket moves only with a restart")
+        if added:
+            self.size_caps()
         log.info("reloaded: changed %s, new segments %s", changed or "nothing", added or "none")
         self.dirty = True
         sdnotify.notify("READY=1", f"STATUS={self.status_line()}")
         return {"changed": changed, "segments_added": added}
 
     # ---- control connections --------------------------------------------------------------
-    # Connections beyond this get an EBUSY reply and are closed: one peer
-    # flooding the socket must not take every descriptor.
-    MAX_CONNS = 512
+    # Descriptors are the resource a peer can exhaust. The connection cap is
+    # sized from the limit (two per connection, one per watched client, and
+    # btd's own), so that connections alone never run btd out; one uid may
+    # hold all but OPERATOR_RESERVE of them. At a cap, a new peer is served
+    # and the connection that matters least goes (an idle one of the uid
+    # holding the most; see Conn.evict_key): holding connections open denies
+    # nobody else. If descriptors run out anyway (used elsewhere, or the
+    # limit lowered), spare ones answer each new peer EBUSY.
+
+    def size_caps(self):
+        watches = sum(m.seg.config.max_clients for m in self.segments.values())
+        room = (self.fd_limit - FD_BASE - FD_RESERVE - LINGER_MAX - watches) // 2
+        self.conn_cap = max(4, min(MAX_CONNS, room))
+        self.uid_cap = max(2, self.conn_cap - OPERATOR_RESERVE) \
+            if self.conn_cap > 2 * OPERATOR_RESERVE else max(2, self.conn_cap * 3 // 4)
+
+    def conn_stats(self):
+        return {"open": len(self.conns), "cap": self.conn_cap, "per_uid_cap": self.uid_cap,
+                "fd_limit": self.fd_limit, "evicted": self.stats.conn_evicted,
+                "refused": self.stats.conn_refused}
 
     def accept(self):
         while True:
@@ -443,50 +526,141 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # Out of descriptors: spend the reserve one on telling the
-                # peer, so it gets an answer and we don't spin on accept().
-                if e.errno in (errno.EMFILE, errno.ENFILE) and self.refuse_one():
-                    continue
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    if self.refuse_one():
+                        continue
+                    self.pause_accept()
+                    return
                 log.error("accept: %s", e)
                 return
             sock.setblocking(False)
-            if self.nconns >= self.MAX_CONNS:
-                self.refuse(sock, f"too many connections ({self.nconns}); try again later")
-                continue
             try:
-                conn = Conn(sock)
+                cred = peer_cred(sock)
+                self.make_room(cred[1])
+                conn = Conn(sock, cred)
             except OSError as e:
                 self.refuse(sock, f"cannot serve this connection: {e}")
                 continue
-            self.nconns += 1
+            self.conns.add(conn)
+            self.by_uid[conn.uid] += 1
             self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
 
-    def refuse(self, sock, message):
-        """A best-effort EBUSY reply (non-blocking), then close."""
+    def make_room(self, uid):
+        """Before a connection of `uid` is added: at the uid's cap, its own
+        least needed connection goes; at the total cap, that of the uid
+        holding the most."""
+        if self.by_uid[uid] >= self.uid_cap:
+            victim_uid = uid
+        elif len(self.conns) >= self.conn_cap:
+            victim_uid = max(self.by_uid, key=self.by_uid.__getitem__)
+        else:
+            return
+        victim = min((c for c in self.conns if c.uid == victim_uid), key=Conn.evict_key)
+        self.stats.conn_evicted += 1
+        now = time.monotonic()
+        if now - self.last_evict_log > 10:
+            log.warning("connections: at the cap (%d open, %d of uid %d; caps %d, %d per uid): "
+                        "closing the least needed (pid %d, idle %.1f s); %d closed so far",
+                        len(self.conns), self.by_uid[victim_uid], victim_uid, self.conn_cap,
+                        self.uid_cap, victim.pid, now - victim.last, self.stats.conn_evicted)
+            self.last_evict_log = now
+        self.forget(victim)
+        self.refuse(victim.sock, "connection closed to make room: btd is at its connection "
+                    f"cap ({self.conn_cap}, {self.uid_cap} per uid) and this one was idle "
+                    "the longest; connect again", notice=not victim.out, count=False)
+
+    def refuse(self, sock, message, notice=True, count=True):
+        """Answer EBUSY and close, without the two ways a close can hurt the
+        answer: closing with the peer's request unread makes the kernel
+        reset the peer (which may lose the answer), and closing before the
+        peer has sent makes its send fail (EPIPE). So: answer, end our side
+        of the stream, and hold the socket until the peer's request (or its
+        close) is in, for LINGER_S at most."""
+        if count:
+            self.stats.conn_refused += 1
+        if notice:
+            try:
+                sock.send(protocol.error(None, protocol.RequestError("EBUSY", message)))
+            except OSError:
+                pass
         try:
-            sock.send(protocol.error(None, protocol.RequestError("EBUSY", message)))
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        if _drain(sock):
+            sock.close()
+            return
+        while len(self.lingering) >= LINGER_MAX:
+            self.unlinger(next(iter(self.lingering)))
+        self.lingering[sock] = time.monotonic() + LINGER_S
+        self.sel.register(sock, selectors.EVENT_READ, ("linger", sock))
+
+    def unlinger(self, sock):
+        """Close a refused socket: what the peer sent is read first."""
+        del self.lingering[sock]
+        self.sel.unregister(sock)
+        _drain(sock)
         sock.close()
 
+    def expire_lingering(self, now):
+        freed = False
+        while self.lingering:
+            sock, deadline = next(iter(self.lingering.items()))
+            if deadline > now:
+                break
+            self.unlinger(sock)
+            freed = True
+        if freed:
+            self.fd_freed()
+
+    def fd_freed(self):
+        """A descriptor was given back (or a tick passed): spares first, then
+        new connections again."""
+        self.refill_reserve()
+        self.resume_accept()
+
+    def refill_reserve(self):
+        while len(self.reserve) < FD_RESERVE:
+            try:
+                self.reserve.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
     def refuse_one(self):
-        """accept() failed with EMFILE: free the reserve descriptor, accept
-        and refuse one peer, take the reserve back. False if no reserve."""
-        if self.reserve_fd is None:
+        """accept() failed with EMFILE: free a spare descriptor (a reserve
+        one, else the oldest refused socket's), accept and refuse one peer.
+        False if there was nothing to free."""
+        if self.reserve:
+            os.close(self.reserve.pop())
+        elif self.lingering:
+            self.unlinger(next(iter(self.lingering)))
+        else:
             return False
-        os.close(self.reserve_fd)
-        self.reserve_fd = None
         try:
             sock, _ = self.listener.accept()
         except OSError:
-            sock = None
-        if sock is not None:
-            self.refuse(sock, "btd is out of file descriptors; try again later")
-        try:
-            self.reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            pass
-        return sock is not None
+            return False
+        sock.setblocking(False)
+        self.refuse(sock, "btd is out of file descriptors; try again later")
+        return True
+
+    def pause_accept(self):
+        """Out of descriptors with none to spare: stop watching the listener
+        (it would wake us at once, forever) until one is freed."""
+        if not self.accept_paused and self.listener is not None:
+            self.sel.unregister(self.listener)
+            self.accept_paused = True
+            now = time.monotonic()
+            if now - self.last_pause_log > 10:
+                log.warning("accept: out of file descriptors (limit %d) and none to spare: new "
+                            "connections wait in the backlog",
+                            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                self.last_pause_log = now
+
+    def resume_accept(self):
+        if self.accept_paused and self.listener is not None:
+            self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+            self.accept_paused = False
 
     def serve(self, conn, mask):
         if mask & selectors.EVENT_READ and not conn.closing:
@@ -496,6 +670,8 @@ class Daemon:
                 data = None
             except OSError:
                 return self.drop(conn)
+            if data:
+                conn.last = time.monotonic()
             if data == b"":
                 if conn.lines.buf.strip():      # a last request without newline
                     conn.out += self.handle(conn, bytes(conn.lines.buf))
@@ -510,6 +686,7 @@ class Daemon:
                     conn.closing = True
                 for line in lines:
                     if line.strip():
+                        conn.requests += 1
                         conn.out += self.handle(conn, line)
         self.flush(conn)
 
@@ -532,13 +709,26 @@ class Daemon:
             want |= selectors.EVENT_READ
         self.sel.modify(conn.sock, want, ("conn", conn))
 
-    def drop(self, conn):
+    def forget(self, conn):
+        """Stop serving conn (its socket stays open): the counts, the
+        selector and the pidfd."""
+        if conn in self.conns:
+            self.conns.discard(conn)
+            self.by_uid[conn.uid] -= 1
+            if not self.by_uid[conn.uid]:
+                del self.by_uid[conn.uid]
         try:
             self.sel.unregister(conn.sock)
-            self.nconns -= 1
         except (KeyError, ValueError):
             pass
+        if conn.pidfd is not None:
+            os.close(conn.pidfd)
+            conn.pidfd = None
+
+    def drop(self, conn):
+        self.forget(conn)
         conn.close()
+        self.fd_freed()
 
     def allowed(self, conn):
         c = self.cfg
@@ -724,6 +914,7 @@ class Daemon:
 
     # ---- the tick -----------------------------------------------------------------------
     def tick(self):
+        self.fd_freed()
         for m in self.segments.values():
             self.retry_pending(m)
         self.scan()
@@ -816,6 +1007,8 @@ class Stats:
         self.latency = metrics.Hist(metrics.LATENCY_BUCKETS)
         self.recent = collections.deque(maxlen=256)
         self.total_recoveries = 0
+        self.conn_evicted = 0           # closed to make room for a new peer
+        self.conn_refused = 0           # answered EBUSY at accept (out of descriptors)
 
     def count_request(self, cmd, error=None):
         self.requests[cmd] += 1
@@ -833,12 +1026,30 @@ class Stats:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-def _drain(sock):
+def _drain_wakeups(sock):
     try:
         while sock.recv(4096):
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+def _drain(sock, limit=DRAIN_MAX):
+    """Read what a socket holds, without blocking. True once the peer is
+    done sending (end of stream, a reset, a complete request line, or more
+    than `limit` bytes), False if it may still send."""
+    n = 0
+    try:
+        while n < limit:
+            data = sock.recv(4096)
+            if not data or data.endswith(b"\n"):
+                return True
+            n += len(data)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _is_socket(path):

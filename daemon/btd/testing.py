@@ -71,7 +71,7 @@ class DaemonProcess:
     """btd in a subprocess. `segment` is unique per instance unless given;
     the segment is unlinked by cleanup()."""
 
-    def __init__(self, workdir, segment=None, args=(), sizes=None):
+    def __init__(self, workdir, segment=None, args=(), sizes=None, nofile=None):
         self.dir = str(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.segment = segment or unique_name()
@@ -81,6 +81,7 @@ class DaemonProcess:
         self.args = list(args)
         for k, v in (sizes or {}).items():
             self.args += ["--" + k.replace("_", "-"), str(v)]
+        self.nofile = nofile            # RLIMIT_NOFILE (soft = hard) btd starts under
         self.proc = None
         self.notices = []
 
@@ -96,8 +97,15 @@ class DaemonProcess:
         cmd = [sys.executable, "-m", "btd.server", "--socket", self.socket,
                "--segment", self.segment, *self.args]
         self._log = open(self.log_path, "ab")
+        limit = None
+        if self.nofile is not None:
+            import resource
+
+            def limit():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=limit)
         if ready:
             self.wait_notice("READY=1", timeout)
         return self

@@ -137,9 +137,9 @@ void bt_paged_forget(bt_seg *s, uint32_t row)
 }
 
 /* Cut a paged row to `keep` entries under its write seqlock, walking its
- * directory (not its index range): emptied chunks go back to the pool, and
- * the references of the cut entries are dropped (managed) a bounded batch at
- * a time. */
+ * directory (not its index range): chunks left holding only holes go back to
+ * the pool, and the references of the cut entries are dropped (managed) a
+ * bounded batch at a time. */
 int bt_paged_shrink(bt_seg *s, uint32_t row, uint32_t keep, int managed)
 {
     enum { BATCH = 512 };
@@ -169,7 +169,10 @@ int bt_paged_shrink(bt_seg *s, uint32_t row, uint32_t keep, int managed)
                 nd = 0;
             }
         }
-        if (lo == 0) {
+        /* A chunk wholly cut goes back, and so does the boundary chunk when
+         * what it keeps holds only holes (memory follows the blocks used,
+         * as in bt_paged_trim; keeping it leaked it until the release). */
+        if (lo == 0 || chunk_empty(s, c - 1)) {
             bt_store_relaxed(&d[k], 0u);
             back[nback++] = (int32_t)(c - 1);
             if (nback == 64) {

@@ -205,6 +205,50 @@ static void test_holes(void)
     bt_seg_close(seg);
 }
 
+/* Found by tests/test_model.py: a truncate whose kept part of the boundary
+ * chunk holds only holes gave the chunk back when rows were cut by
+ * bt_row_cut + trim, but not once paged rows shrank by directory (the chunk
+ * stayed attached, holding nothing: "free chunks 5, model 6"). bt.h: memory
+ * follows the blocks used, as for set_block and punch. */
+static void test_truncate_to_holes(void)
+{
+    bt_config c = cfg();
+    bt_seg *seg = t_seg_embedded(&c);
+    bt_client *a = t_client(seg);
+    uint32_t row;
+    int32_t x[2], got[CAP];
+
+    T_OK(bt_row_claim(a, 1, -1, BT_ROW_PAGED, &row));
+    T_OK(bt_blocks_alloc(a, 0, 2, x));
+    T_OK(bt_row_set_block(a, row, 1, x[1]));        /* entries: hole, x[1] */
+    T_EQ(chunks_free(seg), NCH - 1);
+    T_OK(bt_blocks_share(a, &x[1], 1));             /* a second reference, loose */
+    T_OK(bt_row_truncate(a, row, 1));               /* keeps the hole alone */
+    bt_row_info ri = t_row(seg, row, got, CAP);
+    T_EQ(ri.num_blocks, 1);
+    T_EQ(got[0], 0);
+    T_EQ(chunks_free(seg), NCH);                    /* the chunk held only a hole */
+    T_EQ(t_refcnt(seg, x[1]), 1);                   /* the shared reference stays */
+    t_check_quiet(seg);
+
+    /* a kept block keeps its chunk; the cut part of it is zeroed */
+    T_OK(bt_row_truncate(a, row, 0));
+    int32_t y[CS + 1];
+    T_OK(bt_row_alloc_append(a, row, 0, CS + 1, y));
+    T_EQ(chunks_free(seg), NCH - 2);
+    T_OK(bt_row_truncate(a, row, 1));
+    T_EQ(chunks_free(seg), NCH - 1);
+    ri = t_row(seg, row, got, CAP);
+    T_EQ(ri.num_blocks, 1);
+    T_EQ(got[0], y[0]);
+    T_OK(bt_row_set_block(a, row, 0, 0));           /* and gives it back as a hole */
+    T_EQ(chunks_free(seg), NCH);
+    t_check_quiet(seg);
+    bt_client_close(a);
+    T_EQ(chunks_free(seg), NCH);
+    bt_seg_close(seg);
+}
+
 static void test_exhaust(void)
 {
     bt_config c = cfg();
@@ -598,6 +642,7 @@ int main(int argc, char **argv)
     t_init(argc, argv);
     T_RUN(test_basic);
     T_RUN(test_holes);
+    T_RUN(test_truncate_to_holes);
     T_RUN(test_exhaust);
     T_RUN(test_model_raw);
     T_RUN(test_managed_random);
