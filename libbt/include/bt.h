@@ -197,7 +197,8 @@ int bt_client_reserve(bt_seg *seg, int32_t pid, uint64_t start_time, uint32_t *s
 /* Take over a slot reserved for the calling process (pid must match). */
 int bt_client_adopt(bt_seg *seg, uint32_t slot, bt_client **out);
 
-/* Release everything the client holds (its rows and loose blocks) and free its
+/* Release everything the client holds (its rows and loose blocks; the cache
+ * pools it owns are reset and given up, see section 10) and free its
  * slot. Safe with NULL. In a forked child that did not open it, it only frees
  * the handle and touches nothing shared. */
 void bt_client_close(bt_client *cl);
@@ -427,11 +428,17 @@ typedef struct bt_check_report {
  * the invariant check of the chaos tests). BT_CHECK_REPAIR: freeze, wait up to wait_ms for live
  * clients to leave their calls (BT_EBUSY with stuck_client set if one does
  * not), recompute every count from the rows and the live clients' hands,
- * rebuild the free lists, thaw. */
+ * rebuild the free lists, thaw. Cache pools (section 10) are not on free
+ * lists and their counts are their owner's: each is verified on its own
+ * (queue links, counts against the queue, key lists, bucket chains; problems
+ * counted in cache_bad) and, when repairing, reset if its owner is gone or
+ * its structure is broken -- even with a live owner, which must then stop
+ * using it (bt_cache_close and bt_cache_open again). */
 int bt_seg_check(bt_seg *seg, int flags, uint32_t wait_ms, bt_check_report *out);
 
 /* Declare client `id` dead (its process is gone) and recover what it held:
- * rows released, loose references dropped, slot freed. If it died inside a
+ * rows released, loose references dropped, cache pools it owned reset,
+ * slot freed. If it died inside a
  * call, a repairing check runs (see bt_seg_check) so that half-done work is
  * undone; BT_EBUSY if that had to be deferred (the slot stays DEAD and is
  * recovered by the next successful bt_seg_check with BT_CHECK_REPAIR). */

@@ -240,10 +240,12 @@ static int q_linked(const struct cp *c, uint32_t id)
            (n == BT_NIL ? L(&c->h->tail) : L(&c->b[n].prev)) == id;
 }
 
-static void q_unlink(struct cp *c, uint32_t id)
+static int q_unlink(struct cp *c, uint32_t id)
 {
     struct bt_cblock *b = &c->b[id];
     uint32_t p = L(&b->prev), n = L(&b->next);
+    if (!link_ok(c, p) || !link_ok(c, n))
+        return BT_ECORRUPT;             /* checked before (q_linked); never trusted */
     S(p == BT_NIL ? &c->h->head : &c->b[p].next, n);
     S(n == BT_NIL ? &c->h->tail : &c->b[n].prev, p);
     S(&b->prev, BT_NIL);
@@ -252,13 +254,16 @@ static void q_unlink(struct cp *c, uint32_t id)
     S(&c->h->nfree, L(&c->h->nfree) - 1);
     if (L(&b->keys))
         S(&c->h->ncached, L(&c->h->ncached) - 1);
+    return BT_OK;
 }
 
 /* Link id after `after` (BT_NIL: at the front). The caller checked the ends
  * (q_ends_ok); links it follows are ones it set itself. */
-static void q_insert_after(struct cp *c, uint32_t after, uint32_t id)
+static int q_insert_after(struct cp *c, uint32_t after, uint32_t id)
 {
     uint32_t n = after == BT_NIL ? L(&c->h->head) : L(&c->b[after].next);
+    if (!link_ok(c, n))
+        return BT_ECORRUPT;
     S(&c->b[id].prev, after);
     S(&c->b[id].next, n);
     S(after == BT_NIL ? &c->h->head : &c->b[after].next, id);
@@ -267,6 +272,7 @@ static void q_insert_after(struct cp *c, uint32_t after, uint32_t id)
     S(&c->h->nfree, L(&c->h->nfree) + 1);
     if (L(&c->b[id].keys))
         S(&c->h->ncached, L(&c->h->ncached) + 1);
+    return BT_OK;
 }
 
 /* The ends of the queue are what inserting follows. */
@@ -505,8 +511,8 @@ int bt_cache_touch(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n)
         uint32_t id = (uint32_t)ids[i], r;
         if (is_null(&c, id))
             continue;                   /* vLLM counts it and never reads it */
-        if ((r = L(&cl->seg->refcnt[id])) == 0)
-            q_unlink(&c, id);           /* an eviction candidate hit again */
+        if ((r = L(&cl->seg->refcnt[id])) == 0 && (rc = q_unlink(&c, id)))
+            break;                      /* an eviction candidate hit again */
         S(&cl->seg->refcnt[id], r + 1);
         S(&cl->seg->owner[id], cl->id);
     }
@@ -542,7 +548,7 @@ static int decref_all(struct cp *c, const int32_t *ids, uint32_t n)
  * list (where vLLM's loop saw it reach 0), keeping list order: walking the
  * list backwards, each goes right after `after` (BT_NIL: the front). which:
  * 0 every one, 1 those without keys, 2 those with keys. */
-static void queue_zeroed(struct cp *c, const int32_t *ids, uint32_t n, uint32_t after, int which)
+static int queue_zeroed(struct cp *c, const int32_t *ids, uint32_t n, uint32_t after, int which)
 {
     for (uint32_t i = n; i-- > 0;) {
         uint32_t id = (uint32_t)ids[i];
@@ -552,8 +558,11 @@ static void queue_zeroed(struct cp *c, const int32_t *ids, uint32_t n, uint32_t 
         if ((which == 1 && keyed) || (which == 2 && !keyed))
             continue;
         S(&c->s->owner[id], 0u);
-        q_insert_after(c, after, id);
+        int rc = q_insert_after(c, after, id);
+        if (rc)
+            return rc;
     }
+    return BT_OK;
 }
 
 static int check_ids(const struct cp *c, const int32_t *ids, uint32_t n, int null_ok)
@@ -584,9 +593,9 @@ int bt_cache_free(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n, 
     w_begin(c.h);
     if (!(rc = decref_all(&c, ids, n))) {
         /* vLLM: prepend_n(no hash, or caching off), then append_n(with hash) */
-        queue_zeroed(&c, ids, n, BT_NIL, caching ? 1 : 0);
-        if (caching)
-            queue_zeroed(&c, ids, n, L(&c.h->tail), 2);
+        rc = queue_zeroed(&c, ids, n, BT_NIL, caching ? 1 : 0);
+        if (caching && !rc)
+            rc = queue_zeroed(&c, ids, n, L(&c.h->tail), 2);
     }
     w_end(c.h);
 out:
@@ -610,7 +619,7 @@ int bt_cache_unpin(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n)
     }
     w_begin(c.h);
     if (!(rc = decref_all(&c, ids, n)))
-        queue_zeroed(&c, ids, n, L(&c.h->tail), 0);
+        rc = queue_zeroed(&c, ids, n, L(&c.h->tail), 0);
     w_end(c.h);
 out:
     bt_op_end(cl);

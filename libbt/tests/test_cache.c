@@ -846,6 +846,8 @@ static void scribble_round(uint64_t *rs, uint32_t nwrites)
                   (uint64_t)2 * buckets_of(&c) * 4;
     for (uint32_t w = 0; w < nwrites; w++) {
         uint64_t at = lo + t_below(rs, (uint32_t)(hi - lo) / 4) * 4;
+        if (t_below(rs, 5) == 0)        /* the cache pools' reference counts */
+            at = h->off[BT_R_REFCNT] + 4 * (uint64_t)t_below(rs, 2 * BPP);
         uint32_t v;
         switch (t_below(rs, 4)) {
         case 0: v = (uint32_t)t_rand(rs); break;
