@@ -897,7 +897,7 @@ int bt_cache_stats_get(const bt_seg *seg, uint32_t pool, bt_cache_stats *out)
     uint32_t spin = 0, seq;
     uint64_t t0 = 0;
     bt_cache_stats st;
-    do {
+    for (;;) {
         if ((rc = r_begin(c.h, &seq, &spin, &t0)))
             return rc;
         uint32_t o = L(&c.h->owner), nf = L(&c.h->nfree), usable_n = c.hi - c.first;
@@ -908,9 +908,11 @@ int bt_cache_stats_get(const bt_seg *seg, uint32_t pool, bt_cache_stats *out)
             .key_cap = c.cap, .queries = L(&c.h->queries), .hits = L(&c.h->hits),
             .stored = L(&c.h->stored), .evicted = L(&c.h->evicted),
             .blocks_evicted = L(&c.h->blocks_evicted), .resets = L(&c.h->resets) };
-    } while (r_changed(c.h, seq) && !bt_seq_backoff(spin++, &t0));
-    if (r_changed(c.h, seq))
-        return BT_EBUSY;
+        if (!r_changed(c.h, seq))
+            break;
+        if (bt_seq_backoff(spin++, &t0))
+            return BT_EBUSY;
+    }
     *out = st;
     return BT_OK;
 }

@@ -15,6 +15,7 @@
  *     error), never write out of bounds (run under `make asan`) or hang, and
  *     a repairing check resets the pool to a clean state.
  */
+#include <pthread.h>
 #include <stddef.h>
 #include "bt_test.h"
 #include "bt_layout.h"
@@ -58,7 +59,7 @@ static uint32_t queue(bt_seg *seg, uint32_t pool, int32_t *out, uint32_t cap)
 
 static const uint8_t *key_of(uint32_t k, uint32_t *len)
 {
-    static uint8_t buf[64];
+    static _Thread_local uint8_t buf[64];      /* readers run in threads */
     *len = 1 + (k * 7) % 64;
     for (uint32_t i = 0; i < *len; i++)
         buf[i] = (uint8_t)(k * 31 + i);
@@ -958,6 +959,103 @@ static void test_corrupt_detected(void)
     bt_seg_close(seg);
 }
 
+/* ---- lock-free readers against a busy owner ----------------------------------- */
+
+/* The owner only ever maps key k to blocks b with b % 5 == k % 5: a reader
+ * that sees any other block read a torn state. Stats must add up. */
+struct rd { bt_seg *seg; int *stop; uint64_t reads, hits; int bad; };
+
+static void *reader(void *arg)
+{
+    struct rd *r = arg;
+    while (!__atomic_load_n(r->stop, __ATOMIC_ACQUIRE)) {
+        for (uint32_t k = 0; k < 30; k++) {
+            uint32_t len;
+            const uint8_t *kb = key_of(k, &len);
+            int32_t b = -1;
+            int rc = bt_cache_lookup(r->seg, 0, kb, len, &b);
+            if (rc || b < 0 || (b && (uint32_t)b % 5 != k % 5) || b >= (int32_t)BPP) {
+                r->bad++;
+                fprintf(stderr, "lookup(%u): rc %d block %d\n", k, rc, b);
+            }
+            r->reads++;
+            r->hits += b > 0;
+        }
+        bt_cache_stats st;
+        int src = bt_cache_stats_get(r->seg, 0, &st);
+        if (src || st.free + st.in_use != BPP - 1 || st.cached_free > st.free || st.keys > st.key_cap) {
+            r->bad++;
+            fprintf(stderr, "stats: rc %d free %u in_use %u cached %u keys %u\n", src, st.free,
+                    st.in_use, st.cached_free, st.keys);
+        }
+        int32_t q[BPP];
+        uint32_t n;
+        uint8_t seen[BPP] = { 0 };
+        int qrc = bt_cache_queue(r->seg, 0, q, BPP, &n);
+        if (qrc || n > BPP - 1) {
+            r->bad++;
+            fprintf(stderr, "queue: rc %d n %u\n", qrc, n);
+        }
+        for (uint32_t i = 0; i < n && i < BPP; i++)
+            if (q[i] <= 0 || q[i] >= (int32_t)BPP || seen[q[i]]++) {
+                r->bad++;
+                fprintf(stderr, "queue[%u] = %d\n", i, q[i]);
+            }
+    }
+    return NULL;
+}
+
+static void test_readers_mt(void)
+{
+    bt_config c = cfg(1, 32);
+    bt_seg *seg = t_seg_embedded(&c);
+    bt_client *cl = t_client(seg);
+    T_OK(bt_cache_open(cl, 0));
+    int stop = 0;
+    struct rd r[2] = { { seg, &stop, 0, 0, 0 }, { seg, &stop, 0, 0, 0 } };
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        T_ASSERT(pthread_create(&th[i], NULL, reader, &r[i]) == 0);
+    uint64_t rs = t_substream(55), t_end = t_now_ns() + 1500000000ull;
+    int32_t held[BPP];
+    uint32_t nheld = 0;
+    while (t_now_ns() < t_end) {
+        uint32_t op = t_below(&rs, 10);
+        if (op < 4 && nheld < BPP - 6) {
+            uint32_t n = 1 + t_below(&rs, 5);
+            bt_cache_key rm[32];
+            uint32_t nrm;
+            if (bt_cache_alloc(cl, 0, n, held + nheld, rm, 32, &nrm) == 0)
+                nheld += n;
+        } else if (op < 7 && nheld) {
+            uint32_t n = 1 + t_below(&rs, nheld);
+            T_OK(bt_cache_free(cl, 0, held + nheld - n, n, 1));
+            nheld -= n;
+        } else if (nheld) {
+            int32_t b = held[t_below(&rs, nheld)];
+            uint32_t k = (uint32_t)b % 5 + 5 * t_below(&rs, 6);
+            uint32_t len;
+            const uint8_t *kb = key_of(k, &len);
+            int ins;
+            int rc = bt_cache_insert(cl, 0, b, kb, len, 0, &ins);
+            T_ASSERT(rc == 0 || rc == BT_ENOKEYS);
+            if (rc == BT_ENOKEYS) {         /* make room: drop a held block's keys */
+                bt_cache_key rm[32];
+                uint32_t nrm;
+                T_OK(bt_cache_remove(cl, 0, b, rm, 32, &nrm));
+            }
+        }
+    }
+    __atomic_store_n(&stop, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        T_EQ(r[i].bad, 0);
+        T_ASSERT(r[i].reads > 100 && r[i].hits > 0);
+    }
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
@@ -973,5 +1071,6 @@ int main(int argc, char **argv)
     T_RUN(test_open_takes_dead_owner);
     T_RUN(test_corrupt_detected);
     T_RUN(test_scribble);
+    T_RUN(test_readers_mt);
     return t_done();
 }
