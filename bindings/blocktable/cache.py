@@ -29,13 +29,27 @@ import numpy as np
 
 from ._errors import make_error
 from ._ffi import ffi, lib
-from ._types import I32, U32, c_array, preview
+from ._types import I32, c_array, preview
 
 __all__ = ["CachePool", "cache_stats", "cache_lookup"]
 
 _EINVAL, _EBUSY, _ECLIENT = lib.BT_EINVAL, lib.BT_EBUSY, lib.BT_ECLIENT
 _KEY_MAX = lib.BT_CACHE_KEY_MAX
 _STATS_FIELDS = [n for n, _ in ffi.typeof("bt_cache_stats").fields if not n.startswith("_")]
+
+
+def _ids(values, what="ids"):
+    """(C int32 array, length) of block ids: an int32 numpy array without a
+    copy, a list or tuple of ints through cffi's own conversion (several
+    times cheaper than numpy for the few ids a request holds), anything else
+    through c_array's checks."""
+    t = type(values)
+    if t is list or t is tuple:
+        try:
+            return ffi.new("int32_t[]", values), len(values)
+        except (OverflowError, TypeError):
+            pass                        # c_array names the problem
+    return c_array(values, I32, "int32_t[]", what)
 
 
 def _stats_dict(st):
@@ -76,7 +90,7 @@ class CachePool:
     """
 
     __slots__ = ("_client", "_segobj", "_seg", "pool", "num_blocks", "null_block", "first_id",
-                 "_nfree", "_rm", "_rm_cap", "_n", "_ins", "_b", "_key", "_closed",
+                 "_nfree", "_rm", "_rm_cap", "_n", "_ins", "_b", "_key", "_hits", "_closed",
                  "__weakref__")
 
     def __init__(self, client, pool=0):
@@ -103,6 +117,7 @@ class CachePool:
         self._ins = ffi.new("int *")
         self._b = ffi.new("int32_t *")
         self._key = ffi.new("bt_cache_key *")
+        self._hits = ffi.new("int32_t[]", self.num_blocks)
         self._closed = False
 
     # ---- life cycle ---------------------------------------------------------
@@ -181,7 +196,7 @@ class CachePool:
         cl = self._client._cl
         if cl is None:
             self._cl()
-        b, n = c_array(ids, I32, "int32_t[]", "ids")
+        b, n = _ids(ids)
         rc = lib.bt_cache_touch(cl, self.pool, b, n)
         if rc:
             raise make_error(rc, f"touch({preview(ids)}) in cache pool {self.pool}")
@@ -195,7 +210,7 @@ class CachePool:
         cl = self._client._cl
         if cl is None:
             self._cl()
-        b, n = c_array(ids, I32, "int32_t[]", "ids")
+        b, n = _ids(ids)
         rc = lib.bt_cache_free(cl, self.pool, b, n, 1 if caching else 0)
         if rc:
             raise make_error(rc, f"free({preview(ids)}) in cache pool {self.pool}")
@@ -207,7 +222,7 @@ class CachePool:
         cl = self._client._cl
         if cl is None:
             self._cl()
-        b, n = c_array(ids, I32, "int32_t[]", "ids")
+        b, n = _ids(ids)
         rc = lib.bt_cache_unpin(cl, self.pool, b, n)
         if rc:
             raise make_error(rc, f"unpin({preview(ids)}) in cache pool {self.pool}")
@@ -257,23 +272,26 @@ class CachePool:
         cl = self._client._cl
         if cl is None:
             self._cl()
-        b, n = c_array(blocks, I32, "int32_t[]", "blocks")
+        b, n = _ids(blocks, "blocks")
         if len(keys) != n:
             raise make_error(_EINVAL, f"{n} blocks for {len(keys)} keys")
         if n == 0:
             return 0
         klen = len(keys[0])
-        if any(len(k) != klen for k in keys):  # mixed lengths: one by one
+        if len(set(map(len, keys))) != 1:      # mixed lengths: one by one
             done = 0
             for i in range(n):
                 done += self.insert(int(b[i]), keys[i],
                                     ntokens if isinstance(ntokens, int) else int(ntokens[i]))
             return done
-        nt = np.full(n, ntokens, U32) if isinstance(ntokens, int) else np.asarray(ntokens, U32)
-        if nt.shape[0] != n:
-            raise make_error(_EINVAL, f"{n} blocks for {nt.shape[0]} ntokens")
-        rc = lib.bt_cache_insert_many(cl, self.pool, b, n, b"".join(keys), klen,
-                                      ffi.from_buffer("uint32_t[]", nt), self._n)
+        try:
+            nt = ffi.NULL if ntokens == 0 and type(ntokens) is int else \
+                ffi.new("uint32_t[]", [ntokens] * n if type(ntokens) is int else list(ntokens))
+        except (OverflowError, TypeError) as e:
+            raise make_error(lib.BT_ERANGE, f"ntokens: {e}") from None
+        if nt != ffi.NULL and len(nt) != n:
+            raise make_error(_EINVAL, f"{n} blocks for {len(nt)} ntokens")
+        rc = lib.bt_cache_insert_many(cl, self.pool, b, n, b"".join(keys), klen, nt, self._n)
         if rc:
             e = make_error(rc, f"insert_many({n} keys) in cache pool {self.pool}")
             e.inserted = self._n[0]
@@ -310,7 +328,7 @@ class CachePool:
         if n == 0:
             return []
         klen = len(keys[0])
-        if any(len(k) != klen for k in keys):
+        if len(set(map(len, keys))) != 1:
             out = []
             for k in keys:
                 b = self.lookup(k)
@@ -318,7 +336,7 @@ class CachePool:
                     break
                 out.append(b)
             return out
-        blocks = ffi.new("int32_t[]", n)
+        blocks = self._hits if n <= self.num_blocks else ffi.new("int32_t[]", n)
         rc = lib.bt_cache_lookup_many(self._seg, self.pool, b"".join(keys), n, klen, blocks, self._n)
         if rc:
             raise make_error(rc, f"lookup_many({n} keys) in cache pool {self.pool}")
