@@ -252,3 +252,113 @@ def test_permission_denied_names_the_socket_and_the_group(tmp_path):
         assert path in r.stdout and "join the socket's group" in r.stdout
     finally:
         s.close()
+
+
+# ---- GPU: Mirror.reopen(wait) outwaits a dead exporter's descriptor --------------------
+_PUBLISH = """
+import sys, time
+import blocktable as bt
+from blocktable import ffi, lib
+seg = bt.Segment.attach(sys.argv[1])
+i = ffi.new("uint32_t *")
+assert lib.bt_mirror_claim(seg._seg, i) == 0
+d = ffi.new("bt_mirror_desc *")
+d.alloc_size, d.table_off, d.counts_off = 1 << 20, 0, 1 << 16
+assert lib.bt_mirror_publish(seg._seg, i[0], d) == 0
+print(i[0], flush=True)
+sys.stdin.read()                    # stay alive (a live exporter) until told
+"""
+
+
+def _publisher(name):
+    """A process that publishes a mirror descriptor (no CUDA: the state
+    machine only) and lives until its stdin closes."""
+    p = subprocess.Popen([sys.executable, "-c", _PUBLISH, name], env=child_env(),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    idx = int(p.stdout.readline())
+    return p, idx
+
+
+def test_reopen_waits_out_a_dead_exporters_descriptor(shm_name):
+    """_await_live over real descriptors: a dead exporter's, still
+    published, is waited out until a live one publishes; with no wait it is
+    MirrorGone at once (what reopen(wait=30) did before, whatever the wait)."""
+    import threading
+    import time
+    from blocktable.gpu import MirrorGone, MirrorNotFound
+    from blocktable.gpu.mirror import _await_live, _find_in
+    cfg = bt.SegmentConfig(num_pools=1, blocks_per_pool=2, num_rows=4, row_width=4,
+                           max_clients=2, hand_size=1, max_mirrors=4)
+    with bt.Segment.create(shm_name, cfg) as seg:
+        find = lambda: _find_in(seg, None, 0, True, lambda d: 0)   # noqa: E731
+        with pytest.raises(MirrorNotFound):
+            _await_live(find, 0)
+        dead, dead_idx = _publisher(shm_name)
+        dead.stdin.close()
+        dead.wait(30)                                     # published, then died
+        with pytest.raises(MirrorGone, match=f"pid {dead.pid}"):
+            _await_live(find, 0)
+        t0 = time.monotonic()
+        with pytest.raises(MirrorGone, match="within 0.3 s"):
+            _await_live(find, 0.3)
+        assert time.monotonic() - t0 >= 0.3
+        got, live = {}, []
+
+        def waiter():
+            try:
+                got["r"] = _await_live(find, 30)
+            except Exception as e:        # reported below
+                got["e"] = e
+        th = threading.Thread(target=waiter)
+        th.start()
+        time.sleep(0.3)                   # the waiter is polling the dead descriptor
+        assert th.is_alive()
+        p, idx = _publisher(shm_name)
+        live.append(p)
+        try:
+            th.join(30)
+            assert not th.is_alive() and "e" not in got, got
+            i, d, dev, watch = got["r"]
+            assert i == idx != dead_idx and d.exporter_pid == p.pid and watch.alive()
+        finally:
+            p.stdin.close()
+            p.wait(30)
+
+
+def test_gpu_mirror_reopen_waits_for_the_new_exporter(shm_name):
+    from blocktable import gpu
+    ok, why = gpu.gpu_available()
+    if not ok:
+        pytest.skip(f"needs a CUDA GPU and cupy: {why}")
+    import multiprocessing as mp
+    import threading
+    import time
+    cfg = bt.SegmentConfig(block_size=16, num_pools=1, blocks_per_pool=2, num_rows=8,
+                           row_width=8, max_clients=4, hand_size=1, max_mirrors=4)
+    c = mp.get_context("spawn")
+    with bt.Segment.create(shm_name, cfg) as seg:
+        ready, stop = c.Queue(), c.Event()
+        p = c.Process(target=_gpu_exporter, args=(shm_name, ready, stop))
+        p.start()
+        _, gen, pid = ready.get(timeout=60)
+        m = gpu.Mirror.open(seg, wait=5)
+        os.kill(pid, signal.SIGKILL)
+        p.join(30)
+        stop2 = c.Event()
+        p2 = c.Process(target=_gpu_exporter, args=(shm_name, ready, stop2))
+        threading.Timer(1.0, p2.start).start()   # publishes a moment after reopen starts
+        try:
+            m.reopen(wait=30)                    # raised MirrorGone at once before
+            assert m.exporter_pid != pid and m.generation != gen
+        finally:
+            stop2.set()
+            p2.join(60)
+
+
+def _gpu_exporter(name, ready, stop, device=0):
+    from blocktable import gpu
+    seg = bt.Segment.attach(name)
+    ex = gpu.MirrorExporter(seg, device)
+    ready.put((ex.index, ex.generation, os.getpid()))
+    stop.wait(60)
+    ex.close()
