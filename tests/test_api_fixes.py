@@ -109,13 +109,13 @@ def test_numpy_integers_are_accepted(seg, client):
 
 
 def test_alloc_bounds_and_types(seg, client):
-    e = assert_rejected(seg, bt.OutOfRange, client.alloc, 10**12, clients=(client,))
+    e = assert_rejected(seg, bt.OutOfBlocks, client.alloc, 10**12, clients=(client,))
     assert "n=1000000000000" in str(e) and not type(e) is MemoryError
     assert_rejected(seg, TypeError, client.alloc, "3", clients=(client,))
     e = assert_rejected(seg, bt.OutOfRange, client.alloc, -1, clients=(client,))
     assert "n=-1" in str(e)
     r = client.claim_row()
-    assert_rejected(seg, bt.OutOfRange, client.alloc_append, r, 10**12, clients=(client,))
+    assert_rejected(seg, bt.OutOfBlocks, client.alloc_append, r, 10**12, clients=(client,))
 
 
 def test_step_plan_negative_sizes(client):

@@ -83,6 +83,14 @@ def _arg_error(call, e, *args):
     return make_error(_ERANGE, f"{call}: {e}")
 
 
+def _count_error(call, n, most):
+    """A block count no pool can serve, refused before numpy sizes an array
+    of n: OutOfRange below 0, OutOfBlocks above a pool's size."""
+    if n < 0:
+        return make_error(_ERANGE, f"{call}: n={n} is negative")
+    return make_error(lib.BT_ENOBLOCKS, f"{call}: n={n} blocks, a pool holds at most {most}")
+
+
 class _Closed:
     """Stands in for a closed Segment's views: any use says why."""
     __slots__ = ("what",)
@@ -602,8 +610,7 @@ class Client:
         if type(n) is not int or type(pool) is not int:
             n, pool = _int(n, "n"), _int(pool, "pool")
         if not 0 <= n <= self._nmax:     # before numpy sizes an array of n
-            raise make_error(_ERANGE, f"alloc(n={n}): n must be in [0, {self._nmax}] "
-                                      f"(blocks_per_pool)")
+            raise _count_error("alloc", n, self._nmax)
         try:
             out, ob = c_out(out, n, I32, "int32_t[]")
             rc = lib.bt_blocks_alloc(cl, pool, n, ob)
@@ -729,8 +736,7 @@ class Client:
         if type(row) is not int or type(n) is not int or type(pool) is not int:
             row, n, pool = _int(row, "row"), _int(n, "n"), _int(pool, "pool")
         if not 0 <= n <= self._nmax:     # before numpy sizes an array of n
-            raise make_error(_ERANGE, f"alloc_append(row={row}, n={n}): n must be in "
-                                      f"[0, {self._nmax}] (blocks_per_pool)")
+            raise _count_error(f"alloc_append(row={row}, ...)", n, self._nmax)
         try:
             out, ob = c_out(out, n, I32, "int32_t[]")
             rc = lib.bt_row_alloc_append(cl, row, pool, n, ob)
