@@ -63,7 +63,7 @@ def test_compress_row_on_paged_rows_with_holes():
     with SparseBlockTable(BlockTableConfig(max_num_reqs=2, max_num_blocks_per_req=1024),
                           chunk_size=16) as t:
         for i in list(range(0, 8)) + list(range(40, 44)):
-            t.set_block(0, i, 500 + i)
+            t.set_block(0, i * 16, 500 + i)
         want = compress_slots(t.compute_slot_mapping(0, 50 * 16))
         got = compress_row(t.segment, 0, 0, 50 * 16)
         assert runs(got) == runs(want) == [(8000, 128), (-1, 512), (8640, 64), (-1, 96)]

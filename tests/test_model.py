@@ -639,7 +639,7 @@ if __name__ != "__main__":
 
             def op(m, cid):
                 conv((key, U64), (hint, I32))
-                if hint >= R:
+                if hint >= R or hint < -1:          # only -1 means "any row"
                     raise Expect("OutOfRange")
                 if hint >= 0:
                     if m.rows[hint].owner:

@@ -32,20 +32,28 @@ def unchanged(t):
     np.testing.assert_array_equal(before[2], after[2])
 
 
-def test_position_is_the_block_index(table):
-    """The seed divided the position by the block size, so blocks set at
-    positions 0..3 all landed in entry 0 and overwrote each other."""
+def test_position_is_the_token_position_in_all_three(table):
+    """set_block, get_block and get_slot read `position` alike: a token
+    position, its block being position // block_size (the seed's users pass
+    token positions to all three)."""
     for i, b in enumerate([11, 12, 13, 14]):
-        table.set_block(0, i, b)
-    assert [table.get_block(0, i) for i in range(4)] == [11, 12, 13, 14]
+        table.set_block(0, i * 16 + 5, b)
+    assert [table.get_block(0, i * 16) for i in range(4)] == [11, 12, 13, 14]
+    assert [table.get_block(0, i * 16 + 15) for i in range(4)] == [11, 12, 13, 14]
     assert table.get_row(0).tolist() == [11, 12, 13, 14]
     assert table.get_num_blocks(0) == 4
+    for t in (0, 17, 63):
+        assert table.get_slot(0, t) == table.get_block(0, t) * 16 + t % 16
+    table.set_block(0, 3, 20)                       # tokens 0..15 are block 0's
+    assert table.get_row(0).tolist() == [20, 12, 13, 14]
+    table.clear_block(0, 31)                        # token 31 is in block 1
+    assert table.get_block(0, 16) is None and table.get_slot(0, 16) == -1
 
 
 def test_holes_back_nothing(table):
-    table.set_block(1, 5, 40)
-    assert table.get_block(1, 0) is None and table.get_block(1, 5) == 40
-    assert table.get_block(1, 6) is None            # past the row: no block
+    table.set_block(1, 5 * 16, 40)
+    assert table.get_block(1, 0) is None and table.get_block(1, 5 * 16 + 9) == 40
+    assert table.get_block(1, 6 * 16) is None            # past the row: no block
     assert table.get_slot(1, 0) == -1
     assert table.get_slot(1, 5 * 16 + 3) == 40 * 16 + 3
     assert table.get_row(1).tolist() == [0, 0, 0, 0, 0, 40]
@@ -57,7 +65,7 @@ def test_slot_mapping_matches_a_reference(table):
     ids = {}
     for pos in rng.choice(100, 30, replace=False):
         ids[int(pos)] = int(rng.integers(1, 10_000))
-        table.set_block(2, int(pos), ids[int(pos)])
+        table.set_block(2, int(pos) * 16, ids[int(pos)])
     slots = table.compute_slot_mapping(2, 1700, 7)
     want = [ids[p // 16] * 16 + p % 16 if p // 16 in ids else -1 for p in range(7, 1707)]
     assert slots.tolist() == want
@@ -65,11 +73,11 @@ def test_slot_mapping_matches_a_reference(table):
 
 
 def test_clear_block_and_clear_row(table):
-    table.set_block(0, 3, 9)
-    table.set_block(0, 20, 10)
-    table.clear_block(0, 20)
+    table.set_block(0, 3 * 16, 9)
+    table.set_block(0, 20 * 16, 10)
+    table.clear_block(0, 20 * 16)
     assert table.get_num_blocks(0) == 4             # trailing holes trimmed
-    table.clear_block(0, 100)                       # already a hole: nothing
+    table.clear_block(0, 100 * 16)                       # already a hole: nothing
     table.clear_row(0)
     assert table.get_num_blocks(0) == 0 and table.chunks_in_use() == 0
 
@@ -80,11 +88,11 @@ def test_memory_follows_the_blocks():
     with SparseBlockTable(LONG, chunk_size=64) as t:
         m = t.memory_stats()
         assert m["chunks_in_use"] == 0 and m["dense_bytes"] == 8 * 65536 * 4
-        t.set_block(0, 65535, 7)
-        assert t.get_block(0, 65535) == 7 and t.get_num_blocks(0) == 65536
+        t.set_block(0, 65535 * 16, 7)
+        assert t.get_block(0, 65535 * 16) == 7 and t.get_num_blocks(0) == 65536
         assert t.chunks_in_use() == 1
         for i in range(128):                        # 2K tokens in row 1: two chunks
-            t.set_block(1, i, 100 + i)
+            t.set_block(1, i * 16, 100 + i)
         m = t.memory_stats()
         assert m["chunks_in_use"] == 3 and m["chunk_bytes"] == 3 * 64 * 4
         assert m["total_bytes"] == m["directory_bytes"] + m["chunk_bytes"]
@@ -96,18 +104,18 @@ def test_punch_returns_emptied_chunks():
     chunks that held only them go back to the pool."""
     with SparseBlockTable(LONG, chunk_size=16) as t:
         for i in range(64):
-            t.set_block(0, i, 1000 + i)
+            t.set_block(0, i * 16, 1000 + i)
         assert t.chunks_in_use() == 4
         t.punch(0, 0, 40)                           # chunks 0, 1 empty; chunk 2 half
         assert t.chunks_in_use() == 2
-        assert t.get_block(0, 39) is None and t.get_block(0, 40) == 1040
+        assert t.get_block(0, 39 * 16) is None and t.get_block(0, 40 * 16) == 1040
         assert t.get_num_blocks(0) == 64 and t.count_blocks(0) == 24
         t.punch(0, 40, 64)                          # everything: the row ends empty
         assert t.get_num_blocks(0) == 0 and t.chunks_in_use() == 0
 
 
 def test_to_dense(table):
-    table.set_block(3, 2, 5)
+    table.set_block(3, 2 * 16, 5)
     d = table.to_dense(3, 6)
     assert d.dtype == np.int32 and d.tolist() == [0, 0, 5, 0, 0, 0]
     buf = np.full(8, 99, np.int32)
@@ -117,7 +125,7 @@ def test_to_dense(table):
 
 
 @pytest.mark.parametrize("call, exc", [
-    (lambda t: t.set_block(0, 256, 5), bt.OutOfRange),          # past the capacity
+    (lambda t: t.set_block(0, 256 * 16, 5), bt.OutOfRange),          # past the capacity
     (lambda t: t.set_block(0, -1, 5), bt.OutOfRange),
     (lambda t: t.set_block(0, 1, -3), bt.OutOfRange),           # negative id
     (lambda t: t.set_block(0, 1, 2**31), bt.OutOfRange),
@@ -125,7 +133,7 @@ def test_to_dense(table):
     (lambda t: t.set_block(-1, 1, 5), bt.OutOfRange),
     (lambda t: t.set_block(0, 1.0, 5), bt.InvalidArgument),
     (lambda t: t.set_block(0, True, 5), bt.InvalidArgument),
-    (lambda t: t.get_block(0, 256), bt.OutOfRange),
+    (lambda t: t.get_block(0, 256 * 16), bt.OutOfRange),
     (lambda t: t.get_slot(0, -1), bt.OutOfRange),
     (lambda t: t.get_slot(0, 256 * 16), bt.OutOfRange),
     (lambda t: t.punch(0, 0, 9), bt.OutOfRange),                # past the row's blocks
@@ -134,7 +142,7 @@ def test_to_dense(table):
     (lambda t: t.to_dense(0, 1), bt.RowFull),
 ])
 def test_bad_input_changes_nothing(table, call, exc):
-    table.set_block(0, 2, 5)
+    table.set_block(0, 2 * 16, 5)
     with unchanged(table), pytest.raises(exc):
         call(table)
     assert issubclass(bt.OutOfRange, IndexError)    # "except IndexError" works
@@ -146,8 +154,8 @@ def test_chunk_pool_exhaustion_changes_nothing():
         t.set_block(0, 0, 1)
         t.set_block(1, 0, 2)
         with unchanged(t), pytest.raises(bt.OutOfChunks):
-            t.set_block(0, 40, 3)                   # needs a third chunk
-        t.set_block(0, 15, 4)                       # same chunk: fine
+            t.set_block(0, 40 * 16, 3)                   # needs a third chunk
+        t.set_block(0, 15 * 16, 4)                       # same chunk: fine
 
 
 def test_max_blocks_in_use_sizes_the_pool():
@@ -159,7 +167,7 @@ def test_max_blocks_in_use_sizes_the_pool():
 def test_factory_create_sparse():
     with BlockTableFactory.create_sparse() as t:
         assert t.block_size == 16 and t.max_num_reqs == 256 and t.capacity == 128
-        t.set_block(255, 127, 1)
+        t.set_block(255, 127 * 16, 1)
         assert t.get_slot(255, 127 * 16) == 16
     with BlockTableFactory.create_sparse(block_size=8) as t:
         assert t.block_size == 8

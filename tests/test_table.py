@@ -76,7 +76,8 @@ def test_kernel_block_size_expands_blocks_and_keeps_slots():
     assert t.table.shape == (4, 16)
     t.append_row(0, [3, 10])
     assert t.get_kernel_row(0).tolist() == [12, 13, 14, 15, 40, 41, 42, 43]
-    assert t.get_row(0).tolist() == [3, 10] and t.get_num_blocks(0) == 2
+    assert t.get_row(0).tolist() == [12, 13, 14, 15, 40, 41, 42, 43]   # as vLLM's table
+    assert t.get_kv_row(0).tolist() == [3, 10] and t.get_num_blocks(0) == 8
     got = t.compute_slot_mapping(0, 140)
     want = [[3, 10][p // 64] * 64 + p % 64 if p < 128 else -1 for p in range(140)]
     assert got.tolist() == want
@@ -111,3 +112,15 @@ def test_block_info():
         b.decrement_ref()
     assert b.ref_count == 0 and b.can_free()
     assert not BlockInfo(0).can_free()  # the null block is never freed
+
+
+def test_kernel_block_ids_read_back_as_vllm_stores_them():
+    """The seed's users follow vLLM: at B=32, K=16 append_row(0, [0, 1, 2])
+    reads back the kernel block ids [0..5] (it read back [0, 1, 2])."""
+    t = BlockTable(BlockTableConfig(block_size=32, kernel_block_size=16, max_num_reqs=2,
+                                    max_num_blocks_per_req=4))
+    t.append_row(0, [0, 1, 2])
+    assert t.get_row(0).tolist() == [0, 1, 2, 3, 4, 5]
+    assert t.table[0, :6].tolist() == [0, 1, 2, 3, 4, 5]
+    assert t.get_num_blocks(0) == 6 and t.get_total_blocks() == 6
+    assert t.get_kv_row(0).tolist() == [0, 1, 2]

@@ -19,7 +19,8 @@ from ._errors import *  # noqa: F401,F403 - one class per code
 from . import _errors as errors
 from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
                      SegmentConfig, SegmentInfo)
-from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams, StepPlan
+from ._core import (ROW_MANAGED, ROW_PAGED, ROW_RAW, BtTypeError, Client, Segment, SlotParams,
+                    StepPlan)
 from .cache import CachePool
 from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
 from .connect import DaemonDisconnected, DaemonError, DaemonNotRunning, connect
@@ -35,7 +36,7 @@ from .compress import RunLengthSlots, compress_row, compress_rows, compress_slot
 
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",
-    "BtError", "BtOSError", "CODES", "error_class", *errors.__all__,
+    "BtError", "BtOSError", "BtTypeError", "CODES", "error_class", *errors.__all__,
     "Segment", "Client", "CachePool", "StepPlan", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
     "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
     "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
@@ -43,6 +44,18 @@ __all__ = [
     "SparseBlockTable", "PredictiveBlockAllocator", "DistributedBlockTable", "BlockTableV2",
     "BlockTableFactory", "MultiGroupBlockTable", "BlockSource", "ScatteredAllocator",
     "ContiguousAllocator", "NumaAwareAllocator", "make_allocator", "UnknownRequest",
-    "RunLengthSlots", "compress_slots", "compress_row", "compress_rows",
+    "RunLengthSlots", "compress_slots", "compress_row", "compress_rows", "CpuGpuBuffer",
 ]
 __all__ = list(dict.fromkeys(__all__))
+
+
+def __getattr__(name):
+    """blocktable.CpuGpuBuffer: vLLM's CpuGpuBuffer(*size, dtype, device,
+    pin_memory, with_numpy) (also the seed's CpuGpuBuffer(shape, dtype)),
+    from blocktable.gpu.buffer; imported on first use so that importing
+    blocktable pulls in no GPU code."""
+    if name == "CpuGpuBuffer":
+        from .gpu.buffer import CpuGpuBuffer
+        globals()["CpuGpuBuffer"] = CpuGpuBuffer
+        return CpuGpuBuffer
+    raise AttributeError(f"module 'blocktable' has no attribute {name!r}")

@@ -7,6 +7,7 @@ they already are contiguous arrays of the C type (see _types.as_array).
 """
 import os
 import weakref
+from operator import index as _index
 
 import numpy as np
 
@@ -48,6 +49,67 @@ def _range_error(e, detail):
     return make_error(_ERANGE, f"{detail}: {e}")
 
 
+class BtTypeError(BtError, TypeError):
+    """An argument of the wrong type (not an int or numpy.integer where an
+    index, count, pool, pid or key is taken); the message names it."""
+    code = _EINVAL
+    __module__ = "blocktable"
+
+
+def _int(v, name):
+    """v as an int: int, bool and numpy.integer (operator.index), nothing
+    else. cffi alone would take anything with __int__ (Fraction(1, 2) as 0,
+    Decimal, numpy.float32): the hot paths call this only when
+    ``type(v) is not int``, so a plain int costs one type test."""
+    try:
+        return _index(v)
+    except TypeError:
+        raise BtTypeError(f"{name} must be an integer (int or numpy.integer), "
+                          f"got {type(v).__name__} {v!r}") from None
+
+
+_BOUNDS = {"u32": (0, 2**32 - 1), "i32": (-2**31, 2**31 - 1),
+           "u64": (0, 2**64 - 1), "i64": (-2**63, 2**63 - 1)}
+
+
+def _arg_error(call, e, *args):
+    """The cold path after cffi refused an argument (OverflowError): OutOfRange
+    naming the first (name, value, C type) that does not fit."""
+    for name, v, kind in args:
+        lo, hi = _BOUNDS[kind]
+        if not lo <= v <= hi:
+            return make_error(_ERANGE, f"{call}: {name}={v} is out of range "
+                                       f"({name} must be in [{lo}, {hi}])")
+    return make_error(_ERANGE, f"{call}: {e}")
+
+
+def _count_error(call, n, most):
+    """A block count no pool can serve, refused before numpy sizes an array
+    of n: OutOfRange below 0, OutOfBlocks above a pool's size."""
+    if n < 0:
+        return make_error(_ERANGE, f"{call}: n={n} is negative")
+    return make_error(lib.BT_ENOBLOCKS, f"{call}: n={n} blocks, a pool holds at most {most}")
+
+
+class _Closed:
+    """Stands in for a closed Segment's views: any use says why."""
+    __slots__ = ("what",)
+
+    def __init__(self, what):
+        self.what = what
+
+    def _raise(self, *a, **k):
+        raise make_error(_EINVAL, f"the segment is closed (its {self.what} view is gone)")
+
+    __getitem__ = __setitem__ = __len__ = __iter__ = __array__ = _raise
+
+    def __getattr__(self, name):
+        self._raise()
+
+    def __repr__(self):
+        return f"<{self.what} of a closed segment>"
+
+
 class SlotParams:
     """Parameters of slot mapping (bt_slot_params), built once and reused.
 
@@ -59,11 +121,15 @@ class SlotParams:
 
     def __init__(self, block_size=0, cp_world=1, cp_rank=0, cp_interleave=1):
         self.c = ffi.new("bt_slot_params *")
+        block_size, cp_world = _int(block_size, "block_size"), _int(cp_world, "cp_world")
+        cp_rank, cp_interleave = _int(cp_rank, "cp_rank"), _int(cp_interleave, "cp_interleave")
         try:
             self.c.block_size, self.c.cp_world = block_size, cp_world
             self.c.cp_rank, self.c.cp_interleave = cp_rank, cp_interleave
         except OverflowError as e:
-            raise _range_error(e, "slot params") from None
+            raise _arg_error("SlotParams", e, ("block_size", block_size, "u32"),
+                             ("cp_world", cp_world, "u32"), ("cp_rank", cp_rank, "u32"),
+                             ("cp_interleave", cp_interleave, "u32")) from None
         self.block_size, self.cp_world = block_size, cp_world
         self.cp_rank, self.cp_interleave = cp_rank, cp_interleave
 
@@ -160,7 +226,8 @@ class Segment:
             c.close()
         # Unmapped now unless a view made earlier is still alive.
         self._seg = self._base = None
-        self.table = self.num_blocks = self.num_tokens = None
+        self.table, self.num_blocks, self.num_tokens = \
+            _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")
 
     @property
     def closed(self):
@@ -209,27 +276,62 @@ class Segment:
     def reserve_client(self, pid, start_time=0):
         """Reserve a slot for process pid (the daemon's half of registration);
         returns the slot id for adopt_client."""
+        pid, start_time = _int(pid, "pid"), _int(start_time, "start_time")
         out = ffi.new("uint32_t *")
-        _check(lib.bt_client_reserve(self._s(), pid, start_time, out),
-               f"reserving a client slot for pid {pid}")
+        try:
+            rc = lib.bt_client_reserve(self._s(), pid, start_time, out)
+        except OverflowError as e:
+            raise _arg_error("reserve_client", e, ("pid", pid, "i32"),
+                             ("start_time", start_time, "u64")) from None
+        _check(rc, f"reserving a client slot for pid={pid}")
         return out[0]
 
+    def unreserve_client(self, slot, pid):
+        """Free a slot reserved for pid that nobody adopted (the daemon's
+        undo of reserve_client). Errors: ClientGone (adopted meanwhile, or
+        not pid's), OutOfRange."""
+        slot, pid = _int(slot, "slot"), _int(pid, "pid")
+        try:
+            rc = lib.bt_client_unreserve(self._s(), slot, pid)
+        except OverflowError as e:
+            raise _arg_error("unreserve_client", e, ("slot", slot, "u32"),
+                             ("pid", pid, "i32")) from None
+        _check(rc, f"unreserve_client(slot={slot}, pid={pid})")
+
     def adopt_client(self, slot):
-        """Take over a slot reserved for this process."""
+        """Take over a slot reserved for this process. Errors: ClientGone
+        when the slot is not reserved for it (a slot a live client of this
+        process holds is left untouched), OutOfRange."""
+        slot = _int(slot, "slot")
         out = ffi.new("bt_client **")
-        _check(lib.bt_client_adopt(self._s(), slot, out), f"adopting client slot {slot}")
+        try:
+            rc = lib.bt_client_adopt(self._s(), slot, out)
+        except OverflowError as e:
+            raise _arg_error("adopt_client", e, ("slot", slot, "u32")) from None
+        _check(rc, f"adopt_client(slot={slot}): not a slot reserved for pid {os.getpid()}; "
+                   "a slot a client of this process holds is left untouched")
         return Client(self, out[0])
 
     def client_slot(self, client_id):
+        client_id = _int(client_id, "client_id")
         out = ffi.new("bt_client_slot_info *")
-        _check(lib.bt_client_slot_get(self._s(), client_id, out), f"client slot {client_id}")
+        try:
+            rc = lib.bt_client_slot_get(self._s(), client_id, out)
+        except OverflowError as e:
+            raise _arg_error("client_slot", e, ("client_id", client_id, "u32")) from None
+        _check(rc, f"client slot client_id={client_id}")
         return from_struct(ClientSlotInfo, out)
 
     # ---- blocks -------------------------------------------------------------
     def free_blocks(self, pool=0):
         """Free blocks in `pool` (a racy snapshot while others allocate)."""
+        pool = _int(pool, "pool")
         out = ffi.new("uint32_t *")
-        _check(lib.bt_pool_free_count(self._s(), pool, out), f"pool={pool}")
+        try:
+            rc = lib.bt_pool_free_count(self._s(), pool, out)
+        except OverflowError as e:
+            raise _arg_error("free_blocks", e, ("pool", pool, "u32")) from None
+        _check(rc, f"free_blocks(pool={pool})")
         return out[0]
 
     def free_chunks(self):
@@ -240,14 +342,26 @@ class Segment:
 
     def block(self, block_id):
         """BlockInfo snapshot (reference count, owner stamp) of one block."""
+        block_id = _int(block_id, "block_id")
         ref, owner = ffi.new("uint32_t *"), ffi.new("uint32_t *")
-        _check(lib.bt_block_get(self._s(), block_id, ref, owner), f"block {block_id}")
+        try:
+            rc = lib.bt_block_get(self._s(), block_id, ref, owner)
+        except OverflowError as e:
+            raise _arg_error("block", e, ("block_id", block_id, "i32")) from None
+        _check(rc, f"block(block_id={block_id})")
         return BlockInfo(block_id, ref[0], owner[0])
 
     def pool_pop(self, pool, n, stamp=0, out=None):
         """Raw pool pop (no client protocol; see bt.h): benchmarks and tests."""
+        pool, n, stamp = _int(pool, "pool"), _int(n, "n"), _int(stamp, "stamp")
+        seg = self._s()
+        if not 0 <= n <= self.info.total_blocks:
+            raise make_error(_ERANGE, f"pool_pop(n={n}): n must be in [0, {self.info.total_blocks}]")
         out = out_array(out, n, I32)
-        rc = lib.bt_pool_pop(self._s(), pool, n, stamp, cbuf(out))
+        try:
+            rc = lib.bt_pool_pop(seg, pool, n, stamp, cbuf(out))
+        except OverflowError as e:
+            raise _arg_error("pool_pop", e, ("pool", pool, "u32"), ("stamp", stamp, "u32")) from None
         if rc:
             raise make_error(rc, f"pool_pop(pool={pool}, n={n})")
         return out[:n]
@@ -266,6 +380,8 @@ class Segment:
         longer than row_width included (re-read if the row grew meanwhile)."""
         info = ffi.new("bt_row_info *")
         seg = self._s()
+        if type(row) is not int:
+            row = _int(row, "row")
         for _ in range(8):
             buf = out if out is not None else np.empty(
                 max(self.config.row_width, int(self.num_blocks[row]) if 0 <= row < len(self.num_blocks) else 0), I32)
@@ -273,7 +389,7 @@ class Segment:
             try:
                 rc = lib.bt_row_read(seg, row, cbuf(buf), buf.shape[0], info)
             except OverflowError as e:
-                raise _range_error(e, f"row={row}") from None
+                raise _arg_error("read_row", e, ("row", row, "u32")) from None
             if rc != _EINVAL or out is not None:
                 break                   # a caller's buffer: too small is its error
         if rc:
@@ -282,10 +398,12 @@ class Segment:
 
     def row_info(self, row):
         info = ffi.new("bt_row_info *")
+        if type(row) is not int:
+            row = _int(row, "row")
         try:
             rc = lib.bt_row_read(self._s(), row, ffi.NULL, 0, info)
         except OverflowError as e:
-            raise _range_error(e, f"row={row}") from None
+            raise _arg_error("row_info", e, ("row", row, "u32")) from None
         if rc:
             raise make_error(rc, f"row={row}")
         return from_struct(RowInfo, info)
@@ -300,11 +418,16 @@ class Segment:
         seg = self._seg
         if seg is None:
             self._s()
+        if type(row) is not int or type(start) is not int or type(n) is not int:
+            row, start, n = _int(row, "row"), _int(start, "start"), _int(n, "n")
+        if not 0 <= n <= 1 << 31:
+            raise make_error(_ERANGE, f"slots_row(n={n}): n must be in [0, {1 << 31}]")
         try:
             out, ob = c_out(out, n, I64, "int64_t[]")
             rc = lib.bt_slots_row(seg, (params or self._params).c, row, start, n, ob)
         except OverflowError as e:
-            raise _range_error(e, f"row={row}, start={start}, n={n}") from None
+            raise _arg_error("slots_row", e, ("row", row, "u32"), ("start", start, "i64"),
+                             ("n", n, "u32")) from None
         if rc:
             raise make_error(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
         return out if out.shape[0] == n else out[:n]
@@ -340,7 +463,10 @@ class Segment:
         if end > pos.shape[0]:  # C cannot know how long positions is
             raise make_error(_EINVAL, f"query_start_loc ends at {end}, "
                                       f"positions has {pos.shape[0]}")
-        out_len = end if out_len is None else out_len
+        out_len = end if out_len is None else _int(out_len, "out_len")
+        if not 0 <= out_len <= 1 << 31:
+            raise make_error(_ERANGE, f"slots_qsl(out_len={out_len}): out_len must be in "
+                                      f"[0, {1 << 31}]")
         out = out_array(out, out_len, I64)
         if rows is None:
             rbuf = ffi.NULL
@@ -366,8 +492,12 @@ class Segment:
         live clients, thaw. Returns a CheckReport. Errors: Busy (a live client
         stayed inside a call; the message names it)."""
         rep = ffi.new("bt_check_report *")
+        wait_ms = _int(wait_ms, "wait_ms")
         flags = (lib.BT_CHECK_REPAIR if repair else 0) | (lib.BT_CHECK_FROZEN if frozen else 0)
-        rc = lib.bt_seg_check(self._s(), flags, wait_ms, rep)
+        try:
+            rc = lib.bt_seg_check(self._s(), flags, wait_ms, rep)
+        except OverflowError as e:
+            raise _arg_error("check", e, ("wait_ms", wait_ms, "u32")) from None
         if rc:
             raise make_error(rc, f"check(repair={repair}): stuck client {rep.stuck_client}")
         return from_struct(CheckReport, rep)
@@ -376,14 +506,25 @@ class Segment:
         """Declare client `client_id` dead and recover what it held (its
         process must be gone). Returns a CheckReport. Errors: Busy."""
         rep = ffi.new("bt_check_report *")
-        rc = lib.bt_seg_recover_client(self._s(), client_id, wait_ms, rep)
+        client_id, wait_ms = _int(client_id, "client_id"), _int(wait_ms, "wait_ms")
+        try:
+            rc = lib.bt_seg_recover_client(self._s(), client_id, wait_ms, rep)
+        except OverflowError as e:
+            raise _arg_error("recover_client", e, ("client_id", client_id, "u32"),
+                             ("wait_ms", wait_ms, "u32")) from None
         if rc:
             raise make_error(rc, f"recovering client {client_id} "
                                  f"(stuck client {rep.stuck_client})")
         return from_struct(CheckReport, rep)
 
     def set_owner(self, pid, start_time=0):
-        _check(lib.bt_seg_set_owner(self._s(), pid, start_time), f"pid={pid}")
+        pid, start_time = _int(pid, "pid"), _int(start_time, "start_time")
+        try:
+            rc = lib.bt_seg_set_owner(self._s(), pid, start_time)
+        except OverflowError as e:
+            raise _arg_error("set_owner", e, ("pid", pid, "i32"),
+                             ("start_time", start_time, "u64")) from None
+        _check(rc, f"set_owner(pid={pid})")
 
     # ---- cache pools (read side; the writer is a CachePool) --------------------
     def cache_stats(self, pool=0):
@@ -415,7 +556,7 @@ class Client:
     a call that raised changed nothing.
     """
 
-    __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_args",
+    __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_args", "_nmax",
                  "__weakref__")
 
     def __init__(self, seg, raw):
@@ -432,6 +573,7 @@ class Client:
         c = seg.config
         self._scratch = np.empty(min(c.num_rows * c.row_width, _SCRATCH_MAX), I32)
         self._args = ffi.new("bt_step_args *")
+        self._nmax = c.blocks_per_pool  # the most blocks one call can take from a pool
         seg._clients.add(self)
         _live_clients.add(self)
 
@@ -489,13 +631,15 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(n) is not int or type(pool) is not int:
+            n, pool = _int(n, "n"), _int(pool, "pool")
+        if not 0 <= n <= self._nmax:     # before numpy sizes an array of n
+            raise _count_error("alloc", n, self._nmax)
         try:
             out, ob = c_out(out, n, I32, "int32_t[]")
             rc = lib.bt_blocks_alloc(cl, pool, n, ob)
-        except BtError:
-            raise
-        except (OverflowError, ValueError) as e:  # n < 0 or >= 2^32
-            raise _range_error(e, f"alloc(n={n}, pool={pool})") from None
+        except OverflowError as e:
+            raise _arg_error("alloc", e, ("pool", pool, "u32")) from None
         if rc:
             raise make_error(rc, f"alloc(n={n}, pool={pool})")
         return out if out.shape[0] == n else out[:n]
@@ -532,14 +676,17 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(key) is not int or type(row) is not int:
+            key, row = _int(key, "key"), _int(row, "row")
         out = ffi.new("uint32_t *")
         flags = (ROW_RAW if raw else ROW_MANAGED) | (ROW_PAGED if paged else 0)
         try:
             rc = lib.bt_row_claim(cl, key, row, flags, out)
         except OverflowError as e:
-            raise _range_error(e, f"claim_row(key={key}, row={row})") from None
+            raise _arg_error("claim_row", e, ("key", key, "u64"), ("row", row, "i32")) from None
         if rc:
-            raise make_error(rc, f"claim_row(key={key}, row={row}, raw={raw})")
+            why = ": row must be -1 (any free row) or a row index" if row < -1 else ""
+            raise make_error(rc, f"claim_row(key={key}, row={row}, raw={raw}){why}")
         return out[0]
 
     def claim_rows(self, keys, raw=False, paged=False, out=None):
@@ -562,10 +709,12 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int:
+            row = _int(row, "row")
         try:
             rc = lib.bt_row_release(cl, row)
         except OverflowError as e:
-            raise _range_error(e, f"release_row({row})") from None
+            raise _arg_error("release_row", e, ("row", row, "u32")) from None
         if rc:
             raise make_error(rc, f"release_row(row={row})")
 
@@ -576,11 +725,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int:
+            row = _int(row, "row")
         buf, n = c_array(ids, I32, "int32_t[]", "ids")
         try:
             rc = lib.bt_row_append(cl, row, buf, n)
         except OverflowError as e:
-            raise _range_error(e, f"append(row={row})") from None
+            raise _arg_error("append", e, ("row", row, "u32")) from None
         if rc:
             raise make_error(rc, f"append(row={row}, n={n}, ids={preview(ids)})")
 
@@ -590,11 +741,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int:
+            row = _int(row, "row")
         buf, n = c_array(ids, I32, "int32_t[]", "ids")
         try:
             rc = lib.bt_row_append_shared(cl, row, buf, n)
         except OverflowError as e:
-            raise _range_error(e, f"append_shared(row={row})") from None
+            raise _arg_error("append_shared", e, ("row", row, "u32")) from None
         if rc:
             raise make_error(rc, f"append_shared(row={row}, ids={preview(ids)})")
 
@@ -604,13 +757,15 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int or type(n) is not int or type(pool) is not int:
+            row, n, pool = _int(row, "row"), _int(n, "n"), _int(pool, "pool")
+        if not 0 <= n <= self._nmax:     # before numpy sizes an array of n
+            raise _count_error(f"alloc_append(row={row}, ...)", n, self._nmax)
         try:
             out, ob = c_out(out, n, I32, "int32_t[]")
             rc = lib.bt_row_alloc_append(cl, row, pool, n, ob)
-        except BtError:
-            raise
-        except (OverflowError, ValueError) as e:  # n < 0 or >= 2^32
-            raise _range_error(e, f"alloc_append(row={row}, n={n}, pool={pool})") from None
+        except OverflowError as e:
+            raise _arg_error("alloc_append", e, ("row", row, "u32"), ("pool", pool, "u32")) from None
         if rc:
             raise make_error(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
         return out if out.shape[0] == n else out[:n]
@@ -620,11 +775,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int:
+            row = _int(row, "row")
         buf, n = c_array(ids, I32, "int32_t[]", "ids")
         try:
             rc = lib.bt_row_set(cl, row, buf, n)
         except OverflowError as e:
-            raise _range_error(e, f"set_row(row={row})") from None
+            raise _arg_error("set_row", e, ("row", row, "u32")) from None
         if rc:
             raise make_error(rc, f"set_row(row={row}, n={n}, ids={preview(ids)})")
 
@@ -633,10 +790,12 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int or type(keep) is not int:
+            row, keep = _int(row, "row"), _int(keep, "keep")
         try:
             rc = lib.bt_row_truncate(cl, row, keep)
         except OverflowError as e:
-            raise _range_error(e, f"truncate(row={row}, keep={keep})") from None
+            raise _arg_error("truncate", e, ("row", row, "u32"), ("keep", keep, "u32")) from None
         if rc:
             raise make_error(rc, f"truncate(row={row}, keep={keep})")
 
@@ -648,10 +807,14 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int or type(index) is not int or type(block_id) is not int:
+            row, index = _int(row, "row"), _int(index, "index")
+            block_id = _int(block_id, "block_id")
         try:
             rc = lib.bt_row_set_block(cl, row, index, block_id)
         except OverflowError as e:
-            raise _range_error(e, f"set_block(row={row}, index={index})") from None
+            raise _arg_error("set_block", e, ("row", row, "u32"), ("index", index, "u32"),
+                             ("block_id", block_id, "i32")) from None
         if rc:
             raise make_error(rc, f"set_block(row={row}, index={index}, block_id={block_id})")
 
@@ -661,10 +824,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int or type(start) is not int or type(stop) is not int:
+            row, start, stop = _int(row, "row"), _int(start, "start"), _int(stop, "stop")
         try:
             rc = lib.bt_row_punch(cl, row, start, stop)
         except OverflowError as e:
-            raise _range_error(e, f"punch(row={row}, {start}, {stop})") from None
+            raise _arg_error("punch", e, ("row", row, "u32"), ("start", start, "u32"),
+                             ("stop", stop, "u32")) from None
         if rc:
             raise make_error(rc, f"punch(row={row}, start={start}, stop={stop})")
 
@@ -673,10 +839,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(row) is not int or type(num_tokens) is not int:
+            row, num_tokens = _int(row, "row"), _int(num_tokens, "num_tokens")
         try:
             rc = lib.bt_row_set_tokens(cl, row, num_tokens)
         except OverflowError as e:
-            raise _range_error(e, f"set_tokens(row={row}, num_tokens={num_tokens})") from None
+            raise _arg_error("set_tokens", e, ("row", row, "u32"),
+                             ("num_tokens", num_tokens, "i64")) from None
         if rc:
             raise make_error(rc, f"set_tokens(row={row}, num_tokens={num_tokens})")
 
@@ -693,10 +862,13 @@ class Client:
         cl = self._cl
         if cl is None:
             self._gone()
+        if type(a) is not int or type(b) is not int:
+            a, b = _int(a, "src" if what == "move" else "a"), _int(b, "dst" if what == "move" else "b")
         try:
             rc = fn(cl, a, b)
         except OverflowError as e:
-            raise _range_error(e, f"{what}({a}, {b})") from None
+            n1, n2 = ("src", "dst") if what == "move" else ("a", "b")
+            raise _arg_error(what, e, (n1, a, "u32"), (n2, b, "u32")) from None
         if rc:
             raise make_error(rc, f"{what}({a}, {b})")
 
@@ -732,10 +904,12 @@ class Client:
             raise make_error(_EINVAL, f"{nr} rows but {nk} counts")
         fb, nf = (_NO_ROWS_C, 0) if free_rows is _NO_ROWS else \
             c_array(free_rows, U32, "uint32_t[]", "free_rows")
+        if type(pool) is not int:
+            pool = _int(pool, "pool")
         try:
             a.pool = pool
         except OverflowError as e:
-            raise _range_error(e, f"step(pool={pool})") from None
+            raise _arg_error("step", e, ("pool", pool, "u32")) from None
         a.n_free, a.free_rows, a.n_rows, a.rows, a.n_new = nf, fb, nr, rb, kb
         na = 0
         if arrive is not None:
@@ -813,8 +987,19 @@ class StepPlan:
 
     def __init__(self, client, max_free=256, max_rows=256, max_arrive=256, max_ids=None, pool=0):
         c = client.segment.config
+        max_free, max_rows = _int(max_free, "max_free"), _int(max_rows, "max_rows")
+        max_arrive, pool = _int(max_arrive, "max_arrive"), _int(pool, "pool")
+        cap = max(256, c.num_rows)       # a step names each row once at most
+        for name, v in (("max_free", max_free), ("max_rows", max_rows), ("max_arrive", max_arrive)):
+            if not 0 <= v <= cap:
+                raise make_error(_EINVAL, f"step_plan({name}={v}): {name} must be in [0, {cap}]")
         if max_ids is None:
             max_ids = min((max_rows + max_arrive) * c.row_width, 1 << 22)
+        max_ids = _int(max_ids, "max_ids")
+        ids_cap = max(1 << 22, c.num_pools * c.blocks_per_pool)
+        if not 0 <= max_ids <= ids_cap:
+            raise make_error(_EINVAL, f"step_plan(max_ids={max_ids}): max_ids must be in "
+                                      f"[0, {ids_cap}]")
         self.client = client
         self.free_rows, self.rows = np.zeros(max_free, U32), np.zeros(max_rows, U32)
         self.n_new, self.arrive_n = np.zeros(max_rows, U32), np.zeros(max_arrive, U32)
@@ -829,7 +1014,7 @@ class StepPlan:
         try:
             a.ids_cap, a.pool = max_ids, pool
         except OverflowError as e:
-            raise _range_error(e, f"step_plan(pool={pool}, max_ids={max_ids})") from None
+            raise _arg_error("step_plan", e, ("pool", pool, "u32")) from None
 
     def run(self, n_free=0, n_rows=0, n_arrive=0):
         """One step over the first n_free / n_rows / n_arrive entries of the
@@ -837,6 +1022,9 @@ class StepPlan:
         cl = self.client._cl
         if cl is None:
             self.client._gone()
+        if type(n_free) is not int or type(n_rows) is not int or type(n_arrive) is not int:
+            n_free, n_rows = _int(n_free, "n_free"), _int(n_rows, "n_rows")
+            n_arrive = _int(n_arrive, "n_arrive")
         if not (0 <= n_free <= len(self.free_rows) and 0 <= n_rows <= len(self.rows)
                 and 0 <= n_arrive <= len(self.arrive_keys)):
             raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the plan's "

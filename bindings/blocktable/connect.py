@@ -13,6 +13,7 @@ so that a client needs nothing but this package; btd.protocol is the server
 side and bt-ctl's client.
 """
 import errno
+import grp
 import json
 import os
 import socket as _socket
@@ -84,6 +85,8 @@ def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise DaemonNotRunning(e.errno, f"btd is not running (no listener on {path})",
                                    path) from None
+        except PermissionError as e:
+            raise PermissionError(e.errno, _permission_hint(path), path) from None
         line = json.dumps({"id": req_id, "cmd": cmd, "args": args or {}}) + "\n"
         try:
             s.sendall(line.encode())
@@ -102,6 +105,10 @@ def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
             buf += chunk
             if len(buf) > MAX_REPLY:
                 raise ConnectionError(errno.EMSGSIZE, f"btd's reply is too large ({path})")
+    except TimeoutError:                # socket.timeout: connect, send or recv
+        raise TimeoutError(errno.ETIMEDOUT, f"btd did not answer {cmd!r} within {timeout} s "
+                                            f"on {path} (is it stopped or overloaded?)",
+                           path) from None
     finally:
         s.close()
     reply = json.loads(buf)
@@ -112,12 +119,31 @@ def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
     return reply.get("result")
 
 
+def _permission_hint(path):
+    """The message of a refused connect: the path, and what lets us in."""
+    msg = f"permission denied connecting to btd's socket {path}"
+    try:
+        st = os.stat(path)
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        msg += (f" (mode {st.st_mode & 0o777:o}, group {group}): join the socket's group "
+                f"(e.g. usermod -aG {group} $USER, then log in again), or ask the operator "
+                f"to serve your uid")
+    except OSError:
+        msg += ": join the socket's group, or ask the operator to serve your uid"
+    return msg
+
+
 def connect(name="default", socket=None, timeout=10.0):
     """Register with btd for segment `name` and return an attached Client
     (its Segment is ``client.segment``). Closing the client releases what it
     holds; if the process dies instead, the daemon recovers it.
 
-    Errors: DaemonNotRunning; DaemonError (the daemon refused: an unknown
+    Errors: DaemonNotRunning; PermissionError and TimeoutError naming the
+    socket (a stopped btd: any slot it reserves late is reclaimed by it
+    unless adopted, see btd.server); DaemonError (the daemon refused: an unknown
     segment, a uid it does not serve, no free client slot); the errors of
     Segment.attach and Segment.adopt_client."""
     res = request("register", {"segment": name}, socket=socket, timeout=timeout)

@@ -9,10 +9,10 @@ few blocks, and only the chunks that hold blocks cost memory. Holes (entry
 below its window and the chunks left holding only holes go back to the pool.
 
 The seed kept a dict per row. Where it was wrong, and we differ:
-  * Its set_block/get_block took a token position and divided it by the
-    block size, so appending block i at position i made appends overwrite
-    each other. Here `position` is the block index (entry i of the row);
-    get_slot takes a token position.
+  * `position` is a token position in set_block, clear_block, get_block and
+    get_slot alike, as in the seed (the block is entry position //
+    block_size of the row): one meaning for one word. punch takes block
+    indices (start, end), as libbt's punch does.
   * Positions past a row's capacity (max_num_blocks_per_req) were accepted
     and silently grew the dict; here they raise OutOfRange (an IndexError)
     and change nothing. Negative ids raise OutOfRange.
@@ -175,16 +175,19 @@ class SparseBlockTable:
         return r
 
     def _pos(self, position):
-        p = _index(position, "position")
-        if not 0 <= p < self.capacity:
-            raise make_error(_ERANGE, f"block position {p} not in [0, {self.capacity}) "
-                                      f"(max_num_blocks_per_req)")
-        return p
+        """The block index of token `position` (position // block_size)."""
+        t = _index(position, "position")
+        limit = self.capacity * self.block_size
+        if not 0 <= t < limit:
+            raise make_error(_ERANGE, f"position={t}: token position not in [0, {limit}) "
+                                      f"(max_num_blocks_per_req * block_size)")
+        return t // self.block_size
 
     # ---- entries --------------------------------------------------------------
     def set_block(self, row_idx, position, block_id):
-        """Entry `position` (a block index) of the row := block_id. Block 0
-        is the null block: setting it makes a hole (as clear_block does).
+        """The block backing token `position` of the row (entry position //
+        block_size) := block_id. Block 0 is the null block: setting it makes a
+        hole (as clear_block does).
         Errors: OutOfRange (row, position past the capacity, id < 0 or
         >= 2^31), OutOfChunks (the chunk pool is exhausted)."""
         r, p = self._row(row_idx), self._pos(position)
@@ -194,14 +197,16 @@ class SparseBlockTable:
         self._client.set_block(r, p, b)
 
     def clear_block(self, row_idx, position):
-        """Make entry `position` a hole (no error if it already is one)."""
+        """Make the block backing token `position` a hole (no error if it
+        already is one)."""
         r, p = self._row(row_idx), self._pos(position)
         if p < self.num_blocks[r]:
             self._client.set_block(r, p, 0)
 
     def get_block(self, row_idx, position):
-        """The block id at block index `position`, or None (a hole, or past
-        the row's last block). Errors: OutOfRange (past the capacity)."""
+        """The block id backing token `position` (entry position //
+        block_size), or None (a hole, or past the row's last block).
+        Errors: OutOfRange (past the capacity in tokens)."""
         return block_at(self.segment, self._row(row_idx), self._pos(position), self._params,
                         self._one)
 
@@ -209,10 +214,9 @@ class SparseBlockTable:
         """KV slot of token `position` of the row, or -1 where no block backs
         it. Errors: OutOfRange (a negative position, or one past the row's
         capacity in tokens)."""
-        r, t = self._row(row_idx), _index(position, "position")
-        limit = self.capacity * self.block_size
-        if not 0 <= t < limit:
-            raise make_error(_ERANGE, f"token position {t} not in [0, {limit})")
+        r = self._row(row_idx)
+        self._pos(position)
+        t = _index(position, "position")
         return int(self.segment.slots_row(r, t, 1, self._one, self._params)[0])
 
     def compute_slot_mapping(self, row_idx, num_tokens, start_position=0, out=None):

@@ -100,9 +100,11 @@ class BlockTable:
       * Entries past a row's blocks are always 0 (the seed left stale ids
         after clear/shrink, which let requests read each other's KV).
 
-    The ids you give and get back (append_row, get_row, get_num_blocks) are
-    KV blocks of block_size tokens; ``get_kernel_row`` shows what the row
-    stores. Views: ``table`` (int32 [max_num_reqs, row_width]) and
+    The ids you give to append_row are KV blocks of block_size tokens; the
+    row stores, and get_row / get_num_blocks / get_total_blocks return, the
+    kernel block ids and counts, as vLLM's BlockTable does (append_row(0,
+    [0, 1, 2]) at B=32, K=16 reads back [0, 1, 2, 3, 4, 5]).
+    ``get_kv_row`` maps a row back to KV block ids. Views: ``table`` (int32 [max_num_reqs, row_width]) and
     ``num_blocks`` (int32, kernel entries per row) are zero-copy and
     read-only.
 
@@ -157,13 +159,16 @@ class BlockTable:
             self._client.set_tokens(row_idx, int(self.num_tokens[row_idx]) + num_tokens)
 
     def get_row(self, row_idx):
-        """The row's KV block ids (a new int32 array)."""
-        ids = self.get_kernel_row(row_idx)
-        return ids[::self.blocks_per_kv_block] // self.blocks_per_kv_block
-
-    def get_kernel_row(self, row_idx):
-        """The row's stored (kernel-block) ids, read under the seqlock."""
+        """The row's stored ids: kernel block ids, as vLLM's table holds
+        them (the KV ids themselves when K == B), read under the seqlock."""
         return self.segment.read_row(self._row(row_idx))[0]
+
+    get_kernel_row = get_row
+
+    def get_kv_row(self, row_idx):
+        """The row's KV block ids (what append_row was given)."""
+        ids = self.get_row(row_idx)
+        return ids[::self.blocks_per_kv_block] // self.blocks_per_kv_block
 
     def clear_row(self, row_idx):
         """Empty a row (entries zeroed, token count 0); it stays usable."""
@@ -192,12 +197,12 @@ class BlockTable:
         return self.segment.slots_req(rows, pos, out, self._params)
 
     def get_num_blocks(self, row_idx):
-        """KV blocks in the row."""
-        return int(self.num_blocks[self._row(row_idx)]) // self.blocks_per_kv_block
+        """Entries (kernel blocks) in the row, vLLM's num_blocks_per_row."""
+        return int(self.num_blocks[self._row(row_idx)])
 
     def get_total_blocks(self):
-        """KV blocks held by all rows together."""
-        return int(self.num_blocks.sum(dtype=np.int64)) // self.blocks_per_kv_block
+        """Entries (kernel blocks) held by all rows together."""
+        return int(self.num_blocks.sum(dtype=np.int64))
 
     def get_num_tokens(self, row_idx):
         return int(self.num_tokens[self._row(row_idx)])

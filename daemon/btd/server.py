@@ -60,6 +60,12 @@ LINGER_S = 2.0                  # a refused peer's socket waits this long for it
 LINGER_MAX = 8                  # refused sockets held at once (oldest closed first)
 DRAIN_MAX = 1 << 17             # bytes read from a refused peer before giving up on it
 
+# A slot reserved for a live process that does not adopt it within this many
+# seconds is freed (bt_client_unreserve): its connect() gave up (e.g. timed
+# out while btd was stopped) and would otherwise hold the slot for good. An
+# adopt takes milliseconds; BT_RESERVE_TIMEOUT_S overrides (tests).
+RESERVE_TIMEOUT_S = float(os.environ.get("BT_RESERVE_TIMEOUT_S", "30"))
+
 
 # ---- /proc ------------------------------------------------------------------
 def proc_stat(pid):
@@ -196,6 +202,7 @@ class Managed:
         self.seen = {}                  # slot -> (pid, start_time, ops) at last scan
         self.retired_ops = 0            # ops of slots that were freed since
         self.stuck = {}                 # slot -> {"pid", "since", "state"}
+        self.reserved = {}              # slot -> (pid, start_time, since): not yet adopted
 
     @property
     def shm_path(self):
@@ -792,6 +799,7 @@ class Daemon:
         w = self.watch(conn.pid, start, os.dup(conn.pidfd))
         w.slots.add((m.name, slot))
         m.seen[slot] = (conn.pid, start, 0)
+        m.reserved[slot] = (conn.pid, start, time.monotonic())
         self.stats.registrations[m.name] += 1
         log.info("segment %s: registered pid %d (uid %d) in slot %d", m.name, conn.pid,
                  conn.uid, slot)
@@ -943,8 +951,13 @@ class Daemon:
                             self.unwatch(w)
                     del m.seen[sid]
                     self.dirty = True
+                if info.state != _RESERVED:
+                    m.reserved.pop(sid, None)
                 if info.state == lib.BT_CLIENT_FREE or info.pid <= 0:
                     continue            # free, or being claimed (pid not stored yet)
+                if info.state == _RESERVED and sid not in m.pending and \
+                        self.reclaim_reserved(m, sid, info, now):
+                    continue
                 m.seen[sid] = (info.pid, info.start_time, info.ops)
                 if sid in m.pending:
                     continue
@@ -969,6 +982,27 @@ class Daemon:
                              m.name, sid, info.pid)
                     self.dirty = True
                 w.slots.add((m.name, sid))
+
+    def reclaim_reserved(self, m, sid, info, now):
+        """Free a slot reserved for a live process that never adopted it
+        within RESERVE_TIMEOUT_S (a gone process is recovered as any dead
+        client is). True if it was freed."""
+        r = m.reserved.get(sid)
+        if r is None or r[:2] != (info.pid, info.start_time):
+            m.reserved[sid] = (info.pid, info.start_time, now)   # first seen reserved
+            return False
+        if now - r[2] < RESERVE_TIMEOUT_S:
+            return False
+        try:
+            m.seg.unreserve_client(sid, info.pid)
+        except BtError:
+            return False                # adopted meanwhile (one CAS wins): a client now
+        del m.reserved[sid]
+        log.warning("segment %s: freed client slot %d reserved for pid %d, which did not "
+                    "adopt it within %.0f s (its connect gave up)", m.name, sid, info.pid,
+                    RESERVE_TIMEOUT_S)
+        self.dirty = True
+        return True
 
     def publish(self):
         self.collector.snap = self.snapshot()

@@ -194,8 +194,16 @@ int bt_client_open(bt_seg *seg, bt_client **out);
  * peer's credentials); the process then takes it with bt_client_adopt. */
 int bt_client_reserve(bt_seg *seg, int32_t pid, uint64_t start_time, uint32_t *slot_out);
 
-/* Take over a slot reserved for the calling process (pid must match). */
+/* Take over a slot reserved for the calling process (pid must match).
+ * BT_ECLIENT if the slot is not RESERVED for this pid -- e.g. it is already
+ * active for a handle of this process: that handle is left untouched. */
 int bt_client_adopt(bt_seg *seg, uint32_t slot, bt_client **out);
+
+/* The daemon's undo of bt_client_reserve: free slot `slot` if it is still
+ * RESERVED (never adopted) for `pid`. Races bt_client_adopt safely (one CAS
+ * each, one wins). BT_ECLIENT if it was adopted or is not pid's; BT_ERANGE,
+ * BT_EINVAL. Any thread or process. */
+int bt_client_unreserve(bt_seg *seg, uint32_t slot, int32_t pid);
 
 /* Release everything the client holds (its rows and loose blocks; the cache
  * pools it owns are reset and given up, see section 10) and free its
@@ -269,7 +277,7 @@ typedef struct bt_row_info {
 } bt_row_info;
 
 /* Claim a free row for request `key`. row_hint >= 0 asks for that row (fails
- * with BT_EROWSTATE if taken); -1 takes any free row. */
+ * with BT_EROWSTATE if taken); -1 takes any free row; below -1 is BT_ERANGE. */
 int bt_row_claim(bt_client *cl, uint64_t key, int32_t row_hint, uint32_t flags, uint32_t *row_out);
 
 /* Claim n rows at once (requests arriving in one scheduler step), any free

@@ -162,6 +162,13 @@ static int client_new(bt_seg *s, uint32_t id, bt_client **out)
     return BT_OK;
 }
 
+/* Free a handle that never owned its slot (a failed adopt). */
+static void client_free(bt_client *cl)
+{
+    free(cl->mark);
+    free(cl);
+}
+
 int bt_client_reserve(bt_seg *s, int32_t pid, uint64_t start, uint32_t *slot_out)
 {
     if (!s || pid <= 0 || !slot_out)
@@ -184,10 +191,31 @@ int bt_client_adopt(bt_seg *s, uint32_t id, bt_client **out)
         return rc;
     uint32_t st = BT_CLIENT_RESERVED;
     if (!bt_cas_acqrel(&sl->state, &st, (uint32_t)BT_CLIENT_ACTIVE)) {
-        bt_client_close(cl);
+        /* Not ours to take: the slot may be ACTIVE with our pid because it is
+         * another live handle of this process (or this very one). Only free
+         * the new handle: bt_client_close would take that slot for its own
+         * and release the other handle's rows and blocks. */
+        client_free(cl);
         return BT_ECLIENT;
     }
     *out = cl;
+    return BT_OK;
+}
+
+int bt_client_unreserve(bt_seg *s, uint32_t id, int32_t pid)
+{
+    if (!s || pid <= 0)
+        return BT_EINVAL;
+    if (id == 0 || id > s->cfg.max_clients)
+        return BT_ERANGE;
+    struct bt_cslot *sl = &s->clients[id - 1];
+    if (bt_load_acquire(&sl->pid) != pid)
+        return BT_ECLIENT;
+    /* The CAS races the process's own adopt (RESERVED -> ACTIVE): exactly
+     * one wins, so a slot is never both adopted and handed out again. */
+    uint32_t st = BT_CLIENT_RESERVED;
+    if (!bt_cas_acqrel(&sl->state, &st, (uint32_t)BT_CLIENT_FREE))
+        return BT_ECLIENT;
     return BT_OK;
 }
 

@@ -258,8 +258,8 @@ int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint
 {
     if (!cl || !row_out || !claim_flags_ok(cl->seg, flags))
         return BT_EINVAL;
-    if (hint >= 0 && (uint32_t)hint >= cl->seg->cfg.num_rows)
-        return BT_ERANGE;
+    if (hint < -1 || (hint >= 0 && (uint32_t)hint >= cl->seg->cfg.num_rows))
+        return BT_ERANGE;               /* only -1 means "any row" */
     int rc = bt_op_begin(cl);
     if (rc)
         return rc;

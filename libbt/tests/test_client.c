@@ -95,8 +95,34 @@ static void test_reserve_adopt(void)
     T_EQ(si.state, BT_CLIENT_ACTIVE);
     /* adopting twice fails */
     bt_client *cl2 = NULL;
-    T_ERR(bt_client_adopt(seg, slot, &cl2));
+    int32_t held[3];
+    uint32_t row;
+    T_OK(bt_row_claim(cl, 7, -1, BT_ROW_MANAGED, &row));
+    T_OK(bt_row_alloc_append(cl, row, 0, 3, held));
+    T_RC(bt_client_adopt(seg, slot, &cl2), BT_ECLIENT);
+    /* ... and leaves the live handle's slot, row and blocks alone (it used
+     * to close the new handle, which took the active slot for its own) */
+    T_OK(bt_client_slot_get(seg, slot, &si));
+    T_EQ(si.state, BT_CLIENT_ACTIVE);
+    T_EQ(si.rows, 1u);
+    T_EQ(t_free(seg, 0), 60);
+    bt_row_info ri;
+    T_OK(bt_row_read(seg, row, NULL, 0, &ri));
+    T_EQ(ri.owner, slot);
+    T_EQ(ri.num_blocks, 3u);
+    T_RC(bt_client_unreserve(seg, slot, getpid()), BT_ECLIENT);   /* adopted: stays */
+    T_OK(bt_client_slot_get(seg, slot, &si));
+    T_EQ(si.state, BT_CLIENT_ACTIVE);
     bt_client_close(cl);
+    T_EQ(t_free(seg, 0), 63);
+    /* a reservation nobody adopts can be undone, once, by its pid only */
+    T_OK(bt_client_reserve(seg, getpid(), 0, &slot));
+    T_RC(bt_client_unreserve(seg, slot, getpid() + 1), BT_ECLIENT);
+    T_RC(bt_client_unreserve(seg, 0, getpid()), BT_ERANGE);
+    T_OK(bt_client_unreserve(seg, slot, getpid()));
+    T_OK(bt_client_slot_get(seg, slot, &si));
+    T_EQ(si.state, BT_CLIENT_FREE);
+    T_RC(bt_client_adopt(seg, slot, &cl2), BT_ECLIENT);
 
     /* a slot reserved for another pid cannot be adopted here, but can by it */
     int go[2];

@@ -456,18 +456,7 @@ class Mirror(_MirrorBase):
 
     def _open(self, seg, device, index, wait):
         cp = cupy()
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                idx, d, dev = _find(cp, seg, device, index)
-                break
-            except MirrorNotFound:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.01)
-        watch = ProcWatch(d.exporter_pid, d.exporter_start)
-        if not watch.alive():
-            raise _err(MirrorGone, f"mirror {idx}: its exporter (pid {d.exporter_pid}) is dead")
+        idx, d, dev, watch = _await_live(lambda: _find(cp, seg, device, index), wait)
         R, W = seg.config.num_rows, seg.config.row_width
         if d.table_off + 4 * R * W > d.alloc_size or d.counts_off + 4 * R > d.alloc_size:
             raise make_error(lib.BT_ECORRUPT, f"mirror {idx}: offsets outside the allocation")
@@ -495,7 +484,9 @@ class Mirror(_MirrorBase):
 
     def reopen(self, wait=0.0):
         """Follow a republished mirror (same device): the old views are dead,
-        take new ones. wait: seconds to wait for the new publish."""
+        take new ones. wait: seconds to wait for a live exporter's publish
+        (a dead exporter's descriptor, still published, is waited out).
+        Errors after `wait`: MirrorGone, MirrorNotFound."""
         old = self._syncer
         self._open(self.segment, self.device, None, wait)
         if old is not self._syncer:
@@ -525,16 +516,53 @@ class Mirror(_MirrorBase):
                 f"{self.device} from pid {self.exporter_pid}>")
 
 
+def _await_live(find, wait, poll=0.01):
+    """(index, descriptor, device, ProcWatch) from find() once it names a
+    mirror whose exporter lives, trying for up to `wait` seconds: a dead
+    exporter's descriptor stays published until someone retires it, and
+    its successor publishes a moment later. After `wait`: MirrorNotFound
+    (nothing published) or MirrorGone (only a dead exporter's). CUDA-free
+    given a CUDA-free find (the tests drive it over real descriptors)."""
+    deadline = time.monotonic() + max(0.0, wait)
+    while True:
+        try:
+            idx, d, dev = find()
+            watch = ProcWatch(d.exporter_pid, d.exporter_start)
+            if watch.alive():
+                return idx, d, dev, watch
+            err = _err(MirrorGone, f"mirror {idx}: its exporter (pid {d.exporter_pid}) is dead"
+                                   + (f"; no live exporter published within {wait} s"
+                                      if wait > 0 else ""))
+        except MirrorNotFound as e:
+            err = e
+        if time.monotonic() >= deadline:
+            raise err
+        time.sleep(poll)
+
+
 def _find(cp, seg, device, index):
     """(index, descriptor, local device ordinal) of the mirror to open."""
     cur = cp.cuda.runtime.getDevice() if device is None else int(device)
+    return _find_in(seg, index, cur, device is None,
+                    lambda d: device_by_uuid(bytes(ffi.buffer(d.uuid))))
+
+
+def _find_in(seg, index, cur, any_device, dev_of):
+    """_find without CUDA: dev_of(descriptor) is the local device ordinal of
+    its device (None: not visible here). With no index, a live exporter's
+    mirror is preferred to a dead one's still published (which is returned
+    only when there is nothing else, for _await_live to report or outwait)."""
     candidates = [index] if index is not None else range(seg.config.max_mirrors)
-    fallback = None
+    fallback = dead = None
     for i in candidates:
         d = _desc(seg, i)
         if d.state != PUBLISHED:
             continue
-        dev = device_by_uuid(bytes(ffi.buffer(d.uuid)))
+        if index is None and not MirrorInfo(i, d).exporter_alive:
+            if dead is None and dev_of(d) is not None:
+                dead = (i, d, dev_of(d))
+            continue
+        dev = dev_of(d)
         if dev is None:
             if index is not None:
                 raise _err(MirrorNotFound, f"mirror {i} lives on {uuid_str(bytes(ffi.buffer(d.uuid)))}, "
@@ -542,10 +570,10 @@ def _find(cp, seg, device, index):
             continue
         if dev == cur or index is not None:
             return i, d, dev
-        if device is None and fallback is None:
+        if any_device and fallback is None:
             fallback = (i, d, dev)
-    if fallback is not None:
-        return fallback
+    if fallback is not None or dead is not None:
+        return fallback or dead
     where = f"mirror {index}" if index is not None else f"a mirror on device {cur}"
     raise _err(MirrorNotFound, f"{where} is not published in segment {seg.name!r}")
 
