@@ -23,7 +23,7 @@ from blocktable.connect import DaemonNotRunning
 
 from . import ENV_DEV, ENV_STATS, enabled
 
-__all__ = ["connect", "segment_config", "Stats", "SIZE_FIELDS"]
+__all__ = ["connect", "disconnect", "segment_config", "check_fits", "Stats", "SIZE_FIELDS"]
 
 SIZE_FIELDS = ("blocks_per_pool", "num_rows", "row_width")   # existing must be >= asked
 SAME_FIELDS = ("block_size",)                                # existing must equal asked
@@ -100,6 +100,18 @@ def connect(create=None):
         if create is not None:
             check_fits(name, _client.segment.config, create)
         return _client
+
+
+def disconnect():
+    """Close this process's client (its rows are released, its cache pool
+    reset). The next connect() makes a new one."""
+    global _client
+    with _lock:
+        if _client is not None:
+            seg = _client.segment
+            _client.close()
+            seg.close()
+        _client = None
 
 
 class Stats(dict):
