@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-pytest.importorskip("vllm")
+# Not just "vllm": this folder, tests/vllm, imports as a namespace package "vllm"
+# where the real one is missing.
+pytest.importorskip("vllm.v1.core.block_pool")
 
 from vllm.v1.core.block_pool import BlockPool  # noqa: E402
 from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id  # noqa: E402
