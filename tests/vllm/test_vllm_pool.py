@@ -21,9 +21,12 @@ from conftest import unique_name  # noqa: E402
 N = 40
 
 
-@pytest.fixture
-def pools(monkeypatch):
+@pytest.fixture(params=[0, 10], ids=["exact", "larger-segment"])
+def pools(monkeypatch, request):
     name = unique_name("vpool")
+    if request.param:       # a segment left by a larger engine: its extra ids are never used
+        cfg = _seg.segment_config(N + request.param, 16, 4, 256, cache_pools=1)
+        bt.Segment.create(name, bt.SegmentConfig(**cfg)).close()
     monkeypatch.setenv("BLOCKTABLE_VLLM", name)
     monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
     monkeypatch.delenv("BLOCKTABLE_VLLM_STATS_DIR", raising=False)
@@ -117,6 +120,7 @@ def test_random_calls_match_vllm(pools, seed, extras):
     assert shared.reset_prefix_cache() and stock.reset_prefix_cache()
     _same(stock, shared, strict=not extras)
     assert shared.get_num_free_blocks() == N - 1
+    assert shared.bt_cp.stats()["in_use"] == len(shared.bt_pinned)
 
 
 def test_segment_too_small_for_the_engine(monkeypatch):

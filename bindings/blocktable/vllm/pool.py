@@ -19,10 +19,11 @@ __init__ (no Python queue or map), get_cached_block, get_new_blocks, touch,
 free_blocks, unpin_blocks, _insert_block_hash, _remove_cached_block_hashes,
 reset_prefix_cache, get_num_free_blocks.
 
-Limits: the segment's cache pool must have exactly num_gpu_blocks blocks
-(a larger pool would hand out ids past vLLM's KV tensors): RuntimeError
-naming both otherwise. ``cached_block_hash_to_block.contain(key, block)``
-(used only by partial-block hits, off by default) sees a block's primary
+A segment's cache pool larger than num_gpu_blocks (made by an earlier,
+larger engine) is used with its ids past num_gpu_blocks held for good (they
+show as used in bt-ctl; bt_pinned lists them); a smaller one is refused at start (btd's create,
+or _seg.check_fits: RuntimeError naming both sizes).
+Limits: ``cached_block_hash_to_block.contain(key, block)`` (used only by partial-block hits, off by default) sees a block's primary
 key and the oldest block of a key, not a block's later extra keys.
 Errors: those of blocktable.connect and CachePool; RuntimeError at start for
 a segment that does not fit. Not thread-safe (as vLLM's BlockPool).
@@ -126,12 +127,8 @@ class SharedBlockPool(BlockPool):
         need = _seg.segment_config(num_gpu_blocks, hash_block_size, _engine["max_num_seqs"],
                                    _engine["max_model_len"], cache_pools=1)
         self.bt_client = _seg.connect(create=need)
-        have = self.bt_client.segment.config
-        if have.blocks_per_pool != num_gpu_blocks:
-            raise RuntimeError(
-                f"segment {self.bt_client.segment.name!r} has blocks_per_pool="
-                f"{have.blocks_per_pool}; the engine's BlockPool needs exactly {num_gpu_blocks}")
         self.bt_cp = cp = self.bt_client.cache_pool(0)
+        self._pin_excess(num_gpu_blocks)
         self.bt_stats = _seg.Stats("scheduler", rows_written=0, allocs=0, frees=0, touches=0,
                                    lookups=0, hits=0)
         self.num_gpu_blocks = num_gpu_blocks
@@ -150,6 +147,20 @@ class SharedBlockPool(BlockPool):
         self.kv_event_queue = []
         self.metrics_collector = metrics_collector
         self._reuse_watchers = {}
+
+    def _pin_excess(self, n):
+        """A segment made for a larger engine has ids past vLLM's KV tensors:
+        hold them (count 1, never in the queue) so that they are never handed
+        out. All blocks are taken, then the first n - 1 given back: they are
+        prepended in order, so the queue is exactly a fresh n-block pool's."""
+        cp = self.bt_cp
+        total = cp.num_blocks
+        self.bt_pinned = ids = []
+        if total == n:
+            return
+        ids = cp.alloc(cp.num_free)
+        cp.free(ids[:n - 1], caching=False)
+        self.bt_pinned = ids[n - 1:]
 
     # ---- lookups ----------------------------------------------------------------
     def get_cached_block(self, block_hash, kv_cache_group_ids):
@@ -217,7 +228,14 @@ class SharedBlockPool(BlockPool):
             self._reuse_watchers[b.block_id] = on_reuse
 
     def reset_prefix_cache(self):
-        if not self.bt_cp.reset():
+        cp, pinned = self.bt_cp, self.bt_pinned
+        if len(pinned):     # libbt resets only an idle pool: unpin around it (front out, front in)
+            cp.free(pinned, caching=False)
+        ok = cp.reset()
+        if len(pinned):
+            again = cp.alloc(len(pinned))
+            assert (again == pinned).all(), "the pinned ids did not come back first"
+        if not ok:
             logger.warning("Failed to reset prefix cache because some blocks (%d) are not "
                            "freed yet", self.num_gpu_blocks - self.get_num_free_blocks() - 1)
             return False
