@@ -34,6 +34,9 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import (BlockHashWithGroupId, KVCacheBlock,
                                          make_block_hash_with_group_id)
 
+from blocktable import ffi, lib
+from blocktable._errors import make_error
+
 from . import _seg
 from .scheduler import _engine
 
@@ -129,6 +132,17 @@ class SharedBlockPool(BlockPool):
         self.bt_client = _seg.connect(create=need)
         self.bt_cp = cp = self.bt_client.cache_pool(0)
         self._pin_excess(num_gpu_blocks)
+        # The hot calls go to libbt directly with buffers made once (a list
+        # into a cffi array is one slice store; no numpy per call). They hold
+        # the client's handle: the pool is dead once its client is closed.
+        self._cl = self.bt_client._cl
+        self._nfree = cp._nfree
+        self._cap = max(256, num_gpu_blocks)
+        self._ids = ffi.new("int32_t[]", self._cap)
+        self._rm_cap = 64
+        self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
+        self._nout = ffi.new("uint32_t *")
+        self._ins = ffi.new("int *")
         self.bt_stats = _seg.Stats("scheduler", rows_written=0, allocs=0, frees=0, touches=0,
                                    lookups=0, hits=0)
         self.num_gpu_blocks = num_gpu_blocks
@@ -177,7 +191,10 @@ class SharedBlockPool(BlockPool):
 
     # ---- the map ------------------------------------------------------------------
     def _insert_block_hash(self, block_hash_with_group_id, block, num_tokens):
-        self.bt_cp.insert(block.block_id, block_hash_with_group_id, num_tokens or 0)
+        k = block_hash_with_group_id
+        rc = lib.bt_cache_insert(self._cl, 0, block.block_id, k, len(k), num_tokens or 0, self._ins)
+        if rc:
+            raise make_error(rc, f"caching block {block.block_id} (key of {len(k)} bytes)")
 
     def _remove_cached_block_hashes(self, block):
         return [BlockHashWithGroupId(k) for _, k, _ in self.bt_cp.remove(block.block_id)]
@@ -186,8 +203,9 @@ class SharedBlockPool(BlockPool):
     def get_new_blocks(self, num_blocks):
         if num_blocks > self.get_num_free_blocks():
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
-        ids, removed = self.bt_cp.alloc(num_blocks, removed=True)
-        ret = [self.blocks[i] for i in ids.tolist()]
+        ids, removed = self._alloc(num_blocks)
+        blocks = self.blocks
+        ret = [blocks[i] for i in ids]
         if self._reuse_watchers:
             self._notify_reuse(ret)
         mc = self.metrics_collector
@@ -197,12 +215,40 @@ class SharedBlockPool(BlockPool):
                     mc.on_block_evicted(block)
                 mc.on_block_allocated(block)
         if removed:         # evictions, block by block, primary key first: as vLLM emits them
-            self._emit_block_removed_events([BlockHashWithGroupId(k) for _, k, _ in removed])
+            self._emit_block_removed_events(removed)
         self.bt_stats["allocs"] += num_blocks
         return ret
 
+    def _alloc(self, n):
+        """bt_cache_alloc: (ids, keys evicted in order)."""
+        if n > self._cap:
+            ids, rm = self.bt_cp.alloc(n, removed=True)
+            return ids.tolist(), [BlockHashWithGroupId(k) for _, k, _ in rm]
+        rc = lib.bt_cache_alloc(self._cl, 0, n, self._ids, self._rm, self._rm_cap, self._nout)
+        if rc == lib.BT_EINVAL and self._nout[0] > self._rm_cap:   # more evicted keys than room
+            self._rm_cap = 2 * self._nout[0]
+            self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
+            rc = lib.bt_cache_alloc(self._cl, 0, n, self._ids, self._rm, self._rm_cap, self._nout)
+        if rc:
+            raise make_error(rc, f"allocating {n} blocks ({self._nfree[0]} free)")
+        nrm, rm = self._nout[0], self._rm
+        removed = [BlockHashWithGroupId(ffi.buffer(rm[i].key, rm[i].len)[:]) for i in range(nrm)]
+        return ffi.unpack(self._ids, n), removed
+
+    def _idbuf(self, ids):
+        n = len(ids)
+        if n > self._cap:
+            self._cap = 2 * n
+            self._ids = ffi.new("int32_t[]", self._cap)
+        self._ids[0:n] = ids
+        return self._ids, n
+
     def touch(self, blocks):
-        self.bt_cp.touch([b.block_id for b in blocks])
+        ids = [b.block_id for b in blocks]
+        buf, n = self._idbuf(ids)
+        rc = lib.bt_cache_touch(self._cl, 0, buf, n)
+        if rc:
+            raise make_error(rc, f"touching blocks {ids[:8]}")
         if self.metrics_collector:
             for b in blocks:
                 self.metrics_collector.on_block_accessed(b)
@@ -216,7 +262,10 @@ class SharedBlockPool(BlockPool):
             else:
                 mine.append(block.block_id)
         if mine:
-            self.bt_cp.free(mine, caching=self.enable_caching)
+            buf, n = self._idbuf(mine)
+            rc = lib.bt_cache_free(self._cl, 0, buf, n, 1 if self.enable_caching else 0)
+            if rc:
+                raise make_error(rc, f"freeing blocks {mine[:8]}")
         for pool, blocks in other_pools.items():
             pool.free_blocks(blocks)
         self.bt_stats["frees"] += len(mine)
@@ -249,4 +298,4 @@ class SharedBlockPool(BlockPool):
         return True
 
     def get_num_free_blocks(self):
-        return self.bt_cp.num_free
+        return self._nfree[0]       # the pool's count, in the segment (no call)
