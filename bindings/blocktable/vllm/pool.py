@@ -143,6 +143,8 @@ class SharedBlockPool(BlockPool):
         self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
         self._nout = ffi.new("uint32_t *")
         self._ins = ffi.new("int *")
+        self._seg = self.bt_client.segment._s()
+        self._bout = ffi.new("int32_t *")
         self.bt_stats = _seg.Stats("scheduler", rows_written=0, allocs=0, frees=0, touches=0,
                                    lookups=0, hits=0)
         self.num_gpu_blocks = num_gpu_blocks
@@ -178,15 +180,18 @@ class SharedBlockPool(BlockPool):
 
     # ---- lookups ----------------------------------------------------------------
     def get_cached_block(self, block_hash, kv_cache_group_ids):
-        st, lookup, blocks = self.bt_stats, self.bt_cp.lookup, self.blocks
+        st, seg, bout = self.bt_stats, self._seg, self._bout
         out = []
         for gid in kv_cache_group_ids:
             st["lookups"] += 1
-            b = lookup(make_block_hash_with_group_id(block_hash, gid))
-            if b is None:
+            k = make_block_hash_with_group_id(block_hash, gid)
+            rc = lib.bt_cache_lookup(seg, 0, k, len(k), bout)
+            if rc:
+                raise make_error(rc, f"prefix-cache lookup (key of {len(k)} bytes)")
+            if not bout[0]:
                 return None
             st["hits"] += 1
-            out.append(blocks[b])
+            out.append(self.blocks[bout[0]])
         return out
 
     # ---- the map ------------------------------------------------------------------
