@@ -529,3 +529,107 @@ def test_bad_config_exits_2_and_print_config(tmp_path):
                        env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert json.loads(r.stdout)["segments"]["default"]["num_rows"] == 8
+
+
+# ---- create: a segment asked for by an engine -------------------------------------------
+CREATE_CLIENT = """
+import json, os, sys
+from blocktable.connect import connect
+cl = connect(sys.argv[1], socket=sys.argv[2], create=json.loads(sys.argv[3]))
+row = cl.claim_row(key=os.getpid())
+cl.alloc_append(row, 5)
+print(cl.id, row, cl.segment.config.blocks_per_pool, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_create_serves_a_new_segment_like_a_configured_one(daemon):
+    """connect(create=...) makes btd create the segment; it is then registered into,
+    watched, recovered, listed, and its leftovers found by fsck, as a configured one."""
+    name = unique_name("cr")
+    ask = {"blocks_per_pool": 200, "num_rows": 8, "row_width": 8, "block_size": 32}
+    try:
+        p = subprocess.Popen([sys.executable, "-c", CREATE_CLIENT, name, daemon.socket,
+                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        slot, row, bpp = map(int, p.stdout.readline().split())
+        assert bpp == 200
+        st = {s["name"]: s for s in daemon.request("status")["segments"]}
+        assert st[name]["created"] is True and st[name]["origin"] == "create"
+        assert st[daemon.segment]["origin"] == "config"
+        assert st[name]["config"]["block_size"] == 32 and st[name]["blocks_used"] == 5
+        clients = daemon.request("clients", {"segment": name})["clients"]
+        assert [(c["slot"], c["pid"], c["watched"]) for c in clients] == [(slot, p.pid, True)]
+        rows = daemon.ctl_json("rows", "--segment", name)["rows"]
+        assert [(r["row"], r["pid"], r["num_blocks"]) for r in rows] == [(row, p.pid, 5)]
+        # asking again: served as it is (created false), smaller asks are fine
+        again = daemon.request("create", {"segment": name, "config": {"blocks_per_pool": 100}})
+        assert again["created"] is False and again["config"]["blocks_per_pool"] == 200
+        # the engine dies: btd recovers its blocks in the created segment
+        p.kill()
+        p.wait()
+        seg = Segment.attach(name)
+        try:
+            wait_for(lambda: slot_state(seg, slot) == 0, 10, "recovery in the created segment")
+            rep = seg.check()
+            assert rep.clean and rep.blocks_held == 0 and seg.free_blocks() == 199
+        finally:
+            seg.close()
+        assert daemon.request("stats")["recoveries"].get(f"{name}:lockfree", 0) + \
+            daemon.request("stats")["recoveries"].get(f"{name}:repair", 0) == 1
+        fs = daemon.ctl_json("fsck", "--segment", name)
+        assert fs["ok"] is True
+        # a reload keeps serving it and does not warn that it is gone from the config
+        daemon.request("reload")
+        assert name in {s["name"] for s in daemon.request("status")["segments"]}
+        assert f"segments ['{name}'] stay served" not in daemon.log()
+    finally:
+        try:
+            Segment.unlink(name)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("ask, bad", [
+    ({"blocks_per_pool": 400}, "blocks_per_pool"),
+    ({"num_rows": 64}, "num_rows"),
+    ({"row_width": 32}, "row_width"),
+    ({"block_size": 32}, "block_size"),
+])
+def test_create_on_a_too_small_segment_names_both_sizes(daemon, ask, bad):
+    name = unique_name("cs")
+    base = {"blocks_per_pool": 300, "num_rows": 16, "row_width": 16, "block_size": 16}
+    try:
+        r = daemon.request("create", {"segment": name, "config": base})
+        assert r["created"] is True
+        with pytest.raises(DaemonError) as e:
+            connect(name, socket=daemon.socket, create={**base, **ask})
+        assert e.value.name == "BT_ECONFIG"
+        msg = e.value.message
+        assert repr(name) in msg and bad in msg
+        have = f"{bad}={base[bad]}"
+        need = f"{bad}={ask[bad]}"
+        assert have in msg.split("the engine needs")[0] and need in msg.split("the engine needs")[1]
+        # nothing changed, and nobody was registered
+        assert daemon.request("create", {"segment": name, "config": base})["created"] is False
+        assert daemon.request("clients", {"segment": name})["clients"] == []
+    finally:
+        try:
+            Segment.unlink(name)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("args, name", [
+    ({"config": {"blocks_per_pool": 64}}, "EARGS"),                  # no segment
+    ({"segment": "x", "config": 5}, "EARGS"),                         # config not an object
+    ({"segment": "x", "config": {"no_such_field": 1}}, "BT_ECONFIG"),
+    ({"segment": "x", "config": {"blocks_per_pool": -1}}, "BT_ECONFIG"),
+    ({"segment": "bad/name", "config": {}}, "BT_ECONFIG"),
+])
+def test_create_refuses_bad_requests(daemon, args, name):
+    with pytest.raises(DaemonError) as e:
+        daemon.request("create", args)
+    assert e.value.name == name
+    served = {s["name"] for s in daemon.request("status")["segments"]}
+    assert served == {daemon.segment}

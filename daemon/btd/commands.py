@@ -163,7 +163,8 @@ def segment_summary(daemon, m):
     return {"name": m.name, "shm": "/dev/shm" + m.shm_path, "size": int(info.size),
             "mode": f"{stat[1]:04o}" if stat else None, "linked": stat is not None,
             "generation": int(info.generation), "owner_pid": int(info.owner_pid),
-            "created": m.created, "config": {k: getattr(c, k) for k in _CFG_KEYS},
+            "created": m.created, "origin": m.origin,
+            "config": {k: getattr(c, k) for k in _CFG_KEYS},
             "pools": pools, "blocks_free": sum(p["free"] for p in pools),
             "blocks_used": sum(p["used"] for p in pools), "rows_used": rows_used,
             "rows_total": c.num_rows, "clients": states, "client_ops": ops,
@@ -185,6 +186,70 @@ class Register(Command):
         m = daemon.segment(args["segment"])
         slot = daemon.register(conn, m)
         return {"segment": m.name, "slot": slot, "pid": conn.pid, "shm": "/dev/shm" + m.shm_path}
+
+
+@command
+class Create(Command):
+    """Serve segment `segment`, creating it from `config` (bt_config fields; the rest default)
+    if btd does not serve it yet. An engine calls this at start (blocktable.connect(...,
+    create=...)) so that its segment is sized from its own KV-cache configuration. A created
+    segment is owned, watched, recovered and shown like a configured one until btd stops (it is
+    not written to btd's config file; a reload leaves it served).
+
+    If btd serves the name already: created=false, unless the segment is too small for what is
+    asked (blocks_per_pool, num_rows, row_width below it) or differs in block_size or lacks the
+    cache pools asked for: then BT_ECONFIG naming both sizes; nothing changes."""
+    name = "create"
+    help = "serve a segment, creating it with this config if it is not served yet"
+    cli = False
+    args = {"segment": (str, REQUIRED), "config": (dict, REQUIRED)}
+
+    def execute(self, daemon, conn, args):
+        from . import config as config_mod
+        name, asked = args["segment"], args["config"]
+        try:
+            config_mod.check_name(name)
+            scfg = config_mod.segment_config(name, asked)
+        except (config_mod.ConfigError, ValueError) as e:
+            raise RequestError("BT_ECONFIG", str(e), code=int(lib.BT_ECONFIG)) from None
+        m = daemon.segments.get(name)
+        created = m is None
+        if created:
+            m = daemon.create_segment(name, scfg)
+            short = too_small(name, m.seg.config, asked)
+            if short:                   # an adopted leftover smaller than asked
+                daemon.drop_segment(m)
+                raise RequestError("BT_ECONFIG", short, code=int(lib.BT_ECONFIG))
+            created = m.created
+        else:
+            short = too_small(name, m.seg.config, asked)
+            if short:
+                raise RequestError("BT_ECONFIG", short, code=int(lib.BT_ECONFIG))
+        return {"segment": name, "created": created,
+                "config": {k: getattr(m.seg.config, k) for k in _CFG_KEYS}}
+
+
+# What an engine's ask is compared on: at least this many ...
+_AT_LEAST = ("blocks_per_pool", "num_rows", "row_width", "num_pools")
+# ... and exactly this (the KV layout the engine computes with).
+_EQUAL = ("block_size",)
+
+
+def too_small(name, have, asked):
+    """None if segment `name` of config `have` serves what `asked` (a dict) asks, else the
+    BT_ECONFIG message naming both sizes."""
+    bad = [k for k in _AT_LEAST if k in asked and getattr(have, k) < asked[k]]
+    bad += [k for k in _EQUAL if k in asked and getattr(have, k) != asked[k]]
+    if asked.get("cache_pools") and getattr(have, "cache_pools", 0) < asked["cache_pools"]:
+        bad.append("cache_pools")
+    if not bad:
+        return None
+    keys = [k for k in (*_AT_LEAST, *_EQUAL, "cache_pools") if k in asked]
+    hs = ", ".join(f"{k}={getattr(have, k, 0)}" for k in keys)
+    ws = ", ".join(f"{k}={asked[k]}" for k in keys)
+    return (f"segment {name!r} has {hs}; the engine needs {ws} "
+            f"(too small or different: {', '.join(bad)}); use another segment name, or stop "
+            f"its users and remove it so that it is created anew")
 
 
 @command
