@@ -145,11 +145,7 @@ def segment_summary(daemon, m):
     info = ffi.new("bt_seg_info *")
     lib.bt_seg_info_get(m.seg._s(), info)
     c = m.seg.config
-    pools = []
-    for p in range(c.num_pools):
-        blocks = c.blocks_per_pool - (1 if p == 0 else 0)      # block 0 is the null block
-        free = m.seg.free_blocks(p)
-        pools.append({"pool": p, "blocks": blocks, "free": free, "used": blocks - free})
+    pools = [pool_summary(m.seg, c, p) for p in range(c.num_pools)]
     states = dict.fromkeys(STATES.values(), 0)
     rows_used = 0
     ops = m.retired_ops
@@ -166,12 +162,37 @@ def segment_summary(daemon, m):
             "created": m.created, "origin": m.origin,
             "config": {k: getattr(c, k) for k in _CFG_KEYS},
             "pools": pools, "blocks_free": sum(p["free"] for p in pools),
-            "blocks_used": sum(p["used"] for p in pools), "rows_used": rows_used,
+            "blocks_used": sum(p["used"] for p in pools),
+            "blocks_cached": sum(p["cached"] for p in pools), "rows_used": rows_used,
             "rows_total": c.num_rows, "clients": states, "client_ops": ops,
             "pending_recoveries": len(m.pending), "stuck": list(m.stuck.values())}
 
 
 _CFG_KEYS = tuple(n for n, _ in ffi.typeof("bt_config").fields if not n.startswith("_"))
+
+
+def pool_summary(seg, c, p):
+    """One pool's blocks: blocks == used + cached + free. A cache pool (vLLM's BlockPool,
+    an engine's prefix cache) also counts `cached`: free blocks that still hold a prefix
+    (reused on a hit, evicted LRU-first when needed), and its prefix-cache counters; read
+    lock-free (Segment.cache_stats). The null block (pool 0's id 0) is never counted."""
+    blocks = c.blocks_per_pool - (1 if p == 0 else 0)
+    if p < getattr(c, "cache_pools", 0):
+        st = seg.cache_stats(p)
+        cached = int(st["cached_free"])
+        free = int(st["free"]) - cached
+        return {"pool": p, "kind": "cache", "blocks": blocks, "used": blocks - int(st["free"]),
+                "cached": cached, "free": free, "owner_pid": int(st["owner_pid"]) or None,
+                "keys": int(st["keys"]), "key_cap": int(st["key_cap"]),
+                "cache": {k: int(st[k]) for k in CACHE_COUNTERS}}
+    free = seg.free_blocks(p)
+    return {"pool": p, "kind": "stack", "blocks": blocks, "used": blocks - free, "cached": 0,
+            "free": free, "owner_pid": None, "keys": 0, "key_cap": 0, "cache": None}
+
+
+# bt_cache_stats counters: prefix-cache lookups, those that hit, keys stored, keys evicted
+# (with their blocks, when a cached block is taken for a new one), pool resets.
+CACHE_COUNTERS = ("queries", "hits", "stored", "evicted", "blocks_evicted", "resets")
 
 
 # ---- the commands --------------------------------------------------------------------------
@@ -313,7 +334,7 @@ class Clients(Command):
 @command
 class Pools(Command):
     name = "pools"
-    help = "free and used blocks per pool"
+    help = "blocks per pool: used, cached (free, holding a prefix) and free"
     args = {"segment": (str, None)}
 
     def add_arguments(self, p):
@@ -330,9 +351,24 @@ class Pools(Command):
         return {"pools": out}
 
     def render(self, r, ns):
-        return table(["SEGMENT", "POOL", "BLOCKS", "USED", "FREE", "USED%"],
-                     [[p["segment"], p["pool"], p["blocks"], p["used"], p["free"],
-                       f'{100.0 * p["used"] / max(p["blocks"], 1):.1f}'] for p in r["pools"]])
+        rows = []
+        for p in r["pools"]:
+            cache = p.get("cache")
+            hit = (f'{100.0 * cache["hits"] / cache["queries"]:.1f}'
+                   if cache and cache["queries"] else None)
+            rows.append([p["segment"], p["pool"], p.get("kind", "stack"), p["blocks"], p["used"],
+                         p["cached"] if cache else None, p["free"],
+                         f'{100.0 * p["used"] / max(p["blocks"], 1):.1f}',
+                         p.get("owner_pid"), cache["queries"] if cache else None,
+                         cache["hits"] if cache else None, hit,
+                         cache["blocks_evicted"] if cache else None])
+        heads = ["SEGMENT", "POOL", "KIND", "BLOCKS", "USED", "CACHED", "FREE", "USED%",
+                 "ENGINE", "QUERIES", "HITS", "HIT%", "EVICTED"]
+        if not any(p.get("cache") for p in r["pools"]):     # no engine: the plain table
+            keep = [0, 1, 3, 4, 6, 7]
+            heads = [heads[i] for i in keep]
+            rows = [[x[i] for i in keep] for x in rows]
+        return table(heads, rows)
 
 
 @command
