@@ -88,18 +88,24 @@ def main():
     llm = make_llm(spec)
     t_start = time.monotonic() - t0
     sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    outputs, t_gen, ntok = [], 0.0, 0
+    outputs, t_gen, ntok, windows = [], 0.0, 0, []
     for batch in spec["batches"]:
         prompts = [{"prompt_token_ids": p} for p in batch]
-        t1 = time.monotonic()
+        w0, t1 = time.time(), time.monotonic()
         res = llm.generate(prompts, sp, use_tqdm=False)
-        t_gen += time.monotonic() - t1
+        dt = time.monotonic() - t1
+        t_gen += dt
+        btok = 0
         for r in res:
             ids = list(r.outputs[0].token_ids)
             outputs.append(ids)
-            ntok += len(ids)
+            btok += len(ids)
+        ntok += btok
+        windows.append({"start": w0, "end": time.time(), "requests": len(batch),
+                        "tokens": btok, "seconds": dt})
     result = {"outputs": outputs, "metrics": metric_values(llm),
               "engine_pids": engine_processes(), "driver_pid": os.getpid(),
+              "batches": windows,
               "timings": {"start_s": round(t_start, 3), "generate_s": round(t_gen, 3),
                           "tokens": ntok, "tokens_per_s": round(ntok / t_gen, 1) if t_gen else 0}}
     with open(spec["out"], "w") as f:
