@@ -30,6 +30,7 @@ from .v2 import BlockTableV2
 from .factory import BlockTableFactory
 from .multigroup import MultiGroupBlockTable
 from .compress import RunLengthSlots, compress_row, compress_rows, compress_slots
+from .gather import RowGather  # also installs Segment.find_row / Segment.gather_rows
 
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",
@@ -42,5 +43,6 @@ __all__ = [
     "BlockTableFactory", "MultiGroupBlockTable", "BlockSource", "ScatteredAllocator",
     "ContiguousAllocator", "NumaAwareAllocator", "make_allocator", "UnknownRequest",
     "RunLengthSlots", "compress_slots", "compress_row", "compress_rows",
+    "RowGather",
 ]
 __all__ = list(dict.fromkeys(__all__))

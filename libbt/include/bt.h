@@ -10,6 +10,7 @@
  *   6. the scheduler step              (bt_step)      many rows, one call
  *   7. slot mapping                    (bt_slots_*)   token position -> KV slot
  *   8. recovery and checking           (bt_seg_check, bt_seg_recover_client)
+ *  11. gathering rows by key           (bt_row_find, bt_rows_gather)
  *
  * Conventions (after liburing and LMDB):
  *   - Every function returns 0 (BT_OK) or a negative code. Library codes lie in
@@ -503,6 +504,40 @@ int bt_mirror_sync_done(bt_seg *seg, uint32_t idx, const bt_mirror_sync *rec);
 /* Release the lock without a record (the copy failed: invalidate first). */
 int bt_mirror_unlock(bt_seg *seg, uint32_t idx);
 int bt_mirror_sync_get(const bt_seg *seg, uint32_t idx, bt_mirror_sync *out);
+
+/* ---- 11. Gathering rows by key: the workers' block tables ----------------- */
+/* A worker that did not write the rows (vLLM's model runner, one per
+ * tensor-parallel rank) builds its batch's block table from them: one row per
+ * request, found by the 64-bit key the writer claimed it with, copied into
+ * the caller's table in batch order. Read-only on the segment: any attached
+ * process may call these, from any thread, without a client. Each row is read
+ * under its seqlock, so a copy is never torn; a row being released or
+ * re-claimed is either seen whole before or not at all.
+ *
+ * Keys must be unique among claimed rows (the writer's job); a row whose
+ * owner is 0 (free) never matches, whatever key it last held. */
+
+/* The claimed row holding `key` (a scan of the row metadata: O(num_rows)).
+ * Errors: BT_EINVAL (seg or row_out NULL), -ENOENT (no claimed row has it),
+ * BT_EBUSY (a row stayed mid-write past the seqlock wait). */
+int bt_row_find(const bt_seg *seg, uint64_t key, uint32_t *row_out);
+
+/* Gather the rows of keys[0..n) into out (n rows of out_stride int32 each):
+ * row i of out gets the first min(num_blocks, out_stride) entries of key i's
+ * row and zeros after them; nblocks_out[i] gets that row's num_blocks (the
+ * whole count, even past out_stride), or -1 if no claimed row holds key i
+ * (out's row i is then all zeros).
+ * hints_inout[i] remembers where key i was: (generation << 32 | (row + 1)),
+ * 0 = unknown. A hint whose row no longer holds key i claimed under that
+ * generation (released, or re-claimed since) is not trusted: the row is
+ * searched for again (bt_row_find) and the hint rewritten, so a caller that
+ * keeps its hints sees a generation change as a changed hint. Hints are
+ * bounds-checked (any value is safe).
+ * Errors: BT_EINVAL (a NULL pointer with n > 0, out_stride 0), BT_EBUSY (a
+ * row stayed mid-write too long); out and nblocks_out are then unspecified,
+ * hints valid. Thread-safe; keys, hints and out belong to the caller. */
+int bt_rows_gather(const bt_seg *seg, const uint64_t *keys, uint32_t n, uint64_t *hints_inout,
+                   int32_t *out, uint32_t out_stride, int32_t *nblocks_out);
 
 /* BT_CDEF_END */
 
