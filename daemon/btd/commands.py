@@ -133,6 +133,7 @@ def slot_list(daemon, m):
             note.append(f"dead, recovering ({pending.attempts} tries)")
         out.append({"segment": m.name, "slot": sid, "state": STATES.get(s.state, str(s.state)),
                     "pid": s.pid, "proc_state": proc_state(s.pid) if s.pid > 0 else "gone",
+                    "process": proc_title(s.pid) if s.pid > 0 else None,
                     "in_op": s.in_op, "hand": s.hand_count, "rows": s.rows, "ops": s.ops,
                     "watched": (s.pid, s.start_time) in daemon.watches,
                     "stuck": sid in m.stuck, "recovering": pending is not None,
@@ -325,10 +326,11 @@ class Clients(Command):
                             for c in slot_list(daemon, m)]}
 
     def render(self, r, ns):
-        return table(["SEGMENT", "SLOT", "STATE", "PID", "PROC", "IN_OP", "HAND", "ROWS", "OPS",
-                      "NOTE"],
-                     [[c["segment"], c["slot"], c["state"], c["pid"], c["proc_state"], c["in_op"],
-                       c["hand"], c["rows"], c["ops"], c["note"]] for c in r["clients"]])
+        return table(["SEGMENT", "SLOT", "STATE", "PID", "PROCESS", "PROC", "IN_OP", "HAND",
+                      "ROWS", "OPS", "NOTE"],
+                     [[c["segment"], c["slot"], c["state"], c["pid"], c.get("process"),
+                       c["proc_state"], c["in_op"], c["hand"], c["rows"], c["ops"], c["note"]]
+                      for c in r["clients"]])
 
 
 @command
@@ -386,7 +388,7 @@ class Rows(Command):
         return {"segment": ns.segment, "owner": ns.owner, "limit": ns.limit}
 
     def execute(self, daemon, conn, args):
-        out, truncated = [], False
+        out, truncated, titles = [], False, {}
         for m in _segments(daemon, args["segment"]):
             pids = {}
             for sid in range(1, m.seg.config.max_clients + 1):
@@ -403,14 +405,35 @@ class Rows(Command):
                 if len(out) >= args["limit"]:
                     truncated = True
                     break
-                out.append(_row_dict(m.name, row, info, pid))
+                if pid not in titles:
+                    titles[pid] = proc_title(pid) if pid else None
+                out.append({**_row_dict(m.name, row, info, pid), "process": titles[pid]})
         return {"rows": out, "truncated": truncated}
 
     def render(self, r, ns):
-        out = table(["SEGMENT", "ROW", "SLOT", "PID", "KEY", "KIND", "BLOCKS", "TOKENS", "GEN"],
-                    [[x["segment"], x["row"], x["slot"], x["pid"], x["key"], x["kind"],
+        # A raw row's key is the writer's request key (an engine hashes its request id into
+        # 64 bits): hex, fixed width, reads better than 20 decimal digits.
+        out = table(["SEGMENT", "ROW", "SLOT", "PID", "PROCESS", "KEY", "KIND", "BLOCKS",
+                     "TOKENS", "GEN"],
+                    [[x["segment"], x["row"], x["slot"], x["pid"], x.get("process"),
+                      f'{x["key"]:#018x}' if x["kind"] == "raw" else x["key"], x["kind"],
                       x["num_blocks"], x["num_tokens"], x["generation"]] for x in r["rows"]])
         return out + ("\n(truncated: --limit)" if r["truncated"] else "")
+
+
+def proc_title(pid):
+    """What a process calls itself (vLLM sets titles: VLLM::EngineCore, VLLM::Worker_TP0),
+    else its command name; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        title = argv[0].decode(errors="replace").strip()
+        if title and not title.startswith("/"):
+            return title[:32]
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _row_dict(seg, row, info, pid):

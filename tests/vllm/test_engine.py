@@ -354,6 +354,7 @@ def test_tp1_blocktable_identical_visible_then_sigkill_recovered(tmp, model, dae
         clients = daemon.request("clients", {"segment": segment})["clients"]
         assert {c["pid"] for c in clients} == set(pids), (clients, pids)
         assert all(c["watched"] and c["state"] == "active" for c in clients)
+        assert {c["process"].split()[0] for c in clients} >= {"VLLM::EngineCore"}, clients
         if HAS_CACHE_POOLS:
             check_cache_pool_view(daemon, segment, core)
         ok, rep = fsck_clean(daemon, segment)
@@ -362,7 +363,8 @@ def test_tp1_blocktable_identical_visible_then_sigkill_recovered(tmp, model, dae
         e.wait_marker("GENERATING", 30)
         rows = wait_for(lambda: daemon.request("rows", {"segment": segment})["rows"], 60,
                         "the engine's request rows", interval=0.005)
-        assert all(x["kind"] == "raw" and x["pid"] == core for x in rows), rows
+        assert all(x["kind"] == "raw" and x["pid"] == core and
+                   x["process"].startswith("VLLM::EngineCore") for x in rows), rows
         assert len({x["key"] for x in rows}) == len(rows) and len(rows) <= MAX_SEQS
         text = daemon.ctl("rows", "--segment", segment).stdout
         assert "raw" in text and str(core) in text, text
