@@ -129,7 +129,8 @@ def main(argv=None):
     ap.add_argument("--json", default=os.path.join(HERE, "vllm_results.json"))
     ap.add_argument("--sizes", default="16,64,256")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="batches of each size per engine; the least disturbed one is reported")
     ap.add_argument("--modes", default="stock,blocktable")
     a = ap.parse_args(argv)
     sizes = [int(x) for x in a.sizes.split(",")]
@@ -170,16 +171,17 @@ def print_table(results, sizes):
     print(f"vLLM {results['vllm']} CPU, tiny Llama, TP=1, prefix caching on, "
           f"{results['max_tokens']} tokens per request; pool classes: "
           + ", ".join(f"{m}={r['pool_class']}" for m, r in results["modes"].items()))
-    head = (f"{'requests':>8}  {'steps':>5}  {'stock pool us/step':>18}  "
+    head = (f"{'requests':>8}  {'steps':>7}  {'stock pool us/step':>18}  "
             f"{'bt pool us/step':>15}  {'bt/stock':>8}  {'stock tok/s':>11}  "
             f"{'bt tok/s':>9}  {'bt/stock':>8}")
-    print(head)
+    print(head + "   (steps: stock/blocktable)")
     for n in sizes:
         s = st["sizes"][str(n)]
         b = bt["sizes"][str(n)] if bt else None
         ratio = (b["pool_us_per_step"] / s["pool_us_per_step"]) if b else None
         tratio = (b["tokens_per_s"] / s["tokens_per_s"]) if b else None
-        print(f"{n:>8}  {s['steps']:>5}  {s['pool_us_per_step']:>18.1f}  "
+        steps = f"{s['steps']}/{b['steps']}" if b else str(s["steps"])
+        print(f"{n:>8}  {steps:>7}  {s['pool_us_per_step']:>18.1f}  "
               + (f"{b['pool_us_per_step']:>15.1f}  {ratio:>8.3f}  " if b else
                  f"{'-':>15}  {'-':>8}  ")
               + f"{s['tokens_per_s']:>11.0f}  "
