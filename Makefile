@@ -78,8 +78,8 @@ $(VLLM_VENV)/.stamp-deps:
 	sh tests/vllm/build_venv.sh $(VLLM_VENV) $(PYTHON)
 	test -f $(VLLM_VENV)/UNAVAILABLE || touch $@
 $(VLLM_VENV)/.stamp: $(VLLM_VENV)/.stamp-deps pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR)
-	test -f $(VLLM_VENV)/UNAVAILABLE || $(VLLM_PY) -m pip install -q -e . --no-deps
-	test -f $(VLLM_VENV)/UNAVAILABLE || touch $@
+	test -f $(VLLM_VENV)/UNAVAILABLE || { $(VLLM_PY) -m pip install -q -e . --no-deps && \
+	    $(VLLM_PY) -c "import blocktable, btd, blocktable.vllm, vllm" && touch $@; }
 venv-vllm: $(VLLM_VENV)/.stamp
 
 # Run in .venv-vllm with BT_VLLM_REQUIRED=1: there a failing `import vllm` is an error, not a

