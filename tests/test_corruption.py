@@ -53,14 +53,16 @@ TIMEOUT = 30.0                  # per trial; calls are bounded by ~2-5 s waits e
 OP_BUDGET = 4.0                 # the child stops calling after this (scribbled
                                 # seqlocks and freeze words make calls wait 2-5 s)
 REGIONS = ["pools", "next", "refcnt", "owner", "rows", "table", "nblocks", "ntokens",
-           "clients", "hands", "mirrors", "synced", "cpool", "cnext", "chunks", "dir"]
-HEADER = 384                    # sizeof(struct bt_header); off[] starts at byte 80
+           "clients", "hands", "mirrors", "synced", "cpool", "cnext", "chunks", "dir",
+           "cache", "cblocks", "ckeys", "cbuckets"]
+CFG_AT = 32                     # bt_config in the header: after magic, format, sizes, ABI
+OFF_AT = CFG_AT + bt.ffi.sizeof("bt_config")    # off[] follows it
 
 
 def region_bounds(image):
     """(name, start, end) of the header and every region, from off[]."""
-    offs = struct.unpack_from("<16Q", image, 80)
-    bounds = [("header", 0, HEADER)]
+    offs = struct.unpack_from(f"<{len(REGIONS)}Q", image, OFF_AT)
+    bounds = [("header", 0, offs[0])]   # the first region starts right after the header
     ends = list(offs[1:]) + [len(image)]
     for name, lo, hi in zip(REGIONS, offs, ends):
         if hi > lo:
@@ -406,7 +408,7 @@ def test_bit_flips_in_the_header_are_refused_or_harmless(shm_name, request):
     fields = [n for n, _ in bt.ffi.typeof("bt_config").fields]
     outcome = collections.Counter()
     accepted = collections.Counter()
-    for byte in range(0, 80 + 16 * 8):          # magic .. off[]
+    for byte in range(0, OFF_AT + len(REGIONS) * 8):    # magic .. off[]
         for bit in range(8):
             img = bytearray(image)
             img[byte] ^= 1 << bit
@@ -417,8 +419,8 @@ def test_bit_flips_in_the_header_are_refused_or_harmless(shm_name, request):
             except (bt.BadMagic, bt.VersionMismatch, bt.Corrupt) as e:
                 outcome[type(e).__name__] += 1
                 continue
-            field = fields[(byte - 32) // 4] if 32 <= byte < 80 else f"byte {byte}"
-            assert 32 <= byte < 80, f"a flip of bit {bit} of header {field} was accepted"
+            field = fields[(byte - CFG_AT) // 4] if CFG_AT <= byte < OFF_AT else f"byte {byte}"
+            assert CFG_AT <= byte < OFF_AT, f"a flip of bit {bit} of header {field} was accepted"
             accepted[field] += 1
             with seg, seg.client() as c:        # usable: no crash, clear errors at worst
                 for r in range(seg.config.num_rows):

@@ -5,6 +5,7 @@ Layers (after pyca/cryptography and pynacl):
   blocktable._errors BtError and one subclass per libbt result code
   blocktable._core   Segment and Client, the handles people use
   blocktable.table   the seed's API (BlockTable, BlockTableConfig, ...)
+  blocktable.cache   CachePool: vLLM's BlockPool and prefix cache in the segment
   blocktable.compat  adapters with other engines' signatures (vLLM v1)
   blocktable.connect registration with the daemon btd (connect())
   blocktable.sparse, .strategies, .predictive, .distributed, .v2, .factory,
@@ -19,6 +20,7 @@ from . import _errors as errors
 from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
                      SegmentConfig, SegmentInfo)
 from ._core import ROW_MANAGED, ROW_PAGED, ROW_RAW, Client, Segment, SlotParams, StepPlan
+from .cache import CachePool
 from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
 from .connect import DaemonError, DaemonNotRunning, connect
 from .sparse import SparseBlockTable
@@ -35,7 +37,7 @@ from .gather import RowGather  # also installs Segment.find_row / Segment.gather
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",
     "BtError", "BtOSError", "CODES", "error_class", *errors.__all__,
-    "Segment", "Client", "StepPlan", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
+    "Segment", "Client", "CachePool", "StepPlan", "SlotParams", "SegmentConfig", "SegmentInfo", "RowInfo",
     "CheckReport", "ClientSlotInfo", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
     "BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable",
     "connect", "DaemonError", "DaemonNotRunning",

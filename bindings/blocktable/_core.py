@@ -385,6 +385,22 @@ class Segment:
     def set_owner(self, pid, start_time=0):
         _check(lib.bt_seg_set_owner(self._s(), pid, start_time), f"pid={pid}")
 
+    # ---- cache pools (read side; the writer is a CachePool) --------------------
+    def cache_stats(self, pool=0):
+        """A cache pool's statistics as a dict (owner, owner_pid, num_blocks,
+        free, cached_free, in_use, keys, key_cap, queries, hits, stored,
+        evicted, blocks_evicted, resets): a lock-free consistent snapshot,
+        from any process (btd, bt-ctl). Errors: InvalidArgument (not a cache
+        pool), OutOfRange, Busy (its writer died mid-call, not yet recovered)."""
+        from .cache import cache_stats
+        return cache_stats(self._s(), pool)
+
+    def cache_lookup(self, pool, key):
+        """The oldest block a cache pool maps `key` (bytes, 1..64) to, or
+        None: lock-free, from any process. Counts a query (and a hit)."""
+        from .cache import cache_lookup
+        return cache_lookup(self._s(), pool, key)
+
 
 class Client:
     """One registered user of a segment (bt_client): allocates blocks and
@@ -456,6 +472,14 @@ class Client:
     def slot(self):
         """ClientSlotInfo of this client (hand count, rows, ops)."""
         return self._segobj.client_slot(self.id)
+
+    # ---- cache pools ------------------------------------------------------------
+    def cache_pool(self, pool=0):
+        """Open cache pool `pool` for writing (bt_cache_open): a CachePool,
+        vLLM's BlockPool in the segment, reset to its initial state. Errors:
+        Busy (a live client owns it), InvalidArgument (not a cache pool)."""
+        from .cache import CachePool
+        return CachePool(self, pool)
 
     # ---- blocks ---------------------------------------------------------------
     def alloc(self, n, pool=0, out=None):

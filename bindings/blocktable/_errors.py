@@ -53,6 +53,7 @@ _NAMES = {
     "BT_ECONFIG": ("ConfigError", ValueError),
     "BT_ECLIENT": ("ClientGone", None),
     "BT_ENOCHUNKS": ("OutOfChunks", MemoryError),
+    "BT_ENOKEYS": ("OutOfKeys", MemoryError),
 }
 
 # code -> class, for library codes and the OS errors seen so far.

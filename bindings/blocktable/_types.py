@@ -108,7 +108,7 @@ ClientSlotInfo = _struct_class("ClientSlotInfo", "bt_client_slot_info", """bt_cl
 def _clean(self):
     """No leak, no double free, nothing fixed, nothing out of range."""
     bad = ("leaked", "double_free", "refcnt_fixed", "rows_fixed", "bad_entries",
-           "chunks_leaked")
+           "chunks_leaked", "cache_bad")
     return not any(getattr(self, f, 0) for f in bad)
 
 

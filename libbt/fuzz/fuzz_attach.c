@@ -28,15 +28,15 @@ static void after_repair(fz_ctx *z)
     if (bt_seg_check(z->seg, 0, 0, &rep))
         FZ_FAIL("read-only check after a repair failed");
     if (rep.leaked || rep.double_free || rep.refcnt_fixed || rep.rows_fixed || rep.bad_entries ||
-        rep.chunks_leaked)
+        rep.chunks_leaked || rep.cache_bad)
         FZ_FAIL("after a repair: leaked %" PRIu64 " double_free %" PRIu64 " refcnt_fixed %" PRIu64
-                " rows_fixed %" PRIu64 " bad_entries %" PRIu64 " chunks_leaked %" PRIu64,
-                rep.leaked, rep.double_free, rep.refcnt_fixed, rep.rows_fixed, rep.bad_entries,
-                rep.chunks_leaked);
+                " rows_fixed %" PRIu64 " bad_entries %" PRIu64 " chunks_leaked %" PRIu64
+                " cache_bad %" PRIu64, rep.leaked, rep.double_free, rep.refcnt_fixed,
+                rep.rows_fixed, rep.bad_entries, rep.chunks_leaked, rep.cache_bad);
     bt_client *cl;
     if (bt_client_open(z->seg, &cl))
         return;                         /* every slot is live: fine */
-    for (uint32_t p = 0; p < z->cfg.num_pools; p++) {
+    for (uint32_t p = z->cfg.cache_pools; p < z->cfg.num_pools; p++) {    /* Treiber pools */
         uint32_t n;
         int32_t ids[FZ_BUF];
         bt_pool_free_count(z->seg, p, &n);

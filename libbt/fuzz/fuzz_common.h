@@ -103,6 +103,8 @@ static inline void fz_config(fz_in *in, bt_config *c)
         c->num_chunks = 1 + fz_below(in, 8);
         c->dir_width = 1 + fz_below(in, 5);
     }
+    if (fz_u8(in) & 1)                  /* cache pools: vLLM's BlockPool (bt_cache_*) */
+        c->cache_pools = fz_below(in, c->num_pools + 1), c->cache_keys = fz_below(in, 24);
     uint8_t k = fz_u8(in);
     if (k == 0xa5 && c->chunk_size) {   /* paged rows of up to 2^30 entries in ~1 MiB */
         c->chunk_size = 4096;
@@ -221,7 +223,7 @@ static inline void fz_check_clean(fz_ctx *z, const char *when)
     bt_check_report rep;
     int rc = bt_seg_check(z->seg, 0, 0, &rep);
     if (rc || rep.leaked || rep.double_free || rep.refcnt_fixed || rep.rows_fixed ||
-        rep.bad_entries || rep.chunks_leaked)
+        rep.bad_entries || rep.chunks_leaked || rep.cache_bad)
         FZ_FAIL("%s: check rc %d leaked %" PRIu64 " double_free %" PRIu64 " refcnt_fixed %"
                 PRIu64 " rows_fixed %" PRIu64 " bad_entries %" PRIu64 " chunks_leaked %" PRIu64,
                 when, rc, rep.leaked, rep.double_free, rep.refcnt_fixed, rep.rows_fixed,
@@ -289,7 +291,8 @@ enum {
     OP_OPEN, OP_CLOSE, OP_ALLOC, OP_RELEASE, OP_SHARE, OP_CLAIM, OP_CLAIM_MANY, OP_ROW_RELEASE,
     OP_APPEND, OP_APPEND_SHARED, OP_ALLOC_APPEND, OP_SET, OP_TRUNCATE, OP_SET_BLOCK, OP_PUNCH,
     OP_TOKENS, OP_MOVE, OP_SWAP, OP_STEP, OP_READ, OP_SLOTS_ROW, OP_SLOTS_REQ, OP_SLOTS_QSL,
-    OP_POOL_POP, OP_POOL_PUSH, OP_INFO, OP_CHECK, OP_RECOVER, OP_MIRROR, OP_STAGE, OP_NOPS
+    OP_POOL_POP, OP_POOL_PUSH, OP_INFO, OP_CHECK, OP_RECOVER, OP_MIRROR, OP_STAGE, OP_CACHE,
+    OP_NOPS
 };
 
 /* Calls whose error must leave everything as it was (bt.h). */
@@ -329,6 +332,67 @@ static inline int fz_mirror(fz_ctx *z, fz_in *in)
     case 5: return bt_mirror_sync_done(s, idx, &rec);
     case 6: return bt_mirror_unlock(s, idx);
     default: return bt_mirror_sync_get(s, idx, &rec);
+    }
+}
+
+/* One bt_cache_* call with arbitrary arguments; ids mostly of the pool.
+ * Strict mode: a successful alloc hands out fresh blocks. */
+static inline int fz_cache(fz_ctx *z, fz_in *in, bt_client *cl, uint32_t pool, uint32_t n)
+{
+    bt_seg *s = z->seg;
+    int32_t ids[FZ_BUF];
+    uint8_t keys[FZ_BUF * 8];
+    uint32_t nt[FZ_BUF], u = 0, bpp = z->cfg.blocks_per_pool;
+    bt_cache_key rm[FZ_BUF];
+    bt_cache_stats st;
+    int ins, rc;
+    for (uint32_t i = 0; i < FZ_BUF; i++) {
+        ids[i] = fz_u8(in) < 224 ? (int32_t)(pool * bpp + fz_below(in, bpp)) : (int32_t)fz_arg(in, (uint32_t)z->total);
+        nt[i] = fz_u8(in);
+    }
+    for (uint32_t i = 0; i < sizeof(keys); i++)
+        keys[i] = (uint8_t)(fz_below(in, 4));   /* few distinct keys: collisions */
+    uint32_t len = 1 + fz_below(in, 8), cap = fz_below(in, FZ_BUF + 1);
+    if (!cl)
+        return 0;
+    uint32_t op = fz_below(in, 16);
+    if (z->cfg.cache_pools && fz_u8(in) < 200) {    /* mostly a cache pool we own */
+        pool = fz_below(in, z->cfg.cache_pools);
+        for (uint32_t i = 0; i < FZ_BUF; i++)
+            ids[i] = (int32_t)(pool * bpp + (uint32_t)ids[i] % bpp);
+        if (op >= 2 && op != 9 && op != 10 && op != 11 && op != 14 && op != 15)
+            bt_cache_open(cl, pool);
+        if ((op == 4 || op == 5 || op == 13) && fz_u8(in) < 200) {   /* blocks it holds */
+            int32_t held[FZ_BUF];
+            uint32_t nh = 0;
+            for (uint32_t b = pool * bpp; b < (pool + 1) * bpp && nh < FZ_BUF; b++)
+                if (b && bt_load_relaxed(&s->refcnt[b]))
+                    held[nh++] = (int32_t)b;
+            for (uint32_t i = 0; i < FZ_BUF && nh; i++)
+                ids[i] = held[fz_below(in, nh)];
+        }
+    }
+    switch (op) {
+    case 0: return bt_cache_open(cl, pool);
+    case 1: return bt_cache_close(cl, pool);
+    case 2:
+        rc = bt_cache_alloc(cl, pool, n, ids, rm, cap, &u);
+        if (rc == 0 && z->strict)
+            fz_fresh(z, ids, n, bt_client_id(cl), "bt_cache_alloc");
+        return rc;
+    case 3: return bt_cache_touch(cl, pool, ids, n);
+    case 4: return bt_cache_free(cl, pool, ids, n, fz_u8(in) & 1);
+    case 5: return bt_cache_unpin(cl, pool, ids, n);
+    case 6: return bt_cache_insert(cl, pool, ids[0], keys, len, nt[0], &ins);
+    case 7: return bt_cache_insert_many(cl, pool, ids, n, keys, len, fz_u8(in) & 1 ? nt : NULL, &u);
+    case 8: return bt_cache_remove(cl, pool, ids[0], rm, cap, &u);
+    case 9: return bt_cache_lookup(s, pool, keys, len, ids);
+    case 10: return bt_cache_lookup_many(s, pool, keys, n, len, ids, &u);
+    case 11: return bt_cache_block_key(s, ids[0], rm, &u);
+    case 12: return bt_cache_reset(cl, pool);
+    case 13: return bt_cache_set_ref(cl, pool, ids[0], fz_below(in, 4));
+    case 14: return bt_cache_stats_get(s, pool, &st);
+    default: return bt_cache_queue(s, pool, ids, cap, &u);
     }
 }
 
@@ -524,6 +588,7 @@ static inline void fz_run(fz_ctx *z, fz_in *in, uint32_t max_ops)
             break;
         case OP_MIRROR: rc = fz_mirror(z, in); break;
         case OP_STAGE: rc = fz_stage(z, in); break;
+        case OP_CACHE: rc = fz_cache(z, in, cl, pool, n); break;
         }
         if (snap && rc < 0) {
             fz_snap_take(z, &after);
@@ -582,18 +647,28 @@ static inline void fz_populate(fz_ctx *z)
     bt_client_open(s, &b);
     z->cl[0] = a;
     z->cl[1] = b;
+    uint32_t tp = z->cfg.cache_pools < z->cfg.num_pools ? z->cfg.cache_pools : 0;   /* a Treiber pool */
     if (!bt_row_claim(a, 1, -1, BT_ROW_MANAGED, &r))
-        bt_row_alloc_append(a, r, 0, 2, x);
+        bt_row_alloc_append(a, r, tp, 2, x);
     if (b && !bt_row_claim(b, 2, -1, BT_ROW_MANAGED, &r)) {
         bt_row_append_shared(b, r, x, 1);
         bt_row_alloc_append(b, r, z->cfg.num_pools - 1, 1, NULL);
     }
     if (b && !bt_row_claim(b, 3, -1, BT_ROW_RAW, &r))
         bt_row_append(b, r, x, 2);
-    if (!bt_blocks_alloc(a, 0, 2, y) && b)
+    if (!bt_blocks_alloc(a, tp, 2, y) && b)
         bt_blocks_share(b, y, 1);
+    if (z->cfg.cache_pools && !bt_cache_open(b ? b : a, 0)) {   /* held, cached-free, keys */
+        int32_t c[3];
+        uint8_t key[4] = { 1, 2, 3, 4 };
+        if (!bt_cache_alloc(b ? b : a, 0, 3, c, NULL, 0, NULL)) {
+            bt_cache_insert(b ? b : a, 0, c[0], key, 4, 16, NULL);
+            bt_cache_insert(b ? b : a, 0, c[1], key, 3, 16, NULL);
+            bt_cache_free(b ? b : a, 0, c, 2, 1);
+        }
+    }
     if (z->cfg.chunk_size && !bt_row_claim(a, 4, -1, BT_ROW_PAGED, &r)) {
-        bt_row_alloc_append(a, r, 0, 3, NULL);
+        bt_row_alloc_append(a, r, tp, 3, NULL);
         bt_row_punch(a, r, 1, 2);
         bt_row_set_block(a, r, z->cfg.chunk_size * z->cfg.dir_width - 1, y[1]);
     }

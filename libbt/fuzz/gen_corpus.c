@@ -42,11 +42,13 @@ int main(int argc, char **argv)
         return 2;
     }
     static const bt_config cfgs[] = {
-        /* B  K  pools bpp rows width clients hand mirrors chunk nchunks dir */
-        { 4, 0, 1, 16, 4, 4, 2, 8, 0, 0, 0, 0 },
-        { 16, 8, 2, 24, 6, 6, 3, 8, 1, 2, 6, 4 },
-        { 1, 1, 3, 8, 8, 8, 4, 16, 2, 4, 8, 5 },
-        { 8, 0, 1, 40, 2, 3, 1, 4, 0, 3, 2, 2 },
+        /* B  K  pools bpp rows width clients hand mirrors chunk nchunks dir cache_pools keys */
+        { 4, 0, 1, 16, 4, 4, 2, 8, 0, 0, 0, 0, 0, 0 },
+        { 16, 8, 2, 24, 6, 6, 3, 8, 1, 2, 6, 4, 0, 0 },
+        { 1, 1, 3, 8, 8, 8, 4, 16, 2, 4, 8, 5, 0, 0 },
+        { 8, 0, 1, 40, 2, 3, 1, 4, 0, 3, 2, 2, 0, 0 },
+        { 4, 0, 2, 16, 4, 4, 2, 8, 0, 0, 0, 0, 1, 0 },     /* a cache pool */
+        { 8, 0, 3, 12, 4, 4, 3, 8, 1, 2, 4, 2, 2, 6 },
     };
     int files = 0;
     for (size_t i = 0; i < sizeof(cfgs) / sizeof(cfgs[0]); i++) {

@@ -10,6 +10,8 @@
  *   6. the scheduler step              (bt_step)      many rows, one call
  *   7. slot mapping                    (bt_slots_*)   token position -> KV slot
  *   8. recovery and checking           (bt_seg_check, bt_seg_recover_client)
+ *   9. GPU mirrors                     (bt_mirror_*)
+ *  10. the prefix cache                (bt_cache_*)   vLLM's BlockPool in the segment
  *  11. gathering rows by key           (bt_row_find, bt_rows_gather)
  *
  * Conventions (after liburing and LMDB):
@@ -79,7 +81,8 @@ extern "C" {
 #define BT_ECONFIG         (-31016) /* the configuration is impossible */
 #define BT_ECLIENT         (-31017) /* the client handle is dead or its slot was reclaimed */
 #define BT_ENOCHUNKS       (-31018) /* the chunk pool of paged rows is exhausted */
-#define BT_ERR_LAST        (-31018)
+#define BT_ENOKEYS         (-31019) /* a cache pool's key entries are exhausted */
+#define BT_ERR_LAST        (-31019)
 
 const char *bt_strerror(int err);  /* "BT_ENOBLOCKS: ..." or strerror(-err) */
 const char *bt_errname(int err);   /* "BT_ENOBLOCKS", "ENOENT", ... */
@@ -103,6 +106,14 @@ typedef struct bt_config {
     uint32_t chunk_size;        /* block ids per chunk of a paged row; 0 = no paged rows */
     uint32_t num_chunks;        /* chunks in the shared chunk pool */
     uint32_t dir_width;         /* chunks one paged row may hold (capacity / chunk_size) */
+    uint32_t cache_pools;       /* pools [0, cache_pools) are cache pools (section 10:
+                                   vLLM's BlockPool); 0 = none. A cache pool's blocks
+                                   are never on a free stack: the allocator calls
+                                   (bt_blocks_alloc, bt_row_alloc_append, bt_step*,
+                                   bt_pool_pop/push) refuse them with BT_EINVAL, and
+                                   MANAGED rows and hands never hold their ids */
+    uint32_t cache_keys;        /* hash-map entries per cache pool; 0 = 2 * blocks_per_pool
+                                   (resolved at creation: bt_seg_info reports the value) */
 } bt_config;
 
 /* Flags for bt_seg_create. */
@@ -187,7 +198,8 @@ int bt_client_reserve(bt_seg *seg, int32_t pid, uint64_t start_time, uint32_t *s
 /* Take over a slot reserved for the calling process (pid must match). */
 int bt_client_adopt(bt_seg *seg, uint32_t slot, bt_client **out);
 
-/* Release everything the client holds (its rows and loose blocks) and free its
+/* Release everything the client holds (its rows and loose blocks; the cache
+ * pools it owns are reset and given up, see section 10) and free its
  * slot. Safe with NULL. In a forked child that did not open it, it only frees
  * the handle and touches nothing shared. */
 void bt_client_close(bt_client *cl);
@@ -408,6 +420,8 @@ typedef struct bt_check_report {
     uint32_t _pad;
     uint64_t chunks_free;       /* paged rows' chunk pool: free chunks */
     uint64_t chunks_leaked;     /* chunks neither free nor in a live row's directory */
+    uint64_t cache_bad;         /* cache-pool problems found (links, counts, keys, owner) */
+    uint64_t cache_reset;       /* cache pools reset by a repair (dead owner or corrupt) */
 } bt_check_report;
 
 /* Check the segment. Without flags, a read-only scan (racy under load, exact
@@ -415,11 +429,17 @@ typedef struct bt_check_report {
  * the invariant check of the chaos tests). BT_CHECK_REPAIR: freeze, wait up to wait_ms for live
  * clients to leave their calls (BT_EBUSY with stuck_client set if one does
  * not), recompute every count from the rows and the live clients' hands,
- * rebuild the free lists, thaw. */
+ * rebuild the free lists, thaw. Cache pools (section 10) are not on free
+ * lists and their counts are their owner's: each is verified on its own
+ * (queue links, counts against the queue, key lists, bucket chains; problems
+ * counted in cache_bad) and, when repairing, reset if its owner is gone or
+ * its structure is broken -- even with a live owner, which must then stop
+ * using it (bt_cache_close and bt_cache_open again). */
 int bt_seg_check(bt_seg *seg, int flags, uint32_t wait_ms, bt_check_report *out);
 
 /* Declare client `id` dead (its process is gone) and recover what it held:
- * rows released, loose references dropped, slot freed. If it died inside a
+ * rows released, loose references dropped, cache pools it owned reset,
+ * slot freed. If it died inside a
  * call, a repairing check runs (see bt_seg_check) so that half-done work is
  * undone; BT_EBUSY if that had to be deferred (the slot stays DEAD and is
  * recovered by the next successful bt_seg_check with BT_CHECK_REPAIR). */
@@ -504,6 +524,172 @@ int bt_mirror_sync_done(bt_seg *seg, uint32_t idx, const bt_mirror_sync *rec);
 /* Release the lock without a record (the copy failed: invalidate first). */
 int bt_mirror_unlock(bt_seg *seg, uint32_t idx);
 int bt_mirror_sync_get(const bt_seg *seg, uint32_t idx, bt_mirror_sync *out);
+
+/* ---- 10. The prefix cache: vLLM's BlockPool in the segment ---------------- */
+/* A cache pool (pool < cfg.cache_pools) is vLLM 0.32's BlockPool (block_pool.py
+ * with FreeKVCacheBlockQueue) kept in shared memory: reference counts (the
+ * segment's per-block counts, = vLLM's ref_cnt; the owner stamp is the owning
+ * client), the free queue (a doubly linked LRU list: first = next allocated),
+ * and the block-hash -> block map (keys of 1..64 bytes; vLLM's
+ * BlockHashWithGroupId bytes). Every call does what vLLM's method of the same
+ * name does, in the same order, so a pool driven by the same calls holds the
+ * same state as vLLM's.
+ *
+ * The null block: pool 0's id 0, as vLLM's null_block (the first popleft of
+ * a fresh pool): never in the queue, never allocated; touch/free skip it and
+ * keep no count for it (vLLM keeps one it never reads). Other cache pools
+ * have no null block: all their ids [pool * bpp, (pool + 1) * bpp) are
+ * usable. Initial state (creation, and after every pool reset): all blocks
+ * free with count 0, the queue holds the pool's ids in increasing order, no
+ * keys.
+ *
+ * Concurrency: one writer per pool, the client that opened it
+ * (bt_cache_open); every mutating call requires it (BT_ENOTOWNER otherwise)
+ * and runs inside the client protocol (freeze respected). Readers in any
+ * process (bt_cache_lookup, bt_cache_block_key, bt_cache_stats_get,
+ * bt_cache_queue) are lock-free: they read under the pool's seqlock and retry
+ * (BT_EBUSY after ~2 s of a writer that stays mid-write: it died).
+ *
+ * Ownership is recovered: when the owner closes the pool, closes its client
+ * (bt_client_close), or dies and is recovered (bt_seg_recover_client, or a
+ * repairing bt_seg_check), the pool is reset to its initial state (every
+ * block free, every key gone) and unowned. A dead owner's half-done call
+ * therefore never matters.
+ *
+ * Errors common to all: BT_EINVAL (null pointer, pool not a cache pool),
+ * BT_ERANGE (pool >= num_pools; a block id not in the pool), BT_ECORRUPT (an
+ * impossible link or index in the pool's shared state: a scribble. A mutating
+ * call may then have done part of its work; the pool must be reset, by
+ * bt_cache_close and bt_cache_open, or a repairing check). */
+#define BT_CACHE_KEY_MAX 64
+
+typedef struct bt_cache_key {
+    int32_t  block;             /* the block the key maps to */
+    uint32_t ntokens;           /* as given to bt_cache_insert */
+    uint32_t len;               /* bytes of key; 0 = none */
+    uint32_t _pad;
+    uint8_t  key[64];
+} bt_cache_key;
+
+/* Become the pool's writer. The pool is reset to its initial state unless
+ * cl already owns it (then a no-op). A pool owned by a dead client (slot not
+ * active or its process gone) is taken over. BT_EBUSY if a live client owns
+ * it, or a recoverer is resetting it right now (retry). */
+int bt_cache_open(bt_client *cl, uint32_t pool);
+
+/* Reset the pool (every block free, every key gone) and give it up. */
+int bt_cache_close(bt_client *cl, uint32_t pool);
+
+/* vLLM get_new_blocks(n): pop the first n blocks of the queue; each popped
+ * block that has keys loses them all (an eviction, counted); count := 1.
+ * BT_ENOBLOCKS if fewer than n are free, nothing changed. removed_out
+ * receives the removed keys in order (block by block, each block's primary
+ * first, then its extra keys in insertion order; vLLM's extras are a set, so
+ * their order there is unspecified); removed_out may be NULL when removed_cap
+ * is 0. If removed_cap is too small the call fails with BT_EINVAL before
+ * changing anything and *n_removed (may be NULL) says how many were needed. */
+int bt_cache_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *ids_out,
+                   bt_cache_key *removed_out, uint32_t removed_cap, uint32_t *n_removed);
+
+/* vLLM touch(blocks): for each id in order, a count of 0 takes the block out
+ * of the queue, then count += 1. The null block is accepted and ignored. All
+ * ids are checked first (BT_ERANGE, nothing changed). */
+int bt_cache_touch(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n);
+
+/* vLLM free_blocks(ordered_blocks): for each id in order count -= 1; the
+ * blocks reaching 0 without keys (all of them when caching == 0) are
+ * prepended to the queue keeping list order, those with keys appended to its
+ * tail keeping list order. The null block is skipped. BT_ENOTHELD, nothing
+ * changed, if a count would go below 0 (duplicates in the list count). */
+int bt_cache_free(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n, int caching);
+
+/* vLLM unpin_blocks(blocks): count -= 1; those reaching 0 are appended to the
+ * tail whatever their keys. BT_ENOTHELD as bt_cache_free; the null block is
+ * BT_EINVAL (vLLM asserts). */
+int bt_cache_unpin(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n);
+
+/* vLLM _insert_block_hash(key, block, ntokens): if (key -> block) is already
+ * in the map (the block's primary key, or one of its extras):
+ * *inserted = 0, nothing changes. Otherwise a block without keys gets key as
+ * its primary (with ntokens), a block with one gets it as an extra key; the
+ * map entry goes after any entries of other blocks with the same key (a
+ * lookup returns the oldest). Any block state is allowed (vLLM caches held
+ * blocks); the null block is BT_EINVAL, as is len outside 1..64. BT_ENOKEYS
+ * if the pool's key entries (cfg.cache_keys) are all in use. inserted may be
+ * NULL. */
+int bt_cache_insert(bt_client *cl, uint32_t pool, int32_t block, const uint8_t *key, uint32_t len,
+                    uint32_t ntokens, int *inserted);
+
+/* n bt_cache_insert calls in one (vLLM cache_full_blocks): keys concatenated,
+ * each len bytes; ntokens[i] per block (NULL: 0). All arguments are checked
+ * first (BT_EINVAL / BT_ERANGE: nothing changed). On BT_ENOKEYS the inserts
+ * made before the key that found no free entry stand (this one call is not
+ * all-or-nothing); the rest were not made. *n_inserted (may be NULL) counts
+ * the entries added. */
+int bt_cache_insert_many(bt_client *cl, uint32_t pool, const int32_t *blocks, uint32_t n,
+                         const uint8_t *keys, uint32_t len, const uint32_t *ntokens,
+                         uint32_t *n_inserted);
+
+/* vLLM _remove_cached_block_hashes(block): every key of the block leaves the
+ * map; removed_out gets them (primary first). Capacity rule as in
+ * bt_cache_alloc. A block without keys: *n_removed = 0. */
+int bt_cache_remove(bt_client *cl, uint32_t pool, int32_t block,
+                    bt_cache_key *removed_out, uint32_t removed_cap, uint32_t *n_removed);
+
+/* The oldest-inserted block mapped from key, or *block_out = 0 if none (0
+ * is never a cached block). Any process, lock-free (seqlock). Counts a query
+ * and, when found, a hit. */
+int bt_cache_lookup(const bt_seg *seg, uint32_t pool, const uint8_t *key, uint32_t len,
+                    int32_t *block_out);
+
+/* vLLM's find_longest_cache_hit loop in one call: look up keys[i] (each len
+ * bytes) in order and stop at the first miss; blocks_out[0..*n_hit) are the
+ * hits. Counts a query per key looked up and a hit per hit. */
+int bt_cache_lookup_many(const bt_seg *seg, uint32_t pool, const uint8_t *keys, uint32_t n,
+                         uint32_t len, int32_t *blocks_out, uint32_t *n_hit);
+
+/* A block's primary key (out->len 0 = none) with its ntokens, and how many
+ * extra keys it has (nkeys_out may be NULL). Any process, lock-free. */
+int bt_cache_block_key(const bt_seg *seg, int32_t block, bt_cache_key *out, uint32_t *nkeys_out);
+
+/* vLLM reset_prefix_cache(): only when no block but the null block is in use
+ * (else BT_EBUSY, nothing changed, as vLLM returns False): every key removed;
+ * the queue order and the counts are left as they are. */
+int bt_cache_reset(bt_client *cl, uint32_t pool);
+
+/* Set a held block's count (vLLM's copy-on-write path writes ref_cnt on a
+ * held block): allowed only from >= 1 to >= 1, else BT_EINVAL (the queue
+ * would no longer match the counts). The null block is BT_EINVAL. */
+int bt_cache_set_ref(bt_client *cl, uint32_t pool, int32_t block, uint32_t refcnt);
+
+typedef struct bt_cache_stats {
+    uint32_t owner;             /* client id, 0 = none */
+    int32_t  owner_pid;
+    uint32_t num_blocks;        /* blocks_per_pool (incl. the null block of pool 0) */
+    uint32_t free;              /* blocks in the queue (vLLM get_num_free_blocks) */
+    uint32_t cached_free;       /* free blocks that still have keys */
+    uint32_t in_use;            /* blocks with count > 0 (the null block not counted) */
+    uint32_t keys;              /* entries in the map */
+    uint32_t key_cap;           /* cfg.cache_keys */
+    uint64_t queries;           /* keys looked up */
+    uint64_t hits;              /* lookups that found a block */
+    uint64_t stored;            /* keys inserted */
+    uint64_t evicted;           /* keys removed by bt_cache_alloc (eviction) */
+    uint64_t blocks_evicted;    /* blocks that lost keys in bt_cache_alloc */
+    uint64_t resets;            /* bt_cache_reset calls that cleared the map */
+} bt_cache_stats;
+
+/* A consistent snapshot (seqlock), from any process. */
+int bt_cache_stats_get(const bt_seg *seg, uint32_t pool, bt_cache_stats *out);
+
+/* The queue in order (first = next allocated): the first min(cap, free) ids
+ * go to ids_out, *n_out = the queue's length. Any process, lock-free. */
+int bt_cache_queue(const bt_seg *seg, uint32_t pool, int32_t *ids_out, uint32_t cap, uint32_t *n_out);
+
+/* Address of the pool's free count (a 32-bit word in the segment, written by
+ * the owner), for a reader that polls it without a call (Python's
+ * CachePool.num_free); NULL if pool is not a cache pool. */
+const uint32_t *bt_cache_nfree_ptr(const bt_seg *seg, uint32_t pool);
 
 /* ---- 11. Gathering rows by key: the workers' block tables ----------------- */
 /* A worker that did not write the rows (vLLM's model runner, one per

@@ -138,7 +138,7 @@ int bt_incref_many(bt_seg *s, const int32_t *ids, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {
         if (!bt_id_ok(s, ids[i]))
-            return BT_ERANGE;
+            return bt_id_err(s, ids[i]);
     }
     for (uint32_t i = 0; i < n; i++) {
         uint32_t *rc = &s->refcnt[ids[i]];
@@ -166,7 +166,7 @@ int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
     int32_t zeroed_small[256], *zeroed = zeroed_small;
     for (uint32_t i = 0; i < n; i++)
         if (!bt_id_ok(s, ids[i]))
-            return BT_ERANGE;
+            return bt_id_err(s, ids[i]);
     if (n > 256 && !(zeroed = malloc(n * sizeof(int32_t))))
         return -ENOMEM;
     uint32_t nz = 0;
@@ -210,8 +210,9 @@ int bt_pool_pop(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *o
 {
     if (!s || (!out && n))
         return BT_EINVAL;
-    if (pool >= s->cfg.num_pools)
-        return BT_ERANGE;
+    int rc = bt_stack_pool_err(s, pool);
+    if (rc)
+        return rc;
     if (n == 0)
         return BT_OK;
     return bt_pop_raw(s, pool, n, stamp, out);
@@ -223,7 +224,7 @@ int bt_pool_push(bt_seg *s, const int32_t *ids, uint32_t n)
         return BT_EINVAL;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t one = 1;
-        int rc = !bt_id_ok(s, ids[i]) ? BT_ERANGE :
+        int rc = !bt_id_ok(s, ids[i]) ? bt_id_err(s, ids[i]) :
                  !bt_cas_relaxed(&s->refcnt[ids[i]], &one, 0u) ? BT_ENOTHELD : BT_OK;
         if (rc) {
             for (uint32_t j = 0; j < i; j++)
@@ -241,6 +242,11 @@ int bt_pool_free_count(const bt_seg *s, uint32_t pool, uint32_t *out)
         return BT_EINVAL;
     if (pool >= s->cfg.num_pools)
         return BT_ERANGE;
+    if (pool < s->cfg.cache_pools) {    /* a cache pool: its queue's length */
+        uint32_t f = bt_load_relaxed(&s->cache[pool].nfree);
+        *out = f > s->cfg.blocks_per_pool ? s->cfg.blocks_per_pool : f;
+        return BT_OK;
+    }
     int64_t v = bt_load_relaxed(&s->pools[pool].nfree);
     *out = v < 0 ? 0 : v > s->cfg.blocks_per_pool ? s->cfg.blocks_per_pool : (uint32_t)v;
     return BT_OK;
@@ -265,11 +271,12 @@ int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out)
 {
     if (!cl || (!out && n))
         return BT_EINVAL;
-    if (pool >= cl->seg->cfg.num_pools)
-        return BT_ERANGE;
+    int rc = bt_stack_pool_err(cl->seg, pool);
+    if (rc)
+        return rc;
     if (n == 0)
         return BT_OK;
-    int rc = bt_op_begin(cl);
+    rc = bt_op_begin(cl);
     if (rc)
         return rc;
     if (bt_load_relaxed(&cl->slot->hand_count) + (uint64_t)n > cl->seg->cfg.hand_size)
@@ -286,7 +293,7 @@ int bt_blocks_release(bt_client *cl, const int32_t *ids, uint32_t n)
         return BT_EINVAL;
     for (uint32_t i = 0; i < n; i++)
         if (!bt_id_ok(cl->seg, ids[i]))
-            return BT_ERANGE;
+            return bt_id_err(cl->seg, ids[i]);
     int rc = bt_op_begin(cl);
     if (rc)
         return rc;

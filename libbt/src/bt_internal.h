@@ -35,6 +35,12 @@ struct bt_seg {
     uint32_t         *cnext;
     int32_t          *chunks;
     uint32_t         *dir;
+    struct bt_cache_hdr *cache;        /* [cache_pools] */
+    struct bt_cblock *cblocks;         /* [cache_pools * blocks_per_pool], by global id */
+    struct bt_ckey   *ckeys;           /* [cache_pools * cache_keys] */
+    uint32_t         *cbuckets;        /* [cache_pools * nbuckets] */
+    uint32_t          cache_lo;        /* ids below this are cache-pool ids */
+    uint32_t          nbuckets;        /* per cache pool, a power of two */
 };
 
 struct bt_client {
@@ -55,6 +61,8 @@ struct bt_client {
 int bt_seq_backoff(uint32_t spin, uint64_t *t0);
 
 /* layout.c */
+uint32_t bt_cache_keys_of(const bt_config *cfg);   /* cache_keys, 0 resolved */
+uint32_t bt_cache_buckets_of(const bt_config *cfg);
 int  bt_layout(const bt_config *cfg, uint64_t off[BT_R_COUNT], uint64_t *size);
 void bt_seg_bind(bt_seg *seg);         /* region pointers from base + off */
 uint64_t bt_proc_start_time(int32_t pid);  /* 0 if the process is gone */
@@ -132,9 +140,35 @@ static inline int32_t bt_entry_get(const bt_seg *seg, uint32_t row, uint32_t i)
     return p ? bt_load_relaxed(p) : 0;
 }
 
+/* An id that may be a reference counted by the allocator (held in a hand or
+ * a MANAGED row): in range, not the null block, not a cache pool's. */
 static inline int bt_id_ok(const bt_seg *seg, int32_t id)
 {
-    return id > 0 && (uint64_t)id < seg->total;
+    return id > 0 && (uint64_t)id < seg->total && (uint32_t)id >= seg->cache_lo;
 }
+/* The error for an id that is not bt_id_ok: a cache pool's id is BT_EINVAL
+ * (a valid block the allocator must not touch), anything else BT_ERANGE. */
+static inline int bt_id_err(const bt_seg *seg, int32_t id)
+{
+    return id > 0 && (uint32_t)id < seg->cache_lo ? BT_EINVAL : BT_ERANGE;
+}
+/* A pool the Treiber-stack calls may use: BT_ERANGE / BT_EINVAL (cache pool). */
+static inline int bt_stack_pool_err(const bt_seg *seg, uint32_t pool)
+{
+    return pool >= seg->cfg.num_pools ? BT_ERANGE : pool < seg->cfg.cache_pools ? BT_EINVAL : BT_OK;
+}
+
+/* check.c */
+int  bt_pid_alive(int32_t pid, uint64_t start);   /* can't tell: alive */
+
+/* cache.c */
+void bt_cache_format(bt_seg *seg);                 /* at creation: every pool reset */
+void bt_cache_pool_reset(bt_seg *seg, uint32_t pool);
+/* Reset and unown the pools client `id` owns (its close, or the recovery of
+ * a dead one). */
+void bt_cache_release_owner(bt_seg *seg, uint32_t id);
+/* check.c's view: problems found in one pool (no writes). */
+uint64_t bt_cache_verify(const bt_seg *seg, uint32_t pool, uint8_t *scratch_blocks,
+                         uint8_t *scratch_keys);
 
 #endif /* BT_INTERNAL_H */

@@ -9,8 +9,11 @@
  *   [client slots x C][hands u32 x C*H]
  *   [mirror descriptors x M][synced {seq, nb} u32 x 2 x M*R]
  *   [chunk pool][chunk next u32 x N][chunks i32 x N*S][directory u32 x R*D]
+ *   [cache pool headers x CP][cache blocks x CP*bpp][key entries x CP*K]
+ *   [buckets u32 x CP*pow2(K)]
  * A directory entry holds chunk index + 1 (0 = no chunk), so fresh zeroed
- * memory is a valid empty directory.
+ * memory is a valid empty directory. Likewise key-entry links (bucket heads,
+ * chain links, a block's key list) hold entry index + 1.
  *
  * Every region starts on a 64-byte line; the table on a 4 KiB page, so that a
  * GPU can register it and a numpy view of it is aligned.
@@ -28,7 +31,7 @@
  * reads as a different number, which attach names as such. */
 #define BT_MAGIC       0x4254534547010203ULL
 #define BT_MAGIC_SWAP  0x0302014745535442ULL
-#define BT_FORMAT      1u
+#define BT_FORMAT      2u
 
 #define BT_NIL         0xFFFFFFFFu      /* end of a free list */
 #define BT_MAX_POOLS   256u
@@ -42,7 +45,8 @@
 enum bt_region {
     BT_R_POOLS, BT_R_NEXT, BT_R_REFCNT, BT_R_OWNER, BT_R_ROWS, BT_R_TABLE,
     BT_R_NBLOCKS, BT_R_NTOKENS, BT_R_CLIENTS, BT_R_HANDS, BT_R_MIRRORS, BT_R_SYNCED,
-    BT_R_CPOOL, BT_R_CNEXT, BT_R_CHUNKS, BT_R_DIR, BT_R_COUNT
+    BT_R_CPOOL, BT_R_CNEXT, BT_R_CHUNKS, BT_R_DIR,
+    BT_R_CACHE, BT_R_CBLOCKS, BT_R_CKEYS, BT_R_CBUCKETS, BT_R_COUNT
 };
 
 struct bt_header {
@@ -57,7 +61,7 @@ struct bt_header {
     uint32_t _pad0;
     uint64_t owner_start_time;
     uint64_t generation;                /* atomic */
-    uint8_t  _pad1[BT_CACHELINE * 4 - 8 * 5 - sizeof(bt_config) - 8 * BT_R_COUNT - 8 * 3];
+    uint8_t  _pad1[BT_CACHELINE * 5 - 8 * 5 - sizeof(bt_config) - 8 * BT_R_COUNT - 8 * 3];
     /* Hot words, each on its own line. */
     uint64_t freeze __attribute__((aligned(BT_CACHELINE))); /* 0, or the sweeper's pid */
     uint8_t  _pad2[BT_CACHELINE - 8];
@@ -121,6 +125,52 @@ struct bt_synced {
     uint32_t nb;
 };
 
+/* A cache pool (vLLM's BlockPool, cache.c). One writer, the owner client;
+ * readers use the seqlock. */
+#define BT_CACHE_RESETTING 0xFFFFFFFFu  /* owner word: a recoverer is resetting it */
+#define BT_MAX_CACHE_KEYS  (1u << 28)
+struct bt_cache_hdr {
+    uint32_t seq;                       /* seqlock: odd while the owner writes */
+    uint32_t owner;                     /* client id, 0 = none, BT_CACHE_RESETTING */
+    int32_t  owner_pid;                 /* for display; liveness is the slot's */
+    int32_t  locker;                    /* pid of the recoverer resetting it */
+    uint64_t owner_start;
+    uint32_t head, tail;                /* the free queue: block ids, BT_NIL = empty */
+    uint32_t nfree;                     /* blocks in the queue */
+    uint32_t nkeys;                     /* entries in the map */
+    uint32_t ncached;                   /* blocks in the queue that have keys */
+    uint32_t free_key;                  /* free-entry list (entry + 1, 0 = empty) */
+    uint32_t key_top;                   /* entries [0, key_top) were ever used since reset */
+    uint32_t _pad0;
+    /* statistics, on their own line: readers bump queries and hits */
+    uint64_t stored __attribute__((aligned(BT_CACHELINE)));
+    uint64_t evicted, blocks_evicted, resets;
+    uint64_t queries, hits;
+    uint8_t  _pad1[BT_CACHELINE - 48];
+} __attribute__((aligned(BT_CACHELINE)));
+
+/* Per block of a cache pool, indexed by global id. */
+struct bt_cblock {
+    uint32_t prev, next;                /* queue links (block ids), BT_NIL at the ends */
+    uint32_t keys;                      /* first key entry + 1 (the primary), 0 = none */
+    uint32_t inq;                       /* 1 while in the queue */
+};
+
+/* A map entry: key -> block. On a bucket chain (oldest first) and on its
+ * block's key list (primary first). A free entry links the free list through
+ * bucket_next. */
+struct bt_ckey {
+    uint64_t digest;
+    uint32_t block;
+    uint32_t bucket_next;               /* entry + 1, 0 = end */
+    uint32_t block_next;                /* entry + 1, 0 = end */
+    uint32_t ntokens;
+    uint16_t len;
+    uint16_t _pad0;
+    uint32_t _pad1;
+    uint64_t key[8];                    /* BT_CACHE_KEY_MAX bytes, zero-padded */
+};
+
 #define BT_MAX_MIRRORS 64u
 #define BT_MAX_CHUNK   4096u
 #define BT_MAX_CHUNKS  (1u << 26)
@@ -128,11 +178,14 @@ struct bt_synced {
 #define BT_CLIENT_RESERVED   3          /* reserved by the daemon, not yet adopted */
 #define BT_CLIENT_RECOVERING 4          /* a recoverer is releasing its holdings */
 
-_Static_assert(sizeof(struct bt_header) == BT_CACHELINE * 6, "header layout");
+_Static_assert(sizeof(struct bt_header) == BT_CACHELINE * 7, "header layout");
 _Static_assert(sizeof(struct bt_pool) == BT_CACHELINE, "pool layout");
 _Static_assert(sizeof(struct bt_row) == BT_CACHELINE, "row layout");
 _Static_assert(sizeof(struct bt_cslot) == BT_CACHELINE * 2, "client slot layout");
-_Static_assert(sizeof(bt_config) == 48, "config layout");
+_Static_assert(sizeof(bt_config) == 56, "config layout");
+_Static_assert(sizeof(struct bt_cache_hdr) == BT_CACHELINE * 2, "cache pool header layout");
+_Static_assert(sizeof(struct bt_cblock) == 16, "cache block layout");
+_Static_assert(sizeof(struct bt_ckey) == 96, "cache key entry layout");
 _Static_assert(sizeof(struct bt_mirror) == BT_CACHELINE * 4, "mirror layout");
 _Static_assert(offsetof(struct bt_header, freeze) % BT_CACHELINE == 0, "freeze line");
 

@@ -21,7 +21,7 @@
 #include <unistd.h>
 #include "bt_internal.h"
 
-static int pid_alive(int32_t pid, uint64_t start)
+int bt_pid_alive(int32_t pid, uint64_t start)
 {
     uint64_t now = 0;
     if (pid <= 0)
@@ -38,7 +38,7 @@ static int pid_alive(int32_t pid, uint64_t start)
 static int slot_live(const struct bt_cslot *sl)
 {
     return bt_load_acquire(&sl->state) == BT_CLIENT_ACTIVE &&
-           pid_alive(bt_load_relaxed(&sl->pid), bt_load_relaxed(&sl->start_time));
+           bt_pid_alive(bt_load_relaxed(&sl->pid), bt_load_relaxed(&sl->start_time));
 }
 
 /* Must the sweeper wait for this slot's in_op? Live clients, and recoverers
@@ -47,7 +47,7 @@ static int slot_waits(const struct bt_cslot *sl)
 {
     uint32_t st = bt_load_acquire(&sl->state);
     if (st == BT_CLIENT_RECOVERING)
-        return pid_alive(bt_load_relaxed(&sl->recoverer), 0);
+        return bt_pid_alive(bt_load_relaxed(&sl->recoverer), 0);
     return st == BT_CLIENT_ACTIVE && slot_live(sl);
 }
 
@@ -58,7 +58,7 @@ static int freeze(bt_seg *s)
     uint64_t mine = (uint64_t)getpid(), cur = 0;
     if (bt_cas_acqrel(&s->hdr->freeze, &cur, mine))
         goto frozen;
-    if (cur == mine || pid_alive((int32_t)cur, 0))
+    if (cur == mine || bt_pid_alive((int32_t)cur, 0))
         return BT_EBUSY;                /* another sweep is running */
     if (!bt_cas_acqrel(&s->hdr->freeze, &cur, mine))   /* its sweeper died: take over */
         return BT_EBUSY;
@@ -108,7 +108,7 @@ struct scan {
 static void scan_lists(struct scan *sc)
 {
     bt_seg *s = sc->s;
-    for (uint32_t p = 0; p < s->cfg.num_pools; p++) {
+    for (uint32_t p = s->cfg.cache_pools; p < s->cfg.num_pools; p++) {
         uint32_t lo = p * s->cfg.blocks_per_pool, hi = lo + s->cfg.blocks_per_pool;
         uint32_t idx = (uint32_t)bt_load_acquire(&s->pools[p].head);
         for (uint32_t steps = 0; idx != BT_NIL && steps <= s->cfg.blocks_per_pool; steps++) {
@@ -262,7 +262,9 @@ static void settle_blocks(struct scan *sc)
 {
     bt_seg *s = sc->s;
     bt_check_report *rep = sc->rep;
-    for (uint64_t b = 1; b < s->total; b++) {
+    /* Cache pools' counts are their owner's (rows only list their ids):
+     * bt_cache_verify checks them against the queue instead. */
+    for (uint64_t b = s->cache_lo ? s->cache_lo : 1; b < s->total; b++) {
         uint32_t want = sc->count[b], have = bt_load_relaxed(&s->refcnt[b]);
         if (want != have && !(want == 0 && have == 0))
             rep->refcnt_fixed++;
@@ -273,7 +275,7 @@ static void settle_blocks(struct scan *sc)
         if (sc->repair)
             bt_store_relaxed(&s->refcnt[b], want);
     }
-    for (uint32_t p = 0; p < s->cfg.num_pools; p++) {
+    for (uint32_t p = s->cfg.cache_pools; p < s->cfg.num_pools; p++) {
         uint32_t lo = p * s->cfg.blocks_per_pool, hi = lo + s->cfg.blocks_per_pool;
         uint32_t first = BT_NIL, prev = BT_NIL, nfree = 0;
         for (uint32_t b = lo ? lo : 1; b < hi; b++) {
@@ -354,6 +356,45 @@ static void settle_chunks(struct scan *sc)
     bt_store_relaxed(&s->cpool->nfree, (int64_t)nfree);
 }
 
+/* Cache pools: verify each; on repair reset those whose owner is gone (a
+ * dead client, a recoverer that died resetting, a scribbled id) or whose
+ * structure is broken. A broken pool with a live owner is reset too: its
+ * engine must then not go on (its next call finds its blocks free: BT_ENOTHELD
+ * or a cache miss; bt_cache_stats_get shows owner still set, resets bumped). */
+static int scan_cache(struct scan *sc)
+{
+    bt_seg *s = sc->s;
+    if (!s->cfg.cache_pools)
+        return BT_OK;
+    uint8_t *bseen = malloc(s->cfg.blocks_per_pool), *kseen = malloc(s->cfg.cache_keys);
+    if (!bseen || !kseen) {
+        free(bseen), free(kseen);
+        return -ENOMEM;
+    }
+    for (uint32_t p = 0; p < s->cfg.cache_pools; p++) {
+        struct bt_cache_hdr *h = &s->cache[p];
+        uint64_t bad = bt_cache_verify(s, p, bseen, kseen);
+        uint32_t o = bt_load_acquire(&h->owner);
+        int gone = o == BT_CACHE_RESETTING || (o != 0 && (o > s->cfg.max_clients || !sc->live[o - 1]));
+        sc->rep->cache_bad += bad;
+        uint32_t nf = bt_load_relaxed(&h->nfree), usable = s->cfg.blocks_per_pool - (p == 0);
+        if (sc->repair && (bad || gone)) {
+            bt_cache_pool_reset(s, p);
+            if (gone) {
+                bt_store_relaxed(&h->owner_pid, 0);
+                bt_store_release(&h->owner, 0u);
+            }
+            sc->rep->cache_reset++;
+            nf = usable;
+        }
+        nf = nf > usable ? usable : nf;
+        sc->rep->blocks_free += nf;
+        sc->rep->blocks_held += usable - nf;
+    }
+    free(bseen), free(kseen);
+    return BT_OK;
+}
+
 /* Free the slots of clients that are gone (their holdings were not counted). */
 static void reap_slots(struct scan *sc)
 {
@@ -365,7 +406,7 @@ static void reap_slots(struct scan *sc)
             continue;
         if (st == BT_CLIENT_ACTIVE && slot_live(sl))
             continue;                   /* adopted during the sweep: alive, holds nothing yet */
-        if (st == BT_CLIENT_RESERVED && pid_alive(bt_load_relaxed(&sl->pid), 0))
+        if (st == BT_CLIENT_RESERVED && bt_pid_alive(bt_load_relaxed(&sl->pid), 0))
             continue;                   /* awaiting adoption: holds nothing */
         bt_store_relaxed(&sl->hand_count, 0u);
         bt_store_relaxed(&sl->nrows, 0u);
@@ -402,10 +443,11 @@ static int scan_all(bt_seg *s, int repair, bt_check_report *rep)
             scan_hand(&sc, i);
     settle_blocks(&sc);
     settle_chunks(&sc);
+    int rc = scan_cache(&sc);
     if (repair)
         reap_slots(&sc);
     free(sc.count), free(sc.onlist), free(sc.live), free(sc.cmark);
-    return BT_OK;
+    return rc;
 }
 
 int bt_seg_check(bt_seg *s, int flags, uint32_t wait_ms, bt_check_report *out)
@@ -453,6 +495,7 @@ static uint32_t release_holdings(bt_seg *s, uint32_t id, int with_hand)
         }
         bt_row_drop(&fake, r);
     }
+    bt_cache_release_owner(s, id);      /* its prefix cache dies with it */
     if (with_hand) {
         uint32_t n = bt_load_acquire(&fake.slot->hand_count);
         n = n > s->cfg.hand_size ? s->cfg.hand_size : n;
@@ -480,7 +523,7 @@ int bt_seg_recover_client(bt_seg *s, uint32_t id, uint32_t wait_ms, bt_check_rep
     if (st == BT_CLIENT_FREE)
         goto done;                      /* already recovered */
     if ((st == BT_CLIENT_ACTIVE || st == BT_CLIENT_RESERVED) &&
-        pid_alive(bt_load_relaxed(&sl->pid), bt_load_relaxed(&sl->start_time)))
+        bt_pid_alive(bt_load_relaxed(&sl->pid), bt_load_relaxed(&sl->start_time)))
         return BT_EBUSY;                /* it is not dead */
     if (st == BT_CLIENT_ACTIVE || st == BT_CLIENT_RESERVED)
         bt_cas_acqrel(&sl->state, &st, (uint32_t)BT_CLIENT_DEAD);

@@ -221,6 +221,7 @@ void bt_client_close(bt_client *cl)
             if (bt_load_relaxed(&cl->seg->rows[r].owner) == cl->id)
                 bt_row_release(cl, r);
         if (bt_op_begin(cl) == BT_OK) {
+            bt_cache_release_owner(cl->seg, cl->id);   /* reset the cache pools it owns */
             uint32_t n = bt_load_relaxed(&sl->hand_count);
             if (n <= cl->seg->cfg.hand_size && n) {
                 int32_t *ids = malloc(n * sizeof(int32_t));

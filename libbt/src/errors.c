@@ -22,6 +22,7 @@ static const char *const msgs[] = {
     "BT_ECONFIG: impossible configuration",
     "BT_ECLIENT: client handle is closed, forked, or its slot was reclaimed",
     "BT_ENOCHUNKS: the chunk pool of paged rows is exhausted",
+    "BT_ENOKEYS: the cache pool's key entries are exhausted",
 };
 
 const char *bt_strerror(int err)
@@ -42,6 +43,7 @@ const char *bt_errname(int err)
         "BT_ENOCLIENTS", "BT_EHANDFULL", "BT_ENOTHELD", "BT_ENOTOWNER",
         "BT_EROWSTATE", "BT_EBADMAGIC", "BT_EVERSION", "BT_ECORRUPT", "BT_EBUSY",
         "BT_EFROZEN", "BT_ENAME", "BT_ECONFIG", "BT_ECLIENT", "BT_ENOCHUNKS",
+        "BT_ENOKEYS",
     };
     _Static_assert(sizeof(names) / sizeof(names[0]) == BT_ERR_FIRST - BT_ERR_LAST + 1, "names");
     _Static_assert(sizeof(msgs) / sizeof(msgs[0]) == BT_ERR_FIRST - BT_ERR_LAST + 1, "msgs");

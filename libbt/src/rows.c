@@ -93,8 +93,10 @@ static int check_ids(const bt_seg *s, uint32_t row, const int32_t *ids, uint32_t
 {
     int managed = bt_row_managed(s, row);
     for (uint32_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || (managed && !bt_id_ok(s, ids[i])))
+        if (ids[i] < 0)
             return BT_ERANGE;
+        if (managed && !bt_id_ok(s, ids[i]))
+            return bt_id_err(s, ids[i]);   /* a cache pool's id: BT_EINVAL */
     }
     return BT_OK;
 }
@@ -372,9 +374,10 @@ int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, 
     uint32_t nb;
     if (!cl)
         return BT_EINVAL;
-    if (pool >= cl->seg->cfg.num_pools)
-        return BT_ERANGE;
-    int rc = bt_op_begin(cl);
+    int rc = bt_stack_pool_err(cl->seg, pool);
+    if (rc)
+        return rc;
+    rc = bt_op_begin(cl);
     if (rc)
         return rc;
     if (!(rc = append_prep(cl, row, NULL, n, 1, &r, &nb)) && n) {
@@ -611,8 +614,10 @@ int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id)
         rc = BT_EROWSTATE;
     else if (index >= bt_row_cap(s, row))
         rc = BT_EROWFULL;
-    else if (id < 0 || (managed && id != 0 && !bt_id_ok(s, id)))
+    else if (id < 0)
         rc = BT_ERANGE;
+    else if (managed && id != 0 && !bt_id_ok(s, id))
+        rc = bt_id_err(s, id);
     if (!rc && id != 0 && managed)
         rc = bt_hand_find_all(cl, &id, 1);          /* the reference to move */
     if (!rc && id != 0)

@@ -45,6 +45,12 @@ int bt_config_explain(const bt_config *c, char *buf, size_t len)
     else if ((uint64_t)c->num_chunks * c->chunk_size * 4 > BT_MAX_TABLE) why = "num_chunks * chunk_size * 4 must be at most 16 GiB";
     else if ((uint64_t)c->num_rows * c->dir_width * 4 > BT_MAX_TABLE) why = "num_rows * dir_width * 4 must be at most 16 GiB";
     else if ((uint64_t)c->dir_width * c->chunk_size >= (1u << 31)) why = "dir_width * chunk_size must be below 2^31";
+    else if (!c->cache_pools && c->cache_keys) why = "cache_keys needs cache_pools";
+    else if (c->cache_pools > c->num_pools) why = "cache_pools must be at most num_pools";
+    else if (c->cache_pools && (bt_cache_keys_of(c) < 1 || bt_cache_keys_of(c) > BT_MAX_CACHE_KEYS))
+        why = "cache_keys must be in [1, 2^28] (0 = 2 * blocks_per_pool)";
+    else if ((uint64_t)c->cache_pools * bt_cache_keys_of(c) * sizeof(struct bt_ckey) > BT_MAX_TABLE)
+        why = "cache_pools * cache_keys * 96 must be at most 16 GiB";
     if (buf && len)
         snprintf(buf, len, "%s", why ? why : "ok");
     return why ? BT_ECONFIG : BT_OK;
@@ -53,6 +59,25 @@ int bt_config_explain(const bt_config *c, char *buf, size_t len)
 int bt_config_check(const bt_config *cfg) { return bt_config_explain(cfg, NULL, 0); }
 
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+uint32_t bt_cache_keys_of(const bt_config *c)
+{
+    if (!c->cache_pools)
+        return 0;
+    if (c->cache_keys)
+        return c->cache_keys;
+    uint64_t k = 2ull * c->blocks_per_pool;
+    return k > BT_MAX_CACHE_KEYS ? BT_MAX_CACHE_KEYS : (uint32_t)k;
+}
+
+/* Buckets per cache pool: a power of two >= the entries (load <= 1). */
+uint32_t bt_cache_buckets_of(const bt_config *c)
+{
+    uint32_t k = bt_cache_keys_of(c), b = 1;
+    while (b < k)
+        b <<= 1;
+    return k ? b : 0;
+}
 
 int bt_layout(const bt_config *c, uint64_t off[BT_R_COUNT], uint64_t *size)
 {
@@ -72,6 +97,10 @@ int bt_layout(const bt_config *c, uint64_t off[BT_R_COUNT], uint64_t *size)
         [BT_R_CPOOL] = sizeof(struct bt_pool), [BT_R_CNEXT] = (uint64_t)c->num_chunks * 4,
         [BT_R_CHUNKS] = (uint64_t)c->num_chunks * c->chunk_size * 4,
         [BT_R_DIR] = r * c->dir_width * 4,
+        [BT_R_CACHE] = (uint64_t)c->cache_pools * sizeof(struct bt_cache_hdr),
+        [BT_R_CBLOCKS] = (uint64_t)c->cache_pools * c->blocks_per_pool * sizeof(struct bt_cblock),
+        [BT_R_CKEYS] = (uint64_t)c->cache_pools * bt_cache_keys_of(c) * sizeof(struct bt_ckey),
+        [BT_R_CBUCKETS] = (uint64_t)c->cache_pools * bt_cache_buckets_of(c) * 4,
     };
     uint64_t at = sizeof(struct bt_header);
     for (int i = 0; i < BT_R_COUNT; i++) {
@@ -109,6 +138,12 @@ void bt_seg_bind(bt_seg *s)
     s->cnext = (uint32_t *)(s->base + s->off[BT_R_CNEXT]);
     s->chunks = (int32_t *)(s->base + s->off[BT_R_CHUNKS]);
     s->dir = (uint32_t *)(s->base + s->off[BT_R_DIR]);
+    s->cache = (struct bt_cache_hdr *)(s->base + s->off[BT_R_CACHE]);
+    s->cblocks = (struct bt_cblock *)(s->base + s->off[BT_R_CBLOCKS]);
+    s->ckeys = (struct bt_ckey *)(s->base + s->off[BT_R_CKEYS]);
+    s->cbuckets = (uint32_t *)(s->base + s->off[BT_R_CBUCKETS]);
+    s->cache_lo = s->cfg.cache_pools * s->cfg.blocks_per_pool;
+    s->nbuckets = bt_cache_buckets_of(&s->cfg);
 }
 
 /* Fresh memory is zero (ftruncate, MAP_ANONYMOUS): only non-zero state is
@@ -117,7 +152,7 @@ void bt_seg_bind(bt_seg *s)
 static void seg_format(bt_seg *s)
 {
     const bt_config *c = &s->cfg;
-    for (uint32_t p = 0; p < c->num_pools; p++) {
+    for (uint32_t p = c->cache_pools; p < c->num_pools; p++) {
         uint32_t first = p * c->blocks_per_pool, end = first + c->blocks_per_pool;
         if (p == 0)
             first = 1;                  /* block 0 is the null block */
@@ -126,6 +161,9 @@ static void seg_format(bt_seg *s)
         s->pools[p].head = first;       /* tag 0 */
         s->pools[p].nfree = end - first;
     }
+    for (uint32_t p = 0; p < c->cache_pools; p++)
+        s->pools[p].head = BT_NIL;      /* cache pools: no free stack */
+    bt_cache_format(s);
     for (uint32_t k = 0; k < c->num_chunks; k++)
         s->cnext[k] = k + 1 < c->num_chunks ? k + 1 : BT_NIL;
     s->cpool->head = c->num_chunks ? 0 : BT_NIL;
@@ -154,6 +192,7 @@ static int seg_new(void *mem, uint64_t size, int unmap, const bt_config *cfg, bt
     s->cfg = *cfg;
     if (!s->cfg.kernel_block_size)
         s->cfg.kernel_block_size = s->cfg.block_size;
+    s->cfg.cache_keys = bt_cache_keys_of(&s->cfg);   /* 0 = the default, resolved */
     *out = s;
     return BT_OK;
 }

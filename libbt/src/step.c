@@ -136,8 +136,9 @@ int bt_step_ex(bt_client *cl, bt_step_args *a)
     if (!cl || !a || !step_args_ok(a))
         return BT_EINVAL;
     bt_seg *s = cl->seg;
-    if (a->pool >= s->cfg.num_pools)
-        return BT_ERANGE;
+    int prc = bt_stack_pool_err(s, a->pool);    /* a cache pool: BT_EINVAL */
+    if (prc)
+        return prc;
     for (uint32_t i = 0; i < a->n_arrive; i++) {
         if (a->arrive_n[i] > s->cfg.row_width)
             return BT_EROWFULL;

@@ -98,6 +98,7 @@ static const char *where(uint64_t off)
     static const char *const names[] = {
         "pools", "next", "refcnt", "owner", "rows", "table", "nblocks", "ntokens", "clients",
         "hands", "mirrors", "synced", "cpool", "cnext", "chunks", "dir",
+        "cache", "cblocks", "ckeys", "cbuckets",
     };
     static char buf[64];
     const struct bt_header *h = (const struct bt_header *)pristine;
