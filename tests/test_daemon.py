@@ -633,3 +633,79 @@ def test_create_refuses_bad_requests(daemon, args, name):
     assert e.value.name == name
     served = {s["name"] for s in daemon.request("status")["segments"]}
     assert served == {daemon.segment}
+
+
+# ---- cache pools (an engine's BlockPool): bt-ctl pools and the metrics ---------------------
+CACHE_CLIENT = """
+import json, os, sys
+from blocktable.connect import connect
+cl = connect(sys.argv[1], socket=sys.argv[2], create=json.loads(sys.argv[3]))
+cp = cl.cache_pool(0)
+ids = cp.alloc(6)                           # (the null block, id 0, is never queued)
+for i, b in enumerate(ids[:4]):
+    cp.insert(int(b), b"key-%d" % i, 16)
+cp.free(ids[:4], caching=True)              # 4 cached (free, with keys)
+assert cp.lookup(b"key-1") is not None and cp.lookup(b"nope") is None
+print(cl.id, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start()
+    name = unique_name("cp")
+    ask = {"blocks_per_pool": 64, "num_rows": 8, "row_width": 8, "cache_pools": 1}
+    try:
+        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
+                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        slot = int(p.stdout.readline())
+        [pool] = d.request("pools", {"segment": name})["pools"]
+        # 63 blocks besides the null block: 2 held (6 - 4 freed), 4 cached, 57 free
+        assert (pool["kind"], pool["blocks"], pool["used"], pool["cached"], pool["free"]) == \
+            ("cache", 63, 2, 4, 57), pool
+        assert pool["owner_pid"] == p.pid and pool["keys"] == 4
+        assert pool["cache"]["queries"] == 2 and pool["cache"]["hits"] == 1
+        assert pool["cache"]["stored"] == 4
+        text = d.ctl("pools", "--segment", name).stdout
+        head, row = text.splitlines()
+        assert head.split() == ["SEGMENT", "POOL", "KIND", "BLOCKS", "USED", "CACHED", "FREE",
+                                "USED%", "ENGINE", "QUERIES", "HITS", "HIT%", "EVICTED"]
+        assert row.split() == [name, "0", "cache", "63", "2", "4", "57", "3.2", str(p.pid),
+                               "2", "1", "50.0", "0"], text
+        st = {x["name"]: x for x in d.request("status")["segments"]}[name]
+        assert st["blocks_cached"] == 4 and st["blocks_used"] == 2
+
+        def scrape():
+            t = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+            t = t.decode()
+            return t if f'bt_prefix_cache_hits_total{{pool="0",segment="{name}"}}' in t else None
+        import urllib.request
+        text = wait_for(scrape, 10, "the cache pool in the metrics", interval=0.1)
+        lab = f'{{pool="0",segment="{name}"}}'
+        for line in (f"bt_prefix_cache_hits_total{lab} 1.0",
+                     f"bt_prefix_cache_queries_total{lab} 2.0",
+                     f"bt_prefix_cache_stored_total{lab} 4.0",
+                     f"bt_prefix_cache_evicted_total{lab} 0.0",
+                     f"bt_blocks_cached{lab} 4.0", f"bt_blocks_used{lab} 2.0",
+                     f"bt_blocks_free{lab} 57.0"):
+            assert line in text.splitlines(), (line, text[-3000:])
+        # the engine dies: its cache entries and blocks go with it
+        p.kill()
+        p.wait()
+        wait_for(lambda: d.request("clients", {"segment": name})["clients"] == [], 10,
+                 "recovery of the engine")
+        [pool] = d.request("pools", {"segment": name})["pools"]
+        assert (pool["used"], pool["cached"], pool["free"], pool["keys"]) == (0, 0, 63, 0), pool
+        assert pool["owner_pid"] is None
+        assert d.ctl_json("fsck", "--segment", name)["ok"] is True
+    finally:
+        d.cleanup()
+        try:
+            Segment.unlink(name)
+        except OSError:
+            pass

@@ -7,7 +7,7 @@ is not an int here, and unknown arguments are refused.
 """
 import time
 
-from blocktable import ffi, lib
+from blocktable import BtError, ffi, lib
 
 from .protocol import RequestError
 
@@ -179,7 +179,14 @@ def pool_summary(seg, c, p):
     lock-free (Segment.cache_stats). The null block (pool 0's id 0) is never counted."""
     blocks = c.blocks_per_pool - (1 if p == 0 else 0)
     if p < getattr(c, "cache_pools", 0):
-        st = seg.cache_stats(p)
+        try:
+            st = seg.cache_stats(p)
+        except BtError as e:
+            # Busy: its writer died inside a call and the pool awaits its reset (recovery).
+            # Counted as all used until then; never an exception in btd's loop.
+            return {"pool": p, "kind": "cache", "blocks": blocks, "used": blocks, "cached": 0,
+                    "free": 0, "owner_pid": None, "keys": 0, "key_cap": 0, "cache": None,
+                    "error": e.name}
         cached = int(st["cached_free"])
         free = int(st["free"]) - cached
         return {"pool": p, "kind": "cache", "blocks": blocks, "used": blocks - int(st["free"]),
@@ -358,7 +365,8 @@ class Pools(Command):
             cache = p.get("cache")
             hit = (f'{100.0 * cache["hits"] / cache["queries"]:.1f}'
                    if cache and cache["queries"] else None)
-            rows.append([p["segment"], p["pool"], p.get("kind", "stack"), p["blocks"], p["used"],
+            kind = p.get("kind", "stack") + (f' ({p["error"]})' if p.get("error") else "")
+            rows.append([p["segment"], p["pool"], kind, p["blocks"], p["used"],
                          p["cached"] if cache else None, p["free"],
                          f'{100.0 * p["used"] / max(p["blocks"], 1):.1f}',
                          p.get("owner_pid"), cache["queries"] if cache else None,
@@ -366,7 +374,7 @@ class Pools(Command):
                          cache["blocks_evicted"] if cache else None])
         heads = ["SEGMENT", "POOL", "KIND", "BLOCKS", "USED", "CACHED", "FREE", "USED%",
                  "ENGINE", "QUERIES", "HITS", "HIT%", "EVICTED"]
-        if not any(p.get("cache") for p in r["pools"]):     # no engine: the plain table
+        if not any(p.get("kind") == "cache" for p in r["pools"]):   # no cache pool: plain
             keep = [0, 1, 3, 4, 6, 7]
             heads = [heads[i] for i in keep]
             rows = [[x[i] for i in keep] for x in rows]
