@@ -13,6 +13,7 @@ segment is created / attached directly, with the same size check here.
 import atexit
 import inspect
 import json
+import multiprocessing.util
 import os
 import threading
 import time
@@ -23,7 +24,7 @@ from blocktable.connect import DaemonNotRunning
 
 from . import ENV_DEV, ENV_STATS, enabled
 
-__all__ = ["connect", "segment_config", "Stats", "SIZE_FIELDS"]
+__all__ = ["connect", "disconnect", "segment_config", "check_fits", "Stats", "SIZE_FIELDS"]
 
 SIZE_FIELDS = ("blocks_per_pool", "num_rows", "row_width")   # existing must be >= asked
 SAME_FIELDS = ("block_size",)                                # existing must equal asked
@@ -102,10 +103,23 @@ def connect(create=None):
         return _client
 
 
+def disconnect():
+    """Close this process's client (its rows are released, its cache pool
+    reset). The next connect() makes a new one."""
+    global _client
+    with _lock:
+        if _client is not None:
+            seg = _client.segment
+            _client.close()
+            seg.close()
+        _client = None
+
+
 class Stats(dict):
     """Counters of one patched process, written as JSON to
-    $BLOCKTABLE_VLLM_STATS_DIR/<role>-<pid>.json at exit and at most every
-    `period` seconds while counting (maybe_flush). Without the variable,
+    $BLOCKTABLE_VLLM_STATS_DIR/<role>-<pid>.json at exit (atexit, and
+    multiprocessing's exit finalizers), at most every `period` seconds while
+    counting (maybe_flush), and whenever the owner calls flush(). Without the variable,
     nothing is written. Not thread-safe (one per role per process)."""
 
     def __init__(self, role, period=0.5, **fields):
@@ -116,7 +130,11 @@ class Stats(dict):
         self._last = 0.0
         if self.path:
             os.makedirs(d, exist_ok=True)
+            # vLLM's EngineCore and workers are multiprocessing children, which
+            # leave through os._exit: atexit never runs there, multiprocessing's
+            # finalizers do (util._exit_function in Process._bootstrap).
             atexit.register(self.flush)
+            multiprocessing.util.Finalize(self, self.flush, exitpriority=10)
 
     def maybe_flush(self):
         if self.path:

@@ -1,51 +1,234 @@
-"""SharedBlockPool: vLLM's BlockPool, connected to the segment.
+"""SharedBlockPool: vLLM 0.32's BlockPool with its state in the segment.
 
-(First stage: the pool's state still lives in vLLM's Python objects; it
-connects the EngineCore to the segment, sized from the engine, and counts
-the pool's work for the stats file. The segment-backed state comes with
-the cache pools.)
+The pool's state (reference counts, the LRU free queue, the block-hash ->
+block map) lives in one of the segment's cache pools (libbt bt_cache_*,
+through blocktable.CachePool): allocation, freeing, touching, eviction and
+lookups are libbt calls, one per vLLM call, with vLLM's exact semantics
+(the same ids come out, the same blocks are evicted first). What stays in
+Python is what vLLM builds around that state: the KVCacheBlock objects
+vLLM's managers hold (SharedKVCacheBlock: ref_cnt, block_hash and
+block_hash_num_tokens read and write the segment), the KV-cache events
+(vLLM's own code, inherited: cache_full_blocks, cache_partial_block,
+emit_cached_block_events, _emit_block_removed_events, evict_blocks and
+move_block_hashes run unchanged over the overridden primitives, so events
+have the same content), the metrics collector hooks and the reuse
+watchers of unpin_blocks.
+
+Overridden (each a primitive vLLM's other methods are built on):
+__init__ (no Python queue or map), get_cached_block, get_new_blocks, touch,
+free_blocks, unpin_blocks, _insert_block_hash, _remove_cached_block_hashes,
+reset_prefix_cache, get_num_free_blocks.
+
+Limits: the segment's cache pool must have exactly num_gpu_blocks blocks
+(a larger pool would hand out ids past vLLM's KV tensors): RuntimeError
+naming both otherwise. ``cached_block_hash_to_block.contain(key, block)``
+(used only by partial-block hits, off by default) sees a block's primary
+key and the oldest block of a key, not a block's later extra keys.
+Errors: those of blocktable.connect and CachePool; RuntimeError at start for
+a segment that does not fit. Not thread-safe (as vLLM's BlockPool).
 """
+from vllm.distributed.kv_events import MEDIUM_GPU, AllBlocksCleared
+from vllm.logger import init_logger
 from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import (BlockHashWithGroupId, KVCacheBlock,
+                                         make_block_hash_with_group_id)
 
 from . import _seg
 from .scheduler import _engine
 
-__all__ = ["SharedBlockPool"]
+__all__ = ["SharedBlockPool", "SharedKVCacheBlock"]
+
+logger = init_logger(__name__)
+
+
+class SharedKVCacheBlock(KVCacheBlock):
+    """A KVCacheBlock whose ref_cnt, block_hash and block_hash_num_tokens are
+    the segment's (vLLM's managers read them, and its copy-on-write paths do
+    ``ref_cnt += 1`` on held blocks: set_ref in the segment)."""
+
+    __slots__ = ("_cp",)
+
+    @property
+    def ref_cnt(self):
+        return self._cp.refcnt(self.block_id)
+
+    @ref_cnt.setter
+    def ref_cnt(self, n):
+        try:
+            cp = self._cp
+        except AttributeError:          # KVCacheBlock.__init__ storing its default 0
+            return
+        if n != cp.refcnt(self.block_id):
+            cp.set_ref(self.block_id, n)
+
+    @property
+    def block_hash(self):
+        k = self._cp.block_key(self.block_id)
+        return None if k is None else BlockHashWithGroupId(k[0])
+
+    @property
+    def block_hash_num_tokens(self):
+        k = self._cp.block_key(self.block_id)
+        return None if k is None else k[1]
+
+    def set_block_hash(self, block_hash, num_tokens=None):
+        raise AssertionError("SharedKVCacheBlock: keys are set through the pool")
+
+    def reset_hash(self):
+        pass                            # the pool's remove already dropped the keys
+
+    def __repr__(self):
+        return (f"SharedKVCacheBlock(block_id={self.block_id}, ref_cnt={self.ref_cnt}, "
+                f"block_hash={self.block_hash!r})")
+
+
+class _QueueView:
+    """What is left of FreeKVCacheBlockQueue: its count (the queue is in the
+    segment; blocktable.CachePool.queue() lists it)."""
+
+    def __init__(self, cp):
+        self._cp = cp
+
+    @property
+    def num_free_blocks(self):
+        return self._cp.num_free
+
+
+class _MapView:
+    """BlockHashToBlockMap's read side over the segment's map."""
+
+    def __init__(self, pool):
+        self._pool = pool
+
+    def get_one_block(self, key):
+        b = self._pool.bt_cp.lookup(key)
+        return None if b is None else self._pool.blocks[b]
+
+    def contain(self, key, block_id):
+        blk = self._pool.blocks[block_id]
+        return blk.block_hash == key or self._pool.bt_cp.lookup(key) == block_id
+
+    def __len__(self):
+        return self._pool.bt_cp.stats()["keys"]
 
 
 class SharedBlockPool(BlockPool):
-    """BlockPool whose engine is registered on the blocktable segment.
-    Errors: those of blocktable.connect (btd refusing, a segment too small:
-    RuntimeError naming both sizes). Not thread-safe (as vLLM's)."""
+    """vLLM's BlockPool over a segment cache pool (module docstring)."""
 
-    def __init__(self, num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs):
-        super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
+    def __init__(self, num_gpu_blocks, enable_caching, hash_block_size,
+                 enable_kv_cache_events=False, metrics_collector=None, medium=MEDIUM_GPU):
+        # BlockPool.__init__ is not called: what it builds (the Python free
+        # queue, the hash map, a ref count per object) is what the segment
+        # replaces. The attributes vLLM's inherited methods read are set here.
+        assert isinstance(num_gpu_blocks, int) and num_gpu_blocks > 0
         if not _engine:
             raise RuntimeError("blocktable.vllm: a BlockPool was built outside the scheduler")
         need = _seg.segment_config(num_gpu_blocks, hash_block_size, _engine["max_num_seqs"],
-                                   _engine["max_model_len"])
+                                   _engine["max_model_len"], cache_pools=1)
         self.bt_client = _seg.connect(create=need)
+        have = self.bt_client.segment.config
+        if have.blocks_per_pool != num_gpu_blocks:
+            raise RuntimeError(
+                f"segment {self.bt_client.segment.name!r} has blocks_per_pool="
+                f"{have.blocks_per_pool}; the engine's BlockPool needs exactly {num_gpu_blocks}")
+        self.bt_cp = cp = self.bt_client.cache_pool(0)
         self.bt_stats = _seg.Stats("scheduler", rows_written=0, allocs=0, frees=0, touches=0,
                                    lookups=0, hits=0)
+        self.num_gpu_blocks = num_gpu_blocks
+        self.medium = medium
+        self.enable_caching = enable_caching
+        self.hash_block_size = hash_block_size
+        self.blocks = [SharedKVCacheBlock(i, pool=self) for i in range(num_gpu_blocks)]
+        for b in self.blocks:
+            b._cp = cp
+        self.free_block_queue = _QueueView(cp)
+        self.cached_block_hash_to_block = _MapView(self)
+        self.cached_block_hashes_by_block = {}      # unused: extra keys are in the segment
+        self.null_block = self.blocks[0]            # pool 0's id 0: never in the queue
+        self.null_block.is_null = True
+        self.enable_kv_cache_events = enable_kv_cache_events
+        self.kv_event_queue = []
+        self.metrics_collector = metrics_collector
+        self._reuse_watchers = {}
 
-    def get_new_blocks(self, num_blocks):
-        out = super().get_new_blocks(num_blocks)
-        self.bt_stats["allocs"] += num_blocks
+    # ---- lookups ----------------------------------------------------------------
+    def get_cached_block(self, block_hash, kv_cache_group_ids):
+        st, lookup, blocks = self.bt_stats, self.bt_cp.lookup, self.blocks
+        out = []
+        for gid in kv_cache_group_ids:
+            st["lookups"] += 1
+            b = lookup(make_block_hash_with_group_id(block_hash, gid))
+            if b is None:
+                return None
+            st["hits"] += 1
+            out.append(blocks[b])
         return out
 
+    # ---- the map ------------------------------------------------------------------
+    def _insert_block_hash(self, block_hash_with_group_id, block, num_tokens):
+        self.bt_cp.insert(block.block_id, block_hash_with_group_id, num_tokens or 0)
+
+    def _remove_cached_block_hashes(self, block):
+        return [BlockHashWithGroupId(k) for _, k, _ in self.bt_cp.remove(block.block_id)]
+
+    # ---- allocation ---------------------------------------------------------------
+    def get_new_blocks(self, num_blocks):
+        if num_blocks > self.get_num_free_blocks():
+            raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
+        ids, removed = self.bt_cp.alloc(num_blocks, removed=True)
+        ret = [self.blocks[i] for i in ids.tolist()]
+        if self._reuse_watchers:
+            self._notify_reuse(ret)
+        mc = self.metrics_collector
+        if mc:
+            for block in ret:
+                if self.enable_caching:
+                    mc.on_block_evicted(block)
+                mc.on_block_allocated(block)
+        if removed:         # evictions, block by block, primary key first: as vLLM emits them
+            self._emit_block_removed_events([BlockHashWithGroupId(k) for _, k, _ in removed])
+        self.bt_stats["allocs"] += num_blocks
+        return ret
+
     def touch(self, blocks):
-        super().touch(blocks)
+        self.bt_cp.touch([b.block_id for b in blocks])
+        if self.metrics_collector:
+            for b in blocks:
+                self.metrics_collector.on_block_accessed(b)
         self.bt_stats["touches"] += len(blocks)
 
     def free_blocks(self, ordered_blocks):
-        blocks = list(ordered_blocks)
-        super().free_blocks(blocks)
-        self.bt_stats["frees"] += len(blocks)
+        mine, other_pools = [], {}
+        for block in ordered_blocks:
+            if block.pool is not None and block.pool is not self:
+                other_pools.setdefault(block.pool, []).append(block)
+            else:
+                mine.append(block.block_id)
+        if mine:
+            self.bt_cp.free(mine, caching=self.enable_caching)
+        for pool, blocks in other_pools.items():
+            pool.free_blocks(blocks)
+        self.bt_stats["frees"] += len(mine)
 
-    def get_cached_block(self, block_hash, kv_cache_group_ids):
-        out = super().get_cached_block(block_hash, kv_cache_group_ids)
-        st = self.bt_stats
-        st["lookups"] += 1
-        if out is not None:
-            st["hits"] += 1
-        return out
+    def unpin_blocks(self, blocks, on_reuse):
+        blocks = list(blocks)
+        self.bt_cp.unpin([b.block_id for b in blocks])
+        for b in blocks:
+            self._reuse_watchers[b.block_id] = on_reuse
+
+    def reset_prefix_cache(self):
+        if not self.bt_cp.reset():
+            logger.warning("Failed to reset prefix cache because some blocks (%d) are not "
+                           "freed yet", self.num_gpu_blocks - self.get_num_free_blocks() - 1)
+            return False
+        if self._reuse_watchers:
+            self._notify_reuse([self.blocks[i] for i in list(self._reuse_watchers)])
+        if self.metrics_collector:
+            self.metrics_collector.reset()
+        logger.info("Successfully reset prefix cache")
+        if self.enable_kv_cache_events:
+            self.kv_event_queue.append(AllBlocksCleared())
+        return True
+
+    def get_num_free_blocks(self):
+        return self.bt_cp.num_free

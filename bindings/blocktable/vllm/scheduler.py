@@ -97,7 +97,10 @@ class SchedulerRows:
             self.inc.pop(rid, None)
         else:                                   # preempted: a new row, a new key next time
             self.inc[rid] = self.inc.get(rid, 0) + 1
-        self.stats.maybe_flush()
+        if self.rows:
+            self.stats.maybe_flush()
+        else:                                   # idle: the counters are final for now
+            self.stats.flush()
 
     def drain(self, force_done=False):
         p = self.pending

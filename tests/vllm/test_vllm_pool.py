@@ -1,0 +1,136 @@
+"""SharedBlockPool against vLLM 0.32's own BlockPool: the same random calls
+on both must give the same ids, reference counts, keys, free-queue order,
+lookups and KV-cache events. Runs only where vLLM imports."""
+import random
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.v1.core.block_pool import BlockPool  # noqa: E402
+from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id  # noqa: E402
+
+import blocktable as bt  # noqa: E402
+from blocktable.vllm import _seg, scheduler  # noqa: E402
+from blocktable.vllm.pool import SharedBlockPool  # noqa: E402
+
+from conftest import unique_name  # noqa: E402
+
+N = 40
+
+
+@pytest.fixture
+def pools(monkeypatch):
+    name = unique_name("vpool")
+    monkeypatch.setenv("BLOCKTABLE_VLLM", name)
+    monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
+    monkeypatch.delenv("BLOCKTABLE_VLLM_STATS_DIR", raising=False)
+    monkeypatch.setitem(scheduler._engine, "max_num_seqs", 4)
+    monkeypatch.setitem(scheduler._engine, "max_model_len", 256)
+    monkeypatch.setattr(_seg, "_connect_btd", lambda *a: (_ for _ in ()).throw(RuntimeError("no btd")))
+    stock = BlockPool(N, True, 16, enable_kv_cache_events=True)
+    shared = SharedBlockPool(N, True, 16, enable_kv_cache_events=True)
+    try:
+        yield stock, shared
+    finally:
+        _seg.disconnect()
+        bt.Segment.unlink(name)
+
+
+def _key(i):
+    return make_block_hash_with_group_id(i.to_bytes(32, "big"), 0)
+
+
+def _same(stock, shared, strict=True):
+    assert shared.get_num_free_blocks() == stock.get_num_free_blocks()
+    assert shared.bt_cp.queue() == [b.block_id for b in stock.free_block_queue.get_all_free_blocks()]
+    for a, b in zip(stock.blocks[1:], shared.blocks[1:]):
+        assert (b.ref_cnt, b.block_hash, b.block_hash_num_tokens) == \
+            (a.ref_cnt, a.block_hash, a.block_hash_num_tokens), a.block_id
+    ea, eb = stock.take_events(), shared.take_events()
+    if strict:
+        assert eb == ea
+    else:   # a block's extra keys are a set in vLLM: their removal order is unspecified
+        assert sorted(map(repr, eb)) == sorted(map(repr, ea))
+
+
+def _ids(blocks):
+    return [b.block_id for b in blocks]
+
+
+@pytest.mark.parametrize("extras", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_calls_match_vllm(pools, seed, extras):
+    stock, shared = pools
+    rng = random.Random(seed)
+    held = []                                   # [(stock blocks, shared blocks)] per "request"
+    nkeys = 0
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.3:
+            n = rng.randint(1, 4)
+            if n > stock.get_num_free_blocks():
+                with pytest.raises(ValueError):
+                    shared.get_new_blocks(n)
+                continue
+            a, b = stock.get_new_blocks(n), shared.get_new_blocks(n)
+            assert _ids(b) == _ids(a)
+            held.append((a, b))
+        elif op < 0.5 and held:                 # cache some held blocks (cache_full_blocks' core)
+            a, b = rng.choice(held)
+            for x, y in zip(a, b):
+                if x.block_hash is None or (extras and rng.random() < 0.2):
+                    k = _key(rng.randrange(nkeys + 1))
+                    nkeys += 1
+                    stock._insert_block_hash(k, x, 16)
+                    shared._insert_block_hash(k, y, 16)
+        elif op < 0.65:                         # a prefix hit: lookup + touch
+            k = rng.randrange(nkeys + 1).to_bytes(32, "big")
+            a, b = stock.get_cached_block(k, [0]), shared.get_cached_block(k, [0])
+            assert (b and _ids(b)) == (a and _ids(a))
+            if a:
+                stock.touch(a)
+                shared.touch(b)
+                held.append((a, b))
+        elif op < 0.72 and held:                # copy-on-write: vLLM's `ref_cnt += 1`
+            a, b = rng.choice(held)
+            a[0].ref_cnt += 1
+            b[0].ref_cnt += 1
+            held.append(([a[0]], [b[0]]))
+        elif op < 0.95 and held:                # a request ends: blocks freed tail first
+            a, b = held.pop(rng.randrange(len(held)))
+            stock.free_blocks(reversed(a))
+            shared.free_blocks(reversed(b))
+        elif op < 0.98 and held:                # evict_blocks (KV connectors)
+            ids = {rng.randrange(1, N) for _ in range(2)}
+            stock.evict_blocks(ids)
+            shared.evict_blocks(ids)
+        else:
+            assert shared.reset_prefix_cache() == stock.reset_prefix_cache()
+        _same(stock, shared, strict=not extras)
+    while held:
+        a, b = held.pop()
+        stock.free_blocks(reversed(a))
+        shared.free_blocks(reversed(b))
+    assert shared.reset_prefix_cache() and stock.reset_prefix_cache()
+    _same(stock, shared, strict=not extras)
+    assert shared.get_num_free_blocks() == N - 1
+
+
+def test_segment_too_small_for_the_engine(monkeypatch):
+    name = unique_name("vsmall")
+    monkeypatch.setenv("BLOCKTABLE_VLLM", name)
+    monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
+    monkeypatch.setitem(scheduler._engine, "max_num_seqs", 4)
+    monkeypatch.setitem(scheduler._engine, "max_model_len", 256)
+    monkeypatch.setattr(_seg, "_connect_btd", lambda *a: (_ for _ in ()).throw(RuntimeError("no btd")))
+    cfg = _seg.segment_config(N, 16, 4, 128, cache_pools=1)   # rows too narrow for 256 tokens
+    seg = bt.Segment.create(name, bt.SegmentConfig(**cfg))
+    try:
+        with pytest.raises(RuntimeError) as e:
+            SharedBlockPool(N, True, 16)
+        assert "row_width=9" in str(e.value) and "row_width=17" in str(e.value)
+    finally:
+        _seg.disconnect()
+        seg.close()
+        bt.Segment.unlink(name)
