@@ -703,6 +703,16 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
         assert (pool["used"], pool["cached"], pool["free"], pool["keys"]) == (0, 0, 63, 0), pool
         assert pool["owner_pid"] is None
         assert d.ctl_json("fsck", "--segment", name)["ok"] is True
+        # a new engine takes the pool at once
+        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
+                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        assert line.strip(), p.stderr.read()
+        [pool] = d.request("pools", {"segment": name})["pools"]
+        assert pool["owner_pid"] == p.pid and pool["cached"] == 4
+        p.kill()
+        p.wait()
     finally:
         d.cleanup()
         try:

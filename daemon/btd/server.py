@@ -755,8 +755,9 @@ class Daemon:
         for m in self.segments.values():
             self.retry_pending(m)
         self.scan()
-        if self.dirty:
-            self.publish()
+        # Every tick, not only when btd saw an event: pool counts and the prefix-cache
+        # counters move with the clients' own calls, which btd does not see.
+        self.publish()
         line = self.status_line()
         if line != self.last_status:
             sdnotify.notify(f"STATUS={line}")

@@ -253,9 +253,11 @@ def check_cache_pool_view(daemon, segment, core):
     text = daemon.ctl("pools", "--segment", segment).stdout
     assert "cache" in text and str(core) in text, text
     # the metrics endpoint publishes btd's snapshot of the next tick
-    mt = wait_for(lambda: (lambda t: t if metric(t, "bt_prefix_cache_hits_total",
-                                                 segment=segment, pool=0) else None)(
-        metrics_text(daemon)), 10, "the metrics to show the engine's cache", interval=0.1)
+    def scrape():
+        t = metrics_text(daemon)
+        return t if (metric(t, "bt_prefix_cache_hits_total", segment=segment, pool=0) and
+                     metric(t, "bt_blocks_cached", segment=segment, pool=0)) else None
+    mt = wait_for(scrape, 10, "the metrics to show the engine's cache", interval=0.1)
     assert metric(mt, "bt_prefix_cache_hits_total", segment=segment, pool=0) > 0
     assert metric(mt, "bt_prefix_cache_queries_total", segment=segment, pool=0) > 0
     assert metric(mt, "bt_blocks_cached", segment=segment, pool=0) > 0
@@ -384,6 +386,9 @@ def test_tp1_blocktable_identical_visible_then_sigkill_recovered(tmp, model, dae
         wait_for(lambda: all_blocks_back(daemon, segment), 30,
                  "btd to recover every block of the killed engine", interval=0.01)
         timings["recovery_after_kill"] = time.monotonic() - t_kill
+        if HAS_CACHE_POOLS:
+            cp = cache_pool(daemon, segment)
+            assert cp["owner_pid"] is None and cp["keys"] == 0, cp
         ok, rep = fsck_clean(daemon, segment)
         assert ok, rep
         rec = daemon.request("stats")["recoveries"]
