@@ -7,8 +7,8 @@ max_model_len, max_tokens, batches (a list of prompt lists: each list is one gen
 call, in order, so later batches hit the prefixes earlier ones cached), out (result path),
 hold (bool: after the last batch, say "HOLD" and wait for a line on stdin before
 shutting down, so the caller can look at btd while the engine lives), kill_batch (a prompt
-list generated in a thread after "HOLD", kill_max_tokens each: the caller SIGKILLs the
-EngineCore meanwhile). The markers (HOLD, GENERATING, DONE) go to the file descriptor
+list generated in a thread once the caller answers "HOLD" with a line, kill_max_tokens each:
+the caller SIGKILLs the EngineCore meanwhile, then sends another line to end this process). The markers (HOLD, GENERATING, DONE) go to the file descriptor
 $BT_ENGINE_CTL_FD (else stdout): vLLM logs to stdout, which the caller sends to a file.
 
 The environment picks stock vLLM or blocktable (BLOCKTABLE_VLLM=<segment>; the plugin is
@@ -113,6 +113,7 @@ def main():
     if spec.get("hold"):
         say("HOLD")
         if spec.get("kill_batch"):
+            sys.stdin.readline()        # the caller has looked at the idle engine
             # The caller SIGKILLs the EngineCore while this runs; the front end then
             # raises (engine dead) and this process exits without a clean shutdown.
             prompts = [{"prompt_token_ids": p} for p in spec["kill_batch"]]
@@ -134,8 +135,10 @@ def main():
 def _gen_catch(llm, prompts, sp, err):
     try:
         llm.generate(prompts, sp, use_tqdm=False)
+        say("GENERATED")            # finished before the caller killed the engine
     except BaseException as e:  # noqa: BLE001 - the engine was killed on purpose
         err.append(repr(e))
+        say("GENERATE_FAILED " + repr(e)[:200])
 
 
 if __name__ == "__main__":

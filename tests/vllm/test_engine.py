@@ -146,6 +146,24 @@ class Engine:
         finally:
             sel.close()
 
+    def early_end(self):
+        """A marker saying the kill batch already ended (finished or failed), if one came:
+        read without blocking."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._ctl, selectors.EVENT_READ)
+        try:
+            while sel.select(0):
+                chunk = self._ctl.read(4096)
+                if not chunk:
+                    break
+                self._buf += chunk
+        finally:
+            sel.close()
+        for line in self._buf.decode(errors="replace").splitlines():
+            if line.startswith(("GENERATED", "GENERATE_FAILED")):
+                return line
+        return None
+
     def result(self):
         with open(os.path.join(self.dir, "result.json")) as f:
             return json.load(f)
@@ -170,9 +188,21 @@ class Engine:
         return out
 
     def kill(self):
+        """After a failure: SIGKILL the driver and the engine processes it started (an
+        orphaned EngineCore would hold the segment's cache pool against the next engine)."""
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            kids = []
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        for k in kids:
+            try:
+                k.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(kids, timeout=30)
 
 
 def run_plain(tmp, tag, tp, model, **kw):
@@ -253,26 +283,44 @@ def check_cache_pool_view(daemon, segment, core):
     text = daemon.ctl("pools", "--segment", segment).stdout
     assert "cache" in text and str(core) in text, text
     # the metrics endpoint publishes btd's snapshot of the next tick
+    # The engine is idle (held after generate): the endpoint must come to show exactly what
+    # the pool holds now (btd publishes a snapshot each tick).
+    now = cache_pool(daemon, segment)
+    want = {"bt_prefix_cache_hits_total": now["cache"]["hits"],
+            "bt_prefix_cache_queries_total": now["cache"]["queries"],
+            "bt_prefix_cache_evicted_total": now["cache"]["evicted"],
+            "bt_prefix_cache_blocks_evicted_total": now["cache"]["blocks_evicted"],
+            "bt_blocks_cached": now["cached"], "bt_blocks_used": now["used"],
+            "bt_blocks_free": now["free"]}
+
+    last = {}
+
     def scrape():
         t = metrics_text(daemon)
-        return t if (metric(t, "bt_prefix_cache_hits_total", segment=segment, pool=0) and
-                     metric(t, "bt_blocks_cached", segment=segment, pool=0)) else None
-    mt = wait_for(scrape, 10, "the metrics to show the engine's cache", interval=0.1)
-    assert metric(mt, "bt_prefix_cache_hits_total", segment=segment, pool=0) > 0
-    assert metric(mt, "bt_prefix_cache_queries_total", segment=segment, pool=0) > 0
-    assert metric(mt, "bt_blocks_cached", segment=segment, pool=0) > 0
+        last.update({k: metric(t, k, segment=segment, pool=0) for k in want})
+        return dict(last) if last == want else None
+    try:
+        got = wait_for(scrape, 10, "the metrics to show the engine's pool", interval=0.1)
+    except TimeoutError:
+        raise AssertionError(f"metrics {last} != pool {want}") from None
+    assert got["bt_prefix_cache_hits_total"] > 0 and got["bt_blocks_cached"] > 0, got
 
 
 # ---- fixtures ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tmp():
+def tmp(request):
     """A folder of our own: pytest's shared basetemp keeps only its last 3 sessions, and
-    other test sessions on this machine would remove ours while the engines run."""
+    other test sessions on this machine would remove ours while the engines run. Kept
+    (and named) when a test failed: the engines' logs are there."""
     import shutil
     import tempfile
     d = tempfile.mkdtemp(prefix="bt-vllm-test-")
+    failed = request.session.testsfailed
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    if request.session.testsfailed == failed:
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        print(f"\nengine test: logs kept in {d}")
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +354,15 @@ def segment():
 
 @pytest.fixture(scope="module")
 def timings():
+    """Seconds per engine run; printed (pytest -s) with the identity results, and written as
+    JSON to $BT_VLLM_REPORT when set."""
     t = {}
     yield t
-    print("\nengine test timings (s): " + json.dumps({k: round(v, 1) for k, v in t.items()}))
+    rep = {"timings_s": {k: round(v, 1) for k, v in t.items()}, "identity": IDENTITY}
+    print("\nengine test: " + json.dumps(rep))
+    if os.environ.get("BT_VLLM_REPORT"):
+        with open(os.environ["BT_VLLM_REPORT"], "w") as f:
+            json.dump(rep, f, indent=2)
 
 
 def need_plugin():
@@ -328,10 +382,13 @@ def assert_same_engine(stock, bt, tp):
     for k in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions",
               "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success"):
         assert bm.get(k) == sm.get(k), f"TP={tp}: {k}: blocktable {bm.get(k)}, stock {sm.get(k)}"
+    IDENTITY[f"tp{tp}"] = {"requests": n, "identical_outputs": True,
+                           **{k.split(":")[1]: int(sm[k]) for k in sm}}
 
 
 # ---- the tests ------------------------------------------------------------------------------
 RESULTS = {}
+IDENTITY = {}       # what was asserted identical, per TP (printed at the end; the issue's note)
 
 
 def test_tp1_stock_workload_hits_and_preempts(tmp, model, timings):
@@ -368,9 +425,14 @@ def test_tp1_blocktable_identical_visible_then_sigkill_recovered(tmp, model, dae
         ok, rep = fsck_clean(daemon, segment)
         assert ok, rep
         # ---- mid-generation: the live requests are rows; then SIGKILL the EngineCore ----
+        e.release()                     # the kill batch starts
         e.wait_marker("GENERATING", 30)
-        rows = wait_for(lambda: daemon.request("rows", {"segment": segment})["rows"], 60,
-                        "the engine's request rows", interval=0.005)
+        def live_rows():
+            rows = daemon.request("rows", {"segment": segment})["rows"]
+            end = None if rows else e.early_end()
+            assert end is None, f"the batch ended before its rows were seen: {end}\n{e.log()}"
+            return rows
+        rows = wait_for(live_rows, 60, "the engine's request rows", interval=0.005)
         assert all(x["kind"] == "raw" and x["pid"] == core and
                    x["process"].startswith("VLLM::EngineCore") for x in rows), rows
         assert len({x["key"] for x in rows}) == len(rows) and len(rows) <= MAX_SEQS
