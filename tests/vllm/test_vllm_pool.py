@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-pytest.importorskip("vllm")
+# Not just "vllm": this folder, tests/vllm, imports as a namespace package "vllm"
+# where the real one is missing.
+pytest.importorskip("vllm.v1.core.block_pool")
 
 from vllm.v1.core.block_pool import BlockPool  # noqa: E402
 from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id  # noqa: E402
@@ -19,9 +21,12 @@ from conftest import unique_name  # noqa: E402
 N = 40
 
 
-@pytest.fixture
-def pools(monkeypatch):
+@pytest.fixture(params=[0, 10], ids=["exact", "larger-segment"])
+def pools(monkeypatch, request):
     name = unique_name("vpool")
+    if request.param:       # a segment left by a larger engine: its extra ids are never used
+        cfg = _seg.segment_config(N + request.param, 16, 4, 256, cache_pools=1)
+        bt.Segment.create(name, bt.SegmentConfig(**cfg)).close()
     monkeypatch.setenv("BLOCKTABLE_VLLM", name)
     monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
     monkeypatch.delenv("BLOCKTABLE_VLLM_STATS_DIR", raising=False)
@@ -115,6 +120,7 @@ def test_random_calls_match_vllm(pools, seed, extras):
     assert shared.reset_prefix_cache() and stock.reset_prefix_cache()
     _same(stock, shared, strict=not extras)
     assert shared.get_num_free_blocks() == N - 1
+    assert shared.bt_cp.stats()["in_use"] == len(shared.bt_pinned)
 
 
 def test_segment_too_small_for_the_engine(monkeypatch):

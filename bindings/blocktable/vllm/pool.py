@@ -19,10 +19,11 @@ __init__ (no Python queue or map), get_cached_block, get_new_blocks, touch,
 free_blocks, unpin_blocks, _insert_block_hash, _remove_cached_block_hashes,
 reset_prefix_cache, get_num_free_blocks.
 
-Limits: the segment's cache pool must have exactly num_gpu_blocks blocks
-(a larger pool would hand out ids past vLLM's KV tensors): RuntimeError
-naming both otherwise. ``cached_block_hash_to_block.contain(key, block)``
-(used only by partial-block hits, off by default) sees a block's primary
+A segment's cache pool larger than num_gpu_blocks (made by an earlier,
+larger engine) is used with its ids past num_gpu_blocks held for good (they
+show as used in bt-ctl; bt_pinned lists them); a smaller one is refused at start (btd's create,
+or _seg.check_fits: RuntimeError naming both sizes).
+Limits: ``cached_block_hash_to_block.contain(key, block)`` (used only by partial-block hits, off by default) sees a block's primary
 key and the oldest block of a key, not a block's later extra keys.
 Errors: those of blocktable.connect and CachePool; RuntimeError at start for
 a segment that does not fit. Not thread-safe (as vLLM's BlockPool).
@@ -32,6 +33,9 @@ from vllm.logger import init_logger
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import (BlockHashWithGroupId, KVCacheBlock,
                                          make_block_hash_with_group_id)
+
+from blocktable import ffi, lib
+from blocktable._errors import make_error
 
 from . import _seg
 from .scheduler import _engine
@@ -126,12 +130,21 @@ class SharedBlockPool(BlockPool):
         need = _seg.segment_config(num_gpu_blocks, hash_block_size, _engine["max_num_seqs"],
                                    _engine["max_model_len"], cache_pools=1)
         self.bt_client = _seg.connect(create=need)
-        have = self.bt_client.segment.config
-        if have.blocks_per_pool != num_gpu_blocks:
-            raise RuntimeError(
-                f"segment {self.bt_client.segment.name!r} has blocks_per_pool="
-                f"{have.blocks_per_pool}; the engine's BlockPool needs exactly {num_gpu_blocks}")
         self.bt_cp = cp = self.bt_client.cache_pool(0)
+        self._pin_excess(num_gpu_blocks)
+        # The hot calls go to libbt directly with buffers made once (a list
+        # into a cffi array is one slice store; no numpy per call). They hold
+        # the client's handle: the pool is dead once its client is closed.
+        self._cl = self.bt_client._cl
+        self._nfree = cp._nfree
+        self._cap = max(256, num_gpu_blocks)
+        self._ids = ffi.new("int32_t[]", self._cap)
+        self._rm_cap = 64
+        self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
+        self._nout = ffi.new("uint32_t *")
+        self._ins = ffi.new("int *")
+        self._seg = self.bt_client.segment._s()
+        self._bout = ffi.new("int32_t *")
         self.bt_stats = _seg.Stats("scheduler", rows_written=0, allocs=0, frees=0, touches=0,
                                    lookups=0, hits=0)
         self.num_gpu_blocks = num_gpu_blocks
@@ -151,22 +164,42 @@ class SharedBlockPool(BlockPool):
         self.metrics_collector = metrics_collector
         self._reuse_watchers = {}
 
+    def _pin_excess(self, n):
+        """A segment made for a larger engine has ids past vLLM's KV tensors:
+        hold them (count 1, never in the queue) so that they are never handed
+        out. All blocks are taken, then the first n - 1 given back: they are
+        prepended in order, so the queue is exactly a fresh n-block pool's."""
+        cp = self.bt_cp
+        total = cp.num_blocks
+        self.bt_pinned = ids = []
+        if total == n:
+            return
+        ids = cp.alloc(cp.num_free)
+        cp.free(ids[:n - 1], caching=False)
+        self.bt_pinned = ids[n - 1:]
+
     # ---- lookups ----------------------------------------------------------------
     def get_cached_block(self, block_hash, kv_cache_group_ids):
-        st, lookup, blocks = self.bt_stats, self.bt_cp.lookup, self.blocks
+        st, seg, bout = self.bt_stats, self._seg, self._bout
         out = []
         for gid in kv_cache_group_ids:
             st["lookups"] += 1
-            b = lookup(make_block_hash_with_group_id(block_hash, gid))
-            if b is None:
+            k = make_block_hash_with_group_id(block_hash, gid)
+            rc = lib.bt_cache_lookup(seg, 0, k, len(k), bout)
+            if rc:
+                raise make_error(rc, f"prefix-cache lookup (key of {len(k)} bytes)")
+            if not bout[0]:
                 return None
             st["hits"] += 1
-            out.append(blocks[b])
+            out.append(self.blocks[bout[0]])
         return out
 
     # ---- the map ------------------------------------------------------------------
     def _insert_block_hash(self, block_hash_with_group_id, block, num_tokens):
-        self.bt_cp.insert(block.block_id, block_hash_with_group_id, num_tokens or 0)
+        k = block_hash_with_group_id
+        rc = lib.bt_cache_insert(self._cl, 0, block.block_id, k, len(k), num_tokens or 0, self._ins)
+        if rc:
+            raise make_error(rc, f"caching block {block.block_id} (key of {len(k)} bytes)")
 
     def _remove_cached_block_hashes(self, block):
         return [BlockHashWithGroupId(k) for _, k, _ in self.bt_cp.remove(block.block_id)]
@@ -175,8 +208,9 @@ class SharedBlockPool(BlockPool):
     def get_new_blocks(self, num_blocks):
         if num_blocks > self.get_num_free_blocks():
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
-        ids, removed = self.bt_cp.alloc(num_blocks, removed=True)
-        ret = [self.blocks[i] for i in ids.tolist()]
+        ids, removed = self._alloc(num_blocks)
+        blocks = self.blocks
+        ret = [blocks[i] for i in ids]
         if self._reuse_watchers:
             self._notify_reuse(ret)
         mc = self.metrics_collector
@@ -186,12 +220,40 @@ class SharedBlockPool(BlockPool):
                     mc.on_block_evicted(block)
                 mc.on_block_allocated(block)
         if removed:         # evictions, block by block, primary key first: as vLLM emits them
-            self._emit_block_removed_events([BlockHashWithGroupId(k) for _, k, _ in removed])
+            self._emit_block_removed_events(removed)
         self.bt_stats["allocs"] += num_blocks
         return ret
 
+    def _alloc(self, n):
+        """bt_cache_alloc: (ids, keys evicted in order)."""
+        if n > self._cap:
+            ids, rm = self.bt_cp.alloc(n, removed=True)
+            return ids.tolist(), [BlockHashWithGroupId(k) for _, k, _ in rm]
+        rc = lib.bt_cache_alloc(self._cl, 0, n, self._ids, self._rm, self._rm_cap, self._nout)
+        if rc == lib.BT_EINVAL and self._nout[0] > self._rm_cap:   # more evicted keys than room
+            self._rm_cap = 2 * self._nout[0]
+            self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
+            rc = lib.bt_cache_alloc(self._cl, 0, n, self._ids, self._rm, self._rm_cap, self._nout)
+        if rc:
+            raise make_error(rc, f"allocating {n} blocks ({self._nfree[0]} free)")
+        nrm, rm = self._nout[0], self._rm
+        removed = [BlockHashWithGroupId(ffi.buffer(rm[i].key, rm[i].len)[:]) for i in range(nrm)]
+        return ffi.unpack(self._ids, n), removed
+
+    def _idbuf(self, ids):
+        n = len(ids)
+        if n > self._cap:
+            self._cap = 2 * n
+            self._ids = ffi.new("int32_t[]", self._cap)
+        self._ids[0:n] = ids
+        return self._ids, n
+
     def touch(self, blocks):
-        self.bt_cp.touch([b.block_id for b in blocks])
+        ids = [b.block_id for b in blocks]
+        buf, n = self._idbuf(ids)
+        rc = lib.bt_cache_touch(self._cl, 0, buf, n)
+        if rc:
+            raise make_error(rc, f"touching blocks {ids[:8]}")
         if self.metrics_collector:
             for b in blocks:
                 self.metrics_collector.on_block_accessed(b)
@@ -205,7 +267,10 @@ class SharedBlockPool(BlockPool):
             else:
                 mine.append(block.block_id)
         if mine:
-            self.bt_cp.free(mine, caching=self.enable_caching)
+            buf, n = self._idbuf(mine)
+            rc = lib.bt_cache_free(self._cl, 0, buf, n, 1 if self.enable_caching else 0)
+            if rc:
+                raise make_error(rc, f"freeing blocks {mine[:8]}")
         for pool, blocks in other_pools.items():
             pool.free_blocks(blocks)
         self.bt_stats["frees"] += len(mine)
@@ -217,7 +282,14 @@ class SharedBlockPool(BlockPool):
             self._reuse_watchers[b.block_id] = on_reuse
 
     def reset_prefix_cache(self):
-        if not self.bt_cp.reset():
+        cp, pinned = self.bt_cp, self.bt_pinned
+        if len(pinned):     # libbt resets only an idle pool: unpin around it (front out, front in)
+            cp.free(pinned, caching=False)
+        ok = cp.reset()
+        if len(pinned):
+            again = cp.alloc(len(pinned))
+            assert (again == pinned).all(), "the pinned ids did not come back first"
+        if not ok:
             logger.warning("Failed to reset prefix cache because some blocks (%d) are not "
                            "freed yet", self.num_gpu_blocks - self.get_num_free_blocks() - 1)
             return False
@@ -231,4 +303,4 @@ class SharedBlockPool(BlockPool):
         return True
 
     def get_num_free_blocks(self):
-        return self.bt_cp.num_free
+        return self._nfree[0]       # the pool's count, in the segment (no call)

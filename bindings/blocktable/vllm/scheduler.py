@@ -183,6 +183,11 @@ def install():
             rows.release(request)
         return out
 
+    # Why each (module docstring has the detail): the engine's sizes exist only
+    # in Scheduler.__init__; schedule/update_from_output bound the batches in
+    # flight; allocate_slots is the one way blocks reach a request, free and
+    # pop_blocks_for_free the two ways they leave it. AsyncScheduler inherits
+    # all of them (it overrides none).
     Scheduler.__init__ = __init__
     Scheduler.schedule = schedule
     Scheduler.update_from_output = update_from_output

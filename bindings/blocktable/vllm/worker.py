@@ -173,8 +173,12 @@ def install():
         self._bt_rows.before_prepare(self.input_batch.num_reqs)
         return orig_prepare(self, scheduler_output, num_scheduled_tokens)
 
+    # _update_states: where a worker learns of new / resumed / finished requests
+    # (their keys). _prepare_inputs: the last point before block_table.np is
+    # committed and read, after the batch is condensed (final order).
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     if os.environ.get(ENV_CHECK, "") in ("", "0"):
+        # vLLM's private copy of the ids goes; its per-row count stays.
         bt_mod.BlockTable.append_row = _count_only_append_row
     _installed = True
