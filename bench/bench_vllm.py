@@ -108,6 +108,7 @@ def run_mode(mode, tmp, model, sizes, max_tokens, repeat, daemon):
         ss = [s for s in probe["steps"] if w["start"] <= s[0] <= w["end"]]
         nsteps = len(ss)
         cat_ns = [sum(s[3][i] for s in ss) for i in range(len(CATS))]
+        cat_calls = [sum(s[4][i] for s in ss) for i in range(len(CATS))]
         pool_ns = sum(cat_ns)
         cur = out["sizes"].setdefault(str(label), {"runs": []})
         cur["runs"].append({
@@ -115,6 +116,8 @@ def run_mode(mode, tmp, model, sizes, max_tokens, repeat, daemon):
             "pool_us_per_step": pool_ns / nsteps / 1e3 if nsteps else None,
             "pool_us_per_step_by_cat": {c: cat_ns[i] / nsteps / 1e3 if nsteps else None
                                         for i, c in enumerate(CATS)},
+            "calls_by_cat": dict(zip(CATS, cat_calls)),
+            "pool_us_by_cat": {c: cat_ns[i] / 1e3 for i, c in enumerate(CATS)},
             "schedule_us_per_step": sum(s[1] for s in ss) / nsteps / 1e3 if nsteps else None,
             "tokens": w["tokens"], "seconds": w["seconds"],
             "tokens_per_s": w["tokens"] / w["seconds"]})
@@ -134,6 +137,9 @@ def run_mode(mode, tmp, model, sizes, max_tokens, repeat, daemon):
                 for c in CATS},
             "schedule_us_per_step": sum(x["schedule_us_per_step"] * x["steps"]
                                         for x in runs) / steps,
+            "us_per_call_by_cat": {
+                c: (sum(x["pool_us_by_cat"][c] for x in runs) /
+                    max(1, sum(x["calls_by_cat"][c] for x in runs))) for c in CATS},
             "tokens": sum(x["tokens"] for x in runs),
             "seconds": sum(x["seconds"] for x in runs)})
         cur["tokens_per_s"] = cur["tokens"] / cur["seconds"]
@@ -213,6 +219,12 @@ def print_table(results, sizes):
         b = bt["sizes"][str(n)]["pool_us_per_step_by_cat"] if bt else {}
         print(f"{n:>8}  " + "  ".join(
             f"{c} {s[c]:.1f}|{b[c]:.1f}" if bt else f"{c} {s[c]:.1f}" for c in CATS))
+    print("\nblock-pool us per call by kind (stock | blocktable):")
+    for n in sizes:
+        s = st["sizes"][str(n)]["us_per_call_by_cat"]
+        b = bt["sizes"][str(n)]["us_per_call_by_cat"] if bt else {}
+        print(f"{n:>8}  " + "  ".join(
+            f"{c} {s[c]:.2f}|{b[c]:.2f}" if bt else f"{c} {s[c]:.2f}" for c in CATS))
 
 
 if __name__ == "__main__":

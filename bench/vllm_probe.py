@@ -97,9 +97,11 @@ def register():
         p0 = time.perf_counter_ns()
         out = orig_schedule(self, *a, **kw)
         dt = time.perf_counter_ns() - p0
-        _steps.append((t0, dt, len(self.running), [_acc[c] for c in CATS]))
+        _steps.append((t0, dt, len(self.running), [_acc[c] for c in CATS],
+                       [_calls[c] for c in CATS]))
         for c in CATS:
             _acc[c] = 0
+            _calls[c] = 0
         if time.monotonic() - _last_dump[0] > 1.0:
             _dump()
         return out
