@@ -304,10 +304,12 @@ class Status(Command):
             c = s["config"]
             live = s["clients"]["active"] + s["clients"]["reserved"]
             rows.append([s["name"], s["shm"], s["size"], c["num_pools"], s["blocks_used"],
-                         s["blocks_free"], f"{s['rows_used']}/{s['rows_total']}", live,
+                         s.get("blocks_cached", 0), s["blocks_free"],
+                         f"{s['rows_used']}/{s['rows_total']}", live,
                          s["generation"], s["pending_recoveries"], len(s["stuck"])])
-        out = "\n".join(head) + table(["SEGMENT", "SHM", "BYTES", "POOLS", "USED", "FREE",
-                                       "ROWS", "CLIENTS", "GEN", "RECOVERING", "STUCK"], rows)
+        out = "\n".join(head) + table(["SEGMENT", "SHM", "BYTES", "POOLS", "USED", "CACHED",
+                                       "FREE", "ROWS", "CLIENTS", "GEN", "RECOVERING", "STUCK"],
+                                      rows)
         for s in r["segments"]:
             for st in s["stuck"]:
                 out += (f"\nwarning: segment {s['name']}: client {st['slot']} (pid {st['pid']}, "
