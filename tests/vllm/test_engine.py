@@ -34,13 +34,13 @@ import pytest
 if os.environ.get("BT_VLLM_UNAVAILABLE"):
     pytest.skip("vLLM's CPU build cannot be installed here: "
                 + os.environ["BT_VLLM_UNAVAILABLE"], allow_module_level=True)
-try:
-    import vllm  # noqa: F401
-except ImportError as e:
+from conftest import real_vllm  # noqa: E402  (tests/conftest.py)
+
+if not real_vllm():
     if os.environ.get("BT_VLLM_REQUIRED"):
-        raise
-    pytest.skip(f"vllm is not importable in this environment ({e}); the engine test runs "
-                "in .venv-vllm: make test-vllm", allow_module_level=True)
+        raise ImportError("vllm is not installed in this Python (BT_VLLM_REQUIRED=1)")
+    pytest.skip("vllm is not installed in this environment; the engine test runs in "
+                ".venv-vllm: make test-vllm", allow_module_level=True)
 
 import psutil
 
