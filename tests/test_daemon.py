@@ -595,10 +595,12 @@ def test_create_serves_a_new_segment_like_a_configured_one(daemon):
     ({"num_rows": 64}, "num_rows"),
     ({"row_width": 32}, "row_width"),
     ({"block_size": 32}, "block_size"),
+    ({"cache_pools": 1}, "cache_pools"),
 ])
 def test_create_on_a_too_small_segment_names_both_sizes(daemon, ask, bad):
     name = unique_name("cs")
-    base = {"blocks_per_pool": 300, "num_rows": 16, "row_width": 16, "block_size": 16}
+    base = {"blocks_per_pool": 300, "num_rows": 16, "row_width": 16, "block_size": 16,
+            "cache_pools": 0}
     try:
         r = daemon.request("create", {"segment": name, "config": base})
         assert r["created"] is True

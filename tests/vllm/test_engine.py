@@ -358,7 +358,8 @@ def timings():
     JSON to $BT_VLLM_REPORT when set."""
     t = {}
     yield t
-    rep = {"timings_s": {k: round(v, 1) for k, v in t.items()}, "identity": IDENTITY}
+    rep = {"timings_s": {k: round(v, 1) for k, v in t.items()}, "identity": IDENTITY,
+           "plugin_stats": STATS}
     print("\nengine test: " + json.dumps(rep))
     if os.environ.get("BT_VLLM_REPORT"):
         with open(os.environ["BT_VLLM_REPORT"], "w") as f:
@@ -389,6 +390,7 @@ def assert_same_engine(stock, bt, tp):
 # ---- the tests ------------------------------------------------------------------------------
 RESULTS = {}
 IDENTITY = {}       # what was asserted identical, per TP (printed at the end; the issue's note)
+STATS = {}          # the plugin's counters per blocktable run
 
 
 def test_tp1_stock_workload_hits_and_preempts(tmp, model, timings):
@@ -424,6 +426,9 @@ def test_tp1_blocktable_identical_visible_then_sigkill_recovered(tmp, model, dae
             check_cache_pool_view(daemon, segment, core)
         ok, rep = fsck_clean(daemon, segment)
         assert ok, rep
+        # the stats the idle engine flushed (the EngineCore is SIGKILLed below)
+        wait_for(lambda: len(e.worker_stats()) >= 2, 10, "the engine's stats files")
+        check_stats(e, segment, ranks=[0])
         # ---- mid-generation: the live requests are rows; then SIGKILL the EngineCore ----
         e.release()                     # the kill batch starts
         e.wait_marker("GENERATING", 30)
@@ -484,16 +489,24 @@ def test_tp2_blocktable_starts_at_once_on_same_segment_identical_blocks_back(
              interval=0.01)
     ok, rep = fsck_clean(daemon, segment)
     assert ok, rep
-    # the workers read their block tables from the rows, and they matched vLLM's ids
+    check_stats(e, segment, ranks=[0, 1])
+
+
+def check_stats(e, segment, ranks):
+    """The workers read their block tables from the rows, and with BLOCKTABLE_VLLM_CHECK=1
+    every row they gathered equalled the ids vLLM sent; the scheduler wrote the rows."""
     stats = e.worker_stats()
     workers = [s for s in stats if s["role"] == "worker"]
-    assert sorted(s["rank"] for s in workers) == [0, 1], stats
+    assert sorted(s["rank"] for s in workers) == ranks, stats
     for s in workers:
         assert s["segment"] == segment and s["rows_read"] > 0 and s["checked_rows"] > 0, s
         assert s["check_mismatches"] == 0, s
     [sched] = [s for s in stats if s["role"] == "scheduler"]
     assert sched["segment"] == segment and sched["rows_written"] > 0 and sched["allocs"] > 0, \
         sched
+    STATS[e.tag] = {"workers": [{k: s[k] for k in ("rank", "steps", "rows_read", "checked_rows",
+                                                   "check_mismatches")} for s in workers],
+                    "scheduler": {k: v for k, v in sched.items() if k not in ("role", "pid")}}
 
 
 def test_tp2_stock_identical(tmp, model, timings):
