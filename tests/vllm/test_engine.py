@@ -227,8 +227,14 @@ def core_pid(result):
 
 
 def gone(pids):
-    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
-               for p in pids)
+    """Every pid exited (a zombie counts: libbt and btd treat it as dead)."""
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
 
 
 # ---- btd views -------------------------------------------------------------------------
