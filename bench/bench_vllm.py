@@ -219,6 +219,11 @@ def print_table(results, sizes):
         b = bt["sizes"][str(n)]["pool_us_per_step_by_cat"] if bt else {}
         print(f"{n:>8}  " + "  ".join(
             f"{c} {s[c]:.1f}|{b[c]:.1f}" if bt else f"{c} {s[c]:.1f}" for c in CATS))
+    print("\nScheduler.schedule() us/step, all of it (stock | blocktable; blocktable's rows are"
+          " written there):")
+    print("    " + "  ".join(
+        f"{n}: {st['sizes'][str(n)]['schedule_us_per_step']:.0f}|"
+        + (f"{bt['sizes'][str(n)]['schedule_us_per_step']:.0f}" if bt else "-") for n in sizes))
     print("\nblock-pool us per call by kind (stock | blocktable):")
     for n in sizes:
         s = st["sizes"][str(n)]["us_per_call_by_cat"]
