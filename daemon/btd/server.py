@@ -203,6 +203,7 @@ class Managed:
         self.retired_ops = 0            # ops of slots that were freed since
         self.stuck = {}                 # slot -> {"pid", "since", "state"}
         self.reserved = {}              # slot -> (pid, start_time, since): not yet adopted
+        self.origin = "config"          # or "create": asked for over the socket (an engine)
 
     @property
     def shm_path(self):
@@ -319,6 +320,32 @@ class Daemon:
             log.warning("segment %s: adopted; repair deferred (%s, stuck client %d): retried "
                         "on the next ticks", name, _errname(rc), rep.stuck_client)
         return m
+
+    def create_segment(self, name, scfg):
+        """Serve a segment asked for by the `create` command: created (or a leftover of
+        that name adopted and repaired, as at start) and from then on served like a configured
+        one -- registration, watching, recovery, bt-ctl, metrics -- until btd stops."""
+        try:
+            m = self.open_segment(name, scfg)
+        except config_mod.ConfigError as e:
+            raise RequestError("BT_ECONFIG", str(e), code=int(lib.BT_ECONFIG)) from None
+        m.origin = "create"
+        self.dirty = True
+        log.info("segment %s: %s on request (%s); served until btd stops", name,
+                 "created" if m.created else "adopted", _cfg_str(m.seg.config))
+        return m
+
+    def drop_segment(self, m):
+        """Stop serving a segment nobody uses yet (a refused create); one btd created is
+        removed."""
+        self.segments.pop(m.name, None)
+        m.seg.close()
+        if m.created:
+            try:
+                posix_ipc.unlink_shared_memory(m.shm_path)
+            except posix_ipc.ExistentialError:
+                pass
+        self.dirty = True
 
     def open_socket(self):
         path = self.cfg.socket or config_mod.choose_socket_path()
@@ -492,7 +519,8 @@ class Daemon:
             elif _norm(scfg) != _norm(self.segments[name].requested):
                 log.warning("reload: segment %s: a new size needs a new segment (restart "
                             "with it removed)", name)
-        gone = sorted(set(self.segments) - set(new.segments))
+        gone = sorted(n for n in set(self.segments) - set(new.segments)
+                      if self.segments[n].origin == "config")
         if gone:
             log.warning("reload: segments %s stay served until a restart", gone)
         if (new.socket or self.socket_path) != self.socket_path:
@@ -926,8 +954,9 @@ class Daemon:
         for m in self.segments.values():
             self.retry_pending(m)
         self.scan()
-        if self.dirty:
-            self.publish()
+        # Every tick, not only when btd saw an event: pool counts and the prefix-cache
+        # counters move with the clients' own calls, which btd does not see.
+        self.publish()
         line = self.status_line()
         if line != self.last_status:
             sdnotify.notify(f"STATUS={line}")
