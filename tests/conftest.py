@@ -93,13 +93,12 @@ def assert_rejected(seg, exc, fn, *args, clients=(), match=None, **kw):
     return info.value
 
 
-# ---- tests/vllm: the engine tests --------------------------------------------------------
+# ---- tests/engine: the engine tests --------------------------------------------------------
 # They run where vLLM's CPU build is installed: `make test-vllm` runs them in .venv-vllm with
 # BT_VLLM_REQUIRED=1, where a vLLM that does not import is an error, never a skip. Elsewhere
 # they are skipped, saying why (test_engine.py's module-level skip carries the reason; the
-# other files there are not collected). Beware: without vLLM installed, `import vllm` finds
-# tests/vllm itself as a namespace package (pytest puts tests/ on sys.path for the rootless
-# test modules here), so "importable" is not enough: a real vLLM has a file.
+# other files there are not collected). The folder is not named vllm: pytest puts tests/ on
+# sys.path, and a folder of that name would import as a namespace package "vllm".
 def real_vllm():
     """True if `vllm` resolves to an installed package, not to a namespace folder."""
     import importlib.util
@@ -115,4 +114,4 @@ if os.environ.get("BT_VLLM_REQUIRED") and not real_vllm():
                       "(.venv-vllm is broken: rebuild it with `make venv-vllm`)")
 
 if os.environ.get("BT_VLLM_UNAVAILABLE") or not real_vllm():
-    collect_ignore_glob = ["vllm/test_vllm_*.py"]
+    collect_ignore_glob = ["engine/test_vllm_*.py"]

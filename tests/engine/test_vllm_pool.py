@@ -5,8 +5,6 @@ import random
 
 import pytest
 
-# Not just "vllm": this folder, tests/vllm, imports as a namespace package "vllm"
-# where the real one is missing.
 pytest.importorskip("vllm.v1.core.block_pool")
 
 from vllm.v1.core.block_pool import BlockPool  # noqa: E402
