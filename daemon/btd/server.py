@@ -221,15 +221,13 @@ class Managed:
         return lib.bt_seg_check(self.seg._s(), flags, wait_ms, rep), rep
 
     def shm_stat(self):
-        """(size, mode, uid, gid) of the shm object, via posix_ipc; None if gone."""
+        """(size, mode, uid, gid) of the shm object; None if gone. A stat by
+        path takes no descriptor: btd must answer this (every tick, and in
+        `status`) even when it is out of descriptors."""
         try:
-            m = posix_ipc.SharedMemory(self.shm_path, flags=0, read_only=True)
-        except posix_ipc.ExistentialError:
+            st = os.stat("/dev/shm" + self.shm_path)
+        except FileNotFoundError:
             return None
-        try:
-            st = os.fstat(m.fd)
-        finally:
-            m.close_fd()
         return st.st_size, st.st_mode & 0o7777, st.st_uid, st.st_gid
 
 
@@ -1034,7 +1032,11 @@ class Daemon:
         return True
 
     def publish(self):
-        self.collector.snap = self.snapshot()
+        try:
+            self.collector.snap = self.snapshot()
+        except OSError as e:            # e.g. EMFILE: keep the last snapshot, keep serving
+            log.warning("metrics snapshot skipped: %s", e)
+            return
         self.dirty = False
 
     def snapshot(self):
