@@ -204,12 +204,12 @@ static int chain_unlink(struct cp *c, uint32_t e)
 /* Remove every key of block id from the map (vLLM _remove_cached_block_hashes),
  * copying them to out[*nout...] when out is given. The caller counted them
  * (keys_count) and sized out. */
-static int keys_drop(struct cp *c, uint32_t id, bt_cache_key *out, uint32_t *nout)
+static int keys_drop(struct cp *c, uint32_t id, bt_cache_key *out, uint32_t *nout, uint32_t cap)
 {
     uint32_t e = L(&c->b[id].keys);
     for (uint32_t steps = 0; e; steps++) {
-        if (!ent_ok(c, e) || steps >= c->cap)
-            return BT_ECORRUPT;
+        if (!ent_ok(c, e) || steps >= c->cap || (out && *nout >= cap))
+            return BT_ECORRUPT;         /* the lists changed since they were counted */
         struct bt_ckey *k = &c->k[e - 1];
         uint32_t next = L(&k->block_next);
         int rc = chain_unlink(c, e);
@@ -421,7 +421,8 @@ int bt_cache_close(bt_client *cl, uint32_t pool)
 /* Check the first n queued blocks and count their keys (no writes). */
 static int alloc_scan(const struct cp *c, uint32_t n, uint32_t *nkeys)
 {
-    uint32_t x = L(&c->h->head), prev = BT_NIL, total = 0;
+    uint32_t x = L(&c->h->head), prev = BT_NIL;
+    uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t k;
         if (!usable(c, x) || L(&c->b[x].prev) != prev || !L(&c->b[x].inq) ||
@@ -431,9 +432,9 @@ static int alloc_scan(const struct cp *c, uint32_t n, uint32_t *nkeys)
         prev = x;
         x = L(&c->b[x].next);
     }
-    if (!link_ok(c, x))
-        return BT_ECORRUPT;
-    *nkeys = total;
+    if (!link_ok(c, x) || total > c->cap)
+        return BT_ECORRUPT;             /* more keys than entries: lists overlap */
+    *nkeys = (uint32_t)total;
     return BT_OK;
 }
 
@@ -461,7 +462,7 @@ int bt_cache_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *ids_out,
         if (L(&c.b[x].keys)) {          /* vLLM _maybe_evict_cached_block */
             evicted++;
             S(&c.h->ncached, L(&c.h->ncached) - 1);
-            rc = keys_drop(&c, x, removed_out, &got);
+            rc = keys_drop(&c, x, removed_out, &got, removed_cap);
         }
         S(&c.b[x].prev, BT_NIL);
         S(&c.b[x].next, BT_NIL);
@@ -762,7 +763,7 @@ int bt_cache_remove(bt_client *cl, uint32_t pool, int32_t block,
         w_begin(c.h);
         if (L(&c.b[block].inq))
             S(&c.h->ncached, L(&c.h->ncached) - 1);
-        rc = keys_drop(&c, (uint32_t)block, removed_out, &got);
+        rc = keys_drop(&c, (uint32_t)block, removed_out, &got, removed_cap);
         w_end(c.h);
     }
 out:
