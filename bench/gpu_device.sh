@@ -15,7 +15,7 @@ python3 -c "import blocktable, blocktable.gpu as g; print(blocktable.BUILD_ID, g
 rc=0
 timeout 300 python3 -m pytest -q -rs -p no:cacheprovider --timeout 150 \
     tests/test_gpu.py tests/test_vllm_compat.py tests/test_gpu_sync_host.py \
-    tests/test_gpu_kernels_host.py 2>&1 | tee "$OUT/pytest.txt" || rc=1
+    tests/test_gpu_kernels_host.py tests/test_api_fixes.py 2>&1 | tee "$OUT/pytest.txt" || rc=1
 timeout 60 python3 examples/gpu_two_process.py --steps 120 2>&1 | tee "$OUT/example.txt" || rc=1
 timeout 200 python3 bench/bench_gpu.py --json "$OUT/gpu_results.json" 2>&1 | tee "$OUT/bench.txt" || rc=1
 exit $rc
