@@ -8,7 +8,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/bindings PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/bindings:$PWD/daemon PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 setup.py -q build_ext --inplace > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; exit 1; }
 python3 -c "import blocktable, blocktable.gpu as g; print(blocktable.BUILD_ID, g.gpu_available())"
