@@ -24,7 +24,31 @@ _spec.loader.exec_module(_bid)
 _SHIM_CDEF = """
 const char *blocktable_build_id(void);
 """
-_SHIM_SOURCE = ""
+# CFFI releases the GIL around every call. For the data-path calls (a few
+# hundred nanoseconds each) that hand-off is the largest cost in a process
+# with other busy Python threads (vLLM's EngineCore: its output thread
+# encodes the last step while the scheduler runs the next one): a scheduler
+# that releases the GIL a dozen times a step waits for it a dozen times.
+# So only the calls that may take long (create/attach/check/recover a
+# segment, open/close a client or a cache pool, GPU-mirror staging, slot
+# mapping of a whole batch) release it; every other call keeps it. Each
+# wrapper CFFI generates below this text is named "_cffi_f_<function>", so
+# the test folds at compile time.
+_SHIM_SOURCE = r"""
+#include <string.h>
+static inline int bt__releases_gil(const char *w)
+{
+    return !strncmp(w, "_cffi_f_bt_seg_", 15) || !strncmp(w, "_cffi_f_bt_mirror_", 18) ||
+           !strncmp(w, "_cffi_f_bt_slots_", 17) || !strncmp(w, "_cffi_f_bt_client_", 18) ||
+           !strcmp(w, "_cffi_f_bt_cache_open") || !strcmp(w, "_cffi_f_bt_cache_close") ||
+           !strcmp(w, "_cffi_f_bt_cache_queue") || !strncmp(w, "_cffi_f_bt_config_", 18);
+}
+#undef Py_BEGIN_ALLOW_THREADS
+#undef Py_END_ALLOW_THREADS
+#define Py_BEGIN_ALLOW_THREADS \
+    { PyThreadState *_save = bt__releases_gil(__func__) ? PyEval_SaveThread() : NULL;
+#define Py_END_ALLOW_THREADS if (_save) PyEval_RestoreThread(_save); }
+"""
 
 
 def make_ffibuilder():
