@@ -434,7 +434,7 @@ def test_tp1_blocktable_identical_visible_then_sigkill_recovered(tmp, model, dae
         assert ok, rep
         # the stats the idle engine flushed (the EngineCore is SIGKILLed below)
         wait_for(lambda: len(e.worker_stats()) >= 2, 10, "the engine's stats files")
-        check_stats(e, segment, ranks=[0])
+        check_stats(e, segment, ranks=[0], tokens=r["metrics"]["vllm:generation_tokens"])
         # ---- mid-generation: the live requests are rows; then SIGKILL the EngineCore ----
         e.release()                     # the kill batch starts
         e.wait_marker("GENERATING", 30)
@@ -495,17 +495,19 @@ def test_tp2_blocktable_starts_at_once_on_same_segment_identical_blocks_back(
              interval=0.01)
     ok, rep = fsck_clean(daemon, segment)
     assert ok, rep
-    check_stats(e, segment, ranks=[0, 1])
+    check_stats(e, segment, ranks=[0, 1], tokens=r["metrics"]["vllm:generation_tokens"])
 
 
-def check_stats(e, segment, ranks):
-    """The workers read their block tables from the rows, and with BLOCKTABLE_VLLM_CHECK=1
-    every row they gathered equalled the ids vLLM sent; the scheduler wrote the rows."""
+def check_stats(e, segment, ranks, tokens):
+    """The workers read their block tables from the rows (one row per request per step:
+    at least one per generated token), and with BLOCKTABLE_VLLM_CHECK=1 every row they
+    gathered equalled the ids vLLM sent; the scheduler wrote the rows."""
     stats = e.worker_stats()
     workers = [s for s in stats if s["role"] == "worker"]
     assert sorted(s["rank"] for s in workers) == ranks, stats
     for s in workers:
-        assert s["segment"] == segment and s["rows_read"] > 0 and s["checked_rows"] > 0, s
+        assert s["segment"] == segment and s["rows_read"] >= tokens > 0, (tokens, s)
+        assert s["checked_rows"] == s["rows_read"], s
         assert s["check_mismatches"] == 0, s
     [sched] = [s for s in stats if s["role"] == "scheduler"]
     assert sched["segment"] == segment and sched["rows_written"] > 0 and sched["allocs"] > 0, \

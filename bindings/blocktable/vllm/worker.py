@@ -74,6 +74,8 @@ class WorkerRows:
         """Incarnations from one SchedulerOutput (before vLLM applies it)."""
         for rid in so.finished_req_ids:
             self.inc.pop(rid, None)
+        if so.finished_req_ids:         # requests ended: counters worth keeping (an
+            self.stats.flush()          # engine may go idle, or be killed, after this)
         for nr in so.scheduled_new_reqs:
             self.inc[nr.req_id] = 0
         for rid in so.scheduled_cached_reqs.resumed_req_ids:
