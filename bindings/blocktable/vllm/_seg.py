@@ -11,7 +11,6 @@ BLOCKTABLE_VLLM_DEV=1 (development only): when btd is not running, the
 segment is created / attached directly, with the same size check here.
 """
 import atexit
-import inspect
 import json
 import multiprocessing.util
 import os
@@ -33,7 +32,7 @@ _lock = threading.Lock()
 _client = None
 
 
-def segment_config(num_blocks, block_size, max_num_seqs, max_model_len, cache_pools=None):
+def segment_config(num_blocks, block_size, max_num_seqs, max_model_len, cache_pools=1):
     """The segment an engine needs, as a dict of bt_config fields.
     Rows: each live request holds one, and a freed request's row is kept
     until the batches in flight that may read it are done (async scheduling
@@ -41,8 +40,6 @@ def segment_config(num_blocks, block_size, max_num_seqs, max_model_len, cache_po
     row_width = -(-int(max_model_len) // int(block_size)) + 1
     cfg = {"block_size": int(block_size), "num_pools": 1, "blocks_per_pool": int(num_blocks),
            "num_rows": 3 * int(max_num_seqs) + 8, "row_width": row_width}
-    if cache_pools is None:
-        cache_pools = 1 if "cache_pools" in SegmentConfig.__dataclass_fields__ else 0
     if cache_pools:
         cfg["cache_pools"] = cache_pools
     return cfg
@@ -63,13 +60,7 @@ def check_fits(name, have, need):
 
 
 def _connect_btd(name, create):
-    kw = {}
-    if create is not None:
-        if "create" not in inspect.signature(blocktable.connect).parameters:
-            raise RuntimeError("this blocktable's connect() cannot ask btd to create a segment "
-                               f"(set {ENV_DEV}=1 to develop without btd)")
-        kw["create"] = create
-    return blocktable.connect(name, **kw)
+    return blocktable.connect(name, create=create)
 
 
 def _connect_local(name, create):
