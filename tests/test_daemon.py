@@ -721,3 +721,35 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
             Segment.unlink(name)
         except OSError:
             pass
+
+
+def test_a_scribbled_client_state_is_reported_not_fatal(daemon):
+    """An attached process that flips a client slot's state word to a value
+    no libbt writes (0x80000001) must not crash btd's tick or its replies:
+    the slot is counted as invalid and btd keeps serving and recovering."""
+    import mmap
+    import struct
+    cl = blocktable.connect(daemon.segment, socket=daemon.socket)
+    try:
+        with open(f"/dev/shm/bt.{daemon.segment}", "r+b") as f:
+            mem = mmap.mmap(f.fileno(), 0)
+        # the client slots' region: off[] in the header (see test_corruption)
+        off_at = 32 + blocktable.ffi.sizeof("bt_config")
+        clients = struct.unpack_from("<Q", mem, off_at + 8 * 8)[0]   # 9th region: clients
+        slot = clients + (cl.id - 1) * 128
+        assert struct.unpack_from("<I", mem, slot)[0] == 1          # active: the right place
+        struct.pack_into("<I", mem, slot, 0x80000001)
+        t0 = daemon.request("status")["uptime_s"]
+        # two ticks of btd's own clock after the scribble, each publishing a summary
+        wait_for(lambda: daemon.request("status")["uptime_s"] > t0 + 1.2, timeout=20,
+                 what="two btd ticks after the scribble")
+        assert daemon.proc.poll() is None, daemon.log()
+        segs = daemon.request("status")["segments"]
+        [s] = [x for x in segs if x["name"] == daemon.segment]
+        assert s["clients"].get("invalid") == 1, s["clients"]
+        rows = {r["slot"]: r for r in daemon.request("clients")["clients"]}
+        assert rows[cl.id]["state"] == "invalid(0x80000001)", rows[cl.id]
+        struct.pack_into("<I", mem, slot, 1)                         # put it back
+        mem.close()
+    finally:
+        cl.close()

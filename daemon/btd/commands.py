@@ -118,8 +118,16 @@ def _ms(ns):
 
 
 # ---- shared views -------------------------------------------------------------------------
+def state_name(state):
+    """A slot's state word as shown: a value no libbt writes (a scribble by an
+    attached process) is named, never an error in btd's loop."""
+    from .server import STATES
+    name = STATES.get(state)
+    return name if name is not None else f"invalid(0x{state:08x})"
+
+
 def slot_list(daemon, m):
-    from .server import STATES, proc_state
+    from .server import proc_state
     out = []
     for sid in range(1, m.seg.config.max_clients + 1):
         s = m.slot(sid)
@@ -131,7 +139,7 @@ def slot_list(daemon, m):
             note.append("stuck in a call, holding up a repair")
         if pending is not None:
             note.append(f"dead, recovering ({pending.attempts} tries)")
-        out.append({"segment": m.name, "slot": sid, "state": STATES.get(s.state, str(s.state)),
+        out.append({"segment": m.name, "slot": sid, "state": state_name(s.state),
                     "pid": s.pid, "proc_state": proc_state(s.pid) if s.pid > 0 else "gone",
                     "process": proc_title(s.pid) if s.pid > 0 else None,
                     "in_op": s.in_op, "hand": s.hand_count, "rows": s.rows, "ops": s.ops,
@@ -147,12 +155,12 @@ def segment_summary(daemon, m):
     lib.bt_seg_info_get(m.seg._s(), info)
     c = m.seg.config
     pools = [pool_summary(m.seg, c, p) for p in range(c.num_pools)]
-    states = dict.fromkeys(STATES.values(), 0)
+    states = dict.fromkeys([*STATES.values(), "invalid"], 0)
     rows_used = 0
     ops = m.retired_ops
     for sid in range(1, c.max_clients + 1):
         s = m.slot(sid)
-        states[STATES.get(s.state, str(s.state))] += 1
+        states[STATES.get(s.state, "invalid")] += 1
         if s.state != lib.BT_CLIENT_FREE:
             rows_used += s.rows
             ops += s.ops
