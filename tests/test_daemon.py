@@ -152,6 +152,31 @@ def test_unfinished_segment_is_recreated(tmp_path):
         d.cleanup()
 
 
+def test_unfinished_segment_is_left_alone_while_its_creator_holds_it():
+    """Recreated only with no creator holding libbt's format lock (a live one is
+    waited for, bounded) and no header written (a damaged segment is not a
+    dead creator's, and stays refused)."""
+    import fcntl
+    from btd.server import remove_unfinished
+    name = unique_name()
+    path = f"/dev/shm/bt.{name}"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(1 << 16)
+            fcntl.flock(f, fcntl.LOCK_EX)                  # a creator still formatting
+            assert remove_unfinished(name, wait_s=0.2) is False and os.path.exists(path)
+            fcntl.flock(f, fcntl.LOCK_UN)                  # it died
+            assert remove_unfinished(name, wait_s=0.2) is True and not os.path.exists(path)
+        with open(path, "wb") as f:
+            f.truncate(1 << 16)
+            f.seek(9)
+            f.write(b"\x07")                               # a header: damage, not unfinished
+        assert remove_unfinished(name, wait_s=0.2) is False and os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 def _unshare_ok():
     try:
         return subprocess.run(["unshare", "-m", "true"], capture_output=True,

@@ -422,9 +422,9 @@ int bt_seg_info_get(const bt_seg *s, bt_seg_info *o)
         return BT_EINVAL;
     *o = (bt_seg_info){ .config = s->cfg, .size = s->size,
         .generation = bt_load_relaxed(&s->hdr->generation), .total_blocks = s->total,
-        
         .owner_pid = bt_load_relaxed(&s->hdr->owner_pid),
-        .owner_start_time = bt_load_relaxed(&s->hdr->owner_start_time), .format = BT_FORMAT, .abi = BT_ABI,
+        .owner_start_time = bt_load_relaxed(&s->hdr->owner_start_time),
+        .format = BT_FORMAT, .abi = BT_ABI,
         .table_offset = s->off[BT_R_TABLE], .nblocks_offset = s->off[BT_R_NBLOCKS],
         .ntokens_offset = s->off[BT_R_NTOKENS] };
     return BT_OK;
