@@ -109,6 +109,106 @@ def test_stale_socket_replaced(tmp_path):
         d.cleanup()
 
 
+def test_second_btd_refuses_a_live_btds_segment_and_adopts_a_dead_ones(tmp_path):
+    """Two btds on one segment (a `make run` beside a service) would both repair
+    and recover it: the second must refuse while the owner lives, naming it."""
+    a = DaemonProcess(tmp_path / "a", sizes=SMALL).start()
+    b = DaemonProcess(tmp_path / "b", segment=a.segment, sizes=SMALL)
+    try:
+        b.start(ready=False)
+        assert b.proc.wait(30) == 1
+        assert f"segment {a.segment!r}" in b.log() and f"pid {a.pid}" in b.log(), b.log()
+        assert "adopted" not in b.log()
+        seg = Segment.attach(a.segment)
+        assert seg.info.owner_pid == a.pid                 # A's ownership untouched
+        seg.close()
+        assert a.request("status")["pid"] == a.pid
+        a.kill()                                           # a dead owner: adopted
+        b.start()
+        assert "adopted" in b.log()
+        seg = Segment.attach(a.segment)
+        assert seg.info.owner_pid == b.pid
+        seg.close()
+    finally:
+        b.cleanup()
+        a.cleanup()
+
+
+def test_unfinished_segment_is_recreated(tmp_path):
+    """A creator that died mid-format (the header, magic last, never written)
+    leaves an object nobody holds: btd recreates it rather than refusing to
+    start until someone removes it by hand."""
+    d = DaemonProcess(tmp_path, sizes=SMALL)
+    with open(f"/dev/shm/bt.{d.segment}", "wb") as f:
+        f.truncate(1 << 16)                                # zeros: no magic, no header
+    try:
+        d.start()
+        assert "created afresh" in d.log()
+        assert d.request("status")["segments"][0]["created"] is True
+        seg = Segment.attach(d.segment)
+        assert seg.info.size == SegmentConfig(**SMALL).size and seg.info.owner_pid == d.pid
+        seg.close()
+    finally:
+        d.cleanup()
+
+
+def test_unfinished_segment_is_left_alone_while_its_creator_holds_it():
+    """Recreated only with no creator holding libbt's format lock (a live one is
+    waited for, bounded) and no header written (a damaged segment is not a
+    dead creator's, and stays refused)."""
+    import fcntl
+    from btd.server import remove_unfinished
+    name = unique_name()
+    path = f"/dev/shm/bt.{name}"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(1 << 16)
+            fcntl.flock(f, fcntl.LOCK_EX)                  # a creator still formatting
+            assert remove_unfinished(name, wait_s=0.2) is False and os.path.exists(path)
+            fcntl.flock(f, fcntl.LOCK_UN)                  # it died
+            assert remove_unfinished(name, wait_s=0.2) is True and not os.path.exists(path)
+        with open(path, "wb") as f:
+            f.truncate(1 << 16)
+            f.seek(9)
+            f.write(b"\x07")                               # a header: damage, not unfinished
+        assert remove_unfinished(name, wait_s=0.2) is False and os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def _unshare_ok():
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_segment_larger_than_dev_shm_is_refused_cleanly(tmp_path):
+    """/dev/shm too small (Docker's default is 64 MB): libbt reserves the memory
+    at creation, so btd exits with the bytes needed and free instead of dying
+    of SIGBUS while formatting, and leaves no half-written segment behind."""
+    if not _unshare_ok():
+        pytest.skip("needs `unshare -m` (root or user namespaces) to mount a small /dev/shm")
+    name = unique_name()
+    sizes = {**SMALL, "blocks_per_pool": 1 << 20}
+    need = SegmentConfig(**sizes).size
+    assert need > 8 << 20
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sizes.items())
+    script = (f"mount -t tmpfs -o size=8m tmpfs /dev/shm || exit 99; "
+              f"{sys.executable} -m btd.server --socket {tmp_path}/btd.sock --segment {name} "
+              f"{flags}; echo rc=$?; ls -A /dev/shm")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], env=child_env(),
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace: {r.stderr}")
+    out, err = r.stdout.split(), r.stderr
+    assert out == ["rc=1"], (r.stdout, err)                # exit 1, nothing left in /dev/shm
+    assert f"segment {name!r} needs {need} bytes" in err, err
+    assert f"/dev/shm has {8 << 20} bytes free" in err, err
+
+
 def test_status_and_watchdog_notifications(tmp_path):
     d = DaemonProcess(tmp_path, sizes=SMALL)
     d.start(extra_env={"WATCHDOG_USEC": "200000"})
@@ -528,7 +628,9 @@ def test_bad_config_exits_2_and_print_config(tmp_path):
     r = subprocess.run([sys.executable, "-m", "btd.server", "--print-config", "--num-rows", "8"],
                        env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
-    assert json.loads(r.stdout)["segments"]["default"]["num_rows"] == 8
+    seg = json.loads(r.stdout)["segments"]["default"]
+    assert seg["num_rows"] == 8
+    assert seg["size_bytes"] == SegmentConfig(num_rows=8).size      # bt_config_size
 
 
 # ---- create: a segment asked for by an engine -------------------------------------------

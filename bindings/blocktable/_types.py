@@ -80,6 +80,7 @@ class SegmentInfo:
     table_offset: int
     nblocks_offset: int
     ntokens_offset: int
+    owner_start_time: int
 
     @classmethod
     def _from_c(cls, c):

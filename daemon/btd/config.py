@@ -62,7 +62,8 @@ class Config:
                 "log_level": self.log_level, "metrics": self.metrics or None,
                 "unlink_on_exit": self.unlink_on_exit, "tick_ms": self.tick_ms,
                 "recovery_wait_ms": self.recovery_wait_ms, "config_file": self.path or None,
-                "segments": {n: {f: getattr(c, f) for f in SEG_FIELDS}
+                "segments": {n: {**{f: getattr(c, f) for f in SEG_FIELDS},
+                                 "size_bytes": c.size}   # bt_config_size: what /dev/shm must hold
                              for n, c in self.segments.items()}}
 
 

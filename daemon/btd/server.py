@@ -287,17 +287,29 @@ class Daemon:
 
     def open_segment(self, name, scfg):
         """Create the segment, or adopt it: validate (attach), take ownership,
-        repair what a crash left (like fsck)."""
+        repair what a crash left (like fsck). A segment whose owner (another btd)
+        is alive is refused; one whose creator died mid-format is recreated."""
         group = bool(self.cfg.socket_mode & 0o060)
         try:
-            seg, created = Segment.create(name, scfg, group=group, exclusive=True), True
+            seg, created = _create(name, scfg, group), True
         except FileExistsError:
             try:
                 seg, created = Segment.attach(name), False
             except BtError as e:
+                if not (e.code == lib.BT_EBADMAGIC and remove_unfinished(name)):
+                    raise config_mod.ConfigError(
+                        f"segment {name!r} exists but cannot be adopted: {e}; if no process "
+                        f"uses it, remove /dev/shm/bt.{name} and start again") from None
+                log.warning("segment %s: its creator died before formatting it (no magic, "
+                            "no creator holding it): removed, created afresh", name)
+                seg, created = _create(name, scfg, group), True
+            if not created and (owner := live_owner(seg.info)):
+                seg.close()
                 raise config_mod.ConfigError(
-                    f"segment {name!r} exists but cannot be adopted: {e}; if no process uses "
-                    f"it, remove /dev/shm/bt.{name} and start again") from None
+                    f"segment {name!r} (/dev/shm/bt.{name}) is owned by a live process, pid "
+                    f"{owner} ({proc_comm(owner)}: another btd serving it, or the process "
+                    f"that created it); not taken over: stop that one first, or serve another "
+                    f"segment name")
         m = Managed(name, seg, created, scfg)
         seg.set_owner(os.getpid(), proc_start_time(os.getpid()))
         self.segments[name] = m
@@ -1115,6 +1127,75 @@ def _drain(sock, limit=DRAIN_MAX):
     except OSError:
         return True
     return True
+
+
+def live_owner(info):
+    """The pid of the segment's recorded owner if that process still runs (the
+    same process: its start time matches, so a recycled pid is not it), else
+    None. Adopting a live btd's segment would have two daemons repairing and
+    recovering one segment under each other."""
+    pid, start = info.owner_pid, info.owner_start_time
+    if pid <= 0 or pid == os.getpid():
+        return None
+    st = proc_stat(pid)
+    if not st or st[0] in (b"Z", b"X"):
+        return None                     # gone, or exited and not yet reaped
+    if start and proc_start_time(pid) != start:
+        return None                     # the pid now names another process
+    return pid
+
+
+def proc_comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _create(name, scfg, group):
+    """Segment.create, with a lack of memory explained: libbt reserves the whole
+    segment at creation (a tmpfs without room would otherwise SIGBUS us later)."""
+    try:
+        return Segment.create(name, scfg, group=group, exclusive=True)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        st = os.statvfs("/dev/shm")
+        raise config_mod.ConfigError(
+            f"segment {name!r} needs {scfg.size} bytes of shared memory; /dev/shm has "
+            f"{st.f_bavail * st.f_frsize} bytes free ({os.strerror(e.errno)}): make the "
+            f"segment smaller (--blocks-per-pool, --num-rows, ...) or /dev/shm larger") from None
+
+
+def remove_unfinished(name, wait_s=30.0):
+    """Unlink /dev/shm/bt.<name> if its formatting never finished: magic,
+    format and header size still zero (the header is written last) while no
+    creator holds the flock libbt's bt_seg_create keeps until the magic is
+    written (the kernel drops it when the creator dies). A creator still
+    formatting is waited for, up to wait_s. True if removed."""
+    import fcntl
+    path = f"/dev/shm/bt.{name}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
+        if os.pread(fd, 16, 0).strip(b"\0"):
+            return False                # a header was written: damage, not a dead creator
+        os.unlink(path)                 # under the lock: no creator can be mid-way
+        return True
+    finally:
+        os.close(fd)
 
 
 def _is_socket(path):

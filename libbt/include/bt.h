@@ -132,6 +132,8 @@ typedef struct bt_seg_info {
     uint64_t  table_offset;     /* byte offset of the int32 [num_rows][row_width] table */
     uint64_t  nblocks_offset;   /* byte offset of the int32 [num_rows] block counts */
     uint64_t  ntokens_offset;   /* byte offset of the int64 [num_rows] token counts */
+    uint64_t  owner_start_time; /* the owner's start time (bt_proc_start_time; 0 unknown):
+                                   with owner_pid it tells a live owner from a recycled pid */
 } bt_seg_info;
 
 /* Fill *cfg with the defaults (B=16, 1 pool of 65536 blocks, 256 rows x 128,
@@ -151,7 +153,13 @@ uint64_t bt_config_size(const bt_config *cfg);
  * mode 0600 (0660 with BT_CREATE_GROUP). Without BT_CREATE_EXCL an existing
  * segment of that name is attached instead (waiting up to ~2 s for a
  * concurrent creator to finish formatting it): only one process ever formats
- * a name. Errors: BT_ECONFIG, BT_ENAME, -EEXIST (with BT_CREATE_EXCL), -EACCES, -ENOMEM. */
+ * a name. The memory is reserved at creation (posix_fallocate): a segment
+ * larger than the free space of /dev/shm fails here with -ENOSPC (or -ENOMEM),
+ * leaving no object behind, instead of a SIGBUS on first touch. The creator
+ * holds flock(LOCK_EX) on the object until the header's magic is written, so
+ * an object without magic whose lock is free was left by a creator that died
+ * mid-format. Errors: BT_ECONFIG, BT_ENAME, -EEXIST (with BT_CREATE_EXCL),
+ * -EACCES, -ENOSPC, -ENOMEM. */
 int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **out);
 
 /* Create a segment over memory the caller owns (size >= bt_config_size(cfg)),

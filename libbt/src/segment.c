@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -250,6 +251,21 @@ static int shm_path(const char *name, char *path)
     return BT_OK;
 }
 
+/* Size the object and reserve its memory now. ftruncate alone makes a sparse
+ * tmpfs file: the pages are found missing only when seg_format (or a client,
+ * later) first touches them, and that is a SIGBUS, not an error. */
+static int seg_reserve(int fd, uint64_t size)
+{
+    if (ftruncate(fd, (off_t)size) < 0)
+        return -errno;
+    int err = posix_fallocate(fd, 0, (off_t)size);   /* returns the error, no errno */
+    if (err == EINTR)
+        err = posix_fallocate(fd, 0, (off_t)size);
+    if (err == EFBIG)
+        err = ENOSPC;                   /* over the filesystem's limits: no room */
+    return err ? -err : BT_OK;
+}
+
 int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **out)
 {
     uint64_t off[BT_R_COUNT], size;
@@ -287,28 +303,29 @@ int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **ou
         return attach_wait(name, out);
     }
     fchmod(fd, (flags & BT_CREATE_GROUP) ? 0660 : 0600); /* umask must not widen/narrow it */
-    if (ftruncate(fd, (off_t)size) < 0) {
-        rc = -errno;
+    /* Held until the magic is written (the fd is closed after seg_format), and
+     * dropped by the kernel if we die: an object with no magic whose lock is
+     * free is a format that never finished, which btd may recreate. */
+    flock(fd, LOCK_EX);
+    if ((rc = seg_reserve(fd, size))) {
         close(fd);
         shm_unlink(path);
         return rc;
     }
     void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     rc = m == MAP_FAILED ? -errno : 0;
-    close(fd);
-    if (rc) {
-        shm_unlink(path);
-        return rc;
-    }
-    bt_seg *s;
-    if ((rc = seg_new(m, size, 1, cfg, &s))) {
+    bt_seg *s = NULL;
+    if (!rc && (rc = seg_new(m, size, 1, cfg, &s)))
         munmap(m, size);
+    if (rc) {
+        close(fd);
         shm_unlink(path);
         return rc;
     }
     memcpy(s->off, off, sizeof(off));
     bt_seg_bind(s);
     seg_format(s);
+    close(fd);
     *out = s;
     return BT_OK;
 }
@@ -405,7 +422,9 @@ int bt_seg_info_get(const bt_seg *s, bt_seg_info *o)
         return BT_EINVAL;
     *o = (bt_seg_info){ .config = s->cfg, .size = s->size,
         .generation = bt_load_relaxed(&s->hdr->generation), .total_blocks = s->total,
-        .owner_pid = bt_load_relaxed(&s->hdr->owner_pid), .format = BT_FORMAT, .abi = BT_ABI,
+        .owner_pid = bt_load_relaxed(&s->hdr->owner_pid),
+        .owner_start_time = bt_load_relaxed(&s->hdr->owner_start_time),
+        .format = BT_FORMAT, .abi = BT_ABI,
         .table_offset = s->off[BT_R_TABLE], .nblocks_offset = s->off[BT_R_NBLOCKS],
         .ntokens_offset = s->off[BT_R_NTOKENS] };
     return BT_OK;

@@ -133,6 +133,8 @@ static void test_embedded(void)
     T_ASSERT(info.table_offset % 64 == 0);
     T_ASSERT(info.nblocks_offset % 4 == 0);
     T_ASSERT(info.ntokens_offset % 8 == 0);
+    T_EQ(info.owner_pid, getpid());
+    T_ASSERT(info.owner_start_time != 0);   /* with the pid, tells a recycled pid */
     T_ASSERT(info.table_offset + (uint64_t)c.num_rows * c.row_width * 4 <= info.size);
     T_ASSERT(info.nblocks_offset + (uint64_t)c.num_rows * 4 <= info.size);
     T_ASSERT(info.ntokens_offset + (uint64_t)c.num_rows * 8 <= info.size);
