@@ -29,6 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "engine"))
 from engine import tiny_llama  # noqa: E402
 
+from blocktable import Segment  # noqa: E402
 from btd.testing import DaemonProcess, child_env, unique_name  # noqa: E402
 
 CATS = ("alloc", "free", "touch", "cache", "lookup", "other")
@@ -80,10 +81,19 @@ def run_mode(mode, tmp, model, sizes, max_tokens, repeat, daemon):
         full.update({"BLOCKTABLE_VLLM": unique_name("bench"), "BT_SOCKET": daemon.socket})
     log = os.path.join(d, "engine.log")
     t0 = time.monotonic()
-    with open(log, "wb") as lf:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "engine", "engine.py"),
-                            os.path.join(d, "spec.json")], env=full, stdout=lf,
-                           stderr=subprocess.STDOUT, timeout=1200)
+    try:
+        with open(log, "wb") as lf:
+            r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "engine", "engine.py"),
+                                os.path.join(d, "spec.json")], env=full, stdout=lf,
+                               stderr=subprocess.STDOUT, timeout=1200)
+    finally:
+        # btd made this segment for the engine and keeps it (segments outlive
+        # their users); the benchmark's own segment goes with the benchmark.
+        if mode == "blocktable":
+            try:
+                Segment.unlink(full["BLOCKTABLE_VLLM"])
+            except OSError:
+                pass
     if r.returncode != 0:
         with open(log, errors="replace") as f:
             raise RuntimeError(f"{mode} engine failed ({r.returncode}):\n{f.read()[-4000:]}")
