@@ -153,3 +153,32 @@ def test_fsck_problems_exit_1(tmp_path):
         seg.close()
     finally:
         d.cleanup()
+
+
+def test_usage_errors_and_version(served):
+    """A negative or zero timeout, refresh interval, count or limit is a usage
+    error (exit 2) naming the value, not an odd result; --version answers."""
+    d, p, row = served
+    for argv in (["--timeout", "-1", "status"], ["--timeout", "0", "status"],
+                 ["watch", "-n", "-0.5", "--count", "1"], ["watch", "--count", "-2"],
+                 ["rows", "--limit", "0"], ["--timeout", "abc", "status"]):
+        r = d.ctl(*argv)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        assert "must be" in r.stderr or "not a number" in r.stderr, (argv, r.stderr)
+    r = d.ctl("--version")
+    assert r.returncode == 0 and r.stdout.startswith("bt-ctl (blocktable) "), r
+    assert "exit codes" in d.ctl("--help").stdout
+
+
+def test_stats_without_recoveries_says_so(served):
+    d, p, row = served
+    r = d.ctl("stats")
+    assert r.returncode == 0 and "None" not in r.stdout, r.stdout
+
+
+def test_row_kinds():
+    """Paged rows are shown as paged (they were shown as managed)."""
+    assert commands.row_kind(0) == "managed"
+    assert commands.row_kind(1) == "raw"
+    assert commands.row_kind(2) == "paged managed"
+    assert commands.row_kind(3) == "paged raw"

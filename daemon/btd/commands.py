@@ -5,6 +5,7 @@ of execute is what `bt-ctl CMD --json` prints: its keys are stable.
 Arguments are checked by type before execute runs (EARGS otherwise); bool
 is not an int here, and unknown arguments are refused.
 """
+import argparse
 import time
 
 from blocktable import BtError, ffi, lib
@@ -115,6 +116,21 @@ def _cell(v):
 
 def _ms(ns):
     return round(ns / 1e6, 3)
+
+
+# ---- argument types (bt-ctl) --------------------------------------------------------------
+def number(kind, low, inclusive):
+    """An argparse type: a number >= low (> low unless inclusive), else a usage error."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if v < low or (v == low and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"{text} must be {'at least' if inclusive else 'more than'} {low}")
+        return v
+    return parse
 
 
 # ---- shared views -------------------------------------------------------------------------
@@ -407,7 +423,8 @@ class Rows(Command):
     def add_arguments(self, p):
         _seg_arg(p)
         p.add_argument("--owner", type=int, metavar="PID", help="only rows of this process")
-        p.add_argument("--limit", type=int, default=10000, help="at most this many (10000)")
+        p.add_argument("--limit", type=number(int, 1, True), default=10000,
+                       help="at most this many (10000)")
 
     def request_args(self, ns):
         return {"segment": ns.segment, "owner": ns.owner, "limit": ns.limit}
@@ -461,9 +478,15 @@ def proc_title(pid):
         return None
 
 
+def row_kind(flags):
+    """managed / raw, and paged where the row keeps its ids in chunks."""
+    kind = "raw" if flags & lib.BT_ROW_RAW else "managed"
+    return f"paged {kind}" if flags & lib.BT_ROW_PAGED else kind
+
+
 def _row_dict(seg, row, info, pid):
     return {"segment": seg, "row": row, "slot": info.owner, "pid": pid, "key": info.key,
-            "kind": "raw" if info.flags == lib.BT_ROW_RAW else "managed",
+            "kind": row_kind(info.flags),
             "num_blocks": info.num_blocks, "num_tokens": info.num_tokens,
             "generation": info.generation}
 
@@ -531,8 +554,11 @@ class Stats(Command):
             lines.append(f"  retried {k:<20} {v}")
         for what in ("pause_ms", "latency_ms"):
             d = r[what]
-            lines.append(f"{what:<16} n={d['n']} p50={d['p50']} p99={d['p99']} max={d['max']}"
-                         " (last 256 recoveries)")
+            if not d["n"]:
+                lines.append(f"{what:<16} n=0 (no recoveries yet)")
+            else:
+                lines.append(f"{what:<16} n={d['n']} p50={d['p50']} p99={d['p99']} "
+                             f"max={d['max']} (last 256 recoveries)")
         lines.append("client ops       " + ", ".join(f"{k}={v}" for k, v in r["client_ops"].items()))
         lines.append("registrations    " + (", ".join(f"{k}={v}" for k, v in
                                                      r["registrations"].items()) or "0"))

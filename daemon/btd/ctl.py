@@ -21,19 +21,27 @@ from . import commands
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 
+POSITIVE, NON_NEGATIVE_INT = commands.number(float, 0, False), commands.number(int, 0, True)
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="bt-ctl", description="Talk to btd, the blocktable daemon.")
+    from blocktable import __version__
+    p = argparse.ArgumentParser(prog="bt-ctl", description="Talk to btd, the blocktable daemon.",
+                                epilog="exit codes: 0 ok, 1 error (or fsck found problems), "
+                                "2 usage, 3 btd not running")
+    p.add_argument("--version", action="version", version=f"bt-ctl (blocktable) {__version__}")
     p.add_argument("--socket", "-s", help="btd's socket (default: $BT_SOCKET, then the "
                    "standard places)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for btd")
+    p.add_argument("--timeout", type=POSITIVE, default=10.0, help="seconds to wait for btd")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     for name, cmd in commands.CLI.items():
         cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
     w = sub.add_parser("watch", help="status and clients, refreshed",
                        description="status and clients, refreshed every --interval seconds")
-    w.add_argument("--interval", "-n", type=float, default=1.0)
-    w.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: never)")
+    w.add_argument("--interval", "-n", type=POSITIVE, default=1.0)
+    w.add_argument("--count", type=NON_NEGATIVE_INT, default=0,
+                   help="stop after N refreshes (0: never)")
     return p
 
 
