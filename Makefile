@@ -136,5 +136,8 @@ $(BUILD)/bench_alloc: bench/bench_alloc.c $(BUILD)/libbt.a
 bench: venv $(BUILD)/bench_alloc
 	$(VPY) bench/run.py --json bench/results.json
 
+# The stamp goes too: without it `make venv` would not rebuild the extension
+# that clean removed (.venv-vllm imports the same in-tree build).
 clean:
 	rm -rf build build-asan build-tsan bindings/blocktable/_bt*.so bindings/blocktable/_bt.c *.egg-info bindings/*.egg-info
+	rm -f $(VENV)/.stamp
