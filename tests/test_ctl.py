@@ -182,3 +182,24 @@ def test_row_kinds():
     assert commands.row_kind(1) == "raw"
     assert commands.row_kind(2) == "paged managed"
     assert commands.row_kind(3) == "paged raw"
+
+
+def test_a_path_that_is_not_a_socket_is_named(served, tmp_path):
+    """--socket pointing at a regular file says so (it said "not running")."""
+    f = tmp_path / "plain"
+    f.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "btd.ctl", "--socket", str(f), "status"],
+                       env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not a socket" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_errors_under_json_are_json(served, tmp_path):
+    d, p, row = served
+    r = d.ctl("--json", "row", "999")
+    assert r.returncode == 1, r
+    err = json.loads(r.stdout)["error"]
+    assert err["name"] == "ENOENT" and "999" in err["message"], err
+    r = subprocess.run([sys.executable, "-m", "btd.ctl", "--json", "--socket",
+                        str(tmp_path / "none.sock"), "status"], env=child_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and json.loads(r.stdout)["error"]["name"] == "ENOTRUNNING", r

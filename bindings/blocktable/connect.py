@@ -17,6 +17,7 @@ import grp
 import json
 import os
 import socket as _socket
+import stat as _stat
 
 from ._core import Segment
 
@@ -82,7 +83,14 @@ def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
     try:
         try:
             s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
+        except FileNotFoundError as e:
+            raise DaemonNotRunning(e.errno, f"btd is not running (no listener on {path})",
+                                   path) from None
+        except ConnectionRefusedError as e:
+            if not _stat.S_ISSOCK(os.stat(path).st_mode):   # e.g. --socket /etc/passwd
+                raise ConnectionRefusedError(
+                    e.errno, f"{path} is not a socket: not btd's control socket "
+                    "(see --socket / $BT_SOCKET)", path) from None
             raise DaemonNotRunning(e.errno, f"btd is not running (no listener on {path})",
                                    path) from None
         except PermissionError as e:

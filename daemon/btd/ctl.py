@@ -82,6 +82,16 @@ def watch(ns, out):
         time.sleep(ns.interval)
 
 
+def fail(ns, status, name, message):
+    """An error: one line on stderr, or with --json a JSON object on stdout
+    ({"error": {"name", "message"}}) so that scripts read one format."""
+    if ns.json:
+        print(json.dumps({"error": {"name": name, "message": message}}, sort_keys=True))
+    else:
+        print(f"bt-ctl: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv=None):
     ns = parser().parse_args(argv)
     if ns.socket is None:
@@ -91,17 +101,13 @@ def main(argv=None):
             return watch(ns, sys.stdout)
         return run_one(ns, sys.stdout)
     except DaemonNotRunning as e:
-        print(f"bt-ctl: {e.strerror}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        return fail(ns, EXIT_NOT_RUNNING, "ENOTRUNNING", e.strerror)
     except DaemonError as e:
-        print(f"bt-ctl: {ns.cmd}: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(ns, EXIT_ERROR, e.name, f"{ns.cmd}: {e}")
     except DaemonDisconnected as e:
-        print(f"bt-ctl: {ns.cmd}: {e.strerror}; try again", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(ns, EXIT_ERROR, "EDISCONNECTED", f"{ns.cmd}: {e.strerror}; try again")
     except (OSError, ValueError) as e:
-        print(f"bt-ctl: {ns.cmd}: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(ns, EXIT_ERROR, type(e).__name__, f"{ns.cmd}: {e}")
     except KeyboardInterrupt:
         return EXIT_OK
 
