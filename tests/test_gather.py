@@ -90,3 +90,17 @@ def test_across_processes(shm_name):
         p.join(60)
         seg.close()
     assert p.exitcode == 0
+
+
+def test_row_gather_refuses_an_out_it_would_overrun():
+    """RowGather.gather writes n rows into `out`: an out with fewer rows, of
+    another dtype or not contiguous, or n past its slots, is InvalidArgument
+    before anything is written."""
+    seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=64, num_rows=4, row_width=4))
+    g = bt.RowGather(seg, 4)
+    for n, out in ((3, np.zeros((2, 4), np.int32)), (2, np.zeros((2, 4), np.int64)),
+                   (2, np.zeros((4, 8), np.int32)[:, ::2]), (5, np.zeros((8, 4), np.int32))):
+        with pytest.raises(bt.InvalidArgument):
+            g.gather(n, out)
+    assert g.gather(2, np.zeros((2, 4), np.int32)).tolist() == [-1, -1]
+    seg.close()

@@ -33,7 +33,7 @@ from .v2 import BlockTableV2
 from .factory import BlockTableFactory
 from .multigroup import MultiGroupBlockTable
 from .compress import RunLengthSlots, compress_row, compress_rows, compress_slots
-from .gather import RowGather  # also installs Segment.find_row / Segment.gather_rows
+from .gather import RowGather
 
 __all__ = [
     "__version__", "BUILD_ID", "ffi", "lib", "errors",

@@ -110,6 +110,13 @@ class _Closed:
         return f"<{self.what} of a closed segment>"
 
 
+def _gather_arg(arr, dtype, ctype, what):
+    if not (isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.flags.c_contiguous):
+        raise make_error(_EINVAL, f"{what}: a C-contiguous {np.dtype(dtype).name} array is needed")
+    return ffi.from_buffer(ctype, arr)
+
+
+
 class SlotParams:
     """Parameters of slot mapping (bt_slot_params), built once and reused.
 
@@ -373,6 +380,35 @@ class Segment:
             raise make_error(rc, f"pool_push(ids={preview(a)})")
 
     # ---- rows -----------------------------------------------------------------
+    def find_row(self, key):
+        """The claimed row holding `key` (bt_row_find); FileNotFoundError if none."""
+        out = ffi.new("uint32_t *")
+        rc = lib.bt_row_find(self._s(), _index(key), out)
+        if rc:
+            raise make_error(rc, f"find_row(key={key:#x})")
+        return out[0]
+
+    def gather_rows(self, keys, hints, out, nblocks=None):
+        """bt_rows_gather: out[i, :] <- the row claimed with keys[i] (zeros past
+        its count); returns nblocks (int32, -1 where no row holds the key).
+        keys, hints: uint64 arrays of n; hints are read and rewritten (0 =
+        unknown); out: a C-contiguous int32 [>= n, width] array."""
+        n = len(keys)
+        if out.ndim != 2 or out.shape[0] < n:
+            raise make_error(_EINVAL, f"out has shape {out.shape}, need ({n}, width)")
+        if len(hints) < n:
+            raise make_error(_EINVAL, f"{len(hints)} hints for {n} keys")
+        nblocks = np.empty(n, I32) if nblocks is None else nblocks
+        if len(nblocks) < n:
+            raise make_error(_EINVAL, f"nblocks holds {len(nblocks)} entries for {n} keys")
+        rc = lib.bt_rows_gather(self._s(), _gather_arg(keys, U64, "uint64_t[]", "keys"), n,
+                                _gather_arg(hints, U64, "uint64_t[]", "hints"),
+                                _gather_arg(out, I32, "int32_t[]", "out"), out.shape[1],
+                                _gather_arg(nblocks, I32, "int32_t[]", "nblocks"))
+        if rc:
+            raise make_error(rc, f"gather_rows(n={n})")
+        return nblocks[:n]
+
     def read_row(self, row, out=None):
         """A consistent copy of one row (seqlock): (ids, RowInfo); ids is
         `out[:num_blocks]`. out: an int32 array (InvalidArgument if the row

@@ -7,8 +7,8 @@ row hints (row + generation) so that one step is one C call:
     g = RowGather(seg, width=table.shape[1])
     nb = g.gather(keys, out=table)     # out[i] <- the row of keys[i]; nb[i] = -1: none
 
-Also ``Segment.find_row(key)`` and ``Segment.gather_rows(keys, hints, out)``
-(installed on Segment by importing this module, which ``blocktable`` does).
+The one-off forms are ``Segment.find_row(key)`` and
+``Segment.gather_rows(keys, hints, out)``.
 
 Thread and process safety: read-only on the segment; any number of
 processes gather at once, while a writer claims, appends and releases (each
@@ -18,49 +18,13 @@ FileNotFoundError from find_row for a key no claimed row holds.
 """
 import numpy as np
 
-from ._core import Segment
 from ._errors import make_error
 from ._ffi import ffi, lib
 from ._types import I32, U64
 
-__all__ = ["RowGather", "find_row", "gather_rows"]
+__all__ = ["RowGather"]
 
 _EINVAL = lib.BT_EINVAL
-
-
-def find_row(seg, key):
-    """The claimed row holding `key` (bt_row_find); FileNotFoundError if none."""
-    out = ffi.new("uint32_t *")
-    rc = lib.bt_row_find(seg._s(), int(key), out)
-    if rc:
-        raise make_error(rc, f"find_row(key={key:#x})")
-    return out[0]
-
-
-def _c(arr, dtype, ctype, what):
-    if not (isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.flags.c_contiguous):
-        raise make_error(_EINVAL, f"{what}: a C-contiguous {np.dtype(dtype).name} array is needed")
-    return ffi.from_buffer(ctype, arr)
-
-
-def gather_rows(seg, keys, hints, out, nblocks=None):
-    """bt_rows_gather: out[i, :] <- the row claimed with keys[i] (zeros past
-    its count); returns nblocks (int32, -1 where no row holds the key).
-    keys, hints: uint64 arrays of n; hints are read and rewritten (0 =
-    unknown); out: a C-contiguous int32 [>= n, width] array."""
-    n = len(keys)
-    if out.ndim != 2 or out.shape[0] < n:
-        raise make_error(_EINVAL, f"out has shape {out.shape}, need ({n}, width)")
-    if len(hints) < n:
-        raise make_error(_EINVAL, f"{len(hints)} hints for {n} keys")
-    nblocks = np.empty(n, I32) if nblocks is None else nblocks
-    rc = lib.bt_rows_gather(seg._s(), _c(keys, U64, "uint64_t[]", "keys"), n,
-                            _c(hints, U64, "uint64_t[]", "hints"),
-                            _c(out, I32, "int32_t[]", "out"), out.shape[1],
-                            _c(nblocks, I32, "int32_t[]", "nblocks"))
-    if rc:
-        raise make_error(rc, f"gather_rows(n={n})")
-    return nblocks[:n]
 
 
 class RowGather:
@@ -87,12 +51,15 @@ class RowGather:
     def gather(self, n, out):
         """Gather slots [0, n) into out[:n] (C-contiguous int32, width =
         out.shape[1]); returns self.nblocks[:n] (-1: no row for that key)."""
+        # C writes n rows of out.shape[1] entries: check before it does.
+        if not (0 <= n <= self.keys.shape[0] and out.ndim == 2 and out.shape[0] >= n
+                and out.dtype == I32 and out.flags.c_contiguous):
+            raise make_error(_EINVAL, f"gather(n={n}): out must be C-contiguous int32 "
+                             f"[>= n, width] (got {out.dtype} {out.shape}) and n at most "
+                             f"{self.keys.shape[0]}")
         rc = lib.bt_rows_gather(self._seg, self._keys_c, n, self._hints_c,
                                 ffi.from_buffer("int32_t[]", out), out.shape[1], self._nb_c)
         if rc:
             raise make_error(rc, f"gather(n={n})")
         return self.nblocks[:n]
 
-
-Segment.find_row = find_row
-Segment.gather_rows = gather_rows
