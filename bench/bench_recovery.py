@@ -39,7 +39,7 @@ for sub in ("bindings", "daemon"):     # a checkout without an install; an insta
 from blocktable import Segment, ffi, lib  # noqa: E402
 from blocktable.connect import connect  # noqa: E402
 
-from btd.testing import DaemonProcess, wait_for  # noqa: E402
+from blocktable_daemon.testing import DaemonProcess, wait_for  # noqa: E402
 
 ROWS, PER_ROW, LOOSE = 32, 64, 64
 HELD = ROWS * PER_ROW + LOOSE

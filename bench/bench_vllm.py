@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "engine"))
 from engine import tiny_llama  # noqa: E402
 
 from blocktable import Segment  # noqa: E402
-from btd.testing import DaemonProcess, child_env, unique_name  # noqa: E402
+from blocktable_daemon.testing import DaemonProcess, child_env, unique_name  # noqa: E402
 
 CATS = ("alloc", "free", "touch", "cache", "lookup", "other")
 

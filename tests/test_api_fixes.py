@@ -13,7 +13,7 @@ import pytest
 
 import blocktable as bt
 from blocktable.connect import DaemonNotRunning, connect, request
-from btd.testing import DaemonProcess, child_env, wait_for
+from blocktable_daemon.testing import DaemonProcess, child_env, wait_for
 
 from conftest import assert_rejected, snapshot, assert_same
 

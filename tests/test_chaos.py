@@ -32,7 +32,7 @@ from blocktable import Segment, ffi, lib
 from blocktable import errors as E
 from blocktable.connect import connect
 
-from btd.testing import DaemonProcess, stack_of, wait_for
+from blocktable_daemon.testing import DaemonProcess, stack_of, wait_for
 
 KILLS = int(os.environ.get("KILLS", "200"))
 WORKERS = int(os.environ.get("CHAOS_WORKERS", "4"))

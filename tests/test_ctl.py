@@ -8,8 +8,8 @@ import pytest
 
 from blocktable import Segment
 
-from btd import commands
-from btd.testing import DaemonProcess, child_env
+from blocktable_daemon import commands
+from blocktable_daemon.testing import DaemonProcess, child_env
 
 SMALL = {"blocks_per_pool": 512, "num_rows": 16, "row_width": 8, "max_clients": 8,
          "hand_size": 32}
@@ -128,11 +128,11 @@ def test_exit_codes(served, tmp_path):
     assert r.returncode == 2
     r = d.ctl("row")
     assert r.returncode == 2
-    r = subprocess.run([sys.executable, "-m", "btd.ctl", "--socket", str(tmp_path / "none.sock"),
+    r = subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", "--socket", str(tmp_path / "none.sock"),
                         "status"], env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "not running" in r.stderr
     # $BT_SOCKET picks the daemon when --socket is not given.
-    r = subprocess.run([sys.executable, "-m", "btd.ctl", "--json", "status"],
+    r = subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", "--json", "status"],
                        env=child_env({"BT_SOCKET": d.socket}), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["socket"] == d.socket
@@ -188,7 +188,7 @@ def test_a_path_that_is_not_a_socket_is_named(served, tmp_path):
     """--socket pointing at a regular file says so (it said "not running")."""
     f = tmp_path / "plain"
     f.write_text("x")
-    r = subprocess.run([sys.executable, "-m", "btd.ctl", "--socket", str(f), "status"],
+    r = subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", "--socket", str(f), "status"],
                        env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "is not a socket" in r.stderr, (r.returncode, r.stderr)
 
@@ -199,7 +199,7 @@ def test_errors_under_json_are_json(served, tmp_path):
     assert r.returncode == 1, r
     err = json.loads(r.stdout)["error"]
     assert err["name"] == "ENOENT" and "999" in err["message"], err
-    r = subprocess.run([sys.executable, "-m", "btd.ctl", "--json", "--socket",
+    r = subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", "--json", "--socket",
                         str(tmp_path / "none.sock"), "status"], env=child_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and json.loads(r.stdout)["error"]["name"] == "ENOTRUNNING", r

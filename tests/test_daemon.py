@@ -17,9 +17,9 @@ import blocktable
 from blocktable import Segment, SegmentConfig
 from blocktable.connect import DaemonError, DaemonNotRunning, connect, request
 
-from btd import config as btd_config, protocol, sdnotify
-from btd.server import parse_args
-from btd.testing import DaemonProcess, child_env, unique_name, wait_for
+from blocktable_daemon import config as btd_config, protocol, sdnotify
+from blocktable_daemon.server import parse_args
+from blocktable_daemon.testing import DaemonProcess, child_env, unique_name, wait_for
 
 SMALL = {"blocks_per_pool": 1024, "num_rows": 32, "row_width": 16, "max_clients": 16,
          "hand_size": 64}
@@ -157,7 +157,7 @@ def test_unfinished_segment_is_left_alone_while_its_creator_holds_it():
     waited for, bounded) and no header written (a damaged segment is not a
     dead creator's, and stays refused)."""
     import fcntl
-    from btd.server import remove_unfinished
+    from blocktable_daemon.server import remove_unfinished
     name = unique_name()
     path = f"/dev/shm/bt.{name}"
     try:
@@ -197,7 +197,7 @@ def test_segment_larger_than_dev_shm_is_refused_cleanly(tmp_path):
     assert need > 8 << 20
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sizes.items())
     script = (f"mount -t tmpfs -o size=8m tmpfs /dev/shm || exit 99; "
-              f"{sys.executable} -m btd.server --socket {tmp_path}/btd.sock --segment {name} "
+              f"{sys.executable} -m blocktable_daemon.server --socket {tmp_path}/btd.sock --segment {name} "
               f"{flags}; echo rc=$?; ls -A /dev/shm")
     r = subprocess.run(["unshare", "-m", "sh", "-c", script], env=child_env(),
                        capture_output=True, text=True, timeout=60)
@@ -239,10 +239,10 @@ def test_sdnotify_abstract_socket(monkeypatch):
 def test_journal_priority_prefix(tmp_path):
     # JOURNAL_STREAM naming our stderr: lines carry <N> priorities.
     code = ("import os,sys; st=os.fstat(2); os.environ['JOURNAL_STREAM']=f'{st.st_dev}:{st.st_ino}';"
-            "from btd import logs; log=logs.setup('info'); log.info('hello'); log.warning('careful')")
+            "from blocktable_daemon import logs; log=logs.setup('info'); log.info('hello'); log.warning('careful')")
     r = child(code)
     assert r.stderr.splitlines() == ["<6>hello", "<4>careful"], r.stderr
-    r = child("from btd import logs; logs.setup('info').info('plain')")
+    r = child("from blocktable_daemon import logs; logs.setup('info').info('plain')")
     assert "INFO: plain" in r.stderr and not r.stderr.startswith("<")
 
 
@@ -622,10 +622,10 @@ def test_config_errors(tmp_path, toml, flags, msg):
 
 
 def test_bad_config_exits_2_and_print_config(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "btd.server", "--segment", "../x"],
+    r = subprocess.run([sys.executable, "-m", "blocktable_daemon.server", "--segment", "../x"],
                        env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "segment name" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "btd.server", "--print-config", "--num-rows", "8"],
+    r = subprocess.run([sys.executable, "-m", "blocktable_daemon.server", "--print-config", "--num-rows", "8"],
                        env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     seg = json.loads(r.stdout)["segments"]["default"]

@@ -16,7 +16,7 @@
 * The daemon's request size limit: a line of exactly MAX_LINE bytes is
   answered, one byte more gets ETOOBIG and the connection is closed.
 
-The daemon runs as in tests/test_daemon.py (btd.testing.DaemonProcess).
+The daemon runs as in tests/test_daemon.py (blocktable_daemon.testing.DaemonProcess).
 """
 import json
 import os
@@ -32,8 +32,8 @@ import pytest
 
 import blocktable as bt
 
-from btd import protocol
-from btd.testing import DaemonProcess, child_env, unique_name
+from blocktable_daemon import protocol
+from blocktable_daemon.testing import DaemonProcess, child_env, unique_name
 
 CFG = bt.SegmentConfig(num_pools=1, blocks_per_pool=64, num_rows=4, row_width=4,
                        max_clients=8, hand_size=16)
@@ -234,7 +234,7 @@ def test_bad_segment_names_refused_everywhere(name):
                lambda: bt.Segment.unlink(name)):
         with pytest.raises(bt.BadName):
             fn()
-    from btd.config import ConfigError, check_name
+    from blocktable_daemon.config import ConfigError, check_name
     with pytest.raises(ConfigError):
         check_name(name)
 
@@ -252,13 +252,13 @@ def test_name_length_bound_is_48_bytes():
 
 
 def btd_exit(args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "btd.server", *args], env=child_env(),
+    return subprocess.run([sys.executable, "-m", "blocktable_daemon.server", *args], env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def test_btd_refuses_bad_segment_names_and_impossible_sizes_before_creating(daemon_dir):
-    from btd.config import ConfigError, load
-    from btd.server import parse_args
+    from blocktable_daemon.config import ConfigError, load
+    from blocktable_daemon.server import parse_args
     sock = os.path.join(daemon_dir, "btd.sock")
     name = unique_name("perm")
     for args, want in ((["--segment", "a/b"], "segment name"),

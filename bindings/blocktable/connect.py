@@ -9,7 +9,7 @@ recovers what it held. Without a daemon, ``Segment.create()`` (embedded) and
 ``Segment.attach(name).client()`` keep working as before.
 
 The socket protocol (newline-delimited JSON) is spoken here in a few lines
-so that a client needs nothing but this package; btd.protocol is the server
+so that a client needs nothing but this package; blocktable_daemon.protocol is the server
 side and bt-ctl's client.
 """
 import errno
@@ -156,7 +156,7 @@ def connect(name="default", socket=None, timeout=10.0, create=None):
 
     Errors: DaemonNotRunning; PermissionError and TimeoutError naming the
     socket (a stopped btd: any slot it reserves late is reclaimed by it
-    unless adopted, see btd.server); DaemonError (the daemon refused: an unknown
+    unless adopted, see blocktable_daemon.server); DaemonError (the daemon refused: an unknown
     segment, a uid it does not serve, no free client slot; with create,
     name "BT_ECONFIG" when the served segment is too small, naming both
     sizes, or the config is impossible); the errors of Segment.attach and

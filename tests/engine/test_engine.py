@@ -44,7 +44,7 @@ if not real_vllm():
 
 import psutil
 
-from btd.testing import DaemonProcess, child_env, unique_name, wait_for
+from blocktable_daemon.testing import DaemonProcess, child_env, unique_name, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE = os.path.join(HERE, "engine.py")

@@ -14,7 +14,7 @@ import uuid
 
 import blocktable
 
-import btd
+import blocktable_daemon
 
 from blocktable.connect import request
 
@@ -58,7 +58,7 @@ def child_env(extra=None):
     source checkout works without an install)."""
     env = dict(os.environ)
     dirs = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
-            for m in (btd, blocktable)]
+            for m in (blocktable_daemon, blocktable)]
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(dirs + ([old] if old else [])))
     env.pop("NOTIFY_SOCKET", None)
@@ -94,7 +94,7 @@ class DaemonProcess:
         self._notify.bind(self.notify_path)
         self._notify.settimeout(0.05)
         env = child_env({"NOTIFY_SOCKET": self.notify_path, **(extra_env or {})})
-        cmd = [sys.executable, "-m", "btd.server", "--socket", self.socket,
+        cmd = [sys.executable, "-m", "blocktable_daemon.server", "--socket", self.socket,
                "--segment", self.segment, *self.args]
         self._log = open(self.log_path, "ab")
         limit = None
@@ -143,7 +143,7 @@ class DaemonProcess:
 
     def ctl(self, *argv, timeout=60.0, env=None):
         """Run bt-ctl against this daemon; a CompletedProcess (text)."""
-        return subprocess.run([sys.executable, "-m", "btd.ctl", "--socket", self.socket, *argv],
+        return subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", "--socket", self.socket, *argv],
                               env=child_env(env), capture_output=True, text=True,
                               timeout=timeout)
 

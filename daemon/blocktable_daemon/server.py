@@ -1221,7 +1221,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="btd", description="The blocktable daemon: owns shared-memory segments, "
         "registers clients, recovers what dead clients held.")
-    p.add_argument("--config", "-c", help="TOML config file (see btd.config)")
+    p.add_argument("--config", "-c", help="TOML config file (see blocktable_daemon.config)")
     p.add_argument("--socket", "-s", help="control socket path (default: $RUNTIME_DIRECTORY, "
                    "/run/blocktable, $XDG_RUNTIME_DIR/blocktable, /tmp/blocktable-UID)")
     p.add_argument("--socket-mode", help="socket permissions, octal, 0660 or stricter")

@@ -2,7 +2,7 @@
 
     bt-ctl [--socket PATH] [--json] COMMAND [ARGS]
 
-Commands come from btd.commands (each holds its request and its rendering),
+Commands come from blocktable_daemon.commands (each holds its request and its rendering),
 plus `watch`, which repeats `status` and `clients`. Human tables by default;
 --json prints the result object with stable keys. Exit codes: 0 ok, 1 error
 (an error reply, or fsck found problems), 2 usage, 3 btd not running.
