@@ -80,7 +80,7 @@ $(VLLM_VENV)/.stamp-deps:
 	test -f $(VLLM_VENV)/UNAVAILABLE || touch $@
 $(VLLM_VENV)/.stamp: $(VLLM_VENV)/.stamp-deps pyproject.toml setup.py $(LIB_SRC) $(LIB_HDR)
 	test -f $(VLLM_VENV)/UNAVAILABLE || { $(VLLM_PY) -m pip install -q -e . --no-deps && \
-	    $(VLLM_PY) -c "import blocktable, btd, blocktable.vllm, vllm" && touch $@; }
+	    $(VLLM_PY) -c "import blocktable, blocktable_daemon, blocktable.vllm, vllm" && touch $@; }
 venv-vllm: $(VLLM_VENV)/.stamp
 
 # Run in .venv-vllm with BT_VLLM_REQUIRED=1: there a failing `import vllm` is an error, not a
