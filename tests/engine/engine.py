@@ -8,7 +8,10 @@ call, in order, so later batches hit the prefixes earlier ones cached), out (res
 hold (bool: after the last batch, say "HOLD" and wait for a line on stdin before
 shutting down, so the caller can look at btd while the engine lives), kill_batch (a prompt
 list generated in a thread once the caller answers "HOLD" with a line, kill_max_tokens each:
-the caller SIGKILLs the EngineCore meanwhile, then sends another line to end this process). The markers (HOLD, GENERATING, DONE) go to the file descriptor
+the caller SIGKILLs the EngineCore meanwhile, then sends another line to end this process),
+turns (bool: before batch i say "READY i" and wait for a line on stdin, and say
+"FINISHED" once the result is written, so that a caller can run two engines' batches in
+turn). The markers (READY, FINISHED, HOLD, GENERATING, DONE) go to the file descriptor
 $BT_ENGINE_CTL_FD (else stdout): vLLM logs to stdout, which the caller sends to a file.
 
 The environment picks stock vLLM or blocktable (BLOCKTABLE_VLLM=<segment>; the plugin is
@@ -89,7 +92,10 @@ def main():
     t_start = time.monotonic() - t0
     sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
     outputs, t_gen, ntok, windows = [], 0.0, 0, []
-    for batch in spec["batches"]:
+    for i, batch in enumerate(spec["batches"]):
+        if spec.get("turns"):
+            say(f"READY {i}")
+            sys.stdin.readline()
         prompts = [{"prompt_token_ids": p} for p in batch]
         w0, t1 = time.time(), time.monotonic()
         res = llm.generate(prompts, sp, use_tqdm=False)
@@ -110,6 +116,8 @@ def main():
                           "tokens": ntok, "tokens_per_s": round(ntok / t_gen, 1) if t_gen else 0}}
     with open(spec["out"], "w") as f:
         json.dump(result, f)
+    if spec.get("turns"):
+        say("FINISHED")
     if spec.get("hold"):
         say("HOLD")
         if spec.get("kill_batch"):

@@ -138,3 +138,77 @@ def test_segment_too_small_for_the_engine(monkeypatch):
         _seg.disconnect()
         seg.close()
         bt.Segment.unlink(name)
+
+
+@pytest.fixture(params=[False, True], ids=["no-events", "events"])
+def pool_pair(monkeypatch, request):
+    """A stock and a shared pool of N blocks, KV events on or off (off takes
+    SharedBlockPool's one-call cache_full_blocks; on, vLLM's own loop)."""
+    name = unique_name("vcfb")
+    monkeypatch.setenv("BLOCKTABLE_VLLM", name)
+    monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
+    monkeypatch.delenv("BLOCKTABLE_VLLM_STATS_DIR", raising=False)
+    monkeypatch.setitem(scheduler._engine, "max_num_seqs", 4)
+    monkeypatch.setitem(scheduler._engine, "max_model_len", 256)
+    monkeypatch.setattr(_seg, "_connect_btd", lambda *a: (_ for _ in ()).throw(RuntimeError("no btd")))
+    stock = BlockPool(N, True, 16, enable_kv_cache_events=request.param)
+    shared = SharedBlockPool(N, True, 16, enable_kv_cache_events=request.param)
+    try:
+        yield stock, shared
+    finally:
+        _seg.disconnect()
+        bt.Segment.unlink(name)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cache_full_blocks_matches_vllm(pool_pair, seed):
+    """Requests (vLLM's own Request and block hasher) grow token by token;
+    each step caches its newly full blocks in both pools, finished requests
+    free theirs, and new ones look their prefix up: ids, keys, counts, queue
+    order and hits stay the same as vLLM's."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(16, sha256)
+    stock, shared = pool_pair
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(1000) for _ in range(rng.choice([16, 40]))] for _ in range(3)]
+    live = []                   # [request, stock blocks, shared blocks, cached]
+    for step in range(300):
+        if len(live) < 4 and rng.random() < 0.3:
+            toks = rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(1, 30))]
+            req = Request(f"r{step}", toks, SamplingParams(max_tokens=8), None,
+                          block_hasher=hasher)
+            hits = []
+            for h in req.block_hashes:                      # the longest cached prefix
+                a, b = stock.get_cached_block(h, [0]), shared.get_cached_block(h, [0])
+                assert (b and _ids(b)) == (a and _ids(a))
+                if not a:
+                    break
+                hits.append((a[0], b[0]))
+            sa, sb = [x for x, _ in hits], [y for _, y in hits]
+            stock.touch(sa)
+            shared.touch(sb)
+            live.append([req, sa, sb, len(hits)])
+        for ent in live:
+            req, sa, sb, cached = ent
+            need = -(-req.num_tokens // 16) - len(sa)
+            if need > 0:
+                if need > stock.get_num_free_blocks():
+                    continue
+                sa += stock.get_new_blocks(need)
+                sb += shared.get_new_blocks(need)
+                assert _ids(sb) == _ids(sa)
+            full = req.num_tokens // 16
+            stock.cache_full_blocks(req, sa, cached, full, 16, 0)
+            shared.cache_full_blocks(req, sb, cached, full, 16, 0)
+            ent[3] = max(cached, full)
+            req.append_output_token_ids(rng.randrange(1000))    # the hasher adds full blocks
+        for ent in [e for e in live if e[0].num_tokens > 90 or rng.random() < 0.03]:
+            live.remove(ent)
+            stock.free_blocks(reversed(ent[1]))
+            shared.free_blocks(reversed(ent[2]))
+        _same(stock, shared)
+    assert shared.bt_cp.stats()["stored"] > 0 and shared.bt_cp.stats()["hits"] > 0

@@ -115,6 +115,7 @@ class Stats(dict):
 
     def __init__(self, role, period=0.5, **fields):
         super().__init__(role=role, pid=os.getpid(), segment=enabled(), **fields)
+        self.sources = []       # callables returning counters kept elsewhere (read at flush)
         d = os.environ.get(ENV_STATS)
         self.path = os.path.join(d, f"{role}-{os.getpid()}.json") if d else None
         self.period = period
@@ -137,6 +138,8 @@ class Stats(dict):
     def flush(self):
         if not self.path:
             return
+        for src in self.sources:
+            self.update(src())
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
             json.dump(dict(self), f)

@@ -30,6 +30,7 @@ a segment that does not fit. Not thread-safe (as vLLM's BlockPool).
 """
 from vllm.distributed.kv_events import MEDIUM_GPU, AllBlocksCleared
 from vllm.logger import init_logger
+from vllm.v1.core import block_pool as _vllm_block_pool
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import (BlockHashWithGroupId, KVCacheBlock,
                                          make_block_hash_with_group_id)
@@ -43,6 +44,12 @@ from .scheduler import _engine
 __all__ = ["SharedBlockPool", "SharedKVCacheBlock"]
 
 logger = init_logger(__name__)
+
+# The hot libbt calls, bound once (a module attribute lookup per call is
+# measurable next to calls of ~100 ns).
+_alloc, _free, _touch = lib.bt_cache_alloc, lib.bt_cache_free, lib.bt_cache_touch
+_lookup, _insert_many = lib.bt_cache_lookup, lib.bt_cache_insert_many
+_resolve = _vllm_block_pool.resolve_block_hashes
 
 
 class SharedKVCacheBlock(KVCacheBlock):
@@ -132,6 +139,7 @@ class SharedBlockPool(BlockPool):
         self.bt_client = _seg.connect(create=need)
         self.bt_cp = cp = self.bt_client.cache_pool(0)
         self._pin_excess(num_gpu_blocks)
+        self.num_free = cp.num_free         # see get_num_free_blocks
         # The hot calls go to libbt directly with buffers made once (a list
         # into a cffi array is one slice store; no numpy per call). They hold
         # the client's handle: the pool is dead once its client is closed.
@@ -145,11 +153,18 @@ class SharedBlockPool(BlockPool):
         self._ins = ffi.new("int *")
         self._seg = self.bt_client.segment._s()
         self._bout = ffi.new("int32_t *")
-        self.bt_stats = _seg.Stats("scheduler", rows_written=0, allocs=0, frees=0, touches=0,
-                                   lookups=0, hits=0)
+        self.bt_stats = _seg.Stats("scheduler", rows_written=0)
+        # Hot counters are attributes (a dict update per call costs more than
+        # the call's C work); the stats file reads them when it is written.
+        self._n_alloc = self._n_free = self._n_touch = self._n_lookup = self._n_hit = 0
+        self.bt_stats.sources.append(lambda: {
+            "allocs": self._n_alloc, "frees": self._n_free, "touches": self._n_touch,
+            "lookups": self._n_lookup, "hits": self._n_hit})
+        self._partial = False
         self.num_gpu_blocks = num_gpu_blocks
         self.medium = medium
         self.enable_caching = enable_caching
+        self._caching = 1 if enable_caching else 0
         self.hash_block_size = hash_block_size
         self.blocks = [SharedKVCacheBlock(i, pool=self) for i in range(num_gpu_blocks)]
         for b in self.blocks:
@@ -180,18 +195,19 @@ class SharedBlockPool(BlockPool):
 
     # ---- lookups ----------------------------------------------------------------
     def get_cached_block(self, block_hash, kv_cache_group_ids):
-        st, seg, bout = self.bt_stats, self._seg, self._bout
+        seg, bout, blocks = self._seg, self._bout, self.blocks
         out = []
         for gid in kv_cache_group_ids:
-            st["lookups"] += 1
-            k = make_block_hash_with_group_id(block_hash, gid)
-            rc = lib.bt_cache_lookup(seg, 0, k, len(k), bout)
+            self._n_lookup += 1
+            k = block_hash + gid.to_bytes(4, "big")     # make_block_hash_with_group_id
+            rc = _lookup(seg, 0, k, len(k), bout)
             if rc:
                 raise make_error(rc, f"prefix-cache lookup (key of {len(k)} bytes)")
-            if not bout[0]:
+            b = bout[0]
+            if not b:
                 return None
-            st["hits"] += 1
-            out.append(self.blocks[bout[0]])
+            self._n_hit += 1
+            out.append(blocks[b])
         return out
 
     # ---- the map ------------------------------------------------------------------
@@ -204,13 +220,59 @@ class SharedBlockPool(BlockPool):
     def _remove_cached_block_hashes(self, block):
         return [BlockHashWithGroupId(k) for _, k, _ in self.bt_cp.remove(block.block_id)]
 
+    def cache_partial_block(self, *args, **kwargs):
+        self._partial = True                # from now on, full blocks may hold keys already
+        return super().cache_partial_block(*args, **kwargs)
+
+    def cache_full_blocks(self, request, blocks, num_cached_blocks, num_full_blocks, block_size,
+                          kv_cache_group_id, block_mask=None):
+        # vLLM's loop makes one _insert_block_hash call per block, after reading
+        # the block's current key (a block only has one before it is full when
+        # partial blocks were cached). Without events, masks or partial blocks,
+        # that is one bt_cache_insert_many; otherwise vLLM's own method runs.
+        if self.enable_kv_cache_events or block_mask is not None or self._partial:
+            return super().cache_full_blocks(request, blocks, num_cached_blocks, num_full_blocks,
+                                             block_size, kv_cache_group_id, block_mask)
+        if num_cached_blocks >= num_full_blocks:
+            return None
+        hashes = _resolve(request.block_hashes, self.hash_block_size, block_size)
+        gid = kv_cache_group_id.to_bytes(4, "big")
+        ids, keys, ntok = [], [], []
+        for i in range(num_cached_blocks, num_full_blocks):
+            blk = blocks[i]
+            if not blk.is_null:
+                ids.append(blk.block_id)
+                keys.append(hashes[i] + gid)
+                ntok.append((i + 1) * block_size)
+        n = len(ids)
+        if not n:
+            return None
+        klen = len(keys[0])
+        if any(len(k) != klen for k in keys):       # keys of one hash function: never
+            for b, k, t in zip(ids, keys, ntok):
+                self._insert_block_hash(k, self.blocks[b], t)
+            return None
+        rc = _insert_many(self._cl, 0, ids, n, b"".join(keys), klen, ntok, self._nout)
+        if rc:
+            raise make_error(rc, f"caching blocks {ids[:8]} (keys of {klen} bytes)")
+        return None
+
     # ---- allocation ---------------------------------------------------------------
     def get_new_blocks(self, num_blocks):
-        if num_blocks > self.get_num_free_blocks():
+        if num_blocks > self.num_free:
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
-        ids, removed = self._alloc(num_blocks)
+        if num_blocks > self._cap:
+            idl, removed = self._alloc_large(num_blocks)
+        else:
+            rc = _alloc(self._cl, 0, num_blocks, self._ids, self._rm, self._rm_cap, self._nout)
+            if rc:
+                self._alloc_failed(rc, num_blocks)
+                return self.get_new_blocks(num_blocks)
+            idl = self._ids[0:num_blocks]
+            removed = self._removed() if self._nout[0] else None
+        self.num_free = self._nfree[0]
         blocks = self.blocks
-        ret = [blocks[i] for i in ids]
+        ret = [blocks[i] for i in idl]
         if self._reuse_watchers:
             self._notify_reuse(ret)
         mc = self.metrics_collector
@@ -221,45 +283,57 @@ class SharedBlockPool(BlockPool):
                 mc.on_block_allocated(block)
         if removed:         # evictions, block by block, primary key first: as vLLM emits them
             self._emit_block_removed_events(removed)
-        self.bt_stats["allocs"] += num_blocks
+        self._n_alloc += num_blocks
         return ret
 
-    def _alloc(self, n):
-        """bt_cache_alloc: (ids, keys evicted in order)."""
-        if n > self._cap:
-            ids, rm = self.bt_cp.alloc(n, removed=True)
-            return ids.tolist(), [BlockHashWithGroupId(k) for _, k, _ in rm]
-        rc = lib.bt_cache_alloc(self._cl, 0, n, self._ids, self._rm, self._rm_cap, self._nout)
-        if rc == lib.BT_EINVAL and self._nout[0] > self._rm_cap:   # more evicted keys than room
+    def _removed(self):
+        rm = self._rm
+        return [BlockHashWithGroupId(ffi.buffer(rm[i].key, rm[i].len)[:])
+                for i in range(self._nout[0])]
+
+    def _alloc_failed(self, rc, n):
+        """bt_cache_alloc failed: grow the evicted-keys buffer (BT_EINVAL with
+        more keys than room; nothing changed) or raise."""
+        if rc == lib.BT_EINVAL and self._nout[0] > self._rm_cap:
             self._rm_cap = 2 * self._nout[0]
             self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
-            rc = lib.bt_cache_alloc(self._cl, 0, n, self._ids, self._rm, self._rm_cap, self._nout)
-        if rc:
-            raise make_error(rc, f"allocating {n} blocks ({self._nfree[0]} free)")
-        nrm, rm = self._nout[0], self._rm
-        removed = [BlockHashWithGroupId(ffi.buffer(rm[i].key, rm[i].len)[:]) for i in range(nrm)]
-        return ffi.unpack(self._ids, n), removed
+            return
+        raise make_error(rc, f"allocating {n} blocks ({self._nfree[0]} free)")
 
-    def _idbuf(self, ids):
-        n = len(ids)
-        if n > self._cap:
-            self._cap = 2 * n
-            self._ids = ffi.new("int32_t[]", self._cap)
-        self._ids[0:n] = ids
-        return self._ids, n
+    def _alloc_large(self, n):
+        ids, rm = self.bt_cp.alloc(n, removed=True)
+        return ids.tolist(), [BlockHashWithGroupId(k) for _, k, _ in rm]
 
     def touch(self, blocks):
         ids = [b.block_id for b in blocks]
-        buf, n = self._idbuf(ids)
-        rc = lib.bt_cache_touch(self._cl, 0, buf, n)
+        # cffi turns the list into a temporary int32_t array (cheaper than a
+        # slice store into a kept one); C checks every id before changing any.
+        rc = _touch(self._cl, 0, ids, len(ids))
+        self.num_free = self._nfree[0]
         if rc:
             raise make_error(rc, f"touching blocks {ids[:8]}")
         if self.metrics_collector:
             for b in blocks:
                 self.metrics_collector.on_block_accessed(b)
-        self.bt_stats["touches"] += len(blocks)
+        self._n_touch += len(ids)
 
     def free_blocks(self, ordered_blocks):
+        if not isinstance(ordered_blocks, list):
+            ordered_blocks = list(ordered_blocks)       # vLLM passes reversed(...)
+        ids = [b.block_id for b in ordered_blocks if b.pool is self]
+        if len(ids) != len(ordered_blocks):
+            return self._free_mixed(ordered_blocks)
+        if ids:
+            rc = _free(self._cl, 0, ids, len(ids), self._caching)
+            self.num_free = self._nfree[0]
+            if rc:
+                raise make_error(rc, f"freeing blocks {ids[:8]}")
+        self._n_free += len(ids)
+        return None
+
+    def _free_mixed(self, ordered_blocks):
+        """free_blocks with blocks of other pools (vLLM's multi-pool case):
+        each pool frees its own, in order."""
         mine, other_pools = [], {}
         for block in ordered_blocks:
             if block.pool is not None and block.pool is not self:
@@ -267,17 +341,18 @@ class SharedBlockPool(BlockPool):
             else:
                 mine.append(block.block_id)
         if mine:
-            buf, n = self._idbuf(mine)
-            rc = lib.bt_cache_free(self._cl, 0, buf, n, 1 if self.enable_caching else 0)
+            rc = _free(self._cl, 0, mine, len(mine), self._caching)
+            self.num_free = self._nfree[0]
             if rc:
                 raise make_error(rc, f"freeing blocks {mine[:8]}")
         for pool, blocks in other_pools.items():
             pool.free_blocks(blocks)
-        self.bt_stats["frees"] += len(mine)
+        self._n_free += len(mine)
 
     def unpin_blocks(self, blocks, on_reuse):
         blocks = list(blocks)
         self.bt_cp.unpin([b.block_id for b in blocks])
+        self.num_free = self._nfree[0]
         for b in blocks:
             self._reuse_watchers[b.block_id] = on_reuse
 
@@ -289,6 +364,7 @@ class SharedBlockPool(BlockPool):
         if len(pinned):
             again = cp.alloc(len(pinned))
             assert (again == pinned).all(), "the pinned ids did not come back first"
+        self.num_free = self._nfree[0]
         if not ok:
             logger.warning("Failed to reset prefix cache because some blocks (%d) are not "
                            "freed yet", self.num_gpu_blocks - self.get_num_free_blocks() - 1)
@@ -303,4 +379,7 @@ class SharedBlockPool(BlockPool):
         return True
 
     def get_num_free_blocks(self):
-        return self._nfree[0]       # the pool's count, in the segment (no call)
+        # The segment's count as this process last left it: the pool's owner
+        # (this client) is its only writer, so it changes only in the calls
+        # above, each of which re-reads it. vLLM asks once per request per step.
+        return self.num_free

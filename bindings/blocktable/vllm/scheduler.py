@@ -45,7 +45,10 @@ class SchedulerRows:
     RuntimeError when the segment's rows run out (naming the sizes)."""
 
     def __init__(self, client, manager, stats):
+        from blocktable import lib
         self.cl = client
+        self._clp = client._cl                  # the hot append goes to libbt directly
+        self._append = lib.bt_row_append
         self.mgr = manager                      # the single-type manager of group 0
         self.stats = stats
         self.rows = {}
@@ -65,7 +68,11 @@ class SchedulerRows:
             st = self.rows[rid] = [self._claim(request_key(rid, self.inc.get(rid, 0))), 0]
         n = len(blocks)
         if n > st[1]:
-            self.cl.append(st[0], [b.block_id for b in blocks[st[1]:]])
+            ids = [b.block_id for b in blocks[st[1]:]]
+            rc = self._append(self._clp, st[0], ids, len(ids))
+            if rc:
+                from blocktable._errors import make_error
+                raise make_error(rc, f"appending {ids[:8]} to row {st[0]} of {rid!r}")
         elif n < st[1]:                         # never for full attention; stay right anyway
             self.cl.set_row(st[0], [b.block_id for b in blocks])
         else:

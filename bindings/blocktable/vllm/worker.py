@@ -61,6 +61,8 @@ class WorkerRows:
         self.check = os.environ.get(ENV_CHECK, "") not in ("", "0")
         self.inc = {}
         self.slot_keys = []             # (req_id, incarnation) per batch slot
+        self.last_ids = None            # the batch's request ids when slot_keys was made
+        self.inc_changed = False
         self.gather = None
         try:
             from vllm.distributed import get_tensor_model_parallel_rank
@@ -80,6 +82,7 @@ class WorkerRows:
             self.inc[nr.req_id] = 0
         for rid in so.scheduled_cached_reqs.resumed_req_ids:
             self.inc[rid] = self.inc.get(rid, 0) + 1
+            self.inc_changed = True     # same id, same slot maybe, but a new key
 
     def _start(self):
         from blocktable import RowGather
@@ -100,19 +103,19 @@ class WorkerRows:
         if self.gather is None or self.runner.input_batch.block_table.block_tables[0] is not self.table:
             self._start()
             self.slot_keys = []
+            self.last_ids = None
         ib = self.runner.input_batch
-        g, sk, inc = self.gather, self.slot_keys, self.inc
-        for i, rid in enumerate(ib.req_ids[:num_reqs]):
-            want = (rid, inc.get(rid, 0))
-            if i >= len(sk):
-                sk.append(None)
-            if sk[i] != want:
-                sk[i] = want
-                g.set_key(i, request_key(*want))
+        g = self.gather
+        ids = ib.req_ids[:num_reqs]
+        if ids != self.last_ids or self.inc_changed:     # a list compare, in C
+            self._rekey(ids)
         table = self.table.block_table.np
         counts = self.table.num_blocks_per_row[:num_reqs]
         out = self.scratch if self.check else table
         nb = g.gather(num_reqs, out[:num_reqs])
+        if not self.check and (nb == counts).all():     # the usual step: nothing to fix
+            self._count(num_reqs)
+            return
         short = nb < counts
         if self.check:
             mask = self.cols < counts[:, None]
@@ -127,6 +130,23 @@ class WorkerRows:
             out[i, counts[i]:min(nb[i], self.width)] = 0
         if self.check:
             table[:num_reqs] = out[:num_reqs]
+        self._count(num_reqs)
+
+    def _rekey(self, ids):
+        """Slot i holds request ids[i] (its incarnation's key): give the
+        gather the keys of the slots that changed."""
+        g, sk, inc = self.gather, self.slot_keys, self.inc
+        for i, rid in enumerate(ids):
+            want = (rid, inc.get(rid, 0))
+            if i >= len(sk):
+                sk.append(None)
+            if sk[i] != want:
+                sk[i] = want
+                g.set_key(i, request_key(*want))
+        self.last_ids = list(ids)
+        self.inc_changed = False
+
+    def _count(self, num_reqs):
         st = self.stats
         st["steps"] += 1
         st["rows_read"] += num_reqs
