@@ -37,6 +37,24 @@ _pool_class = [None]
 _probe_ns = [None]
 
 
+def _timed(fn, cat):
+    pc = time.perf_counter_ns
+
+    def wrapper(*a, **kw):
+        if _depth[0]:
+            return fn(*a, **kw)
+        _depth[0] = 1
+        t = pc()
+        try:
+            return fn(*a, **kw)
+        finally:
+            _acc[cat] += pc() - t
+            _calls[cat] += 1
+            _depth[0] = 0
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def _probe_cost(n=20000):
     """What a timed call of a no-op method records (ns): the wrapper's share that
     falls inside every figure (one perf_counter_ns and the call through *a, **kw),
