@@ -57,3 +57,18 @@ def test_readme_lists_every_bt_ctl_command():
 def test_readme_speaks_to_users(word):
     found = re.findall(r".{0,40}" + word + r".{0,40}", readme(), re.I)
     assert not found, found
+
+
+def test_paths_named_in_the_readme_exist():
+    """Every repository path the README names (in backticks or as a link) exists: no
+    stale pointers, no links to files outside the repository."""
+    text = readme()
+    tops = ("libbt/", "bindings/", "daemon/", "tests/", "bench/", "examples/", "systemd/",
+            "docs/make_api.py")
+    named = [p for p in re.findall(r"`([A-Za-z0-9_.-]+/[A-Za-z0-9_./-]*)`", text)
+             if p.startswith(tops)]
+    named += [p for p in re.findall(r"\]\(([^)]+)\)", text) if not p.startswith("http")]
+    named += [w for w in ("LICENSE", "CHANGELOG.md", "SECURITY.md") if f"`{w}`" in text]
+    assert named
+    missing = [p for p in named if not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, missing
