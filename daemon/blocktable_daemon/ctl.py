@@ -162,14 +162,14 @@ class Watch:
 
     def _segment(self, s, o, cur, prev, dt):
         name = s["name"]
-        counters = {"calls": s["client_ops"],
-                    "registrations": cur["stats"]["registrations"].get(name, 0),
+        counters = {"calls": s.get("client_ops", 0),
+                    "registrations": cur["stats"].get("registrations", {}).get(name, 0),
                     "recoveries": _recoveries(cur["stats"], name)}
         deltas: Dict[str, Optional[int]] = dict.fromkeys(
             ["calls", "taken", "returned", "registrations", "recoveries"])
         if o is not None:
-            before = {"calls": o["client_ops"],
-                      "registrations": prev["stats"]["registrations"].get(name, 0),
+            before = {"calls": o.get("client_ops", 0),
+                      "registrations": prev["stats"].get("registrations", {}).get(name, 0),
                       "recoveries": _recoveries(prev["stats"], name)}
             d = {k: counters[k] - before[k] for k in counters}
             if all(v >= 0 for v in d.values()):
@@ -198,7 +198,7 @@ class Watch:
 
 
 def _recoveries(stats, seg):
-    return sum(v for k, v in stats["recoveries"].items() if k.rsplit(":", 1)[0] == seg)
+    return sum(v for k, v in stats.get("recoveries", {}).items() if k.rsplit(":", 1)[0] == seg)
 
 
 def bar(p: Dict[str, Any], width: int = 30) -> str:
