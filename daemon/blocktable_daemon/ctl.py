@@ -17,7 +17,7 @@ import collections
 import json
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Deque, Dict, List, Optional, TextIO
 
 from blocktable.connect import (DaemonDisconnected, DaemonError, DaemonNotRunning,
                                 default_socket_path, request)
@@ -42,7 +42,8 @@ def _global_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
         return v if defaults else argparse.SUPPRESS
     a = p.add_argument("--socket", "-s", default=d(None), metavar="PATH",
                        help="btd's socket (default: $BT_SOCKET, then the standard places)")
-    a.complete = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}  # shtab.FILE
+    setattr(a, "complete", {"bash": "_shtab_compgen_files", "zsh": "_files",  # shtab.FILE
+                            "tcsh": "f"})
     p.add_argument("--json", action="store_true", default=d(False),
                    help="print the result as JSON")
     p.add_argument("--timeout", type=POSITIVE, default=d(10.0), metavar="S",
@@ -131,7 +132,7 @@ class Watch:
         self.history = history
         self.segment = segment
         self.prev: Optional[Dict[str, Any]] = None
-        self.used: Dict[Any, collections.deque] = {}
+        self.used: Dict[Any, Deque[float]] = {}
         self.n = 0
 
     @staticmethod
@@ -160,14 +161,15 @@ class Watch:
         return {"time": cur["time"], "sample": self.n, "dt_s": dt, "btd_pid": st["pid"],
                 "version": st["version"], "segments": segs}
 
-    def _segment(self, s, o, cur, prev, dt):
+    def _segment(self, s: Dict[str, Any], o: Optional[Dict[str, Any]], cur: Dict[str, Any],
+                 prev: Optional[Dict[str, Any]], dt: Optional[float]) -> Dict[str, Any]:
         name = s["name"]
         counters = {"calls": s.get("client_ops", 0),
                     "registrations": cur["stats"].get("registrations", {}).get(name, 0),
                     "recoveries": _recoveries(cur["stats"], name)}
         deltas: Dict[str, Optional[int]] = dict.fromkeys(
             ["calls", "taken", "returned", "registrations", "recoveries"])
-        if o is not None:
+        if o is not None and prev is not None:
             before = {"calls": o.get("client_ops", 0),
                       "registrations": prev["stats"].get("registrations", {}).get(name, 0),
                       "recoveries": _recoveries(prev["stats"], name)}
@@ -197,7 +199,7 @@ class Watch:
                 "rates": rates, "pools": pools}
 
 
-def _recoveries(stats, seg):
+def _recoveries(stats: Dict[str, Any], seg: str) -> int:
     return sum(v for k, v in stats.get("recoveries", {}).items() if k.rsplit(":", 1)[0] == seg)
 
 
@@ -215,7 +217,7 @@ def sparkline(values: List[float], chars: str = SPARK) -> str:
     return "".join(chars[min(top, max(0, round(v * top)))] for v in values)
 
 
-def _rate(v):
+def _rate(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.1f}/s"
 
 
@@ -252,7 +254,7 @@ def render_frame(f: Dict[str, Any], interval: float, chars: str = SPARK) -> str:
     return "\n".join(lines)
 
 
-def _indent(text):
+def _indent(text: str) -> str:
     return "\n".join("  " + x for x in text.splitlines())
 
 
@@ -333,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return orphans_cmd(ns, sys.stdout)
         return run_one(ns, sys.stdout)
     except DaemonNotRunning as e:
-        return fail(ns, EXIT_NOT_RUNNING, "ENOTRUNNING", e.strerror)
+        return fail(ns, EXIT_NOT_RUNNING, "ENOTRUNNING", e.strerror or str(e))
     except DaemonError as e:
         return fail(ns, EXIT_ERROR, e.name, f"{ns.cmd}: {e}")
     except DaemonDisconnected as e:
