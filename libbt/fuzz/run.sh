@@ -11,9 +11,9 @@
 #                    links that is not bounded)
 #   CC_FUZZ          the compiler (default clang)
 #
-# Without clang, and as root with apt-get, it installs the distribution's
-# clang; where that cannot be done (not root, no network, no libFuzzer), it
-# says why and exits 0: fuzzing is skipped, not failed. Exit 1 if a harness
+# It installs nothing: without the compiler it says what to install (`make
+# fuzz-deps` does it visibly as root) and exits 2. A clang that cannot link
+# libFuzzer makes it say why and exit 0: skipped, not failed. Exit 1 if a harness
 # found something: the input is in $FUZZ_BUILD/artifacts, and the harness
 # reproduces it with `$FUZZ_BUILD/HARNESS FILE`.
 #
@@ -33,16 +33,9 @@ skip() {
 }
 
 if ! command -v "$cc" >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "fuzz: $cc missing: apt-get install -y clang"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q clang >/dev/null 2>&1 ||
-            { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q clang >/dev/null 2>&1; } ||
-            skip "apt-get install clang failed (no network or repository?)"
-    else
-        skip "no $cc, and installing one needs root and apt-get"
-    fi
-    command -v "$cc" >/dev/null 2>&1 || skip "clang installed but $cc not found"
+    echo "fuzz: $cc not found: run \`make fuzz-deps\` (as root it runs \`apt-get install clang\`)," \
+         "or apt-get install clang yourself, or set CC_FUZZ" >&2
+    exit 2
 fi
 
 mkdir -p "$build/artifacts" || exit 2
