@@ -247,12 +247,12 @@ class SharedBlockPool(BlockPool):
         n = len(ids)
         if not n:
             return None
-        klen = len(keys[0])
-        if any(len(k) != klen for k in keys):       # keys of one hash function: never
+        klen, joined = len(keys[0]), b"".join(keys)
+        if len(joined) != klen * n:                 # keys of one hash function: never
             for b, k, t in zip(ids, keys, ntok):
                 self._insert_block_hash(k, self.blocks[b], t)
             return None
-        rc = _insert_many(self._cl, 0, ids, n, b"".join(keys), klen, ntok, self._nout)
+        rc = _insert_many(self._cl, 0, ids, n, joined, klen, ntok, self._nout)
         if rc:
             raise make_error(rc, f"caching blocks {ids[:8]} (keys of {klen} bytes)")
         return None
@@ -269,7 +269,8 @@ class SharedBlockPool(BlockPool):
                 self._alloc_failed(rc, num_blocks)
                 return self.get_new_blocks(num_blocks)
             idl = self._ids[0:num_blocks]
-            removed = self._removed() if self._nout[0] else None
+            # The evicted keys are wanted only for KV-cache events.
+            removed = self._removed() if self._nout[0] and self.enable_kv_cache_events else None
         self.num_free = self._nfree[0]
         blocks = self.blocks
         ret = [blocks[i] for i in idl]
