@@ -560,17 +560,17 @@ def test_metrics_endpoint(tmp_path):
         def scrape():
             body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
             text = body.decode()
-            return text if "bt_recoveries_total{" in text else None
+            return text if "blocktable_recoveries_total{" in text else None
         text = wait_for(scrape, 10, "the metrics to show the recovery", interval=0.1)
         seg = d.segment
-        assert f'bt_blocks_free{{pool="0",segment="{seg}"}} 1023.0' in text
-        assert f'bt_blocks_used{{pool="0",segment="{seg}"}} 0.0' in text
-        assert f'bt_rows_used{{segment="{seg}"}}' in text
-        assert f'bt_clients{{segment="{seg}",state="active"}}' in text
-        assert "bt_recovery_pause_seconds_bucket" in text
-        assert f'bt_recoveries_total{{kind="lockfree",segment="{seg}"}} 1.0' in text
-        assert 'bt_requests_total{cmd="register"} 1.0' in text
-        assert f'bt_registrations_total{{segment="{seg}"}} 1.0' in text
+        assert f'blocktable_blocks_free{{pool="0",segment="{seg}"}} 1023.0' in text
+        assert f'blocktable_blocks_used{{pool="0",segment="{seg}"}} 0.0' in text
+        assert f'blocktable_rows_used{{segment="{seg}"}}' in text
+        assert f'blocktable_clients{{segment="{seg}",state="active"}}' in text
+        assert "blocktable_recovery_latency_seconds_bucket" in text
+        assert f'blocktable_recoveries_total{{kind="lockfree",segment="{seg}"}} 1.0' in text
+        assert f'blocktable_requests_total{{cmd="register",segment="{seg}"}} 1.0' in text
+        assert f'blocktable_registrations_total{{segment="{seg}"}} 1.0' in text
     finally:
         d.cleanup()
 
@@ -787,16 +787,17 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
         def scrape():
             t = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
             t = t.decode()
-            return t if f'bt_prefix_cache_hits_total{{pool="0",segment="{name}"}}' in t else None
+            return t if f'blocktable_prefix_cache_hits_total{{pool="0",segment="{name}"}}' in t \
+                else None
         import urllib.request
         text = wait_for(scrape, 10, "the cache pool in the metrics", interval=0.1)
         lab = f'{{pool="0",segment="{name}"}}'
-        for line in (f"bt_prefix_cache_hits_total{lab} 1.0",
-                     f"bt_prefix_cache_queries_total{lab} 2.0",
-                     f"bt_prefix_cache_stored_total{lab} 4.0",
-                     f"bt_prefix_cache_evicted_total{lab} 0.0",
-                     f"bt_blocks_cached{lab} 4.0", f"bt_blocks_used{lab} 2.0",
-                     f"bt_blocks_free{lab} 57.0"):
+        for line in (f"blocktable_prefix_cache_hits_total{lab} 1.0",
+                     f"blocktable_prefix_cache_queries_total{lab} 2.0",
+                     f"blocktable_prefix_cache_stored_total{lab} 4.0",
+                     f"blocktable_prefix_cache_evicted_total{lab} 0.0",
+                     f"blocktable_blocks_cached{lab} 4.0", f"blocktable_blocks_used{lab} 2.0",
+                     f"blocktable_blocks_free{lab} 57.0"):
             assert line in text.splitlines(), (line, text[-3000:])
         # the engine dies: its cache entries and blocks go with it
         p.kill()

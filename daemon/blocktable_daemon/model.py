@@ -12,7 +12,7 @@ import time
 
 from blocktable import BtError
 
-from . import clib, metrics
+from . import clib
 from .clib import ClientState
 from .procfs import proc_state, proc_title
 
@@ -107,20 +107,20 @@ class Stats:
         self.total_recoveries = 0
         self.conn_evicted = 0           # closed to make room for a new peer
         self.conn_refused = 0           # answered EBUSY at accept (out of descriptors)
-        self.pause = metrics.Hist(metrics.PAUSE_BUCKETS)
-        self.latency = metrics.Hist(metrics.LATENCY_BUCKETS)
+        self.observers = []             # f(segment, kind, pause_s, latency_s) per recovery
 
-    def count_request(self, cmd, error=None):
-        self.requests[cmd] += 1
+    def count_request(self, cmd, error=None, segment=""):
+        """A request answered; segment: the one it was about ("" if not one)."""
+        self.requests[(cmd, segment)] += 1
         if error:
-            self.request_errors[(cmd, error)] += 1
+            self.request_errors[(cmd, error, segment)] += 1
 
     def recovered(self, seg, slot, pid, kind, pause, latency, report):
-        """A recovery finished."""
+        """A recovery finished; pause is 0 when it froze nothing."""
         self.recoveries[(seg, kind)] += 1
         self.total_recoveries += 1
-        self.pause.observe(pause)
-        self.latency.observe(latency)
+        for f in self.observers:
+            f(seg, kind, pause, latency)
         self.recent.append({"time": time.time(), "segment": seg, "slot": slot, "pid": pid,
                             "kind": kind, "pause_ms": pause * 1e3,
                             "latency_ms": latency * 1e3, "report": report})
@@ -128,8 +128,12 @@ class Stats:
     def report(self, client_ops):
         """The `stats` command's result (keys stable: bt-ctl --json prints them)."""
         recent = list(self.recent)
-        return {"requests": dict(self.requests),
-                "request_errors": {f"{c}:{n}": v for (c, n), v in self.request_errors.items()},
+        requests, errors = collections.Counter(), collections.Counter()
+        for (cmd, _seg), v in self.requests.items():
+            requests[cmd] += v
+        for (cmd, name, _seg), v in self.request_errors.items():
+            errors[f"{cmd}:{name}"] += v
+        return {"requests": dict(requests), "request_errors": dict(errors),
                 "registrations": dict(self.registrations),
                 "recoveries": {f"{seg}:{kind}": v for (seg, kind), v in self.recoveries.items()},
                 "recovery_failures": {f"{seg}:{why}": v

@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 
-from blocktable import BtError
+from blocktable import BUILD_ID, BtError
 
 from . import __version__, clib, commands, config as config_mod, logs, metrics, protocol, \
     sdnotify
@@ -54,7 +54,7 @@ class Daemon:
         self.next_tick = 0.0
         self.next_watchdog = None
         self.last_status = None
-        self.collector = metrics.Collector()
+        self.collector = metrics.SnapshotCollector()
         self.metrics = None
         self.dirty = True               # publish a snapshot at the next tick
 
@@ -134,11 +134,11 @@ class Daemon:
         host, port = config_mod.parse_metrics(self.cfg.metrics)
         if self.metrics is None:
             try:
-                self.metrics = metrics.Server(self.collector)
-            except ImportError:
-                log.error("metrics: prometheus-client is not installed (pip install "
-                          "'blocktable[daemon]'); metrics off")
+                self.metrics = metrics.Metrics(self.collector)
+            except ImportError:         # at start, main() refused this; here a reload asks
+                log.error("metrics off: %s", metrics.PACKAGE_HINT)
                 return
+            self.stats.observers.append(self.metrics.observe_recovery)
         try:
             self.metrics.start(host, port)
         except OSError as e:
@@ -282,7 +282,7 @@ class Daemon:
 
     def handle(self, conn, line):
         """One request line -> one reply line. Never raises."""
-        req_id, cmd = None, "?"
+        req_id, cmd, seg = None, "?", ""
         try:
             req_id, cmd, args = protocol.parse_request(line)
             command = commands.SERVER.get(cmd)
@@ -293,8 +293,9 @@ class Daemon:
                 raise RequestError("EPERM", f"uid {conn.uid} is not served by this btd "
                                             "(allow_uids / allow_groups)")
             args = command.check_args(args)
+            seg = self.request_segment(args)
             result = command.execute(self, conn, args)
-            self.stats.count_request(cmd)
+            self.stats.count_request(cmd, segment=seg)
             return protocol.ok(req_id, result)
         except RequestError as e:
             err = e
@@ -308,8 +309,16 @@ class Daemon:
             err = RequestError("EINTERNAL", f"{type(e).__name__}: {e}")
         if cmd not in commands.SERVER:
             cmd = "?"
-        self.stats.count_request(cmd, err.name)
+        self.stats.count_request(cmd, err.name, seg)
         return protocol.error(req_id, err)
+
+    def request_segment(self, args):
+        """The segment a request is about, for the metrics' label: the one it
+        names, else the only one served; "" when it is about all of several."""
+        name = args.get("segment")
+        if isinstance(name, str):
+            return name
+        return next(iter(self.segments)) if len(self.segments) == 1 else ""
 
     # ---- what the commands call -------------------------------------------------------------
     def segment(self, name):
@@ -378,12 +387,13 @@ class Daemon:
 
     def snapshot(self):
         s = self.stats
-        return {"segments": [self.summary(m) for m in self.segments.values()],
+        segs = [self.summary(m) for m in self.segments.values()]
+        abi = next((m.seg.info.abi for m in self.segments.values()), None)
+        return {"segments": segs, "version": __version__, "build_id": BUILD_ID,
+                "abi": f"{abi:#018x}" if abi is not None else "",
                 "requests": dict(s.requests), "request_errors": dict(s.request_errors),
                 "recoveries": dict(s.recoveries), "recovery_failures": dict(s.recovery_failures),
-                "registrations": dict(s.registrations),
-                "pause_hist": {"buckets": s.pause.buckets(), "sum": s.pause.sum},
-                "latency_hist": {"buckets": s.latency.buckets(), "sum": s.latency.sum}}
+                "registrations": dict(s.registrations)}
 
     def status_line(self):
         n = sum(len(m.seen) for m in self.segments.values())
@@ -423,7 +433,8 @@ def parse_args(argv=None):
                    help="serve this uid too (btd's own uid and root always are)")
     p.add_argument("--allow-group", action="append", metavar="GROUP",
                    help="serve peers in this group")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there "
+                   "(needs prometheus-client: pip install 'blocktable[daemon]')")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--tick-ms", type=int, help="slot scan period (default 500)")
     p.add_argument("--recovery-wait-ms", type=int,
@@ -448,6 +459,9 @@ def main(argv=None):
         import json
         print(json.dumps(cfg.summary(), indent=2))
         return 0
+    if cfg.metrics and not metrics.available():
+        print(f"btd: {metrics.PACKAGE_HINT}", file=sys.stderr)
+        return 1
     d = Daemon(cfg, args)
     try:
         d.start()
