@@ -63,6 +63,8 @@ class Managed:
         self.retired_ops = 0            # ops of slots that were freed since
         self.stuck = {}                 # slot -> {"pid", "since", "state"}
         self.reserved = {}              # slot -> (pid, start_time, since): not yet adopted
+        self.released = set()           # slots btd freed (recovered, unreserved) since the
+                                        # last scan: their next vacancy is no clean close
         self.origin = "config"          # or "create": asked for over the socket (an engine)
 
     @property

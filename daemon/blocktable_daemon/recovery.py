@@ -19,7 +19,7 @@ Not thread-safe: btd's loop thread only.
 import logging
 import time
 
-from . import clib
+from . import clib, logs
 from .clib import ClientState
 from .model import STUCK_BACKOFF, Pending
 from .procfs import proc_start_time, proc_state
@@ -101,11 +101,15 @@ class Recovery:
             log.warning("segment %s: client %d (pid %d) died inside a call; the repair "
                         "waits for client %d (pid %d, state %s) stuck inside a call; its "
                         "consistent rows were released, the rest follows when it moves",
-                        m.name, sid, p.pid, stuck_sid, st.pid, proc_state(st.pid))
+                        m.name, sid, p.pid, stuck_sid, st.pid, proc_state(st.pid),
+                        extra=logs.fields(segment=m.name, client_id=stuck_sid,
+                                          peer_pid=st.pid, event="client_stuck"))
             p.logged = True
 
     def recovered(self, m, sid, p, rep, kind):
         m.pending.pop(sid, None)
+        if sid in m.seen:
+            m.released.add(sid)
         latency = time.monotonic() - p.since
         pause = rep["pause_ns"] / 1e9 if rep is not None else 0.0
         if p.stuck:
@@ -114,7 +118,9 @@ class Recovery:
         if not m.pending:
             m.stuck.clear()
         log.info("segment %s: recovered client %d (pid %d, %s) in %.2f ms, pause %.3f ms",
-                 m.name, sid, p.pid, kind, latency * 1e3, pause * 1e3)
+                 m.name, sid, p.pid, kind, latency * 1e3, pause * 1e3,
+                 extra=logs.fields(segment=m.name, client_id=sid, peer_pid=p.pid,
+                                   event="client_recovered"))
         self.changed()
 
     def retry_pending(self, m):

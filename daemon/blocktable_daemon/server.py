@@ -310,6 +310,11 @@ class Daemon:
         if cmd not in commands.SERVER:
             cmd = "?"
         self.stats.count_request(cmd, err.name, seg)
+        if cmd == "register":
+            log.warning("segment %s: refused to register pid %d (uid %d): %s: %s", seg or "-",
+                        conn.pid, conn.uid, err.name, err.message,
+                        extra=logs.fields(segment=seg or None, peer_pid=conn.pid,
+                                          peer_uid=conn.uid, event="registration_refused"))
         return protocol.error(req_id, err)
 
     def request_segment(self, args):
@@ -436,6 +441,10 @@ def parse_args(argv=None):
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there "
                    "(needs prometheus-client: pip install 'blocktable[daemon]')")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-target", choices=["auto", "journal", "stderr"],
+                   help="journal: journald's native protocol with structured fields "
+                   "(SEGMENT, CLIENT_ID, PEER_PID, PEER_UID, BT_EVENT); auto (default): "
+                   "journal when run by systemd, else stderr")
     p.add_argument("--tick-ms", type=int, help="slot scan period (default 500)")
     p.add_argument("--recovery-wait-ms", type=int,
                    help="how long a repair waits for live clients to leave their calls (50)")
@@ -454,7 +463,7 @@ def main(argv=None):
     except config_mod.ConfigError as e:
         print(f"btd: {e}", file=sys.stderr)
         return 2
-    logs.setup(cfg.log_level)
+    logs.setup(cfg.log_level, cfg.log_target)
     if args.print_config:
         import json
         print(json.dumps(cfg.summary(), indent=2))

@@ -12,6 +12,7 @@ import time
 
 from blocktable import BtError
 
+from . import logs
 from .clib import ClientState
 from .model import Watch
 from .procfs import pidfd_exited, proc_start_time
@@ -82,7 +83,9 @@ class Watcher:
         m.seen[slot] = (pid, start, 0)
         m.reserved[slot] = (pid, start, time.monotonic())
         self.stats.registrations[m.name] += 1
-        log.info("segment %s: registered pid %d (uid %d) in slot %d", m.name, pid, uid, slot)
+        log.info("segment %s: registered pid %d (uid %d) in slot %d", m.name, pid, uid, slot,
+                 extra=logs.fields(segment=m.name, client_id=slot, peer_pid=pid, peer_uid=uid,
+                                   event="registered"))
         self.changed()
         return slot
 
@@ -118,7 +121,15 @@ class Watcher:
             w.slots.add((m.name, sid))
 
     def forget_slot(self, m, sid, prev):
-        """Slot sid was freed or taken by another process since the last scan."""
+        """Slot sid was freed or taken by another process since the last scan:
+        by btd (a recovery), or its client closed it (logged)."""
+        if sid in m.released:
+            m.released.discard(sid)
+        else:
+            log.info("segment %s: client %d (pid %d) closed cleanly (%d ops)", m.name, sid,
+                     prev[0], prev[2], extra=logs.fields(segment=m.name, client_id=sid,
+                                                         peer_pid=prev[0],
+                                                         event="client_closed"))
         m.retired_ops += prev[2]
         w = self.watches.get(prev[:2])
         if w is not None:
@@ -160,8 +171,12 @@ class Watcher:
         except BtError:
             return False                # adopted meanwhile (one CAS wins): a client now
         del m.reserved[sid]
+        if sid in m.seen:
+            m.released.add(sid)
         log.warning("segment %s: freed client slot %d reserved for pid %d, which did not "
                     "adopt it within %.0f s (its connect gave up)", m.name, sid, info.pid,
-                    RESERVE_TIMEOUT_S)
+                    RESERVE_TIMEOUT_S, extra=logs.fields(segment=m.name, client_id=sid,
+                                                         peer_pid=info.pid,
+                                                         event="reservation_expired"))
         self.changed()
         return True
