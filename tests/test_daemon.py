@@ -305,6 +305,21 @@ def test_refused_registration_and_clean_exit_are_logged(daemon):
     assert f"segment {daemon.segment}: client {slot} (pid {pid}) closed cleanly" in closed
 
 
+def test_refused_registrations_are_logged_at_most_20_a_minute_per_uid(daemon):
+    """One peer refused in a loop must not flood the log (and push out the lines
+    about everyone else); what was not logged is counted in the next line."""
+    for _ in range(25):
+        with pytest.raises(DaemonError):
+            daemon.request("register", {"segment": "nope"})
+    daemon.request("status")            # the replies above came after their log lines
+    assert daemon.log().count("refused to register") == 20
+    from blocktable_daemon.logs import RateLimit
+    r = RateLimit(2, 60.0)
+    assert [r.hit(7, now=t) for t in (0, 1, 2, 3)] == [0, 0, None, None]
+    assert r.hit(8, now=4) == 0                 # per key
+    assert r.hit(7, now=61) == 2 and r.hit(7, now=62) == 0
+
+
 @pytest.mark.parametrize("how", ["option", "systemd"])
 def test_structured_journal_fields(how):
     """Under systemd (JOURNAL_STREAM naming btd's stderr, journald's socket

@@ -164,3 +164,19 @@ def test_metrics_without_prometheus_client_refuses_to_start(tmp_path):
             blocktable.Segment.unlink(seg)
         except OSError:
             pass
+
+
+def test_segment_names_a_peer_sends_never_become_series(two_segments):
+    """Requests naming segments btd does not serve are counted under segment="":
+    a peer's strings as label values would each be a new series, kept for good."""
+    d, other, port = two_segments
+    for i in range(30):
+        with pytest.raises(Exception):
+            d.request("clients", {"segment": f"junk{i}"})
+    d.request("clients", {"segment": other})
+    text = scrape_until(port, "blocktable_request_errors_total", cmd="clients")
+    segs = {lab.get("segment") for n, lab, _ in samples(text) if n.startswith("blocktable_")}
+    assert segs <= {d.segment, other, "", None}, segs
+    assert value(text, "blocktable_request_errors_total", cmd="clients", error="ENOENT",
+                 segment="") == 30.0
+    assert value(text, "blocktable_requests_total", cmd="clients", segment=other) == 1.0

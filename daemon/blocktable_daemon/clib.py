@@ -20,6 +20,7 @@ EBUSY, EBADMAGIC, ECONFIG = lib.BT_EBUSY, lib.BT_EBADMAGIC, lib.BT_ECONFIG
 ROW_RAW, ROW_PAGED = lib.BT_ROW_RAW, lib.BT_ROW_PAGED
 
 
+# mirrors bt.h's BT_CLIENT_* (3 and 4: bt_layout.h's BT_CLIENT_RESERVED, BT_CLIENT_RECOVERING)
 class ClientState(enum.IntEnum):
     """A client slot's state word. Mirrors bt.h's BT_CLIENT_* (RESERVED and
     RECOVERING are in libbt's bt_layout.h: BT_CLIENT_RESERVED, BT_CLIENT_RECOVERING);

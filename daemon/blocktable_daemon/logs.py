@@ -31,6 +31,7 @@ import os
 import socket
 import struct
 import sys
+import time
 
 TARGETS = ("auto", "journal", "stderr")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -44,6 +45,34 @@ def fields(**kw):
     """`extra=` for a log call: journal fields of an event, by their short names
     (segment, client_id, peer_pid, peer_uid, event); None values are left out."""
     return {"journal": {_FIELDS[k]: str(v) for k, v in kw.items() if v is not None}}
+
+
+class RateLimit:
+    """At most n events per key in each period (seconds). hit(key) -> None when
+    this one is not to be logged, else how many of the key's were not logged
+    since the last one that was. Not thread-safe."""
+
+    def __init__(self, n, period):
+        self.n, self.period = n, period
+        self.windows = {}               # key -> [window start, logged, dropped]
+
+    def hit(self, key, now=None):
+        now = time.monotonic() if now is None else now
+        w = self.windows.get(key)
+        if w is None or now - w[0] >= self.period:
+            if len(self.windows) > 4096:    # forget old windows (keys are uids)
+                self.windows = {k: v for k, v in self.windows.items()
+                                if now - v[0] < self.period}
+            dropped = w[2] if w is not None else 0
+            w = self.windows[key] = [now, 0, 0]
+        else:
+            dropped = 0
+        if w[1] >= self.n:
+            w[2] += 1
+            return None
+        w[1] += 1
+        dropped, w[2] = dropped + w[2], 0
+        return dropped
 
 
 def _prio(record):

@@ -30,6 +30,7 @@ from .segments import remove_unfinished  # noqa: F401  (tests import it from her
 from .watching import Watcher
 
 log = logging.getLogger("btd")
+REFUSALS_LOGGED = 20            # refused registrations logged per uid and minute
 
 
 class Daemon:
@@ -57,6 +58,7 @@ class Daemon:
         self.collector = metrics.SnapshotCollector()
         self.metrics = None
         self.dirty = True               # publish a snapshot at the next tick
+        self.refusal_log = logs.RateLimit(REFUSALS_LOGGED, 60.0)
 
     def changed(self):
         """What btd shows changed: publish at the next turn."""
@@ -282,7 +284,7 @@ class Daemon:
 
     def handle(self, conn, line):
         """One request line -> one reply line. Never raises."""
-        req_id, cmd, seg = None, "?", ""
+        req_id, cmd, args = None, "?", {}
         try:
             req_id, cmd, args = protocol.parse_request(line)
             command = commands.SERVER.get(cmd)
@@ -293,9 +295,8 @@ class Daemon:
                 raise RequestError("EPERM", f"uid {conn.uid} is not served by this btd "
                                             "(allow_uids / allow_groups)")
             args = command.check_args(args)
-            seg = self.request_segment(args)
             result = command.execute(self, conn, args)
-            self.stats.count_request(cmd, segment=seg)
+            self.stats.count_request(cmd, segment=self.request_segment(args))
             return protocol.ok(req_id, result)
         except RequestError as e:
             err = e
@@ -309,21 +310,34 @@ class Daemon:
             err = RequestError("EINTERNAL", f"{type(e).__name__}: {e}")
         if cmd not in commands.SERVER:
             cmd = "?"
-        self.stats.count_request(cmd, err.name, seg)
+        self.stats.count_request(cmd, err.name, self.request_segment(args))
         if cmd == "register":
-            log.warning("segment %s: refused to register pid %d (uid %d): %s: %s", seg or "-",
-                        conn.pid, conn.uid, err.name, err.message,
-                        extra=logs.fields(segment=seg or None, peer_pid=conn.pid,
-                                          peer_uid=conn.uid, event="registration_refused"))
+            self.log_refusal(conn, args, err)
         return protocol.error(req_id, err)
 
     def request_segment(self, args):
         """The segment a request is about, for the metrics' label: the one it
-        names, else the only one served; "" when it is about all of several."""
-        name = args.get("segment")
-        if isinstance(name, str):
-            return name
-        return next(iter(self.segments)) if len(self.segments) == 1 else ""
+        names, else the only one served; "" when it is about all of several,
+        or names one btd does not serve (a peer's strings never become label
+        values: each would be a new series, kept forever)."""
+        name = args.get("segment") if isinstance(args, dict) else None
+        if name is None and len(self.segments) == 1:
+            return next(iter(self.segments))
+        return name if isinstance(name, str) and name in self.segments else ""
+
+    def log_refusal(self, conn, args, err):
+        """Log a refused registration: the reason, the peer's pid and uid; at
+        most REFUSALS_LOGGED per uid a minute (a peer must not flood the log)."""
+        n = self.refusal_log.hit(conn.uid)
+        if n is None:
+            return
+        name = args.get("segment") if isinstance(args, dict) else None
+        name = (name if isinstance(name, str) else self.request_segment(args) or "-")[:64]
+        more = f" ({n} more from uid {conn.uid} not logged)" if n else ""
+        log.warning("segment %s: refused to register pid %d (uid %d): %s: %s%s", name,
+                    conn.pid, conn.uid, err.name, err.message, more,
+                    extra=logs.fields(segment=name, peer_pid=conn.pid, peer_uid=conn.uid,
+                                      event="registration_refused"))
 
     # ---- what the commands call -------------------------------------------------------------
     def segment(self, name):
