@@ -246,6 +246,126 @@ def test_journal_priority_prefix(tmp_path):
     assert "INFO: plain" in r.stderr and not r.stderr.startswith("<")
 
 
+def journal_entries(sock):
+    """Entries in journald's native protocol received on sock so far (dicts)."""
+    import struct
+    out = []
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except (BlockingIOError, socket.timeout):
+            return out
+        entry, i = {}, 0
+        while i < len(data):
+            nl = data.index(b"\n", i)
+            line = data[i:nl]
+            if b"=" in line:
+                k, v = line.split(b"=", 1)
+                i = nl + 1
+            else:                       # KEY\n<u64 le length><bytes>\n
+                k = line
+                n = struct.unpack("<Q", data[nl + 1:nl + 9])[0]
+                v = data[nl + 9:nl + 9 + n]
+                i = nl + 9 + n + 1
+            entry[k.decode()] = v.decode()
+        out.append(entry)
+
+
+def test_journal_native_encoding():
+    from blocktable_daemon import logs
+    assert logs.encode([("MESSAGE", "one line"), ("SEGMENT", "s")]) == \
+        b"MESSAGE=one line\nSEGMENT=s\n"
+    # a value with a newline: KEY, newline, 64-bit little-endian length, bytes, newline
+    assert logs.encode([("MESSAGE", "a\nb")]) == b"MESSAGE\n\x03" + b"\0" * 7 + b"a\nb\n"
+
+
+def _refuse_and_close(d):
+    """A registration btd refuses (an unknown segment), then a client that
+    registers, closes its slot and exits: (its pid, its slot)."""
+    with pytest.raises(DaemonError):
+        d.request("register", {"segment": "nope"})
+    p, slot, _row = spawn_client(d, mode="close")
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "closed"
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert p.wait(10) == 0
+    return p.pid, slot
+
+
+def test_refused_registration_and_clean_exit_are_logged(daemon):
+    pid, slot = _refuse_and_close(daemon)
+    me = f"pid {os.getpid()} (uid {os.getuid()})"
+    wait_for(lambda: "closed cleanly" in daemon.log(), 10, "the clean close in btd's log")
+    log = daemon.log()
+    [refused] = [ln for ln in log.splitlines() if "refused to register" in ln]
+    assert "WARNING" in refused and me in refused and "no segment 'nope'" in refused, refused
+    [closed] = [ln for ln in log.splitlines() if "closed cleanly" in ln]
+    assert f"segment {daemon.segment}: client {slot} (pid {pid}) closed cleanly" in closed
+
+
+def test_refused_registrations_are_logged_at_most_20_a_minute_per_uid(daemon):
+    """One peer refused in a loop must not flood the log (and push out the lines
+    about everyone else); what was not logged is counted in the next line."""
+    for _ in range(25):
+        with pytest.raises(DaemonError):
+            daemon.request("register", {"segment": "nope"})
+    daemon.request("status")            # the replies above came after their log lines
+    assert daemon.log().count("refused to register") == 20
+    from blocktable_daemon.logs import RateLimit
+    r = RateLimit(2, 60.0)
+    assert [r.hit(7, now=t) for t in (0, 1, 2, 3)] == [0, 0, None, None]
+    assert r.hit(8, now=4) == 0                 # per key
+    assert r.hit(7, now=61) == 2 and r.hit(7, now=62) == 0
+
+
+@pytest.mark.parametrize("how", ["option", "systemd"])
+def test_structured_journal_fields(how):
+    """Under systemd (JOURNAL_STREAM naming btd's stderr, journald's socket
+    present) or with --log-target journal, btd logs in journald's native
+    protocol with SEGMENT, CLIENT_ID, PEER_PID, PEER_UID and BT_EVENT. The
+    journal socket is a datagram socket of the test (BT_JOURNAL_SOCKET)."""
+    tmp = tempfile.mkdtemp(prefix="btj")   # short: a socket path holds 108 bytes
+    jpath = os.path.join(tmp, "journal.sock")
+    jsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    jsock.bind(jpath)
+    jsock.settimeout(0.05)
+    d = DaemonProcess(tmp, sizes=SMALL,
+                      args=["--log-target", "journal"] if how == "option" else [])
+    env = {"BT_JOURNAL_SOCKET": jpath}
+    if how == "systemd":
+        open(d.log_path, "ab").close()  # btd's stderr: JOURNAL_STREAM names it
+        st = os.stat(d.log_path)
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    try:
+        d.start(extra_env=env)
+        pid, slot = _refuse_and_close(d)
+        got = []
+
+        def closed():
+            got.extend(journal_entries(jsock))
+            return [e for e in got if e.get("BT_EVENT") == "client_closed"]
+        [close] = wait_for(closed, 10, "the clean close in the journal", interval=0.01)
+        assert (close["SEGMENT"], close["CLIENT_ID"], close["PEER_PID"]) == \
+            (d.segment, str(slot), str(pid)), close
+        assert close["PRIORITY"] == "6" and close["SYSLOG_IDENTIFIER"] == "btd"
+        assert "closed cleanly" in close["MESSAGE"]
+        [refused] = [e for e in got if e.get("BT_EVENT") == "registration_refused"]
+        assert (refused["SEGMENT"], refused["PEER_PID"], refused["PEER_UID"]) == \
+            ("nope", str(os.getpid()), str(os.getuid())), refused
+        assert refused["PRIORITY"] == "4" and "no segment 'nope'" in refused["MESSAGE"]
+        [reg] = [e for e in got if e.get("BT_EVENT") == "registered"]
+        assert (reg["CLIENT_ID"], reg["PEER_PID"]) == (str(slot), str(pid)), reg
+        assert any("serving" in e["MESSAGE"] for e in got)
+        # nothing went to stderr but what python itself may print
+        assert "closed cleanly" not in d.log() and "refused" not in d.log()
+    finally:
+        d.cleanup()
+        jsock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_hup_reloads_config(tmp_path):
     cfgfile = tmp_path / "btd.toml"
     name = unique_name()
@@ -560,17 +680,17 @@ def test_metrics_endpoint(tmp_path):
         def scrape():
             body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
             text = body.decode()
-            return text if "bt_recoveries_total{" in text else None
+            return text if "blocktable_recoveries_total{" in text else None
         text = wait_for(scrape, 10, "the metrics to show the recovery", interval=0.1)
         seg = d.segment
-        assert f'bt_blocks_free{{pool="0",segment="{seg}"}} 1023.0' in text
-        assert f'bt_blocks_used{{pool="0",segment="{seg}"}} 0.0' in text
-        assert f'bt_rows_used{{segment="{seg}"}}' in text
-        assert f'bt_clients{{segment="{seg}",state="active"}}' in text
-        assert "bt_recovery_pause_seconds_bucket" in text
-        assert f'bt_recoveries_total{{kind="lockfree",segment="{seg}"}} 1.0' in text
-        assert 'bt_requests_total{cmd="register"} 1.0' in text
-        assert f'bt_registrations_total{{segment="{seg}"}} 1.0' in text
+        assert f'blocktable_blocks_free{{pool="0",segment="{seg}"}} 1023.0' in text
+        assert f'blocktable_blocks_used{{pool="0",segment="{seg}"}} 0.0' in text
+        assert f'blocktable_rows_used{{segment="{seg}"}}' in text
+        assert f'blocktable_clients{{segment="{seg}",state="active"}}' in text
+        assert "blocktable_recovery_latency_seconds_bucket" in text
+        assert f'blocktable_recoveries_total{{kind="lockfree",segment="{seg}"}} 1.0' in text
+        assert f'blocktable_requests_total{{cmd="register",segment="{seg}"}} 1.0' in text
+        assert f'blocktable_registrations_total{{segment="{seg}"}} 1.0' in text
     finally:
         d.cleanup()
 
@@ -787,16 +907,17 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
         def scrape():
             t = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
             t = t.decode()
-            return t if f'bt_prefix_cache_hits_total{{pool="0",segment="{name}"}}' in t else None
+            return t if f'blocktable_prefix_cache_hits_total{{pool="0",segment="{name}"}}' in t \
+                else None
         import urllib.request
         text = wait_for(scrape, 10, "the cache pool in the metrics", interval=0.1)
         lab = f'{{pool="0",segment="{name}"}}'
-        for line in (f"bt_prefix_cache_hits_total{lab} 1.0",
-                     f"bt_prefix_cache_queries_total{lab} 2.0",
-                     f"bt_prefix_cache_stored_total{lab} 4.0",
-                     f"bt_prefix_cache_evicted_total{lab} 0.0",
-                     f"bt_blocks_cached{lab} 4.0", f"bt_blocks_used{lab} 2.0",
-                     f"bt_blocks_free{lab} 57.0"):
+        for line in (f"blocktable_prefix_cache_hits_total{lab} 1.0",
+                     f"blocktable_prefix_cache_queries_total{lab} 2.0",
+                     f"blocktable_prefix_cache_stored_total{lab} 4.0",
+                     f"blocktable_prefix_cache_evicted_total{lab} 0.0",
+                     f"blocktable_blocks_cached{lab} 4.0", f"blocktable_blocks_used{lab} 2.0",
+                     f"blocktable_blocks_free{lab} 57.0"):
             assert line in text.splitlines(), (line, text[-3000:])
         # the engine dies: its cache entries and blocks go with it
         p.kill()

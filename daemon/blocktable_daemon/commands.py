@@ -6,17 +6,13 @@ Arguments are checked by type before execute runs (EARGS otherwise); bool
 is not an int here, and unknown arguments are refused.
 """
 import argparse
-import time
 
-from blocktable import BtError, ffi, lib
-
+from . import clib
+from .model import PROBLEM_KEYS, row_dict as _row_dict, row_kind, slot_pids  # noqa: F401
+from .procfs import proc_title
 from .protocol import RequestError
 
 REQUIRED = object()
-# Keys follow libbt's structs, so a field added there shows up here.
-REPORT_KEYS = tuple(n for n, _ in ffi.typeof("bt_check_report").fields if not n.startswith("_"))
-PROBLEM_KEYS = tuple(k for k in ("refcnt_fixed", "leaked", "double_free", "rows_fixed",
-                                 "bad_entries", "chunks_leaked") if k in REPORT_KEYS)
 SERVER = {}         # name -> Command, what btd answers
 CLI = {}            # name -> Command, what bt-ctl offers
 
@@ -71,10 +67,6 @@ class Command:
 
     def exit_code(self, result):
         return 0
-
-
-def _segments(daemon, name):
-    return [daemon.segment(name)] if name is not None else list(daemon.segments.values())
 
 
 def _seg_arg(parser):
@@ -133,100 +125,6 @@ def number(kind, low, inclusive):
     return parse
 
 
-# ---- shared views -------------------------------------------------------------------------
-def state_name(state):
-    """A slot's state word as shown: a value no libbt writes (a scribble by an
-    attached process) is named, never an error in btd's loop."""
-    from .server import STATES
-    name = STATES.get(state)
-    return name if name is not None else f"invalid(0x{state:08x})"
-
-
-def slot_list(daemon, m):
-    from .server import proc_state
-    out = []
-    for sid in range(1, m.seg.config.max_clients + 1):
-        s = m.slot(sid)
-        if s.state == lib.BT_CLIENT_FREE:
-            continue
-        pending = m.pending.get(sid)
-        note = []
-        if sid in m.stuck:
-            note.append("stuck in a call, holding up a repair")
-        if pending is not None:
-            note.append(f"dead, recovering ({pending.attempts} tries)")
-        out.append({"segment": m.name, "slot": sid, "state": state_name(s.state),
-                    "pid": s.pid, "proc_state": proc_state(s.pid) if s.pid > 0 else "gone",
-                    "process": proc_title(s.pid) if s.pid > 0 else None,
-                    "in_op": s.in_op, "hand": s.hand_count, "rows": s.rows, "ops": s.ops,
-                    "watched": (s.pid, s.start_time) in daemon.watches,
-                    "stuck": sid in m.stuck, "recovering": pending is not None,
-                    "note": "; ".join(note)})
-    return out
-
-
-def segment_summary(daemon, m):
-    from .server import STATES
-    info = ffi.new("bt_seg_info *")
-    lib.bt_seg_info_get(m.seg._s(), info)
-    c = m.seg.config
-    pools = [pool_summary(m.seg, c, p) for p in range(c.num_pools)]
-    states = dict.fromkeys([*STATES.values(), "invalid"], 0)
-    rows_used = 0
-    ops = m.retired_ops
-    for sid in range(1, c.max_clients + 1):
-        s = m.slot(sid)
-        states[STATES.get(s.state, "invalid")] += 1
-        if s.state != lib.BT_CLIENT_FREE:
-            rows_used += s.rows
-            ops += s.ops
-    stat = m.shm_stat()
-    return {"name": m.name, "shm": "/dev/shm" + m.shm_path, "size": int(info.size),
-            "mode": f"{stat[1]:04o}" if stat else None, "linked": stat is not None,
-            "generation": int(info.generation), "owner_pid": int(info.owner_pid),
-            "created": m.created, "origin": m.origin,
-            "config": {k: getattr(c, k) for k in _CFG_KEYS},
-            "pools": pools, "blocks_free": sum(p["free"] for p in pools),
-            "blocks_used": sum(p["used"] for p in pools),
-            "blocks_cached": sum(p["cached"] for p in pools), "rows_used": rows_used,
-            "rows_total": c.num_rows, "clients": states, "client_ops": ops,
-            "pending_recoveries": len(m.pending), "stuck": list(m.stuck.values())}
-
-
-_CFG_KEYS = tuple(n for n, _ in ffi.typeof("bt_config").fields if not n.startswith("_"))
-
-
-def pool_summary(seg, c, p):
-    """One pool's blocks: blocks == used + cached + free. A cache pool (vLLM's BlockPool,
-    an engine's prefix cache) also counts `cached`: free blocks that still hold a prefix
-    (reused on a hit, evicted LRU-first when needed), and its prefix-cache counters; read
-    lock-free (Segment.cache_stats). The null block (pool 0's id 0) is never counted."""
-    blocks = c.blocks_per_pool - (1 if p == 0 else 0)
-    if p < getattr(c, "cache_pools", 0):
-        try:
-            st = seg.cache_stats(p)
-        except BtError as e:
-            # Busy: its writer died inside a call and the pool awaits its reset (recovery).
-            # Counted as all used until then; never an exception in btd's loop.
-            return {"pool": p, "kind": "cache", "blocks": blocks, "used": blocks, "cached": 0,
-                    "free": 0, "owner_pid": None, "keys": 0, "key_cap": 0, "cache": None,
-                    "error": e.name}
-        cached = int(st["cached_free"])
-        free = int(st["free"]) - cached
-        return {"pool": p, "kind": "cache", "blocks": blocks, "used": blocks - int(st["free"]),
-                "cached": cached, "free": free, "owner_pid": int(st["owner_pid"]) or None,
-                "keys": int(st["keys"]), "key_cap": int(st["key_cap"]),
-                "cache": {k: int(st[k]) for k in CACHE_COUNTERS}}
-    free = seg.free_blocks(p)
-    return {"pool": p, "kind": "stack", "blocks": blocks, "used": blocks - free, "cached": 0,
-            "free": free, "owner_pid": None, "keys": 0, "key_cap": 0, "cache": None}
-
-
-# bt_cache_stats counters: prefix-cache lookups, those that hit, keys stored, keys evicted
-# (with their blocks, when a cached block is taken for a new one), pool resets.
-CACHE_COUNTERS = ("queries", "hits", "stored", "evicted", "blocks_evicted", "resets")
-
-
 # ---- the commands --------------------------------------------------------------------------
 @command
 class Register(Command):
@@ -264,22 +162,22 @@ class Create(Command):
             config_mod.check_name(name)
             scfg = config_mod.segment_config(name, asked)
         except (config_mod.ConfigError, ValueError) as e:
-            raise RequestError("BT_ECONFIG", str(e), code=int(lib.BT_ECONFIG)) from None
-        m = daemon.segments.get(name)
+            raise RequestError("BT_ECONFIG", str(e), code=int(clib.ECONFIG)) from None
+        m = daemon.find_segment(name)
         created = m is None
         if created:
             m = daemon.create_segment(name, scfg)
             short = too_small(name, m.seg.config, asked)
             if short:                   # an adopted leftover smaller than asked
                 daemon.drop_segment(m)
-                raise RequestError("BT_ECONFIG", short, code=int(lib.BT_ECONFIG))
+                raise RequestError("BT_ECONFIG", short, code=int(clib.ECONFIG))
             created = m.created
         else:
             short = too_small(name, m.seg.config, asked)
             if short:
-                raise RequestError("BT_ECONFIG", short, code=int(lib.BT_ECONFIG))
+                raise RequestError("BT_ECONFIG", short, code=int(clib.ECONFIG))
         return {"segment": name, "created": created,
-                "config": {k: getattr(m.seg.config, k) for k in _CFG_KEYS}}
+                "config": {k: getattr(m.seg.config, k) for k in clib.CFG_KEYS}}
 
 
 # What an engine's ask is compared on: at least this many ...
@@ -311,13 +209,7 @@ class Status(Command):
     help = "the daemon and its segments"
 
     def execute(self, daemon, conn, args):
-        return {"version": _version(), "pid": _pid(), "socket": daemon.socket_path,
-                "uptime_s": round(time.time() - daemon.started, 3),
-                "metrics": "%s:%d" % daemon.metrics.addr if daemon.metrics and daemon.metrics.addr
-                else None,
-                "recoveries": daemon.stats.total_recoveries,
-                "connections": daemon.conn_stats(),
-                "segments": [segment_summary(daemon, m) for m in daemon.segments.values()]}
+        return daemon.status()
 
     def render(self, r, ns):
         head = [f"btd {r['version']}  pid {r['pid']}  up {r['uptime_s']:.0f} s",
@@ -362,8 +254,7 @@ class Clients(Command):
         return {"segment": ns.segment}
 
     def execute(self, daemon, conn, args):
-        return {"clients": [c for m in _segments(daemon, args["segment"])
-                            for c in slot_list(daemon, m)]}
+        return {"clients": [c for m in daemon.served(args["segment"]) for c in daemon.clients(m)]}
 
     def render(self, r, ns):
         return table(["SEGMENT", "SLOT", "STATE", "PID", "PROCESS", "PROC", "IN_OP", "HAND",
@@ -387,8 +278,8 @@ class Pools(Command):
 
     def execute(self, daemon, conn, args):
         out = []
-        for m in _segments(daemon, args["segment"]):
-            for p in segment_summary(daemon, m)["pools"]:
+        for m in daemon.served(args["segment"]):
+            for p in daemon.summary(m)["pools"]:
                 out.append({"segment": m.name, **p})
         return {"pools": out}
 
@@ -431,12 +322,8 @@ class Rows(Command):
 
     def execute(self, daemon, conn, args):
         out, truncated, titles = [], False, {}
-        for m in _segments(daemon, args["segment"]):
-            pids = {}
-            for sid in range(1, m.seg.config.max_clients + 1):
-                s = m.slot(sid)
-                if s.state != lib.BT_CLIENT_FREE:
-                    pids[sid] = s.pid
+        for m in daemon.served(args["segment"]):
+            pids = slot_pids(m)
             for row in range(m.seg.config.num_rows):
                 info = m.seg.row_info(row)
                 if info.owner == 0:
@@ -461,34 +348,6 @@ class Rows(Command):
                       f'{x["key"]:#018x}' if x["kind"] == "raw" else x["key"], x["kind"],
                       x["num_blocks"], x["num_tokens"], x["generation"]] for x in r["rows"]])
         return out + ("\n(truncated: --limit)" if r["truncated"] else "")
-
-
-def proc_title(pid):
-    """What a process calls itself (vLLM sets titles: VLLM::EngineCore, VLLM::Worker_TP0),
-    else its command name; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        title = argv[0].decode(errors="replace").strip()
-        if title and not title.startswith("/"):
-            return title[:32]
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def row_kind(flags):
-    """managed / raw, and paged where the row keeps its ids in chunks."""
-    kind = "raw" if flags & lib.BT_ROW_RAW else "managed"
-    return f"paged {kind}" if flags & lib.BT_ROW_PAGED else kind
-
-
-def _row_dict(seg, row, info, pid):
-    return {"segment": seg, "row": row, "slot": info.owner, "pid": pid, "key": info.key,
-            "kind": row_kind(info.flags),
-            "num_blocks": info.num_blocks, "num_tokens": info.num_tokens,
-            "generation": info.generation}
 
 
 @command
@@ -530,21 +389,7 @@ class Stats(Command):
     help = "requests, registrations, recoveries and their pauses"
 
     def execute(self, daemon, conn, args):
-        s = daemon.stats
-        recent = list(s.recent)
-        pauses = sorted(x["pause_ms"] for x in recent)
-        lats = sorted(x["latency_ms"] for x in recent)
-        return {"requests": dict(s.requests),
-                "request_errors": {f"{c}:{n}": v for (c, n), v in s.request_errors.items()},
-                "registrations": dict(s.registrations),
-                "recoveries": {f"{seg}:{kind}": v for (seg, kind), v in s.recoveries.items()},
-                "recovery_failures": {f"{seg}:{why}": v
-                                      for (seg, why), v in s.recovery_failures.items()},
-                "recoveries_total": s.total_recoveries,
-                "pause_ms": _dist(pauses), "latency_ms": _dist(lats),
-                "client_ops": {m.name: segment_summary(daemon, m)["client_ops"]
-                               for m in daemon.segments.values()},
-                "recent": recent[-20:]}
+        return daemon.stats_report()
 
     def render(self, r, ns):
         lines = [f"recoveries       {r['recoveries_total']}"]
@@ -570,13 +415,6 @@ class Stats(Command):
         return "\n".join(lines)
 
 
-def _dist(xs):
-    if not xs:
-        return {"n": 0, "p50": None, "p99": None, "max": None}
-    return {"n": len(xs), "p50": round(xs[len(xs) // 2], 3),
-            "p99": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 3), "max": round(xs[-1], 3)}
-
-
 @command
 class Fsck(Command):
     name = "fsck"
@@ -594,19 +432,14 @@ class Fsck(Command):
         return {"segment": ns.segment, "repair": ns.repair, "wait_ms": ns.wait_ms}
 
     def execute(self, daemon, conn, args):
-        from .server import report_dict
-        flags = lib.BT_CHECK_REPAIR if args["repair"] else lib.BT_CHECK_FROZEN
         out = []
-        for m in _segments(daemon, args["segment"]):
-            rc, rep = m.check(flags, max(0, args["wait_ms"]))
-            r = report_dict(rep)
+        for m in daemon.served(args["segment"]):
+            rc, r = daemon.fsck(m, args["repair"], max(0, args["wait_ms"]))
             problems = {k: r[k] for k in PROBLEM_KEYS if r[k]}
             out.append({"segment": m.name, "ok": rc == 0 and not (problems and not args["repair"]),
-                        "error": None if rc == 0 else ffi.string(lib.bt_errname(rc)).decode(),
+                        "error": None if rc == 0 else clib.errname(rc),
                         "repaired": bool(args["repair"] and rc == 0), "problems": problems,
                         "report": r})
-            if args["repair"] and rc == 0:
-                daemon.dirty = True
         return {"segments": out, "ok": all(s["ok"] for s in out)}
 
     def render(self, r, ns):
@@ -646,13 +479,3 @@ class Reload(Command):
 
     def exit_code(self, result):
         return 1 if result.get("error") else 0
-
-
-def _version():
-    from . import __version__
-    return __version__
-
-
-def _pid():
-    import os
-    return os.getpid()

@@ -8,6 +8,8 @@ size. A file can name several:
     allow_uids = [1001]                    # besides btd's own uid and root
     allow_groups = ["blocktable"]          # peers in these groups (any of theirs)
     log_level = "info"
+    log_target = "auto"                    # journal (native protocol, structured fields),
+                                           # stderr, or auto: journal under systemd
     metrics = "127.0.0.1:9464"             # opt-in Prometheus endpoint
     unlink_on_exit = false
     tick_ms = 500                          # slot scan / retry period
@@ -49,6 +51,7 @@ class Config:
     allow_uids: tuple = ()
     allow_groups: tuple = ()                        # gids
     log_level: str = "info"
+    log_target: str = "auto"                        # auto, journal or stderr (logs.TARGETS)
     metrics: str = ""                               # "" = off, else "host:port"
     unlink_on_exit: bool = False
     tick_ms: int = 500
@@ -59,7 +62,8 @@ class Config:
         """A JSON-able view (status, --print-config)."""
         return {"socket": self.socket, "socket_mode": f"{self.socket_mode:04o}",
                 "allow_uids": list(self.allow_uids), "allow_gids": list(self.allow_groups),
-                "log_level": self.log_level, "metrics": self.metrics or None,
+                "log_level": self.log_level,
+                "log_target": self.log_target, "metrics": self.metrics or None,
                 "unlink_on_exit": self.unlink_on_exit, "tick_ms": self.tick_ms,
                 "recovery_wait_ms": self.recovery_wait_ms, "config_file": self.path or None,
                 "segments": {n: {**{f: getattr(c, f) for f in SEG_FIELDS},
@@ -148,7 +152,8 @@ def _apply_file(cfg, data):
         if not isinstance(table, dict):
             raise ConfigError(f"segments.{name} must be a table")
         cfg.segments[check_name(name)] = segment_config(name, table)
-    simple = {"socket": str, "log_level": str, "metrics": str, "unlink_on_exit": bool}
+    simple = {"socket": str, "log_level": str, "log_target": str, "metrics": str,
+              "unlink_on_exit": bool}
     for key, val in data.items():
         if key in simple:
             if not isinstance(val, simple[key]):
@@ -203,18 +208,20 @@ def load(args):
         cfg.allow_uids = tuple(dict.fromkeys(cfg.allow_uids + tuple(args.allow_uid)))
     if args.allow_group:
         cfg.allow_groups = tuple(dict.fromkeys(cfg.allow_groups + _gids(args.allow_group)))
-    for key in ("log_level", "metrics", "tick_ms", "recovery_wait_ms"):
-        if getattr(args, key) is not None:
+    for key in ("log_level", "log_target", "metrics", "tick_ms", "recovery_wait_ms"):
+        if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
     if args.unlink_on_exit:
         cfg.unlink_on_exit = True
     if cfg.metrics:
         parse_metrics(cfg.metrics)
-    from .logs import parse_level
+    from .logs import TARGETS, parse_level
     try:
         parse_level(cfg.log_level)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.log_target not in TARGETS:
+        raise ConfigError(f"log_target {cfg.log_target!r}: one of {', '.join(TARGETS)}")
     return cfg
 
 

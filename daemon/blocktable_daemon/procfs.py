@@ -1,0 +1,82 @@
+"""What btd reads about other processes: /proc and pidfds.
+
+The process start-time parser is here, once (proc_start_time); libbt has its
+own (bt_proc_start_time) and this one reads the same field the same way, so
+that a slot's recorded start time compares equal. Nothing here raises: a
+process that is gone reads as gone.
+"""
+import selectors
+
+
+def proc_stat(pid):
+    """Fields of /proc/<pid>/stat from field 3 (state) on, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].split()
+
+
+def proc_start_time(pid):
+    """Field 22 (start time in clock ticks), as libbt reads it; 0 if gone."""
+    st = proc_stat(pid)
+    return (int(st[19]) or 1) if st and len(st) > 19 else 0
+
+
+def proc_state(pid):
+    """The one-letter state (R, S, T, Z...), or "gone"."""
+    st = proc_stat(pid)
+    return st[0].decode() if st else "gone"
+
+
+def proc_alive(pid):
+    """True if pid runs (not gone, not a zombie)."""
+    st = proc_stat(pid)
+    return bool(st) and st[0] not in (b"Z", b"X")
+
+
+def proc_groups(pid):
+    """Supplementary group ids of pid (empty if gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def proc_comm(pid):
+    """The command name of pid, or "?"."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def proc_title(pid):
+    """What a process calls itself (vLLM sets titles: VLLM::EngineCore, VLLM::Worker_TP0),
+    else its command name; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        title = argv[0].decode(errors="replace").strip()
+        if title and not title.startswith("/"):
+            return title[:32]
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def pidfd_exited(fd):
+    """True if the process behind pidfd fd has exited (the fd is readable)."""
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(0))
+    finally:
+        sel.close()
