@@ -80,7 +80,8 @@ def inspect(name: str, mapped: Optional[List[int]] = None) -> Dict[str, Any]:
     orphan (owner dead) and removable (orphan, mapped by no live process)."""
     from blocktable import BtError, Segment
 
-    from .server import live_owner, proc_comm
+    from .procfs import proc_comm
+    from .segments import live_owner
     path = f"{SHM_DIR}/{PREFIX}{name}"
     try:
         size = os.stat(path).st_size

@@ -292,12 +292,12 @@ def check_cache_pool_view(daemon, segment, core):
     # The engine is idle (held after generate): the endpoint must come to show exactly what
     # the pool holds now (btd publishes a snapshot each tick).
     now = cache_pool(daemon, segment)
-    want = {"bt_prefix_cache_hits_total": now["cache"]["hits"],
-            "bt_prefix_cache_queries_total": now["cache"]["queries"],
-            "bt_prefix_cache_evicted_total": now["cache"]["evicted"],
-            "bt_prefix_cache_blocks_evicted_total": now["cache"]["blocks_evicted"],
-            "bt_blocks_cached": now["cached"], "bt_blocks_used": now["used"],
-            "bt_blocks_free": now["free"]}
+    want = {"blocktable_prefix_cache_hits_total": now["cache"]["hits"],
+            "blocktable_prefix_cache_queries_total": now["cache"]["queries"],
+            "blocktable_prefix_cache_evicted_total": now["cache"]["evicted"],
+            "blocktable_prefix_cache_blocks_evicted_total": now["cache"]["blocks_evicted"],
+            "blocktable_blocks_cached": now["cached"], "blocktable_blocks_used": now["used"],
+            "blocktable_blocks_free": now["free"]}
 
     last = {}
 
@@ -309,7 +309,7 @@ def check_cache_pool_view(daemon, segment, core):
         got = wait_for(scrape, 10, "the metrics to show the engine's pool", interval=0.1)
     except TimeoutError:
         raise AssertionError(f"metrics {last} != pool {want}") from None
-    assert got["bt_prefix_cache_hits_total"] > 0 and got["bt_blocks_cached"] > 0, got
+    assert got["blocktable_prefix_cache_hits_total"] > 0 and got["blocktable_blocks_cached"] > 0, got
 
 
 # ---- fixtures ----------------------------------------------------------------------------
