@@ -60,7 +60,7 @@ struct bt_client {
 #define BT_SEQ_WAIT_NS (2ull * 1000000000ull)
 int bt_seq_backoff(uint32_t spin, uint64_t *t0);
 
-/* layout.c */
+/* segment.c: layout, binding, processes and time */
 uint32_t bt_cache_keys_of(const bt_config *cfg);   /* cache_keys, 0 resolved */
 uint32_t bt_cache_buckets_of(const bt_config *cfg);
 int  bt_layout(const bt_config *cfg, uint64_t off[BT_R_COUNT], uint64_t *size);

@@ -63,7 +63,7 @@ static int freeze(bt_seg *s)
     if (!bt_cas_acqrel(&s->hdr->freeze, &cur, mine))   /* its sweeper died: take over */
         return BT_EBUSY;
 frozen:
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    bt_fence_seqcst();                  /* freeze before the in_op loads (bt_atomic.h) */
     return BT_OK;
 }
 
@@ -466,7 +466,7 @@ int bt_seg_check(bt_seg *s, int flags, uint32_t wait_ms, bt_check_report *out)
         if ((rc = drain(s, wait_ms, &rep.stuck_client)) == BT_OK) {
             rc = scan_all(s, repair, &rep);
             if (repair)
-                __atomic_fetch_add(&s->hdr->generation, 1ull, __ATOMIC_RELEASE);
+                bt_fetch_add_release(&s->hdr->generation, 1ull);
         }
         thaw(s);
         rep.pause_ns = bt_now_ns() - t0;

@@ -60,7 +60,7 @@ int bt_mirror_publish(bt_seg *s, uint32_t idx, const bt_mirror_desc *d)
     bt_store_relaxed(&m->exporter_pid, (int32_t)getpid());
     bt_store_relaxed(&m->exporter_start, bt_self_start_time());
     bt_store_relaxed(&m->valid, 0u);
-    __atomic_fetch_add(&m->generation, 1ull, __ATOMIC_RELAXED);
+    bt_fetch_add_relaxed(&m->generation, 1ull);
     bt_store_release(&m->state, (uint32_t)BT_MIRROR_PUBLISHED);
     return BT_OK;
 }
@@ -70,7 +70,7 @@ int bt_mirror_retire(bt_seg *s, uint32_t idx)
     if (!mirror_ok(s, idx))
         return s ? BT_ERANGE : BT_EINVAL;
     struct bt_mirror *m = &s->mirrors[idx];
-    __atomic_fetch_add(&m->generation, 1ull, __ATOMIC_RELAXED);
+    bt_fetch_add_relaxed(&m->generation, 1ull);
     bt_store_relaxed(&m->valid, 0u);
     bt_store_release(&m->state, (uint32_t)BT_MIRROR_FREE);
     return BT_OK;
