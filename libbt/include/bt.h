@@ -280,6 +280,24 @@ typedef struct bt_client_slot_info {
  * Errors: BT_EINVAL, BT_ERANGE (id). */
 int bt_client_slot_get(const bt_seg *seg, uint32_t id, bt_client_slot_info *out);
 
+/* The start time of process pid: field 22 of /proc/<pid>/stat (clock ticks
+ * since boot), never 0. With the pid it names one process for good: a pid
+ * the kernel recycles comes with another start time. This is what
+ * bt_client_slot_info.start_time, bt_seg_info.owner_start_time and the
+ * mirrors' start times hold, and what libbt compares to tell a live client
+ * from a dead one.
+ * A zombie (exited, not yet reaped by its parent) counts as dead: -ESRCH.
+ * It has released its memory and will never make another call, so what it
+ * held is to be recovered now, not when its parent gets round to wait();
+ * its pid cannot be recycled before that, so nothing is mistaken either way.
+ * Errors: BT_EINVAL (pid <= 0, out NULL), -ESRCH (no such process, or a
+ * zombie), -EIO (the stat file could not be parsed), other -errno from
+ * reading /proc (-EACCES, ...). A caller deciding whether a process is
+ * alive must take any error but -ESRCH as "cannot tell": reaping a live
+ * client would free blocks it holds. Thread-safe; reads /proc (a few
+ * microseconds: not for a hot path). */
+int bt_proc_start_time(int32_t pid, uint64_t *out);
+
 /* ---- 4. The allocator ---------------------------------------------------- */
 /* Pools are lock-free Treiber stacks; a batch pops or pushes with one CAS.
  * bt_blocks_alloc hands out n blocks with reference count 1 as *loose*

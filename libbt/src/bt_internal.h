@@ -60,16 +60,17 @@ struct bt_client {
 #define BT_SEQ_WAIT_NS (2ull * 1000000000ull)
 int bt_seq_backoff(uint32_t spin, uint64_t *t0);
 
-/* segment.c: layout, binding, processes and time */
+/* proc.c: processes and time (bt_proc_start_time is public, bt.h) */
+int      bt_pid_alive(int32_t pid, uint64_t start);  /* start 0: any; can't tell: alive */
+uint64_t bt_self_start_time(void);         /* ours, cached per process; 0 unknown */
+uint64_t bt_fork_generation(void);         /* bumped in every forked child */
+uint64_t bt_now_ns(void);                  /* CLOCK_MONOTONIC */
+
+/* segment.c: layout and binding */
 uint32_t bt_cache_keys_of(const bt_config *cfg);   /* cache_keys, 0 resolved */
 uint32_t bt_cache_buckets_of(const bt_config *cfg);
 int  bt_layout(const bt_config *cfg, uint64_t off[BT_R_COUNT], uint64_t *size);
 void bt_seg_bind(bt_seg *seg);         /* region pointers from base + off */
-uint64_t bt_proc_start_time(int32_t pid);  /* 0 if the process is gone */
-int      bt_proc_probe(int32_t pid, uint64_t *start);  /* 1 running, 0 gone, -1 unknown */
-uint64_t bt_self_start_time(void);         /* ours, cached per process */
-uint64_t bt_fork_generation(void);
-uint64_t bt_now_ns(void);
 
 /* alloc.c: Treiber stacks, and pools without the client protocol */
 int  bt_stack_pop(struct bt_pool *p, const uint32_t *next, uint32_t lo, uint32_t span,
@@ -157,9 +158,6 @@ static inline int bt_stack_pool_err(const bt_seg *seg, uint32_t pool)
 {
     return pool >= seg->cfg.num_pools ? BT_ERANGE : pool < seg->cfg.cache_pools ? BT_EINVAL : BT_OK;
 }
-
-/* check.c */
-int  bt_pid_alive(int32_t pid, uint64_t start);   /* can't tell: alive */
 
 /* cache.c */
 void bt_cache_format(bt_seg *seg);                 /* at creation: every pool reset */

@@ -21,19 +21,6 @@
 #include <unistd.h>
 #include "bt_internal.h"
 
-int bt_pid_alive(int32_t pid, uint64_t start)
-{
-    uint64_t now = 0;
-    if (pid <= 0)
-        return 0;
-    if (kill(pid, 0) < 0 && errno == ESRCH)
-        return 0;
-    int st = bt_proc_probe(pid, &now);
-    if (st < 0)
-        return 1;                       /* can't tell: never reap on a guess */
-    return st == 1 && (!start || now == start);
-}
-
 /* A slot whose holdings count: ACTIVE with its process alive. */
 static int slot_live(const struct bt_cslot *sl)
 {

@@ -21,11 +21,6 @@
 #include <unistd.h>
 #include "bt_internal.h"
 
-static uint64_t fork_gen;
-static void on_fork_child(void) { __atomic_fetch_add(&fork_gen, 1, __ATOMIC_RELAXED); }
-__attribute__((constructor)) static void bt_init_fork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
-uint64_t bt_fork_generation(void) { return __atomic_load_n(&fork_gen, __ATOMIC_RELAXED); }
-
 #define FREEZE_WAIT_MAX_NS (5ull * 1000000000ull)
 
 /* Wait out a freeze. The sweeper's pid is in the freeze word: if it died

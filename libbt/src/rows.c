@@ -16,29 +16,11 @@
 #include <string.h>
 #include "bt_internal.h"
 
-#include <sched.h>
-
 uint32_t bt_row_nblocks(const bt_seg *s, uint32_t row)
 {
     int32_t n = bt_load_relaxed(&s->nblocks[row]);
     uint32_t cap = bt_row_cap(s, row);
     return n < 0 ? 0 : (uint32_t)n > cap ? cap : (uint32_t)n;
-}
-
-int bt_seq_backoff(uint32_t spin, uint64_t *t0)
-{
-    if (spin < 256) {
-        if (spin)
-            bt_cpu_relax();
-        return 0;
-    }
-    uint64_t now = bt_now_ns();
-    if (!*t0)
-        *t0 = now;
-    if (now - *t0 > BT_SEQ_WAIT_NS)
-        return 1;
-    sched_yield();
-    return 0;
 }
 
 void bt_row_write_begin(struct bt_row *r)
