@@ -422,7 +422,8 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
 
 /* Truncate: keep the row's first `keep` entries, release the rest (keep = 0
  * empties the row). Errors: a row call's, BT_ERANGE (keep > num_blocks),
- * -ENOMEM (scratch for more than 256 dense entries; nothing changed). */
+ * -ENOMEM (scratch to cut more than 256 entries of a dense MANAGED row;
+ * nothing changed). */
 int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep);
 
 /* Paged rows: set entry `index` (num_blocks grows to index + 1 if needed,
