@@ -217,6 +217,36 @@ static inline void bt_row_write_end(struct bt_row *r)
 {
     bt_store_release(&r->seq, bt_load_relaxed(&r->seq) + 1);
 }
+/* A seqlock read, from any process: begin is 0 while a write is in progress
+ * (odd seq: try again, bt_seq_backoff); retry is nonzero if a write began
+ * since, so that what was read between may be torn. */
+static inline int bt_seq_read_begin(const uint32_t *seq, uint32_t *s1)
+{
+    *s1 = bt_load_acquire(seq);
+    return !(*s1 & 1u);
+}
+static inline int bt_seq_read_retry(const uint32_t *seq, uint32_t s1)
+{
+    bt_fence_acquire();                 /* the reads above happen before the re-read */
+    return bt_load_relaxed(seq) != s1;
+}
+
+/* A row call of the API, written once: fn(cl, row, r, x, y) runs on a row
+ * cl owns (bt_row_owned), inside the client protocol. Inlined with its fn. */
+typedef int (*bt_row_fn)(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t x, uint64_t y);
+static inline int bt_row_in_op(bt_client *cl, uint32_t row, bt_row_fn fn, uint64_t x, uint64_t y)
+{
+    struct bt_row *r;
+    if (!cl)
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (!(rc = bt_row_owned(cl, row, &r)))
+        rc = fn(cl, row, r, x, y);
+    bt_op_end(cl);
+    return rc;
+}
 
 /* paged.c: a paged row's chunk directory. Callers write under the row's
  * seqlock; none of these takes it. */

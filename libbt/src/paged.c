@@ -262,23 +262,6 @@ static uint32_t len_to_last_block(const bt_seg *s, uint32_t row, uint32_t nb)
     return nb;
 }
 
-/* The paged calls' start: inside an op, the row owned by cl and paged, *nb
- * its length. On an error the op is over. */
-static int paged_begin(bt_client *cl, uint32_t row, struct bt_row **r, uint32_t *nb)
-{
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (!(rc = bt_row_owned(cl, row, r)) && !bt_row_paged(cl->seg, row))
-        rc = BT_EROWSTATE;
-    if (rc) {
-        bt_op_end(cl);
-        return rc;
-    }
-    *nb = bt_row_nblocks(cl->seg, row);
-    return BT_OK;
-}
-
 static int set_block(bt_client *cl, uint32_t row, struct bt_row *r, uint32_t nb, uint32_t index, int32_t id)
 {
     bt_seg *s = cl->seg;
@@ -310,20 +293,6 @@ static int set_block(bt_client *cl, uint32_t row, struct bt_row *r, uint32_t nb,
     return BT_OK;
 }
 
-int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id)
-{
-    struct bt_row *r;
-    uint32_t nb;
-    if (!cl)
-        return BT_EINVAL;
-    int rc = paged_begin(cl, row, &r, &nb);
-    if (rc)
-        return rc;
-    rc = set_block(cl, row, r, nb, index, id);
-    bt_op_end(cl);
-    return rc;
-}
-
 static int punch(bt_seg *s, uint32_t row, struct bt_row *r, uint32_t nb, uint32_t from, uint32_t to)
 {
     if (from > to || to > nb)
@@ -353,18 +322,28 @@ static int punch(bt_seg *s, uint32_t row, struct bt_row *r, uint32_t nb, uint32_
     return BT_OK;
 }
 
+static int set_block_owned(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t index, uint64_t id)
+{
+    if (!bt_row_paged(cl->seg, row))
+        return BT_EROWSTATE;
+    return set_block(cl, row, r, bt_row_nblocks(cl->seg, row), (uint32_t)index, (int32_t)id);
+}
+
+int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id)
+{
+    return bt_row_in_op(cl, row, set_block_owned, index, (uint64_t)(uint32_t)id);
+}
+
+static int punch_owned(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t from, uint64_t to)
+{
+    if (!bt_row_paged(cl->seg, row))
+        return BT_EROWSTATE;
+    return punch(cl->seg, row, r, bt_row_nblocks(cl->seg, row), (uint32_t)from, (uint32_t)to);
+}
+
 int bt_row_punch(bt_client *cl, uint32_t row, uint32_t from, uint32_t to)
 {
-    struct bt_row *r;
-    uint32_t nb;
-    if (!cl)
-        return BT_EINVAL;
-    int rc = paged_begin(cl, row, &r, &nb);
-    if (rc)
-        return rc;
-    rc = punch(cl->seg, row, r, nb, from, to);
-    bt_op_end(cl);
-    return rc;
+    return bt_row_in_op(cl, row, punch_owned, from, to);
 }
 
 int bt_chunks_free(const bt_seg *s, uint32_t *out)

@@ -280,18 +280,15 @@ int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t 
     return rc;
 }
 
+static int release_one(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t x, uint64_t y)
+{
+    (void)r, (void)x, (void)y;
+    return bt_rows_release(cl->seg, cl->id, &row, 1);
+}
+
 int bt_row_release(bt_client *cl, uint32_t row)
 {
-    struct bt_row *r;
-    if (!cl)
-        return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (!(rc = bt_row_owned(cl, row, &r)))
-        rc = bt_rows_release(cl->seg, cl->id, &row, 1);
-    bt_op_end(cl);
-    return rc;
+    return bt_row_in_op(cl, row, release_one, 0, 0);
 }
 
 /* ---- appends ------------------------------------------------------------------ */
@@ -417,39 +414,34 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
     return rc;
 }
 
-int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep)
+static int truncate_owned(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t keep, uint64_t y)
 {
-    struct bt_row *r;
-    if (!cl)
-        return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (!(rc = bt_row_owned(cl, row, &r))) {
-        if (keep > bt_row_nblocks(cl->seg, row))
-            rc = BT_ERANGE;
-        else
-            rc = truncate_row(cl->seg, row, keep);
-    }
-    bt_op_end(cl);
-    return rc;
+    (void)r, (void)y;
+    if (keep > bt_row_nblocks(cl->seg, row))
+        return BT_ERANGE;
+    return truncate_row(cl->seg, row, (uint32_t)keep);
 }
 
+int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep)
+{
+    return bt_row_in_op(cl, row, truncate_owned, keep, 0);
+}
+
+static int set_tokens(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t num_tokens, uint64_t y)
+{
+    (void)y;
+    bt_row_write_begin(r);
+    bt_store_relaxed(&cl->seg->ntokens[row], (int64_t)num_tokens);
+    bt_row_write_end(r);
+    return BT_OK;
+}
+
+/* A write like any other, in the protocol: freeze, fork, reaping. */
 int bt_row_set_tokens(bt_client *cl, uint32_t row, int64_t num_tokens)
 {
-    struct bt_row *r;
     if (!cl || num_tokens < 0)
         return BT_EINVAL;
-    int rc = bt_op_begin(cl);           /* a write like any other: freeze, fork, reaping */
-    if (rc)
-        return rc;
-    if (!(rc = bt_row_owned(cl, row, &r))) {
-        bt_row_write_begin(r);
-        bt_store_relaxed(&cl->seg->ntokens[row], num_tokens);
-        bt_row_write_end(r);
-    }
-    bt_op_end(cl);
-    return rc;
+    return bt_row_in_op(cl, row, set_tokens, (uint64_t)num_tokens, 0);
 }
 
 /* Exchange the contents of two owned rows (entries, counts, tokens). */
@@ -488,34 +480,25 @@ static int exchange(bt_client *cl, uint32_t a, uint32_t b)
     return BT_OK;
 }
 
-/* Move = exchange, then release what dst held (now in src): src ends zeroed and
- * dst's old references are released, never leaked. */
-int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst)
+/* Swap, or move = exchange, then release what dst held (now in a): a ends
+ * zeroed and dst's old references are released, never leaked. */
+static int exchange_in_op(bt_client *cl, uint32_t a, uint32_t b, int move)
 {
     if (!cl)
         return BT_EINVAL;
     int rc = bt_op_begin(cl);
     if (rc)
         return rc;
-    if (!(rc = exchange(cl, src, dst)) && src != dst) {
-        rc = truncate_row(cl->seg, src, 0);
-        bt_store_relaxed(&cl->seg->ntokens[src], (int64_t)0);
+    if (!(rc = exchange(cl, a, b)) && move && a != b) {
+        rc = truncate_row(cl->seg, a, 0);
+        bt_store_relaxed(&cl->seg->ntokens[a], (int64_t)0);
     }
     bt_op_end(cl);
     return rc;
 }
 
-int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b)
-{
-    if (!cl)
-        return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    rc = exchange(cl, a, b);
-    bt_op_end(cl);
-    return rc;
-}
+int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst) { return exchange_in_op(cl, src, dst, 1); }
+int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b) { return exchange_in_op(cl, a, b, 0); }
 
 int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_row_info *info)
 {
@@ -525,9 +508,8 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         return BT_ERANGE;
     const struct bt_row *r = &s->rows[row];
     uint64_t t0 = 0;
-    for (uint32_t spin = 0; !bt_seq_backoff(spin, &t0); spin++) {
-        uint32_t s1 = bt_load_acquire(&r->seq);
-        if (s1 & 1u)
+    for (uint32_t spin = 0, s1; !bt_seq_backoff(spin, &t0); spin++) {
+        if (!bt_seq_read_begin(&r->seq, &s1))
             continue;
         bt_row_info in = { .owner = bt_load_relaxed(&r->owner), .flags = bt_load_relaxed(&r->flags),
                            .key = bt_load_relaxed(&r->key), .generation = bt_load_relaxed(&r->generation),
@@ -540,8 +522,7 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         int small = ids && in.num_blocks > cap;
         if (ids && !bad && !small)
             get_entries(s, row, in.num_blocks, ids);
-        bt_fence_acquire();
-        if (bt_load_relaxed(&r->seq) != s1)
+        if (bt_seq_read_retry(&r->seq, s1))
             continue;
         if (bad)
             return BT_ECORRUPT;
