@@ -208,6 +208,8 @@ int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
 void bt_refs_release(bt_seg *s, int32_t *ids, uint32_t n)
 {
     uint32_t k = 0;
+    if (n == 0)
+        return;                         /* the common release of an empty row */
     for (uint32_t i = 0; i < n; i++)
         if (bt_id_ok(s, ids[i]))
             ids[k++] = ids[i];

@@ -7,11 +7,12 @@
  * The layers, bottom up. A file calls into its own layer and the layers
  * below it, never above; the sections of this header follow them.
  *
- *   base     proc.c      processes (start times, liveness), fork generation,
- *                        the clock, bounded waits; bt_atomic.h, bt_layout.h
+ *   base     proc.c      processes (start times, liveness), the clock,
+ *                        bounded waits; bt_atomic.h, bt_layout.h
  *   pool     alloc.c     Treiber stacks, reference counts, the raw pool API
  *   clients  client.c    slots, the op protocol every data-path call runs
- *                        in, the hand of loose references, bt_blocks_*
+ *                        in (and the fork generation it checks), the hand
+ *                        of loose references, bt_blocks_*
  *   rows     paged.c     chunk directories of paged rows, and the paged API
  *            rows.c      every other write to a row, and the row API
  *   users    step.c      the scheduler step: rows.c's batch entries
@@ -105,7 +106,6 @@ int bt_seq_backoff(uint32_t spin, uint64_t *t0);
 /* bt_proc_start_time is public (bt.h). */
 int      bt_pid_alive(int32_t pid, uint64_t start);  /* start 0: any; can't tell: alive */
 uint64_t bt_self_start_time(void);         /* ours, cached per process; 0 unknown */
-uint64_t bt_fork_generation(void);         /* bumped in every forked child */
 uint64_t bt_now_ns(void);                  /* CLOCK_MONOTONIC */
 
 /* ==== pool: alloc.c ======================================================= */
@@ -143,6 +143,7 @@ void bt_refs_release(bt_seg *seg, int32_t *ids, uint32_t n);
 
 /* The recovery protocol around every data-path call (client.c's comment). */
 int  bt_op_begin(bt_client *cl);
+uint64_t bt_fork_generation(void);     /* bumped in every forked child */
 static inline void bt_op_end(bt_client *cl)
 {
     bt_store_relaxed(&cl->slot->ops, bt_load_relaxed(&cl->slot->ops) + 1);

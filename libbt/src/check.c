@@ -1,5 +1,6 @@
 /*
- * check.c -- fsck for a segment, and recovery of dead clients.
+ * check.c -- fsck for a segment, recovery of dead clients, and the close of
+ * a live one (the same release of what a client holds).
  *
  * The truth is who holds what: the rows of live clients and their hands.
  * Reference counts and free lists are derived state, and a repair rebuilds

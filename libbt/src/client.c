@@ -9,7 +9,10 @@
  * no call runs while the sweeper rebuilds counts and lists.
  *
  * A client's loose references live in its hand, an array in its slot's part
- * of the segment, so a recoverer knows exactly what a dead client held.
+ * of the segment, so a recoverer knows exactly what a dead client held. The
+ * allocator's client calls (bt_blocks_*) are here, with the hand they fill.
+ * Closing a client releases its rows, so bt_client_close lives a layer up,
+ * in check.c, beside the recovery that releases the same things.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -20,6 +23,14 @@
 #include <time.h>
 #include <unistd.h>
 #include "bt_internal.h"
+
+/* Bumped in every forked child: a handle opened before a fork is the
+ * parent's, and the child must not use it (bt_op_begin checks; here, so that
+ * the check is a load the compiler sees). */
+static uint64_t fork_gen;
+static void on_fork_child(void) { bt_fetch_add_relaxed(&fork_gen, 1); }
+__attribute__((constructor)) static void bt_init_fork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+uint64_t bt_fork_generation(void) { return bt_load_relaxed(&fork_gen); }
 
 #define FREEZE_WAIT_MAX_NS (5ull * 1000000000ull)
 
@@ -245,7 +256,7 @@ int bt_client_slot_get(const bt_seg *s, uint32_t id, bt_client_slot_info *o)
     return BT_OK;
 }
 
-/* ---- the client API: loose references kept in the client's hand --------- */
+/* ---- the allocator's client API: loose references kept in the hand ------ */
 
 int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out)
 {

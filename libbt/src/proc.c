@@ -1,5 +1,6 @@
 /*
- * proc.c -- processes and time: the bottom layer, which touches no segment.
+ * proc.c -- processes and time: the bottom layer, which touches no segment
+ * (bar a row's seqlock wait, bt_seq_backoff, which only takes the time).
  *
  * A process is named for good by its pid and its start time (field 22 of
  * /proc/<pid>/stat): the kernel recycles pids, never that pair. Client slots,
@@ -8,7 +9,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -82,13 +82,6 @@ uint64_t bt_self_start_time(void)
     }
     return bt_load_relaxed(&start);
 }
-
-/* Bumped in every forked child: a handle opened before a fork is the
- * parent's, and the child must not use it (bt_op_begin checks). */
-static uint64_t fork_gen;
-static void on_fork_child(void) { bt_fetch_add_relaxed(&fork_gen, 1); }
-__attribute__((constructor)) static void bt_init_fork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
-uint64_t bt_fork_generation(void) { return bt_load_relaxed(&fork_gen); }
 
 uint64_t bt_now_ns(void)
 {

@@ -196,6 +196,15 @@ void bt_rows_init(bt_seg *s, uint32_t id, const uint32_t *rows, const uint64_t *
  * MANAGED entries). */
 int bt_rows_release(bt_seg *s, uint32_t id, const uint32_t *rows, uint32_t n)
 {
+    if (n == 1 && !bt_row_paged(s, rows[0])) {   /* one dense row: no batch to gather */
+        int rc = truncate_row(s, rows[0], 0);
+        if (rc)
+            return rc;
+        bt_store_relaxed(&s->ntokens[rows[0]], (int64_t)0);
+        bt_store_release(&s->rows[rows[0]].owner, 0u);
+        bt_nrows_add(s, id, -1);
+        return BT_OK;
+    }
     uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++)
         if (bt_row_managed(s, rows[i]) && !bt_row_paged(s, rows[i]))
@@ -300,7 +309,7 @@ enum { FROM_HAND, SHARED, FROM_POOL };
  * chunks reserved, references taken (moved from the hand, new counts on
  * held blocks, or fresh blocks popped into ids: scratch if NULL), entries
  * put; a failure after the reservation gives the chunks back. In an op. */
-static int append(bt_client *cl, uint32_t row, int from, uint32_t pool, int32_t *ids, uint32_t n)
+static inline int append(bt_client *cl, uint32_t row, int from, uint32_t pool, int32_t *ids, uint32_t n)
 {
     bt_seg *s = cl->seg;
     struct bt_row *r;
@@ -338,7 +347,7 @@ static int append(bt_client *cl, uint32_t row, int from, uint32_t pool, int32_t 
     return rc;
 }
 
-static int append_in_op(bt_client *cl, uint32_t row, int from, uint32_t pool, int32_t *ids, uint32_t n)
+static inline int append_in_op(bt_client *cl, uint32_t row, int from, uint32_t pool, int32_t *ids, uint32_t n)
 {
     int rc = bt_op_begin(cl);
     if (rc)
