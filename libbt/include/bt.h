@@ -310,7 +310,7 @@ int bt_proc_start_time(int32_t pid, uint64_t *out);
  * the lists until a repair), and the client protocol's. */
 int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *ids_out);
 
-/* Drop n loose references the client holds (decref; a block is freed when its
+/* Release n loose references the client holds (decref; a block is freed when its
  * count reaches 0). Every id must be held loose by this client, else nothing
  * changes. Errors: BT_EINVAL (ids NULL with n > 0; a cache pool's id),
  * BT_ERANGE (the null block, or an id past the pools), BT_ENOTHELD (not in
@@ -390,7 +390,7 @@ int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t 
 
 /* Release a claimed row: its blocks are decref'd (freed at zero), entries
  * zeroed, a paged row's chunks given back, the row free. Errors: a row
- * call's, -ENOMEM (scratch for a dense MANAGED row of more than 1024
+ * call's, -ENOMEM (scratch for a dense MANAGED row of more than 256
  * entries; nothing changed). */
 int bt_row_release(bt_client *cl, uint32_t row);
 
@@ -422,7 +422,7 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
 
 /* Truncate: keep the row's first `keep` entries, release the rest (keep = 0
  * empties the row). Errors: a row call's, BT_ERANGE (keep > num_blocks),
- * -ENOMEM (scratch to cut more than 256 entries of a dense MANAGED row;
+ * -ENOMEM (scratch to truncate more than 256 entries of a dense MANAGED row;
  * nothing changed). */
 int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep);
 
@@ -506,7 +506,8 @@ typedef struct bt_step_args {
  * (pool; a listed row past the rows), BT_EINVAL (pool is a cache pool),
  * BT_EROWSTATE (a listed row not claimed; a growing row RAW or paged),
  * BT_ENOTOWNER, BT_EROWFULL (a growing row or an arrival past row_width),
- * -ENOMEM (scratch to release more than 1024 entries; nothing changed):
+ * -ENOMEM (scratch for the entries of the ending rows, past 1024 -- 256
+ * for one row; nothing changed):
  * these at step 1 or before, nothing changed. BT_ENOROWS (step 3),
  * BT_ENOBLOCKS or BT_ECORRUPT (step 4, as bt_blocks_alloc): the releases of
  * step 2 stand. And the client protocol's. */
@@ -599,7 +600,7 @@ typedef struct bt_check_report {
 int bt_seg_check(bt_seg *seg, int flags, uint32_t wait_ms, bt_check_report *out);
 
 /* Declare client `id` dead (its process is gone) and recover what it held:
- * rows released, loose references dropped, cache pools it owned reset,
+ * rows released, loose references released, cache pools it owned reset,
  * slot freed. If it died inside a
  * call, a repairing check runs (see bt_seg_check) so that half-done work is
  * undone; BT_EBUSY if that had to be deferred (the slot stays DEAD and is
