@@ -30,11 +30,13 @@
  *   claim     a request takes a free row: take (win the owner word by CAS),
  *             then init (key, flags, generation); untake undoes a take
  *             whose row was never initialised
+ *   reserve   make sure chunks back a paged row's entries before a put
+ *             (all or nothing)
  *   put       store entries into a row under its seqlock
  *   truncate  a row keeps its first n entries; the others are zeroed under
  *             its seqlock and, in a MANAGED row, their references released
  *   clear     zero a row's entries from n to its capacity (the stale-tail
- *             invariant), giving back the chunks that then hold only holes
+ *             invariant), releasing the chunks that then hold only holes
  *   punch     make holes (0 entries) inside a paged row
  *   release   give what one holds back to where it came from: references to
  *             their counts (a block freed at 0), a row to the free rows,
@@ -42,7 +44,10 @@
  *             recovery), a cache pool (reset and unowned)
  *   forget    let go of a directory without touching what it names (a
  *             repair, which rebuilds the chunk list itself)
- *   pop/push  take from / put on a stack: the pools, the hand's tail
+ *   pop/push  remove from / add to the top of a stack: the pools' Treiber
+ *             stacks, the hand's tail
+ *   check     count what a structure holds and say what is wrong; with
+ *             repair, also
  *   repair    write what a check decided (check.c decides, rows.c writes)
  */
 #ifndef BT_INTERNAL_H
