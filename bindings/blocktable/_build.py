@@ -31,7 +31,8 @@ const char *blocktable_build_id(void);
 # that releases the GIL a dozen times a step waits for it a dozen times.
 # So only the calls that may take long (create/attach/check/recover a
 # segment, open/close a client or a cache pool, GPU-mirror staging, slot
-# mapping of a whole batch) release it; every other call keeps it. Each
+# mapping of a whole batch, reading /proc for a start time) release it;
+# every other call keeps it. Each
 # wrapper CFFI generates below this text is named "_cffi_f_<function>", so
 # the test folds at compile time.
 _SHIM_SOURCE = r"""
@@ -41,7 +42,8 @@ static inline int bt__releases_gil(const char *w)
     return !strncmp(w, "_cffi_f_bt_seg_", 15) || !strncmp(w, "_cffi_f_bt_mirror_", 18) ||
            !strncmp(w, "_cffi_f_bt_slots_", 17) || !strncmp(w, "_cffi_f_bt_client_", 18) ||
            !strcmp(w, "_cffi_f_bt_cache_open") || !strcmp(w, "_cffi_f_bt_cache_close") ||
-           !strcmp(w, "_cffi_f_bt_cache_queue") || !strncmp(w, "_cffi_f_bt_config_", 18);
+           !strcmp(w, "_cffi_f_bt_cache_queue") || !strncmp(w, "_cffi_f_bt_config_", 18) ||
+           !strcmp(w, "_cffi_f_bt_proc_start_time");
 }
 #undef Py_BEGIN_ALLOW_THREADS
 #undef Py_END_ALLOW_THREADS

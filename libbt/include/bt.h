@@ -1,18 +1,20 @@
 /*
  * bt.h -- libbt, the core of blocktable: KV-cache block tables in shared memory.
  *
- * This header is the manual. It is read in three parts:
- *   1. error codes                     (bt_strerror, bt_errname)
- *   2. the segment                     (bt_seg_*)     create / attach / validate
- *   3. clients                         (bt_client_*)  a slot per attached process
- *   4. the allocator                   (bt_blocks_*)  lock-free pools of blocks
- *   5. rows                            (bt_row_*)     per-request block tables
- *   6. the scheduler step              (bt_step)      many rows, one call
- *   7. slot mapping                    (bt_slots_*)   token position -> KV slot
- *   8. recovery and checking           (bt_seg_check, bt_seg_recover_client)
- *   9. GPU mirrors                     (bt_mirror_*)
- *  10. the prefix cache                (bt_cache_*)   vLLM's BlockPool in the segment
- *  11. gathering rows by key           (bt_row_find, bt_rows_gather)
+ * This header is the manual. It is read in eleven parts, one section each:
+ *   1. error codes             (bt_strerror, bt_errname)
+ *   2. the segment             (bt_config_*, bt_seg_*)   size, create / attach / validate
+ *   3. clients and processes   (bt_client_*, bt_proc_start_time)  a slot per attached
+ *                              process; who is alive
+ *   4. the allocator           (bt_blocks_*, bt_pool_*, bt_block_get)  lock-free pools
+ *   5. rows                    (bt_row_*, bt_chunks_free)  per-request block tables,
+ *                              dense or paged (bt_row_set_block, bt_row_punch)
+ *   6. the scheduler step      (bt_step, bt_step_ex)     many rows, one call
+ *   7. slot mapping            (bt_slots_*)              token position -> KV slot
+ *   8. recovery and checking   (bt_seg_check, bt_seg_recover_client)
+ *   9. GPU mirrors             (bt_mirror_*)             descriptors, dirty tracking
+ *  10. the prefix cache        (bt_cache_*)              vLLM's BlockPool in the segment
+ *  11. gathering rows by key   (bt_row_find, bt_rows_gather)
  *
  * Conventions (after liburing and LMDB):
  *   - Every function returns 0 (BT_OK) or a negative code. Library codes lie in
@@ -24,6 +26,12 @@
  *     scribbles on the segment can make calls fail with BT_ECORRUPT, never make
  *     this library write outside the segment.
  *   - A call that returns an error has changed nothing (unless it says so).
+ *   - Every function lists its errors ("Errors:"). Two families are said once
+ *     instead of at every call: the client protocol's (section 3: BT_ECLIENT,
+ *     BT_EFROZEN, for every call that takes a bt_client and changes the
+ *     segment) and a row call's (section 5: BT_ERANGE, BT_EROWSTATE,
+ *     BT_ENOTOWNER for the row it names). BT_EINVAL also means a NULL handle
+ *     or a NULL pointer the call needs, everywhere.
  *
  * Thread and process safety:
  *   - A bt_seg is a process-local handle to a mapping. Any number of threads and
@@ -84,6 +92,7 @@ extern "C" {
 #define BT_ENOKEYS         (-31019) /* a cache pool's key entries are exhausted */
 #define BT_ERR_LAST        (-31019)
 
+/* Names and messages of codes; never NULL, never fail. */
 const char *bt_strerror(int err);  /* "BT_ENOBLOCKS: ..." or strerror(-err) */
 const char *bt_errname(int err);   /* "BT_ENOBLOCKS", "ENOENT", ... */
 
@@ -141,11 +150,13 @@ typedef struct bt_seg_info {
 void bt_config_default(bt_config *cfg);
 
 /* Check a configuration without creating anything. BT_ECONFIG names nothing more
- * specific; bt_config_explain() writes a human reason into buf. */
+ * specific (a NULL cfg included); bt_config_explain() writes a human reason
+ * into buf (may be NULL). Errors: BT_ECONFIG. */
 int bt_config_check(const bt_config *cfg);
 int bt_config_explain(const bt_config *cfg, char *buf, size_t buflen);
 
-/* Bytes a segment of this config needs. 0 if the config is impossible. */
+/* Bytes a segment of this config needs. 0 if the config is impossible (no
+ * error code: see bt_config_explain). */
 uint64_t bt_config_size(const bt_config *cfg);
 
 /* Create a segment. name == NULL: embedded mode, a private anonymous mapping
@@ -158,54 +169,85 @@ uint64_t bt_config_size(const bt_config *cfg);
  * leaving no object behind, instead of a SIGBUS on first touch. The creator
  * holds flock(LOCK_EX) on the object until the header's magic is written, so
  * an object without magic whose lock is free was left by a creator that died
- * mid-format. Errors: BT_ECONFIG, BT_ENAME, -EEXIST (with BT_CREATE_EXCL),
- * -EACCES, -ENOSPC, -ENOMEM. */
+ * mid-format. Errors: BT_EINVAL (out NULL), BT_ECONFIG, BT_ENAME, -EEXIST
+ * (with BT_CREATE_EXCL), -EACCES, -ENOSPC, -ENOMEM, and when an existing
+ * segment is attached instead, bt_seg_attach's. */
 int bt_seg_create(const char *name, const bt_config *cfg, int flags, bt_seg **out);
 
 /* Create a segment over memory the caller owns (size >= bt_config_size(cfg)),
- * e.g. an mmap that posix_ipc made. The memory must stay mapped until close. */
+ * e.g. an mmap that posix_ipc made. The memory must stay mapped until close.
+ * Errors: BT_EINVAL (mem or out NULL, size too small), BT_ECONFIG, -ENOMEM. */
 int bt_seg_create_at(void *mem, uint64_t size, const bt_config *cfg, bt_seg **out);
 
 /* Attach to an existing named segment; validates the header fully.
- * Errors: BT_ENAME, -ENOENT, -EACCES, BT_EBADMAGIC, BT_EVERSION, BT_ECORRUPT. */
+ * Errors: BT_EINVAL (out NULL), BT_ENAME, -ENOENT, -EACCES, BT_EBADMAGIC
+ * (also: smaller than a header), BT_EVERSION, BT_ECORRUPT, -ENOMEM. */
 int bt_seg_attach(const char *name, bt_seg **out);
 
-/* Attach to (validate) memory the caller mapped. Same errors as bt_seg_attach. */
+/* Attach to (validate) memory the caller mapped. Errors: BT_EINVAL (mem or
+ * out NULL), BT_EBADMAGIC, BT_EVERSION, BT_ECORRUPT, -ENOMEM. */
 int bt_seg_attach_at(void *mem, uint64_t size, bt_seg **out);
 
-/* Validate a header in place without attaching (what attach checks). */
+/* Validate a header in place without attaching (what attach checks).
+ * Errors: BT_EINVAL (mem NULL), BT_EBADMAGIC (no magic, the other byte order,
+ * or size smaller than a header), BT_EVERSION (format, ABI fingerprint or
+ * header size differ), BT_ECORRUPT (the layout does not follow from the
+ * config, or size is short of it). */
 int bt_seg_validate(const void *mem, uint64_t size);
 
 /* Unmap (and close). Does not unlink. Safe with NULL. Clients of this handle
  * must be closed first; their slots are released (see bt_client_close). */
 void bt_seg_close(bt_seg *seg);
 
-/* Remove the name; mappings stay valid until closed. -ENOENT if absent. */
+/* Remove the name; mappings stay valid until closed.
+ * Errors: BT_ENAME, -ENOENT (absent), -EACCES. */
 int bt_seg_unlink(const char *name);
 
+/* A copy of the segment's geometry and owner. Errors: BT_EINVAL. */
 int   bt_seg_info_get(const bt_seg *seg, bt_seg_info *out);
-void *bt_seg_base(const bt_seg *seg);           /* start of the mapping */
+/* Start of the mapping; NULL if seg is NULL. */
+void *bt_seg_base(const bt_seg *seg);
+/* Record the segment's owner (the daemon that adopts it): pid and its
+ * bt_proc_start_time. Errors: BT_EINVAL (seg NULL, pid <= 0). */
 int   bt_seg_set_owner(bt_seg *seg, int32_t pid, uint64_t start_time);
 
-/* ---- 3. Clients ---------------------------------------------------------- */
+/* ---- 3. Clients and processes -------------------------------------------- */
 typedef struct bt_client bt_client;
 
-/* Client slot states (bt_client_slot_info.state). */
-#define BT_CLIENT_FREE     0
-#define BT_CLIENT_ACTIVE   1
-#define BT_CLIENT_DEAD     2    /* declared dead, awaiting recovery */
+/* Client slot states (bt_client_slot_info.state). A slot goes
+ * FREE -> RESERVED -> ACTIVE (bt_client_reserve, then bt_client_adopt; or
+ * both at once, bt_client_open) -> FREE (bt_client_close). A client whose
+ * process died goes ACTIVE -> DEAD -> RECOVERING -> FREE through
+ * bt_seg_recover_client (or straight to FREE by a repairing bt_seg_check). */
+#define BT_CLIENT_FREE       0
+#define BT_CLIENT_ACTIVE     1
+#define BT_CLIENT_DEAD       2  /* declared dead, awaiting recovery (or a repair) */
+#define BT_CLIENT_RESERVED   3  /* reserved by the daemon for pid, not yet adopted */
+#define BT_CLIENT_RECOVERING 4  /* a recoverer is releasing its holdings; back to
+                                   DEAD if the recoverer must leave it to a repair */
+
+/* The client protocol. Every call that takes a bt_client and changes the
+ * segment (sections 4, 5, 6 and the mutating calls of 10) may also fail with
+ * these two, not repeated at each:
+ *   BT_ECLIENT  the handle was opened before a fork (in the child), or its
+ *               slot was declared dead and reaped;
+ *   BT_EFROZEN  a repair froze the segment and its sweeper died, or kept it
+ *               frozen for more than ~5 s.
+ * A call that fails with them has changed nothing. */
 
 /* Register the calling process in a free slot and return a handle.
- * Errors: BT_ENOCLIENTS, BT_EFROZEN. Thread-safe. */
+ * Errors: BT_EINVAL, BT_ENOCLIENTS, -ENOMEM. Thread-safe. */
 int bt_client_open(bt_seg *seg, bt_client **out);
 
 /* Reserve a slot for process pid (what the daemon does after checking the
- * peer's credentials); the process then takes it with bt_client_adopt. */
+ * peer's credentials); the process then takes it with bt_client_adopt.
+ * Errors: BT_EINVAL (pid <= 0), BT_ENOCLIENTS. Any thread or process. */
 int bt_client_reserve(bt_seg *seg, int32_t pid, uint64_t start_time, uint32_t *slot_out);
 
 /* Take over a slot reserved for the calling process (pid must match).
- * BT_ECLIENT if the slot is not RESERVED for this pid -- e.g. it is already
- * active for a handle of this process: that handle is left untouched. */
+ * Errors: BT_EINVAL, BT_ERANGE (slot 0 or past max_clients), BT_ECLIENT (the
+ * slot is not RESERVED for this pid -- e.g. it is already active for a
+ * handle of this process: that handle is left untouched), -ENOMEM. */
 int bt_client_adopt(bt_seg *seg, uint32_t slot, bt_client **out);
 
 /* The daemon's undo of bt_client_reserve: free slot `slot` if it is still
@@ -220,13 +262,13 @@ int bt_client_unreserve(bt_seg *seg, uint32_t slot, int32_t pid);
  * the handle and touches nothing shared. */
 void bt_client_close(bt_client *cl);
 
-/* Slot id of a handle (1-based; 0 means "nobody" in owner fields). */
+/* Slot id of a handle (1-based; 0 means "nobody" in owner fields); 0 for NULL. */
 uint32_t bt_client_id(const bt_client *cl);
 
 typedef struct bt_client_slot_info {
-    uint32_t state;
+    uint32_t state;             /* BT_CLIENT_* */
     int32_t  pid;
-    uint64_t start_time;
+    uint64_t start_time;        /* of pid (bt_proc_start_time), 0 = unknown */
     uint32_t in_op;             /* nonzero while inside a data-path call */
     uint32_t hand_count;        /* loose references held */
     uint32_t rows;              /* rows claimed */
@@ -234,35 +276,73 @@ typedef struct bt_client_slot_info {
     uint64_t ops;               /* data-path calls made */
 } bt_client_slot_info;
 
-/* Read slot `id` (1..max_clients). Plain snapshot; may race with the client. */
+/* Read slot `id` (1..max_clients). Plain snapshot; may race with the client.
+ * Errors: BT_EINVAL, BT_ERANGE (id). */
 int bt_client_slot_get(const bt_seg *seg, uint32_t id, bt_client_slot_info *out);
+
+/* The start time of process pid: field 22 of /proc/<pid>/stat (clock ticks
+ * since boot), never 0. With the pid it names one process for good: a pid
+ * the kernel recycles comes with another start time. This is what
+ * bt_client_slot_info.start_time, bt_seg_info.owner_start_time and the
+ * mirrors' start times hold, and what libbt compares to tell a live client
+ * from a dead one.
+ * A zombie (exited, not yet reaped by its parent) counts as dead: -ESRCH.
+ * It has released its memory and will never make another call, so what it
+ * held is to be recovered now, not when its parent gets round to wait();
+ * its pid cannot be recycled before that, so nothing is mistaken either way.
+ * Errors: BT_EINVAL (pid <= 0, out NULL), -ESRCH (no such process, or a
+ * zombie), -EIO (the stat file could not be parsed), other -errno from
+ * reading /proc (-EACCES, ...). A caller deciding whether a process is
+ * alive must take any error but -ESRCH as "cannot tell": reaping a live
+ * client would free blocks it holds. Thread-safe; reads /proc (a few
+ * microseconds: not for a hot path). */
+int bt_proc_start_time(int32_t pid, uint64_t *out);
 
 /* ---- 4. The allocator ---------------------------------------------------- */
 /* Pools are lock-free Treiber stacks; a batch pops or pushes with one CAS.
  * bt_blocks_alloc hands out n blocks with reference count 1 as *loose*
  * references held by the client (counted in its hand until appended to a row
- * or released). All-or-nothing: on BT_ENOBLOCKS nothing was taken. */
+ * or released). All-or-nothing: on BT_ENOBLOCKS nothing was taken.
+ * Errors: BT_EINVAL (ids_out NULL with n > 0; pool is a cache pool),
+ * BT_ERANGE (pool >= num_pools), BT_EHANDFULL (the hand would pass
+ * hand_size), BT_ENOBLOCKS, BT_ECORRUPT (a scribbled free list, or a
+ * free-listed block with a count: the good blocks go back, the bad stay off
+ * the lists until a repair), and the client protocol's. */
 int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *ids_out);
 
-/* Drop n loose references the client holds (decref; a block is freed when its
- * count reaches 0). Every id must be held loose by this client, else
- * BT_ENOTHELD / BT_ERANGE and nothing changes. */
+/* Release n loose references the client holds (decref; a block is freed when its
+ * count reaches 0). Every id must be held loose by this client, else nothing
+ * changes. Errors: BT_EINVAL (ids NULL with n > 0; a cache pool's id),
+ * BT_ERANGE (the null block, or an id past the pools), BT_ENOTHELD (not in
+ * this client's hand, or a count already 0), BT_ECORRUPT (the hand's count
+ * is out of range), -ENOMEM (more than 256 ids need scratch), and the client
+ * protocol's. */
 int bt_blocks_release(bt_client *cl, const int32_t *ids, uint32_t n);
 
-/* Take an extra loose reference on n allocated blocks (prefix sharing).
- * A free or out-of-range id is BT_ENOTHELD / BT_ERANGE and nothing changes. */
+/* Take an extra loose reference on n allocated blocks (prefix sharing); all
+ * or nothing. Errors: BT_EINVAL (ids NULL with n > 0; a cache pool's id),
+ * BT_ERANGE (the null block, or an id past the pools), BT_ENOTHELD (a free
+ * block), BT_EHANDFULL, and the client protocol's. */
 int bt_blocks_share(bt_client *cl, const int32_t *ids, uint32_t n);
 
-/* Free blocks in one pool (a racy snapshot when others allocate). */
+/* Free blocks in one pool (a racy snapshot when others allocate; a cache
+ * pool's is the length of its queue). Errors: BT_EINVAL, BT_ERANGE (pool). */
 int bt_pool_free_count(const bt_seg *seg, uint32_t pool, uint32_t *out);
 
-/* Reference count and owner stamp of one block (snapshot). */
+/* Reference count and owner stamp of one block (snapshot; either pointer may
+ * be NULL). Errors: BT_EINVAL (seg NULL), BT_ERANGE (id < 0 or past the
+ * pools). */
 int bt_block_get(const bt_seg *seg, int32_t id, uint32_t *refcnt, uint32_t *owner);
 
 /* The raw pool, without the client protocol: what the benchmarks and the
  * allocator stress tests drive. No hand, no in_op, no freeze: a crash between
  * pop and push loses blocks until bt_seg_check(..., BT_CHECK_REPAIR).
- * Pops set refcount 1 and owner = stamp; pushes require refcount 1. */
+ * Pops set refcount 1 and owner = stamp; pushes require refcount 1. Both all
+ * or nothing. Errors of pop: BT_EINVAL (ids_out NULL with n > 0; a cache
+ * pool), BT_ERANGE (pool), BT_ENOBLOCKS, BT_ECORRUPT (as bt_blocks_alloc).
+ * Errors of push: BT_EINVAL (ids NULL with n > 0; a cache pool's id),
+ * BT_ERANGE (the null block, or past the pools), BT_ENOTHELD (a count that
+ * is not 1). Thread- and process-safe. */
 int bt_pool_pop(bt_seg *seg, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *ids_out);
 int bt_pool_push(bt_seg *seg, const int32_t *ids, uint32_t n);
 
@@ -285,63 +365,106 @@ typedef struct bt_row_info {
     uint32_t rewrite_seq;       /* seq of the last change other than an append */
 } bt_row_info;
 
-/* Claim a free row for request `key`. row_hint >= 0 asks for that row (fails
- * with BT_EROWSTATE if taken); -1 takes any free row; below -1 is BT_ERANGE. */
+/* Errors of a row call, said once here: every call below that names a row it
+ * must own (all that take a bt_client) may fail with
+ *   BT_ERANGE     row >= num_rows;
+ *   BT_EROWSTATE  the row is not claimed (free);
+ *   BT_ENOTOWNER  the row is claimed by another client;
+ * and with the client protocol's (section 3). Each call lists the rest.
+ * A row's capacity is row_width, or dir_width * chunk_size for a paged row.
+ * Ids a MANAGED row takes must be references: BT_ERANGE for the null block,
+ * a negative id or one past the pools, BT_EINVAL for a cache pool's id. A RAW
+ * row takes any id >= 0 (BT_ERANGE below). Paged rows take chunks as they
+ * grow: BT_ENOCHUNKS when the chunk pool is empty (nothing changed). */
+
+/* Claim a free row for request `key`. row_hint >= 0 asks for that row; -1
+ * takes any free row. Errors: BT_EINVAL (row_out NULL, unknown flags,
+ * BT_ROW_PAGED without a chunk pool), BT_ERANGE (row_hint below -1 or past
+ * the rows), BT_EROWSTATE (the hinted row is taken), BT_ENOROWS. */
 int bt_row_claim(bt_client *cl, uint64_t key, int32_t row_hint, uint32_t flags, uint32_t *row_out);
 
 /* Claim n rows at once (requests arriving in one scheduler step), any free
- * ones; all or nothing (BT_ENOROWS and no row claimed). */
+ * ones; all or nothing. Errors: BT_EINVAL (keys or rows_out NULL with n > 0,
+ * flags as bt_row_claim), BT_ENOROWS (fewer than n free: none claimed). */
 int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t flags, uint32_t *rows_out);
 
-/* Release a claimed row: its blocks are decref'd (freed at zero), entries zeroed. */
+/* Release a claimed row: its blocks are decref'd (freed at zero), entries
+ * zeroed, a paged row's chunks given back, the row free. Errors: a row
+ * call's, -ENOMEM (scratch for a dense MANAGED row of more than 256
+ * entries; nothing changed). */
 int bt_row_release(bt_client *cl, uint32_t row);
 
 /* Append n ids. MANAGED: each id must be a loose reference this client holds;
- * the reference moves from the hand into the row. RAW: any id in [0, 2^31). */
+ * the reference moves from the hand into the row. RAW: any id in [0, 2^31).
+ * Errors: a row call's, BT_EINVAL (ids NULL with n > 0), BT_EROWFULL
+ * (num_blocks + n > capacity), the id errors above, BT_ENOTHELD (MANAGED:
+ * an id not loose in this client's hand, counting repeats), BT_ENOCHUNKS,
+ * -ENOMEM. */
 int bt_row_append(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
 
 /* MANAGED only: take a new reference on already-allocated blocks (held by
- * anyone) and append them: prefix sharing in one step. */
+ * anyone) and append them: prefix sharing in one step. Errors: as
+ * bt_row_append, but BT_EROWSTATE for a RAW row and BT_ENOTHELD for a free
+ * block (count 0); the hand is not involved. */
 int bt_row_append_shared(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
 
-/* Allocate n fresh blocks from `pool` straight into the row. ids_out may be NULL. */
+/* Allocate n fresh blocks from `pool` straight into the row (MANAGED).
+ * ids_out may be NULL. Errors: a row call's, BT_EINVAL (pool is a cache
+ * pool), BT_ERANGE (pool >= num_pools), BT_EROWSTATE (a RAW row),
+ * BT_EROWFULL, BT_ENOBLOCKS, BT_ENOCHUNKS, BT_ECORRUPT (as bt_blocks_alloc),
+ * -ENOMEM (ids_out NULL and n > 256). */
 int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, int32_t *ids_out);
 
 /* Replace the row's contents (vLLM's add_row): old entries released, new ones
- * taken as in bt_row_append. */
+ * taken as in bt_row_append. Errors: as bt_row_append, with BT_EROWFULL for
+ * n > capacity (the old entries do not count). */
 int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n);
 
-/* Drop the row's entries from index `keep` on (keep = 0 clears the row). */
+/* Truncate: keep the row's first `keep` entries, release the rest (keep = 0
+ * empties the row). Errors: a row call's, BT_ERANGE (keep > num_blocks),
+ * -ENOMEM (scratch to truncate more than 256 entries of a dense MANAGED row;
+ * nothing changed). */
 int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep);
 
 /* Paged rows: set entry `index` (num_blocks grows to index + 1 if needed,
  * holes in between). id 0 makes a hole. MANAGED: the id's reference moves
- * from the hand, the old entry's is dropped. Chunks are taken as needed
- * (BT_ENOCHUNKS) and given back when they hold only holes. */
+ * from the hand, the old entry's is released. Chunks are taken as needed
+ * and given back when they hold only holes. Errors: a row call's,
+ * BT_EROWSTATE (a dense row), BT_EROWFULL (index >= capacity), the id
+ * errors above (0 is allowed: a hole), BT_ENOTHELD (MANAGED: id not loose in
+ * the hand), BT_ENOCHUNKS, -ENOMEM. */
 int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id);
 
-/* Paged rows: make holes of entries [from, to) (a sliding window's past);
- * their references are dropped and emptied chunks returned. */
+/* Paged rows: punch holes in entries [from, to) (a sliding window's past);
+ * their references are released and emptied chunks given back. Errors: a
+ * row call's, BT_EROWSTATE (a dense row), BT_ERANGE (from > to, or to >
+ * num_blocks), -ENOMEM (scratch for more than 256 entries). */
 int bt_row_punch(bt_client *cl, uint32_t row, uint32_t from, uint32_t to);
 
-/* Free chunks in the chunk pool (snapshot). */
+/* Free chunks in the chunk pool (snapshot). Errors: BT_EINVAL. */
 int bt_chunks_free(const bt_seg *seg, uint32_t *out);
 
-/* Token count bookkeeping (not used by slot mapping, which takes positions). */
+/* Token count bookkeeping (not used by slot mapping, which takes positions).
+ * Errors: a row call's, BT_EINVAL (num_tokens < 0). */
 int bt_row_set_tokens(bt_client *cl, uint32_t row, int64_t num_tokens);
 
 /* Move src's contents into dst; src ends empty (zeroed) and what dst held
  * before is released (vLLM's move_row left src stale and dst's old ids
- * unaccounted). Both rows must be claimed by cl and of the same flags
- * (BT_EROWSTATE otherwise). */
+ * unaccounted). Both rows must be claimed by cl and of the same flags.
+ * Errors: a row call's for either row, BT_EROWSTATE (flags differ), -ENOMEM
+ * (as bt_row_truncate: the contents have moved, dst's old entries are left
+ * in src). */
 int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst);
 
-/* Swap two claimed rows' contents. */
+/* Swap two claimed rows' contents. Errors: a row call's for either row,
+ * BT_EROWSTATE (flags differ). */
 int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b);
 
-/* Read a row consistently (seqlock), from any process. ids_out may be NULL;
- * cap is its capacity (BT_EINVAL if smaller than num_blocks). Paged rows
- * read as dense, holes as 0. */
+/* Read a row consistently (seqlock), from any process, without a client.
+ * ids_out may be NULL; cap is its capacity. Paged rows read as dense, holes
+ * as 0. Errors: BT_EINVAL (seg NULL; cap < num_blocks with ids_out given),
+ * BT_ERANGE (row), BT_ECORRUPT (a count outside [0, capacity]), BT_EBUSY (a
+ * writer stayed mid-write for ~2 s: it died). */
 int bt_row_read(const bt_seg *seg, uint32_t row, int32_t *ids_out, uint32_t cap, bt_row_info *info_out);
 
 /* ---- 6. The scheduler step ----------------------------------------------- */
@@ -363,24 +486,35 @@ int bt_row_read(const bt_seg *seg, uint32_t row, int32_t *ids_out, uint32_t cap,
  * in order; ids_total says how many (or how many were needed: BT_EINVAL
  * before anything is done when ids_cap is too small). */
 typedef struct bt_step_args {
-    uint32_t        pool;
-    uint32_t        n_free;
-    const uint32_t *free_rows;
-    uint32_t        n_rows;
-    const uint32_t *rows;
-    const uint32_t *n_new;
-    uint32_t        n_arrive;
-    const uint64_t *arrive_keys;
-    const uint32_t *arrive_n;
+    uint32_t        pool;               /* the pool every new block comes from (not a cache pool) */
+    uint32_t        n_free;             /* rows to release (ending requests) ... */
+    const uint32_t *free_rows;          /* ... these, each owned by cl (any flags) */
+    uint32_t        n_rows;             /* rows that grow (running requests) ... */
+    const uint32_t *rows;               /* ... these, owned by cl, MANAGED and dense ... */
+    const uint32_t *n_new;              /* ... by n_new[i] new blocks each (0 allowed) */
+    uint32_t        n_arrive;           /* requests arriving: a new row each ... */
+    const uint64_t *arrive_keys;        /* ... claimed with these keys ... */
+    const uint32_t *arrive_n;           /* ... and given arrive_n[i] new blocks */
     uint32_t       *arrive_rows;        /* out: the rows claimed, n_arrive of them */
-    int32_t        *ids_out;
-    uint64_t        ids_cap;
-    uint64_t        ids_total;          /* out */
+    int32_t        *ids_out;            /* out: the new ids (growing rows, then arrivals) */
+    uint64_t        ids_cap;            /* entries ids_out has room for */
+    uint64_t        ids_total;          /* out: the new ids made, or needed (on BT_EINVAL) */
 } bt_step_args;
 
+/* Errors (step numbers as above): BT_EINVAL (args or a list NULL where its
+ * count is not 0; a row listed twice; ids_cap < the new ids), BT_ERANGE
+ * (pool; a listed row past the rows), BT_EINVAL (pool is a cache pool),
+ * BT_EROWSTATE (a listed row not claimed; a growing row RAW or paged),
+ * BT_ENOTOWNER, BT_EROWFULL (a growing row or an arrival past row_width),
+ * -ENOMEM (scratch for the entries of the ending rows, past 1024 -- 256
+ * for one row; nothing changed):
+ * these at step 1 or before, nothing changed. BT_ENOROWS (step 3),
+ * BT_ENOBLOCKS or BT_ECORRUPT (step 4, as bt_blocks_alloc): the releases of
+ * step 2 stand. And the client protocol's. */
 int bt_step_ex(bt_client *cl, bt_step_args *args);
 
-/* bt_step_ex without arrivals, with ids_out large enough for sum(n_new). */
+/* bt_step_ex without arrivals, with ids_out large enough for sum(n_new).
+ * Errors: bt_step_ex's. */
 int bt_step(bt_client *cl, uint32_t pool,
             const uint32_t *free_rows, uint32_t n_free,
             const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows,
@@ -401,6 +535,12 @@ typedef struct bt_slot_params {
     uint32_t cp_interleave;     /* 0 = 1 */
 } bt_slot_params;
 
+/* Errors of all three forms: BT_EINVAL (seg NULL, a buffer NULL where n > 0;
+ * impossible params: block_size past 2^20, cp_world past 1024, cp_rank >=
+ * cp_world, cp_interleave past block_size or, with cp_world > 1, not
+ * dividing it), BT_ERANGE (a row past the rows). Read-only: any process,
+ * any thread, no client; rows are read without their seqlock (see slots.c). */
+
 /* Form 1 (the seed's): positions start..start+n-1 of one row. */
 int bt_slots_row(const bt_seg *seg, const bt_slot_params *p, uint32_t row,
                  int64_t start, uint32_t n, int64_t *out);
@@ -413,7 +553,9 @@ int bt_slots_req(const bt_seg *seg, const bt_slot_params *p, const int32_t *rows
 
 /* Form 3: request i covers tokens [qsl[i], qsl[i+1]) and lives in rows[i]
  * (rows == NULL: row i). out has out_len >= qsl[num_reqs] entries; the tail
- * past qsl[num_reqs] is filled with -1 (CUDA-graph padding). */
+ * past qsl[num_reqs] is filled with -1 (CUDA-graph padding). Also BT_EINVAL:
+ * qsl or out NULL, qsl[0] != 0, qsl decreasing or past out_len (checked
+ * before anything is written). */
 int bt_slots_qsl(const bt_seg *seg, const bt_slot_params *p, const int32_t *rows,
                  const int32_t *qsl, uint32_t num_reqs, const int64_t *positions,
                  int64_t *out, uint32_t out_len);
@@ -450,15 +592,23 @@ typedef struct bt_check_report {
  * (queue links, counts against the queue, key lists, bucket chains; problems
  * counted in cache_bad) and, when repairing, reset if its owner is gone or
  * its structure is broken -- even with a live owner, which must then stop
- * using it (bt_cache_close and bt_cache_open again). */
+ * using it (bt_cache_close and bt_cache_open again). out may be NULL.
+ * Errors: BT_EINVAL (seg NULL), BT_EBUSY (another live process is sweeping;
+ * or a live client stayed in a call past wait_ms: out->stuck_client names
+ * it, nothing was repaired), -ENOMEM (the scan's scratch: a byte or a word
+ * per block). Any thread or process; a repair pauses every client. */
 int bt_seg_check(bt_seg *seg, int flags, uint32_t wait_ms, bt_check_report *out);
 
 /* Declare client `id` dead (its process is gone) and recover what it held:
- * rows released, loose references dropped, cache pools it owned reset,
+ * rows released, loose references released, cache pools it owned reset,
  * slot freed. If it died inside a
  * call, a repairing check runs (see bt_seg_check) so that half-done work is
  * undone; BT_EBUSY if that had to be deferred (the slot stays DEAD and is
- * recovered by the next successful bt_seg_check with BT_CHECK_REPAIR). */
+ * recovered by the next successful bt_seg_check with BT_CHECK_REPAIR).
+ * Recovering a FREE slot is a no-op. Errors: BT_EINVAL (seg NULL), BT_ERANGE
+ * (id 0 or past max_clients), BT_EBUSY (its process is alive -- a zombie is
+ * dead, see bt_proc_start_time -- or the repair was deferred), -ENOMEM.
+ * Any thread or process. */
 int bt_seg_recover_client(bt_seg *seg, uint32_t id, uint32_t wait_ms, bt_check_report *out);
 
 /* ---- 9. GPU mirrors: descriptors and dirty tracking ----------------------- */
@@ -485,13 +635,22 @@ typedef struct bt_mirror_desc {
     uint32_t _pad;
 } bt_mirror_desc;
 
-/* Claim a free mirror slot for the calling process (BT_ENOCLIENTS if none). */
+/* Errors of every bt_mirror_* call: BT_EINVAL (seg or a needed pointer
+ * NULL), BT_ERANGE (idx >= max_mirrors); each lists the rest. Any thread or
+ * process; a mirror has one exporter, and one syncer at a time (its lock). */
+
+/* Claim a free mirror slot for the calling process. Errors: BT_ENOCLIENTS
+ * (every mirror slot is taken). */
 int bt_mirror_claim(bt_seg *seg, uint32_t *idx_out);
 /* Publish the descriptor (state, pid, generation are set here). The device
- * copy is taken as empty: the first stage is a full one. */
+ * copy is taken as empty: the first stage is a full one. Errors: BT_EINVAL
+ * also when the allocation (alloc_size, offsets) cannot hold the table and
+ * the counts. */
 int bt_mirror_publish(bt_seg *seg, uint32_t idx, const bt_mirror_desc *d);
 /* Withdraw a mirror (its exporter is going away). */
 int bt_mirror_retire(bt_seg *seg, uint32_t idx);
+/* A consistent copy of the descriptor. Errors: BT_EBUSY (a publish kept
+ * changing it). */
 int bt_mirror_get(const bt_seg *seg, uint32_t idx, bt_mirror_desc *out);
 /* Forget what the device copy saw: the next stage is a full one (after a
  * failed copy, or a new allocation). */
@@ -508,7 +667,10 @@ int bt_mirror_invalidate(bt_seg *seg, uint32_t idx);
  * copy is unknown (new, or invalidated) stages every row of the segment in
  * full, whatever num_rows says. BT_EINVAL if cap is too small: nothing to
  * upload, and the mirror is invalidated. cap >= total rows * (row_width + 1)
- * always suffices. */
+ * always suffices. Errors: BT_EINVAL (n_out NULL; idx_out or val_out NULL
+ * with cap > 0; cap too small), BT_ERANGE (num_rows past the rows), BT_EBUSY
+ * (the lock is held by a live process; or a row stayed mid-write: the mirror
+ * is invalidated). */
 int bt_mirror_stage(bt_seg *seg, uint32_t idx, uint32_t num_rows,
                     int64_t *idx_out, int32_t *val_out, uint64_t cap,
                     uint64_t *n_out, uint32_t *rows_dirty_out);
@@ -537,8 +699,10 @@ int bt_mirror_stage_ex(bt_seg *seg, uint32_t idx, uint32_t num_rows, int flags,
  * and release the lock taken by bt_mirror_stage_ex. BT_EBUSY if the caller
  * does not hold it. */
 int bt_mirror_sync_done(bt_seg *seg, uint32_t idx, const bt_mirror_sync *rec);
-/* Release the lock without a record (the copy failed: invalidate first). */
+/* Release the lock without a record (the copy failed: invalidate first).
+ * Errors: BT_EBUSY (the caller does not hold it). */
 int bt_mirror_unlock(bt_seg *seg, uint32_t idx);
+/* The last sync's record (a plain snapshot). */
 int bt_mirror_sync_get(const bt_seg *seg, uint32_t idx, bt_mirror_sync *out);
 
 /* ---- 10. The prefix cache: vLLM's BlockPool in the segment ---------------- */
@@ -576,7 +740,10 @@ int bt_mirror_sync_get(const bt_seg *seg, uint32_t idx, bt_mirror_sync *out);
  * BT_ERANGE (pool >= num_pools; a block id not in the pool), BT_ECORRUPT (an
  * impossible link or index in the pool's shared state: a scribble. A mutating
  * call may then have done part of its work; the pool must be reset, by
- * bt_cache_close and bt_cache_open, or a repairing check). */
+ * bt_cache_close and bt_cache_open, or a repairing check). Mutating calls
+ * (those taking a bt_client) also fail with BT_ENOTOWNER when cl does not
+ * own the pool (bt_cache_open excepted), and with the client protocol's;
+ * the lock-free readers with BT_EBUSY (a writer stayed mid-write). */
 #define BT_CACHE_KEY_MAX 64
 
 typedef struct bt_cache_key {

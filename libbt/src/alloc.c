@@ -131,8 +131,6 @@ void bt_push_zeroed(bt_seg *s, const int32_t *ids, uint32_t n)
     }
 }
 
-int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n);
-
 /* Take one reference on each id; all-or-nothing. */
 int bt_incref_many(bt_seg *s, const int32_t *ids, uint32_t n)
 {
@@ -204,6 +202,23 @@ int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
     return BT_OK;
 }
 
+/* Release one reference on each valid id: a batch (one CAS per pool) when it
+ * can, one by one when a count was already 0, so one scribbled-on entry does
+ * not keep the others from being freed. */
+void bt_refs_release(bt_seg *s, int32_t *ids, uint32_t n)
+{
+    uint32_t k = 0;
+    if (n == 0)
+        return;                         /* the common release of an empty row */
+    for (uint32_t i = 0; i < n; i++)
+        if (bt_id_ok(s, ids[i]))
+            ids[k++] = ids[i];
+    if (bt_decref_many(s, ids, k) == BT_OK)
+        return;
+    for (uint32_t i = 0; i < k; i++)
+        bt_decref_many(s, &ids[i], 1);
+}
+
 /* ---- the raw pool API (no client protocol) ------------------------------ */
 
 int bt_pool_pop(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out)
@@ -263,63 +278,4 @@ int bt_block_get(const bt_seg *s, int32_t id, uint32_t *refcnt, uint32_t *owner)
     if (owner)
         *owner = bt_load_relaxed(&s->owner[id]);
     return BT_OK;
-}
-
-/* ---- the client API: loose references kept in the client's hand --------- */
-
-int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out)
-{
-    if (!cl || (!out && n))
-        return BT_EINVAL;
-    int rc = bt_stack_pool_err(cl->seg, pool);
-    if (rc)
-        return rc;
-    if (n == 0)
-        return BT_OK;
-    rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (bt_load_relaxed(&cl->slot->hand_count) + (uint64_t)n > cl->seg->cfg.hand_size)
-        rc = BT_EHANDFULL;
-    else if (!(rc = bt_pop_raw(cl->seg, pool, n, cl->id, out)))
-        rc = bt_hand_add(cl, out, n);
-    bt_op_end(cl);
-    return rc;
-}
-
-int bt_blocks_release(bt_client *cl, const int32_t *ids, uint32_t n)
-{
-    if (!cl || (!ids && n))
-        return BT_EINVAL;
-    for (uint32_t i = 0; i < n; i++)
-        if (!bt_id_ok(cl->seg, ids[i]))
-            return bt_id_err(cl->seg, ids[i]);
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    /* Hand first, then counts: dying between the two leaves a count too high
-     * and no holder, which a repair sees; the other order could free a block
-     * the hand still names. */
-    if (!(rc = bt_hand_find_all(cl, ids, n))) {
-        bt_hand_drop(cl, n);
-        if ((rc = bt_decref_many(cl->seg, ids, n)))
-            bt_hand_add(cl, ids, n);    /* a count was already 0: scribbled on */
-    }
-    bt_op_end(cl);
-    return rc;
-}
-
-int bt_blocks_share(bt_client *cl, const int32_t *ids, uint32_t n)
-{
-    if (!cl || (!ids && n))
-        return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (bt_load_relaxed(&cl->slot->hand_count) + (uint64_t)n > cl->seg->cfg.hand_size)
-        rc = BT_EHANDFULL;
-    else if (!(rc = bt_incref_many(cl->seg, ids, n)))
-        rc = bt_hand_add(cl, ids, n);
-    bt_op_end(cl);
-    return rc;
 }

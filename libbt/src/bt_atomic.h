@@ -37,6 +37,9 @@ _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free");
 #define bt_store_seqcst(p, v)   __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 #define bt_xchg_seqcst(p, v)    __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
 #define bt_fetch_add_relaxed(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+/* A generation bumped after a rebuild (a repair): what was rebuilt before
+ * the bump is visible to whoever acquire-loads the new generation. */
+#define bt_fetch_add_release(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELEASE)
 
 /* Strong CAS; on failure *expected is refreshed. acq_rel on success so that a
  * pop sees the links pushed before, and a push publishes its links. */
@@ -49,6 +52,11 @@ _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free");
 
 #define bt_fence_acquire()      __atomic_thread_fence(__ATOMIC_ACQUIRE)
 #define bt_fence_release()      __atomic_thread_fence(__ATOMIC_RELEASE)
+/* The sweeper's side of the Dekker pair when its freeze store is a CAS
+ * (acq_rel, to take over a dead sweeper's word): the fence puts that store
+ * in the total order before its seq_cst in_op loads, as a seq_cst store
+ * would be. */
+#define bt_fence_seqcst()       __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
 static inline void bt_cpu_relax(void)
 {

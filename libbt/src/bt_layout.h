@@ -88,7 +88,7 @@ struct bt_row {
 } __attribute__((aligned(BT_CACHELINE)));
 
 struct bt_cslot {
-    uint32_t state;                     /* BT_CLIENT_* (+ BT_CLIENT_RECOVERING) */
+    uint32_t state;                     /* BT_CLIENT_* (bt.h: all five states) */
     int32_t  pid;
     uint64_t start_time;                /* of pid, from /proc: pid reuse is caught */
     uint32_t in_op;
@@ -175,8 +175,6 @@ struct bt_ckey {
 #define BT_MAX_CHUNK   4096u
 #define BT_MAX_CHUNKS  (1u << 26)
 #define BT_MAX_DIR     (1u << 20)
-#define BT_CLIENT_RESERVED   3          /* reserved by the daemon, not yet adopted */
-#define BT_CLIENT_RECOVERING 4          /* a recoverer is releasing its holdings */
 
 _Static_assert(sizeof(struct bt_header) == BT_CACHELINE * 7, "header layout");
 _Static_assert(sizeof(struct bt_pool) == BT_CACHELINE, "pool layout");

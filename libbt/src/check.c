@@ -1,5 +1,6 @@
 /*
- * check.c -- fsck for a segment, and recovery of dead clients.
+ * check.c -- fsck for a segment, recovery of dead clients, and the close of
+ * a live one (the same release of what a client holds).
  *
  * The truth is who holds what: the rows of live clients and their hands.
  * Reference counts and free lists are derived state, and a repair rebuilds
@@ -12,6 +13,9 @@
  * a row and its hand; that takes a repair. If a live client stays inside a
  * call (SIGSTOP), the repair is deferred rather than wedged: the dead
  * client's consistent rows are released now, the rest at the next repair.
+ *
+ * A live client's close (bt_client_close) is the same release, done by the
+ * client itself. Rows are written only through rows.c's entries.
  */
 #include <errno.h>
 #include <signal.h>
@@ -20,19 +24,6 @@
 #include <time.h>
 #include <unistd.h>
 #include "bt_internal.h"
-
-int bt_pid_alive(int32_t pid, uint64_t start)
-{
-    uint64_t now = 0;
-    if (pid <= 0)
-        return 0;
-    if (kill(pid, 0) < 0 && errno == ESRCH)
-        return 0;
-    int st = bt_proc_probe(pid, &now);
-    if (st < 0)
-        return 1;                       /* can't tell: never reap on a guess */
-    return st == 1 && (!start || now == start);
-}
 
 /* A slot whose holdings count: ACTIVE with its process alive. */
 static int slot_live(const struct bt_cslot *sl)
@@ -63,7 +54,7 @@ static int freeze(bt_seg *s)
     if (!bt_cas_acqrel(&s->hdr->freeze, &cur, mine))   /* its sweeper died: take over */
         return BT_EBUSY;
 frozen:
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    bt_fence_seqcst();                  /* freeze before the in_op loads (bt_atomic.h) */
     return BT_OK;
 }
 
@@ -139,46 +130,6 @@ static void scan_chunk_list(struct scan *sc)
     }
 }
 
-/* A live paged row: mark its chunks (a chunk listed twice, or out of range,
- * is dropped from the directory), count its blocks; holes are fine, bad ids
- * become holes, entries past nb are stale. Returns nonzero if it needs fixing. */
-static int scan_paged(struct scan *sc, uint32_t row, uint32_t nb)
-{
-    bt_seg *s = sc->s;
-    uint32_t cs = s->cfg.chunk_size, *d = s->dir + (uint64_t)row * s->cfg.dir_width;
-    int managed = bt_row_managed(s, row), fix = 0;
-    for (uint32_t k = 0; k < s->cfg.dir_width; k++) {
-        uint32_t c = bt_load_relaxed(&d[k]);
-        if (c == 0)
-            continue;
-        if (c > s->cfg.num_chunks || (sc->cmark[c - 1] & 1)) {
-            sc->rep->bad_entries++;
-            fix = 1;
-            if (sc->repair)
-                bt_store_relaxed(&d[k], 0u);
-            continue;
-        }
-        sc->cmark[c - 1] |= 1;
-        int32_t *data = s->chunks + (uint64_t)(c - 1) * cs;
-        for (uint32_t x = 0; x < cs; x++) {
-            int32_t id = bt_load_relaxed(&data[x]);
-            int stale = k * cs + x >= nb;
-            if (id == 0)
-                continue;
-            if (stale || (managed ? !bt_id_ok(s, id) : id < 0)) {
-                sc->rep->bad_entries += !stale;
-                fix = 1;
-                if (sc->repair)
-                    bt_store_relaxed(&data[x], 0);
-                continue;
-            }
-            if (managed)
-                sc->count[id]++;
-        }
-    }
-    return fix;
-}
-
 /* Count one row's holdings; on repair, heal it or release it. */
 static void scan_row(struct scan *sc, uint32_t row)
 {
@@ -194,7 +145,7 @@ static void scan_row(struct scan *sc, uint32_t row)
     int managed = bt_row_managed(s, row), paged = bt_row_paged(s, row);
     uint32_t good = nb;
     if (paged && o != 0 && !dead)
-        fix |= scan_paged(sc, row, nb);
+        fix |= bt_paged_check(s, row, nb, sc->repair, sc->count, sc->cmark, &sc->rep->bad_entries);
     for (uint32_t i = 0; i < nb && o != 0 && !paged; i++) {
         int32_t id = bt_load_relaxed(&e[i]);
         if (managed ? !bt_id_ok(s, id) : id < 0) {
@@ -216,19 +167,8 @@ static void scan_row(struct scan *sc, uint32_t row)
     fix |= good != nb;
     if (fix && !dead)
         sc->rep->rows_fixed++;
-    if (!sc->repair || (!fix && !dead))
-        return;
-    bt_row_rewrite_begin(r);
-    bt_store_relaxed(&s->nblocks[row], (int32_t)good);
-    if (paged && (dead || o == 0))
-        bt_paged_forget(s, row);        /* its chunks may be someone else's */
-    else
-        bt_row_wipe(s, row, good);
-    if (dead)
-        bt_store_relaxed(&s->ntokens[row], (int64_t)0);
-    bt_row_write_end(r);
-    if (dead)
-        bt_store_release(&r->owner, 0u);
+    if (sc->repair && (fix || dead))
+        bt_row_repair(s, row, good, dead);
 }
 
 /* Count a live client's hand; on repair drop entries out of range. */
@@ -466,7 +406,7 @@ int bt_seg_check(bt_seg *s, int flags, uint32_t wait_ms, bt_check_report *out)
         if ((rc = drain(s, wait_ms, &rep.stuck_client)) == BT_OK) {
             rc = scan_all(s, repair, &rep);
             if (repair)
-                __atomic_fetch_add(&s->hdr->generation, 1ull, __ATOMIC_RELEASE);
+                bt_fetch_add_release(&s->hdr->generation, 1ull);
         }
         thaw(s);
         rep.pause_ns = bt_now_ns() - t0;
@@ -477,14 +417,14 @@ out:
     return rc;
 }
 
-/* ---- recovery of one dead client ------------------------------------------- */
+/* ---- releasing a client's holdings: its close, or its recovery ------------ */
 
-/* Release the rows of slot `id` that are not mid-write (all of them when the
- * client died outside a call); optionally its hand. */
+/* Release the rows of client `id` that are not mid-write (all of them when
+ * the client is live, or died outside a call), the cache pools it owns, and
+ * optionally its hand. Returns the rows skipped. */
 static uint32_t release_holdings(bt_seg *s, uint32_t id, int with_hand)
 {
-    bt_client fake = { .seg = s, .id = id, .pid = 0, .slot = &s->clients[id - 1],
-                       .hand = s->hands + (uint64_t)(id - 1) * s->cfg.hand_size };
+    struct bt_cslot *sl = &s->clients[id - 1];
     uint32_t skipped = 0;
     for (uint32_t r = 0; r < s->cfg.num_rows; r++) {
         if (bt_load_acquire(&s->rows[r].owner) != id)
@@ -493,22 +433,42 @@ static uint32_t release_holdings(bt_seg *s, uint32_t id, int with_hand)
             skipped++;                  /* mid-write: left for a repair */
             continue;
         }
-        bt_row_drop(&fake, r);
+        bt_rows_release(s, id, &r, 1);
     }
     bt_cache_release_owner(s, id);      /* its prefix cache dies with it */
     if (with_hand) {
-        uint32_t n = bt_load_acquire(&fake.slot->hand_count);
+        const uint32_t *hand = s->hands + (uint64_t)(id - 1) * s->cfg.hand_size;
+        uint32_t n = bt_load_acquire(&sl->hand_count);
         n = n > s->cfg.hand_size ? s->cfg.hand_size : n;
         int32_t *ids = malloc((n ? n : 1) * sizeof(int32_t));
         if (ids) {
             for (uint32_t i = 0; i < n; i++)
-                ids[i] = (int32_t)bt_load_relaxed(&fake.hand[i]);
-            bt_store_release(&fake.slot->hand_count, 0u);
-            bt_drop_refs(s, ids, n);
+                ids[i] = (int32_t)bt_load_relaxed(&hand[i]);
+            bt_store_release(&sl->hand_count, 0u);   /* the hand lets go first */
+            bt_refs_release(s, ids, n);
             free(ids);
         }
     }
     return skipped;
+}
+
+/* Closing is the client releasing itself: what a recoverer releases for a
+ * dead one, inside one op, then the slot. */
+void bt_client_close(bt_client *cl)
+{
+    if (!cl)
+        return;
+    struct bt_cslot *sl = cl->slot;
+    int mine = cl->fork_gen == bt_fork_generation() &&
+               bt_load_relaxed(&sl->state) == BT_CLIENT_ACTIVE &&
+               bt_load_relaxed(&sl->pid) == cl->pid;
+    if (mine && bt_op_begin(cl) == BT_OK) {
+        release_holdings(cl->seg, cl->id, 1);
+        bt_op_end(cl);
+        bt_store_relaxed(&sl->pid, 0);
+        bt_store_release(&sl->state, (uint32_t)BT_CLIENT_FREE);
+    }
+    bt_client_free(cl);
 }
 
 int bt_seg_recover_client(bt_seg *s, uint32_t id, uint32_t wait_ms, bt_check_report *out)

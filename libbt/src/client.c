@@ -9,7 +9,10 @@
  * no call runs while the sweeper rebuilds counts and lists.
  *
  * A client's loose references live in its hand, an array in its slot's part
- * of the segment, so a recoverer knows exactly what a dead client held.
+ * of the segment, so a recoverer knows exactly what a dead client held. The
+ * allocator's client calls (bt_blocks_*) are here, with the hand they fill.
+ * Closing a client releases its rows, so bt_client_close lives a layer up,
+ * in check.c, beside the recovery that releases the same things.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -21,10 +24,13 @@
 #include <unistd.h>
 #include "bt_internal.h"
 
+/* Bumped in every forked child: a handle opened before a fork is the
+ * parent's, and the child must not use it (bt_op_begin checks; here, so that
+ * the check is a load the compiler sees). */
 static uint64_t fork_gen;
-static void on_fork_child(void) { __atomic_fetch_add(&fork_gen, 1, __ATOMIC_RELAXED); }
+static void on_fork_child(void) { bt_fetch_add_relaxed(&fork_gen, 1); }
 __attribute__((constructor)) static void bt_init_fork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
-uint64_t bt_fork_generation(void) { return __atomic_load_n(&fork_gen, __ATOMIC_RELAXED); }
+uint64_t bt_fork_generation(void) { return bt_load_relaxed(&fork_gen); }
 
 #define FREEZE_WAIT_MAX_NS (5ull * 1000000000ull)
 
@@ -92,7 +98,7 @@ int bt_hand_add(bt_client *cl, const int32_t *ids, uint32_t n)
 }
 
 /* Move one hand entry per id (with multiplicity) to the hand's tail, so that
- * bt_hand_drop(n) removes exactly them. BT_ENOTHELD if any id is missing; the
+ * bt_hand_pop(n) removes exactly them. BT_ENOTHELD if any id is missing; the
  * hand is then only permuted, which changes nothing it means. Searching from
  * the tail finds freshly allocated blocks first. */
 int bt_hand_find_all(bt_client *cl, const int32_t *ids, uint32_t n)
@@ -118,7 +124,7 @@ int bt_hand_find_all(bt_client *cl, const int32_t *ids, uint32_t n)
     return BT_OK;
 }
 
-void bt_hand_drop(bt_client *cl, uint32_t n)
+void bt_hand_pop(bt_client *cl, uint32_t n)
 {
     uint32_t cnt = bt_load_relaxed(&cl->slot->hand_count);
     bt_store_release(&cl->slot->hand_count, cnt - n);
@@ -162,8 +168,9 @@ static int client_new(bt_seg *s, uint32_t id, bt_client **out)
     return BT_OK;
 }
 
-/* Free a handle that never owned its slot (a failed adopt). */
-static void client_free(bt_client *cl)
+/* Free a handle, touching nothing shared (a failed adopt; the end of a
+ * close, check.c). */
+void bt_client_free(bt_client *cl)
 {
     free(cl->mark);
     free(cl);
@@ -195,7 +202,7 @@ int bt_client_adopt(bt_seg *s, uint32_t id, bt_client **out)
          * another live handle of this process (or this very one). Only free
          * the new handle: bt_client_close would take that slot for its own
          * and release the other handle's rows and blocks. */
-        client_free(cl);
+        bt_client_free(cl);
         return BT_ECLIENT;
     }
     *out = cl;
@@ -235,42 +242,6 @@ int bt_client_open(bt_seg *s, bt_client **out)
 
 uint32_t bt_client_id(const bt_client *cl) { return cl ? cl->id : 0; }
 
-/* Release the client's rows and loose blocks, then its slot. */
-void bt_client_close(bt_client *cl)
-{
-    if (!cl)
-        return;
-    struct bt_cslot *sl = cl->slot;
-    int mine = cl->fork_gen == bt_fork_generation() &&
-               bt_load_relaxed(&sl->state) == BT_CLIENT_ACTIVE &&
-               bt_load_relaxed(&sl->pid) == cl->pid;
-    if (mine) {
-        for (uint32_t r = 0; r < cl->seg->cfg.num_rows; r++)
-            if (bt_load_relaxed(&cl->seg->rows[r].owner) == cl->id)
-                bt_row_release(cl, r);
-        if (bt_op_begin(cl) == BT_OK) {
-            bt_cache_release_owner(cl->seg, cl->id);   /* reset the cache pools it owns */
-            uint32_t n = bt_load_relaxed(&sl->hand_count);
-            if (n <= cl->seg->cfg.hand_size && n) {
-                int32_t *ids = malloc(n * sizeof(int32_t));
-                if (ids) {
-                    for (uint32_t i = 0; i < n; i++)
-                        ids[i] = (int32_t)bt_load_relaxed(&cl->hand[i]);
-                    bt_store_release(&sl->hand_count, 0u);
-                    for (uint32_t i = 0; i < n; i++)   /* one by one: skip bad ids */
-                        bt_decref_many(cl->seg, &ids[i], 1);
-                    free(ids);
-                }
-            }
-            bt_op_end(cl);
-            bt_store_relaxed(&sl->pid, 0);
-            bt_store_release(&sl->state, (uint32_t)BT_CLIENT_FREE);
-        }
-    }
-    free(cl->mark);
-    free(cl);
-}
-
 int bt_client_slot_get(const bt_seg *s, uint32_t id, bt_client_slot_info *o)
 {
     if (!s || !o)
@@ -283,4 +254,63 @@ int bt_client_slot_get(const bt_seg *s, uint32_t id, bt_client_slot_info *o)
         .hand_count = bt_load_relaxed(&sl->hand_count), .rows = bt_load_relaxed(&sl->nrows),
         .ops = bt_load_relaxed(&sl->ops) };
     return BT_OK;
+}
+
+/* ---- the allocator's client API: loose references kept in the hand ------ */
+
+int bt_blocks_alloc(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out)
+{
+    if (!cl || (!out && n))
+        return BT_EINVAL;
+    int rc = bt_stack_pool_err(cl->seg, pool);
+    if (rc)
+        return rc;
+    if (n == 0)
+        return BT_OK;
+    rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (bt_load_relaxed(&cl->slot->hand_count) + (uint64_t)n > cl->seg->cfg.hand_size)
+        rc = BT_EHANDFULL;
+    else if (!(rc = bt_pop_raw(cl->seg, pool, n, cl->id, out)))
+        rc = bt_hand_add(cl, out, n);
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_blocks_release(bt_client *cl, const int32_t *ids, uint32_t n)
+{
+    if (!cl || (!ids && n))
+        return BT_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (!bt_id_ok(cl->seg, ids[i]))
+            return bt_id_err(cl->seg, ids[i]);
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    /* Hand first, then counts: dying between the two leaves a count too high
+     * and no holder, which a repair sees; the other order could free a block
+     * the hand still names. */
+    if (!(rc = bt_hand_find_all(cl, ids, n))) {
+        bt_hand_pop(cl, n);
+        if ((rc = bt_decref_many(cl->seg, ids, n)))
+            bt_hand_add(cl, ids, n);    /* a count was already 0: scribbled on */
+    }
+    bt_op_end(cl);
+    return rc;
+}
+
+int bt_blocks_share(bt_client *cl, const int32_t *ids, uint32_t n)
+{
+    if (!cl || (!ids && n))
+        return BT_EINVAL;
+    int rc = bt_op_begin(cl);
+    if (rc)
+        return rc;
+    if (bt_load_relaxed(&cl->slot->hand_count) + (uint64_t)n > cl->seg->cfg.hand_size)
+        rc = BT_EHANDFULL;
+    else if (!(rc = bt_incref_many(cl->seg, ids, n)))
+        rc = bt_hand_add(cl, ids, n);
+    bt_op_end(cl);
+    return rc;
 }

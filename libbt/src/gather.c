@@ -44,7 +44,7 @@ static int read_keyed(const bt_seg *s, uint32_t row, uint64_t key, int32_t *dst,
         bt_fence_acquire();
         if (bt_load_relaxed(&r->seq) != s1)
             continue;
-        /* The owner word is released without the seqlock (bt_row_drop), after
+        /* The owner word is released without the seqlock (bt_rows_release), after
          * the entries were cut under it: re-read it so that a release that
          * finished while we copied is seen as a free row. */
         if (match && bt_load_acquire(&r->owner) == 0)

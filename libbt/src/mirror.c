@@ -16,6 +16,18 @@
 #include "bt_internal.h"
 
 
+/* The fields a descriptor (bt_mirror_desc) and a mirror slot share by name,
+ * copied either way: plain copies, published and read under the slot's
+ * state and generation words. */
+#define DESC_COPY(dst, src) do {                                        \
+        memcpy((dst)->uuid, (src)->uuid, sizeof((dst)->uuid));          \
+        memcpy((dst)->handle, (src)->handle, sizeof((dst)->handle));    \
+        (dst)->alloc_size = (src)->alloc_size;                          \
+        (dst)->table_off = (src)->table_off;                            \
+        (dst)->counts_off = (src)->counts_off;                          \
+        (dst)->device_index = (src)->device_index;                      \
+    } while (0)
+
 static int after(uint32_t a, uint32_t b) { return (int32_t)(a - b) > 0; }
 
 static int mirror_ok(const bt_seg *s, uint32_t idx)
@@ -51,16 +63,11 @@ int bt_mirror_publish(bt_seg *s, uint32_t idx, const bt_mirror_desc *d)
         d->counts_off > d->alloc_size || d->alloc_size - d->counts_off < need_c)
         return BT_EINVAL;               /* the allocation could not hold the copy */
     bt_store_relaxed(&m->state, (uint32_t)BT_MIRROR_CLAIMED);
-    memcpy(m->uuid, d->uuid, sizeof(m->uuid));
-    memcpy(m->handle, d->handle, sizeof(m->handle));
-    m->alloc_size = d->alloc_size;
-    m->table_off = d->table_off;
-    m->counts_off = d->counts_off;
-    m->device_index = d->device_index;
+    DESC_COPY(m, d);
     bt_store_relaxed(&m->exporter_pid, (int32_t)getpid());
     bt_store_relaxed(&m->exporter_start, bt_self_start_time());
     bt_store_relaxed(&m->valid, 0u);
-    __atomic_fetch_add(&m->generation, 1ull, __ATOMIC_RELAXED);
+    bt_fetch_add_relaxed(&m->generation, 1ull);
     bt_store_release(&m->state, (uint32_t)BT_MIRROR_PUBLISHED);
     return BT_OK;
 }
@@ -70,7 +77,7 @@ int bt_mirror_retire(bt_seg *s, uint32_t idx)
     if (!mirror_ok(s, idx))
         return s ? BT_ERANGE : BT_EINVAL;
     struct bt_mirror *m = &s->mirrors[idx];
-    __atomic_fetch_add(&m->generation, 1ull, __ATOMIC_RELAXED);
+    bt_fetch_add_relaxed(&m->generation, 1ull);
     bt_store_relaxed(&m->valid, 0u);
     bt_store_release(&m->state, (uint32_t)BT_MIRROR_FREE);
     return BT_OK;
@@ -87,12 +94,7 @@ int bt_mirror_get(const bt_seg *s, uint32_t idx, bt_mirror_desc *o)
         o->state = bt_load_acquire(&m->state);
         o->exporter_pid = bt_load_relaxed(&m->exporter_pid);
         o->exporter_start = bt_load_relaxed(&m->exporter_start);
-        memcpy(o->uuid, m->uuid, sizeof(o->uuid));
-        memcpy(o->handle, m->handle, sizeof(o->handle));
-        o->alloc_size = m->alloc_size;
-        o->table_off = m->table_off;
-        o->counts_off = m->counts_off;
-        o->device_index = m->device_index;
+        DESC_COPY(o, m);
         o->_pad = 0;
         bt_fence_acquire();
         o->generation = bt_load_relaxed(&m->generation);
@@ -140,9 +142,8 @@ static int stage_row(bt_seg *s, uint32_t row, struct bt_synced *sy, int valid, s
     const int32_t *e = bt_row_ids(s, row);
     uint32_t w = s->cfg.row_width;
     uint64_t t0 = 0;
-    for (uint32_t spin = 0; !bt_seq_backoff(spin, &t0); spin++) {
-        uint32_t s1 = bt_load_acquire(&r->seq);
-        if (s1 & 1u)
+    for (uint32_t spin = 0, s1; !bt_seq_backoff(spin, &t0); spin++) {
+        if (!bt_seq_read_begin(&r->seq, &s1))
             continue;
         if (valid && s1 == sy->seq)
             return 0;
@@ -162,8 +163,7 @@ static int stage_row(bt_seg *s, uint32_t row, struct bt_synced *sy, int valid, s
         }
         st->idx[st->n + to - from] = (int64_t)((uint64_t)s->cfg.num_rows * w + row);
         st->val[st->n + to - from] = (int32_t)nb;
-        bt_fence_acquire();
-        if (bt_load_relaxed(&r->seq) != s1)
+        if (bt_seq_read_retry(&r->seq, s1))
             continue;                   /* torn: read it again */
         st->n += to - from + 1;
         sy->seq = s1;

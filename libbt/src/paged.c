@@ -1,5 +1,6 @@
 /*
- * paged.c -- rows whose entries live in chunks from a shared chunk pool.
+ * paged.c -- rows whose entries live in chunks from a shared chunk pool: the
+ * chunk directories, and the paged API (bt_row_set_block, bt_row_punch).
  *
  * A dense table costs rows x max_len whatever the rows hold (1024 requests
  * able to reach 1M tokens at block size 16 is 256 MiB per copy). A paged row
@@ -36,7 +37,8 @@ int32_t *bt_entry_ptr(const bt_seg *s, uint32_t row, uint32_t i)
     return s->chunks + (uint64_t)(c - 1) * cs + i % cs;
 }
 
-static void chunks_push(bt_seg *s, const int32_t *ids, uint32_t n)
+/* Give chunks back to the chunk pool (one CAS). */
+static void chunks_release(bt_seg *s, const int32_t *ids, uint32_t n)
 {
     if (!n)
         return;
@@ -86,10 +88,10 @@ static int chunk_empty(const bt_seg *s, uint32_t c)
     return 1;
 }
 
-/* Zero entries from `from` on; return chunks wholly past it, and chunks in
- * [hfrom, from) that hold only holes (hfrom = from: none of those). Under
- * the row's write seqlock. */
-void bt_paged_trim(bt_seg *s, uint32_t row, uint32_t from, uint32_t hfrom)
+/* Clear from `from` on: zero the entries, release the chunks wholly past
+ * it, and the chunks in [hfrom, from) that hold only holes (hfrom = from:
+ * none of those). Under the row's write seqlock. */
+void bt_paged_clear(bt_seg *s, uint32_t row, uint32_t from, uint32_t hfrom)
 {
     uint32_t cs = s->cfg.chunk_size, *d = dir_of(s, row);
     int32_t small[64], *back = small;
@@ -121,12 +123,12 @@ void bt_paged_trim(bt_seg *s, uint32_t row, uint32_t from, uint32_t hfrom)
         bt_store_relaxed(&d[k], 0u);
         back[nback++] = (int32_t)(c - 1);
     }
-    chunks_push(s, back, nback);
+    chunks_release(s, back, nback);
     if (back != small)
         free(back);
 }
 
-/* Drop a directory without touching the chunks it names (a repair of a dead
+/* Forget a directory without touching the chunks it names (a repair of a dead
  * row: its directory may have been scribbled to name a live row's chunk, so
  * nothing is zeroed or pushed; the repair rebuilds the chunk list). */
 void bt_paged_forget(bt_seg *s, uint32_t row)
@@ -136,11 +138,12 @@ void bt_paged_forget(bt_seg *s, uint32_t row)
         bt_store_relaxed(&d[k], 0u);
 }
 
-/* Cut a paged row to `keep` entries under its write seqlock, walking its
- * directory (not its index range): chunks left holding only holes go back to
- * the pool, and the references of the cut entries are dropped (managed) a
+/* Truncate a paged row to `keep` entries under its write seqlock, walking
+ * its directory (not its index range): every chunk, past num_blocks too, so
+ * keep = 0 leaves no chunk behind. Chunks left holding only holes go back to
+ * the pool, and the references of the cut entries are released (managed) a
  * bounded batch at a time. */
-int bt_paged_shrink(bt_seg *s, uint32_t row, uint32_t keep, int managed)
+int bt_paged_truncate(bt_seg *s, uint32_t row, uint32_t keep, int managed)
 {
     enum { BATCH = 512 };
     uint32_t cs = s->cfg.chunk_size, *d = dir_of(s, row), nd = 0, nback = 0;
@@ -165,25 +168,25 @@ int bt_paged_shrink(bt_seg *s, uint32_t row, uint32_t keep, int managed)
             if (managed)
                 drop[nd++] = id;
             if (nd == BATCH) {          /* entry zeroed first, then its reference */
-                bt_drop_refs(s, drop, nd);
+                bt_refs_release(s, drop, nd);
                 nd = 0;
             }
         }
         /* A chunk wholly cut goes back, and so does the boundary chunk when
          * what it keeps holds only holes (memory follows the blocks used,
-         * as in bt_paged_trim; keeping it leaked it until the release). */
+         * as in bt_paged_clear; keeping it leaked it until the release). */
         if (lo == 0 || chunk_empty(s, c - 1)) {
             bt_store_relaxed(&d[k], 0u);
             back[nback++] = (int32_t)(c - 1);
             if (nback == 64) {
-                chunks_push(s, back, nback);
+                chunks_release(s, back, nback);
                 nback = 0;
             }
         }
     }
     bt_row_write_end(r);
-    chunks_push(s, back, nback);
-    bt_drop_refs(s, drop, nd);
+    chunks_release(s, back, nback);
+    bt_refs_release(s, drop, nd);
     return BT_OK;
 }
 
@@ -196,6 +199,151 @@ void bt_paged_swap(bt_seg *s, uint32_t a, uint32_t b)
         bt_store_relaxed(&da[k], bt_load_relaxed(&db[k]));
         bt_store_relaxed(&db[k], x);
     }
+}
+
+/* check.c's pass over a live paged row: mark its chunks in cmark (bit 1; a
+ * chunk named twice, or out of range, leaves the directory on repair), count
+ * the holders of its MANAGED ids in count[]; holes are fine, bad ids become
+ * holes and entries past nb are stale (zeroed on repair). *bad counts bad
+ * entries. Returns nonzero if the row needs fixing. */
+int bt_paged_check(bt_seg *s, uint32_t row, uint32_t nb, int repair, uint32_t *count,
+                   uint8_t *cmark, uint64_t *bad)
+{
+    uint32_t cs = s->cfg.chunk_size, *d = dir_of(s, row);
+    int managed = bt_row_managed(s, row), fix = 0;
+    for (uint32_t k = 0; k < s->cfg.dir_width; k++) {
+        uint32_t c = bt_load_relaxed(&d[k]);
+        if (c == 0)
+            continue;
+        if (c > s->cfg.num_chunks || (cmark[c - 1] & 1)) {
+            (*bad)++;
+            fix = 1;
+            if (repair)
+                bt_store_relaxed(&d[k], 0u);
+            continue;
+        }
+        cmark[c - 1] |= 1;
+        int32_t *data = s->chunks + (uint64_t)(c - 1) * cs;
+        for (uint32_t x = 0; x < cs; x++) {
+            int32_t id = bt_load_relaxed(&data[x]);
+            int stale = k * cs + x >= nb;
+            if (id == 0)
+                continue;
+            if (stale || (managed ? !bt_id_ok(s, id) : id < 0)) {
+                *bad += !stale;
+                fix = 1;
+                if (repair)
+                    bt_store_relaxed(&data[x], 0);
+                continue;
+            }
+            if (managed)
+                count[id]++;
+        }
+    }
+    return fix;
+}
+
+/* ---- the paged API -------------------------------------------------------- */
+
+/* Length of the row once trailing holes are left out; a chunk that is not
+ * there is skipped whole (a sparse row may span 2^30 entries). */
+static uint32_t len_to_last_block(const bt_seg *s, uint32_t row, uint32_t nb)
+{
+    while (nb > 0) {
+        const int32_t *p = bt_entry_ptr(s, row, nb - 1);
+        if (!p) {
+            nb = (nb - 1) / s->cfg.chunk_size * s->cfg.chunk_size;
+            continue;
+        }
+        if (bt_load_relaxed(p))
+            break;
+        nb--;
+    }
+    return nb;
+}
+
+static int set_block(bt_client *cl, uint32_t row, struct bt_row *r, uint32_t nb, uint32_t index, int32_t id)
+{
+    bt_seg *s = cl->seg;
+    int managed = bt_row_managed(s, row), rc = BT_OK;
+    if (index >= bt_row_cap(s, row))
+        return BT_EROWFULL;
+    if (id < 0)
+        return BT_ERANGE;
+    if (managed && id != 0 && !bt_id_ok(s, id))
+        return bt_id_err(s, id);
+    if (id != 0 && managed && (rc = bt_hand_find_all(cl, &id, 1)))   /* the reference to move */
+        return rc;
+    if (id != 0 && (rc = bt_paged_reserve(s, row, index, index + 1)))
+        return rc;
+    int32_t old = index < nb ? bt_entry_get(s, row, index) : 0;
+    int32_t *p = bt_entry_ptr(s, row, index);
+    bt_row_rewrite_begin(r);
+    if (p)
+        bt_store_relaxed(p, id);
+    uint32_t len = index >= nb ? (id ? index + 1 : nb) : index + 1 == nb ? len_to_last_block(s, row, nb) : nb;
+    bt_store_relaxed(&s->nblocks[row], (int32_t)len);
+    if (id == 0)                        /* give back chunks left holding only holes */
+        bt_paged_clear(s, row, len, index < len ? index : len);
+    bt_row_write_end(r);
+    if (managed && id != 0)
+        bt_hand_pop(cl, 1);
+    if (managed && old != 0)
+        bt_refs_release(s, &old, 1);
+    return BT_OK;
+}
+
+static int punch(bt_seg *s, uint32_t row, struct bt_row *r, uint32_t nb, uint32_t from, uint32_t to)
+{
+    if (from > to || to > nb)
+        return BT_ERANGE;
+    if (from == to)
+        return BT_OK;
+    int32_t small[256], *cut = to - from <= 256 ? small : malloc((to - from) * sizeof(int32_t));
+    if (!cut)
+        return -ENOMEM;
+    uint32_t n = 0;
+    bt_row_rewrite_begin(r);
+    for (uint32_t i = from; i < to; i++) {
+        int32_t *p = bt_entry_ptr(s, row, i);
+        if (!p || !bt_load_relaxed(p))
+            continue;
+        cut[n++] = bt_load_relaxed(p);
+        bt_store_relaxed(p, 0);
+    }
+    uint32_t len = to == nb ? len_to_last_block(s, row, from) : nb;
+    bt_store_relaxed(&s->nblocks[row], (int32_t)len);
+    bt_paged_clear(s, row, len, from < len ? from : len);
+    bt_row_write_end(r);
+    if (bt_row_managed(s, row))         /* entries out first, then their references */
+        bt_refs_release(s, cut, n);
+    if (cut != small)
+        free(cut);
+    return BT_OK;
+}
+
+static int set_block_owned(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t index, uint64_t id)
+{
+    if (!bt_row_paged(cl->seg, row))
+        return BT_EROWSTATE;
+    return set_block(cl, row, r, bt_row_nblocks(cl->seg, row), (uint32_t)index, (int32_t)id);
+}
+
+int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id)
+{
+    return bt_row_in_op(cl, row, set_block_owned, index, (uint64_t)(uint32_t)id);
+}
+
+static int punch_owned(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t from, uint64_t to)
+{
+    if (!bt_row_paged(cl->seg, row))
+        return BT_EROWSTATE;
+    return punch(cl->seg, row, r, bt_row_nblocks(cl->seg, row), (uint32_t)from, (uint32_t)to);
+}
+
+int bt_row_punch(bt_client *cl, uint32_t row, uint32_t from, uint32_t to)
+{
+    return bt_row_in_op(cl, row, punch_owned, from, to);
 }
 
 int bt_chunks_free(const bt_seg *s, uint32_t *out)

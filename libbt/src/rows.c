@@ -1,5 +1,6 @@
 /*
- * rows.c -- per-request block tables.
+ * rows.c -- per-request block tables: every write to a row but a paged
+ * row's directory (paged.c), and the row API.
  *
  * A row has one writer, the client that claimed it; anyone reads it under
  * its seqlock (seq odd while a write is in progress). Entries at and past
@@ -8,85 +9,30 @@
  *
  * For a MANAGED row every entry holds one reference on its block. Entries
  * enter the row before the hand lets go of them, and leave the row before
- * their references are dropped: a client dying in between leaves a count
+ * their references are released: a client dying in between leaves a count
  * too high (repaired), never a holder without a count.
+ *
+ * The scheduler step (step.c) and the checker (check.c) write rows only
+ * through the bt_rows_* / bt_row_put / bt_row_repair entries below.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include "bt_internal.h"
 
-#include <sched.h>
+/* ---- entries ---------------------------------------------------------------- */
 
-uint32_t bt_row_nblocks(const bt_seg *s, uint32_t row)
-{
-    int32_t n = bt_load_relaxed(&s->nblocks[row]);
-    uint32_t cap = bt_row_cap(s, row);
-    return n < 0 ? 0 : (uint32_t)n > cap ? cap : (uint32_t)n;
-}
-
-int bt_seq_backoff(uint32_t spin, uint64_t *t0)
-{
-    if (spin < 256) {
-        if (spin)
-            bt_cpu_relax();
-        return 0;
-    }
-    uint64_t now = bt_now_ns();
-    if (!*t0)
-        *t0 = now;
-    if (now - *t0 > BT_SEQ_WAIT_NS)
-        return 1;
-    sched_yield();
-    return 0;
-}
-
-void bt_row_write_begin(struct bt_row *r)
-{
-    uint32_t seq = bt_load_relaxed(&r->seq);
-    bt_store_relaxed(&r->seq, (seq + 1) | 1u);
-    bt_fence_release();                 /* the odd seq is seen before any entry */
-}
-
-/* A write that may change entries below num_blocks: mirrors must look at the
- * whole row, not just past what they saw. */
-void bt_row_rewrite_begin(struct bt_row *r)
-{
-    bt_row_write_begin(r);
-    bt_store_relaxed(&r->rewrite_seq, bt_load_relaxed(&r->seq));
-}
-
-void bt_row_write_end(struct bt_row *r)
-{
-    uint32_t seq = bt_load_relaxed(&r->seq);
-    bt_store_release(&r->seq, seq + 1);
-}
-
-/* Zero entries [from, capacity): the tail invariant, restored wholesale.
- * A paged row gives back the chunks past `from`. */
-void bt_row_wipe(bt_seg *s, uint32_t row, uint32_t from)
+/* Clear entries [from, capacity): the tail invariant, restored wholesale.
+ * A paged row gives back the chunks past `from`. Under the seqlock. */
+static void clear_from(bt_seg *s, uint32_t row, uint32_t from)
 {
     if (bt_row_paged(s, row)) {
-        bt_paged_trim(s, row, from, from);
+        bt_paged_clear(s, row, from, from);
         return;
     }
     int32_t *e = bt_row_ids(s, row);
     for (uint32_t i = from; i < s->cfg.row_width; i++)
         bt_store_relaxed(&e[i], 0);
-}
-
-int bt_row_owned(bt_client *cl, uint32_t row, struct bt_row **out)
-{
-    if (row >= cl->seg->cfg.num_rows)
-        return BT_ERANGE;
-    struct bt_row *r = &cl->seg->rows[row];
-    uint32_t o = bt_load_acquire(&r->owner);
-    if (o == 0)
-        return BT_EROWSTATE;
-    if (o != cl->id)
-        return BT_ENOTOWNER;
-    *out = r;
-    return BT_OK;
 }
 
 static int check_ids(const bt_seg *s, uint32_t row, const int32_t *ids, uint32_t n)
@@ -118,6 +64,14 @@ static void put_entries(bt_seg *s, uint32_t row, uint32_t at, const int32_t *ids
     bt_store_relaxed(&s->nblocks[row], (int32_t)(at + n));
 }
 
+/* Put ids at entry `at` (the row's length: an append) under the seqlock. */
+void bt_row_put(bt_seg *s, uint32_t row, uint32_t at, const int32_t *ids, uint32_t n)
+{
+    bt_row_write_begin(&s->rows[row]);
+    put_entries(s, row, at, ids, n);
+    bt_row_write_end(&s->rows[row]);
+}
+
 /* Copy the row's first n entries out (owner's view, no seqlock needed). */
 static void get_entries(const bt_seg *s, uint32_t row, uint32_t n, int32_t *out)
 {
@@ -125,26 +79,10 @@ static void get_entries(const bt_seg *s, uint32_t row, uint32_t n, int32_t *out)
         out[i] = bt_entry_get(s, row, i);
 }
 
-/* Drop one reference on each valid id: a batch (one CAS per pool) when it
- * can, one by one when a count was already 0, so one scribbled-on entry does
- * not keep the others from being freed. */
-void bt_drop_refs(bt_seg *s, int32_t *ids, uint32_t n)
-{
-    uint32_t k = 0;
-    for (uint32_t i = 0; i < n; i++)
-        if (bt_id_ok(s, ids[i]))
-            ids[k++] = ids[i];
-    if (bt_decref_many(s, ids, k) == BT_OK)
-        return;
-    for (uint32_t i = 0; i < k; i++)
-        bt_decref_many(s, &ids[i], 1);
-}
-
-/* Dense rows: zero entries [keep, nb) under the seqlock (past nb is zero
- * already), copying them to `out` (room for nb - keep; NULL for RAW rows)
- * for the caller to drop after. Returns how many were cut. Paged rows are
- * cut by bt_paged_shrink, which walks the directory instead. */
-uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
+/* Truncate a dense row to `keep` entries under the seqlock (past nb is zero
+ * already), copying the cut ones to `out` (room for nb - keep; NULL: not
+ * wanted, a RAW row) for the caller to release after. Returns how many. */
+static uint32_t dense_truncate(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
 {
     struct bt_row *r = &s->rows[row];
     uint32_t nb = bt_row_nblocks(s, row);
@@ -161,48 +99,36 @@ uint32_t bt_row_cut(bt_seg *s, uint32_t row, uint32_t keep, int32_t *out)
     return nb - keep;
 }
 
-/* Drop entries [keep, nb) and, for a MANAGED row, their references. Dense
- * rows: one cut. Paged rows: chunk by chunk through the directory (holes cost
+/* Truncate a row to keep <= num_blocks entries, releasing the cut references
+ * of a MANAGED row. Paged rows go through their directory (holes cost
  * nothing, and a billion-entry row holding one block needs no big buffer). */
-static int shrink(bt_client *cl, uint32_t row, uint32_t keep)
+static int truncate_row(bt_seg *s, uint32_t row, uint32_t keep)
 {
-    bt_seg *s = cl->seg;
     uint32_t nb = bt_row_nblocks(s, row);
+    int managed = bt_row_managed(s, row);
     if (keep >= nb)
         return BT_OK;
     if (bt_row_paged(s, row))
-        return bt_paged_shrink(s, row, keep, bt_row_managed(s, row));
-    int32_t small[256], *drop = nb - keep <= 256 ? small : malloc((size_t)(nb - keep) * sizeof(int32_t));
-    if (!drop)
+        return bt_paged_truncate(s, row, keep, managed);
+    int32_t small[256], *cut = !managed ? NULL : nb - keep <= 256 ? small :
+                               malloc((size_t)(nb - keep) * sizeof(int32_t));
+    if (managed && !cut)
         return -ENOMEM;
-    uint32_t n = bt_row_cut(s, row, keep, drop);
-    if (bt_row_managed(s, row))
-        bt_drop_refs(s, drop, n);
-    if (drop != small)
-        free(drop);
+    uint32_t n = dense_truncate(s, row, keep, cut);
+    if (managed)
+        bt_refs_release(s, cut, n);
+    if (cut != small)
+        free(cut);
     return BT_OK;
 }
 
-/* Give a row up (its blocks dropped first); the caller is inside an op. */
-int bt_row_drop(bt_client *cl, uint32_t row)
-{
-    int rc = shrink(cl, row, 0);
-    if (rc)
-        return rc;
-    if (bt_row_paged(cl->seg, row))     /* chunks past num_blocks too, if any */
-        bt_paged_trim(cl->seg, row, 0, 0);
-    bt_store_relaxed(&cl->seg->ntokens[row], (int64_t)0);
-    bt_store_release(&cl->seg->rows[row].owner, 0u);
-    bt_nrows_add(cl, -1);
-    return BT_OK;
-}
+/* ---- claim and release -------------------------------------------------------- */
 
 /* Take a free row's owner word (hint >= 0: that row only). Searches start
  * at *cursor (a batch reads the shared cursor once: UINT32_MAX) and leave it
  * past the row taken, so a batch of claims walks the table once. */
-int bt_claim_take(bt_client *cl, int32_t hint, uint32_t *cursor, uint32_t *row_out)
+static int take_one(bt_seg *s, uint32_t id, int32_t hint, uint32_t *cursor, uint32_t *row_out)
 {
-    bt_seg *s = cl->seg;
     uint32_t n = s->cfg.num_rows;
     if (hint < 0 && *cursor == UINT32_MAX)
         *cursor = bt_fetch_add_relaxed(&s->hdr->row_cursor, 1u) % n;
@@ -210,7 +136,7 @@ int bt_claim_take(bt_client *cl, int32_t hint, uint32_t *cursor, uint32_t *row_o
     for (uint32_t k = 0; k < (hint >= 0 ? 1 : n); k++) {
         uint32_t row = start + k < n ? start + k : start + k - n, zero = 0;
         if (bt_load_relaxed(&s->rows[row].owner) == 0 &&     /* look before the CAS */
-            bt_cas_acqrel(&s->rows[row].owner, &zero, cl->id)) {
+            bt_cas_acqrel(&s->rows[row].owner, &zero, id)) {
             *row_out = row;
             if (hint < 0)
                 *cursor = row + 1 < n ? row + 1 : 0;
@@ -220,31 +146,111 @@ int bt_claim_take(bt_client *cl, int32_t hint, uint32_t *cursor, uint32_t *row_o
     return hint >= 0 ? BT_EROWSTATE : BT_ENOROWS;
 }
 
-/* Make a taken row the request's: new generation, empty, key and flags. */
-void bt_claim_init(bt_client *cl, uint32_t row, uint64_t key, uint32_t flags)
+/* Take n free rows' owner words, touching nothing else, so that running out
+ * of rows hands them back with no trace (all or nothing: BT_ENOROWS). */
+int bt_rows_take(bt_seg *s, uint32_t id, uint32_t n, uint32_t *rows_out)
 {
-    bt_seg *s = cl->seg;
-    struct bt_row *r = &s->rows[row];
-    bt_row_rewrite_begin(r);
-    if (bt_load_relaxed(&s->nblocks[row]) != 0) {  /* should never be: heal */
-        bt_store_relaxed(&s->nblocks[row], 0);
-        bt_row_wipe(s, row, 0);
-    }
-    bt_store_relaxed(&r->key, key);
-    bt_store_relaxed(&r->flags, flags);
-    bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
-    bt_store_relaxed(&s->ntokens[row], (int64_t)0);
-    bt_row_write_end(r);
-    bt_nrows_add(cl, 1);
+    uint32_t i = 0, cursor = UINT32_MAX;
+    int rc = BT_OK;
+    while (i < n && !(rc = take_one(s, id, -1, &cursor, &rows_out[i])))
+        i++;
+    if (cursor != UINT32_MAX)
+        bt_store_relaxed(&s->hdr->row_cursor, cursor);  /* a hint for the next claimer */
+    if (rc)
+        bt_rows_untake(s, rows_out, i);
+    return rc;
 }
 
-static int claim_one(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint32_t *row_out)
+/* Hand back rows taken but never initialised: nothing else was written. */
+void bt_rows_untake(bt_seg *s, const uint32_t *rows, uint32_t n)
 {
-    uint32_t cursor = UINT32_MAX;
-    int rc = bt_claim_take(cl, hint, &cursor, row_out);
-    if (!rc)
-        bt_claim_init(cl, *row_out, key, flags);
-    return rc;
+    for (uint32_t i = n; i-- > 0;)
+        bt_store_release(&s->rows[rows[i]].owner, 0u);
+}
+
+/* Make taken rows the requests': new generation, empty, key and flags. */
+void bt_rows_init(bt_seg *s, uint32_t id, const uint32_t *rows, const uint64_t *keys,
+                  uint32_t n, uint32_t flags)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t row = rows[i];
+        struct bt_row *r = &s->rows[row];
+        bt_row_rewrite_begin(r);
+        if (bt_load_relaxed(&s->nblocks[row]) != 0) {  /* should never be: heal */
+            bt_store_relaxed(&s->nblocks[row], 0);
+            clear_from(s, row, 0);
+        }
+        bt_store_relaxed(&r->key, keys[i]);
+        bt_store_relaxed(&r->flags, flags);
+        bt_store_relaxed(&r->generation, bt_load_relaxed(&r->generation) + 1);
+        bt_store_relaxed(&s->ntokens[row], (int64_t)0);
+        bt_row_write_end(r);
+    }
+    bt_nrows_add(s, id, (int32_t)n);
+}
+
+/* Release rows[0..n) of client id: every entry truncated and the MANAGED
+ * references released in one batch after the rows let go of them, a paged
+ * row's chunks given back (past num_blocks too), tokens 0, the owner word
+ * freed. -ENOMEM before anything changed (scratch for more than 1024 dense
+ * MANAGED entries). */
+int bt_rows_release(bt_seg *s, uint32_t id, const uint32_t *rows, uint32_t n)
+{
+    if (n == 1 && !bt_row_paged(s, rows[0])) {   /* one dense row: no batch to gather */
+        int rc = truncate_row(s, rows[0], 0);
+        if (rc)
+            return rc;
+        bt_store_relaxed(&s->ntokens[rows[0]], (int64_t)0);
+        bt_store_release(&s->rows[rows[0]].owner, 0u);
+        bt_nrows_add(s, id, -1);
+        return BT_OK;
+    }
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (bt_row_managed(s, rows[i]) && !bt_row_paged(s, rows[i]))
+            total += bt_row_nblocks(s, rows[i]);
+    int32_t small[1024], *cut = total <= 1024 ? small : malloc(total * sizeof(int32_t));
+    if (!cut)
+        return -ENOMEM;
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t row = rows[i];
+        int managed = bt_row_managed(s, row);
+        if (bt_row_paged(s, row))       /* by directory: no buffer as long as the row */
+            bt_paged_truncate(s, row, 0, managed);
+        else if (managed)
+            k += dense_truncate(s, row, 0, cut + k);
+        else
+            dense_truncate(s, row, 0, NULL);
+        bt_store_relaxed(&s->ntokens[row], (int64_t)0);
+        bt_store_release(&s->rows[row].owner, 0u);
+    }
+    bt_nrows_add(s, id, -(int32_t)n);
+    bt_refs_release(s, cut, k);
+    if (cut != small)
+        free(cut);
+    return BT_OK;
+}
+
+/* Write a check's verdict on a row (the segment is frozen): its count
+ * becomes `good`; a dead owner's row, or a free one, forgets a paged
+ * directory (its chunks may be someone else's: the repair rebuilds the chunk
+ * list), any other is cleared past `good`; a dead owner's row is freed. */
+void bt_row_repair(bt_seg *s, uint32_t row, uint32_t good, int dead)
+{
+    struct bt_row *r = &s->rows[row];
+    uint32_t o = bt_load_relaxed(&r->owner);
+    bt_row_rewrite_begin(r);
+    bt_store_relaxed(&s->nblocks[row], (int32_t)good);
+    if (bt_row_paged(s, row) && (dead || o == 0))
+        bt_paged_forget(s, row);
+    else
+        clear_from(s, row, good);
+    if (dead)
+        bt_store_relaxed(&s->ntokens[row], (int64_t)0);
+    bt_row_write_end(r);
+    if (dead)
+        bt_store_release(&r->owner, 0u);
 }
 
 static int claim_flags_ok(const bt_seg *s, uint32_t flags)
@@ -263,7 +269,9 @@ int bt_row_claim(bt_client *cl, uint64_t key, int32_t hint, uint32_t flags, uint
     int rc = bt_op_begin(cl);
     if (rc)
         return rc;
-    rc = claim_one(cl, key, hint, flags, row_out);
+    uint32_t cursor = UINT32_MAX;
+    if (!(rc = take_one(cl->seg, cl->id, hint, &cursor, row_out)))
+        bt_rows_init(cl->seg, cl->id, row_out, &key, 1, flags);
     bt_op_end(cl);
     return rc;
 }
@@ -275,129 +283,103 @@ int bt_row_claim_many(bt_client *cl, const uint64_t *keys, uint32_t n, uint32_t 
     int rc = bt_op_begin(cl);
     if (rc)
         return rc;
-    /* Take every owner word first, touching nothing else, so that running
-     * out of rows can hand them back with no trace (all or nothing). */
-    uint32_t i = 0, cursor = UINT32_MAX;
-    while (i < n && !(rc = bt_claim_take(cl, -1, &cursor, &rows_out[i])))
-        i++;
-    bt_store_relaxed(&cl->seg->hdr->row_cursor, cursor);  /* a hint for the next claimer */
-    if (rc) {
-        while (i-- > 0)
-            bt_store_release(&cl->seg->rows[rows_out[i]].owner, 0u);
-    } else {
-        for (i = 0; i < n; i++)
-            bt_claim_init(cl, rows_out[i], keys[i], flags);
-    }
+    if (!(rc = bt_rows_take(cl->seg, cl->id, n, rows_out)))
+        bt_rows_init(cl->seg, cl->id, rows_out, keys, n, flags);
     bt_op_end(cl);
     return rc;
+}
+
+static int release_one(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t x, uint64_t y)
+{
+    (void)r, (void)x, (void)y;
+    return bt_rows_release(cl->seg, cl->id, &row, 1);
 }
 
 int bt_row_release(bt_client *cl, uint32_t row)
 {
+    return bt_row_in_op(cl, row, release_one, 0, 0);
+}
+
+/* ---- appends ------------------------------------------------------------------ */
+
+/* Where an append's references come from. */
+enum { FROM_HAND, SHARED, FROM_POOL };
+
+/* The append family, in one order: the row checked (owned, kind, room, ids),
+ * chunks reserved, references taken (moved from the hand, new counts on
+ * held blocks, or fresh blocks popped into ids: scratch if NULL), entries
+ * put; a failure after the reservation gives the chunks back. In an op. */
+static inline int append(bt_client *cl, uint32_t row, int from, uint32_t pool, int32_t *ids, uint32_t n)
+{
+    bt_seg *s = cl->seg;
     struct bt_row *r;
-    if (!cl)
-        return BT_EINVAL;
-    int rc = bt_op_begin(cl);
+    int rc = bt_row_owned(cl, row, &r);
     if (rc)
         return rc;
-    if (!(rc = bt_row_owned(cl, row, &r)))
-        rc = bt_row_drop(cl, row);
-    bt_op_end(cl);
+    int managed = bt_row_managed(s, row);
+    uint32_t nb = bt_row_nblocks(s, row);
+    if (from != FROM_HAND && !managed)
+        return BT_EROWSTATE;
+    if ((uint64_t)nb + n > bt_row_cap(s, row))
+        return BT_EROWFULL;
+    if (from != FROM_POOL && (rc = check_ids(s, row, ids, n)))
+        return rc;
+    if (from == FROM_HAND && managed && (rc = bt_hand_find_all(cl, ids, n)))
+        return rc;
+    if (!n)
+        return BT_OK;
+    int32_t small[256], *buf = ids ? ids : n <= 256 ? small : malloc((size_t)n * sizeof(int32_t));
+    if (!buf)
+        return -ENOMEM;
+    if (!(rc = bt_paged_reserve(s, row, nb, nb + n))) {
+        rc = from == SHARED ? bt_incref_many(s, buf, n) :
+             from == FROM_POOL ? bt_pop_raw(s, pool, n, cl->id, buf) : BT_OK;
+        if (!rc) {
+            bt_row_put(s, row, nb, buf, n);
+            if (from == FROM_HAND && managed)
+                bt_hand_pop(cl, n);     /* the references now live in the row */
+        } else if (bt_row_paged(s, row)) {
+            bt_paged_clear(s, row, nb, nb);   /* give back the chunks reserved */
+        }
+    }
+    if (buf != ids && buf != small)
+        free(buf);
     return rc;
 }
 
-/* Common checks of the append family: owned, right kind, room, ids. */
-static int append_prep(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n,
-                       int need_managed, struct bt_row **r, uint32_t *nb)
+static inline int append_in_op(bt_client *cl, uint32_t row, int from, uint32_t pool, int32_t *ids, uint32_t n)
 {
-    int rc = bt_row_owned(cl, row, r);
+    int rc = bt_op_begin(cl);
     if (rc)
         return rc;
-    if (need_managed && !bt_row_managed(cl->seg, row))
-        return BT_EROWSTATE;
-    *nb = bt_row_nblocks(cl->seg, row);
-    if ((uint64_t)*nb + n > bt_row_cap(cl->seg, row))
-        return BT_EROWFULL;
-    return ids ? check_ids(cl->seg, row, ids, n) : BT_OK;
+    rc = append(cl, row, from, pool, ids, n);
+    bt_op_end(cl);
+    return rc;
 }
 
 int bt_row_append(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
 {
-    struct bt_row *r;
-    uint32_t nb;
     if (!cl || (!ids && n))
         return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (!(rc = append_prep(cl, row, ids, n, 0, &r, &nb))) {
-        int managed = bt_row_managed(cl->seg, row);
-        if ((!managed || !(rc = bt_hand_find_all(cl, ids, n))) &&
-            !(rc = bt_paged_reserve(cl->seg, row, nb, nb + n))) {
-            bt_row_write_begin(r);
-            put_entries(cl->seg, row, nb, ids, n);
-            bt_row_write_end(r);
-            if (managed)
-                bt_hand_drop(cl, n);    /* the references now live in the row */
-        }
-    }
-    bt_op_end(cl);
-    return rc;
+    return append_in_op(cl, row, FROM_HAND, 0, (int32_t *)ids, n);
 }
 
 int bt_row_append_shared(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
 {
-    struct bt_row *r;
-    uint32_t nb;
     if (!cl || (!ids && n))
         return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (!(rc = append_prep(cl, row, ids, n, 1, &r, &nb)) &&
-        !(rc = bt_paged_reserve(cl->seg, row, nb, nb + n))) {
-        if (!(rc = bt_incref_many(cl->seg, ids, n))) {
-            bt_row_write_begin(r);
-            put_entries(cl->seg, row, nb, ids, n);
-            bt_row_write_end(r);
-        } else if (bt_row_paged(cl->seg, row)) {
-            bt_paged_trim(cl->seg, row, nb, nb);   /* give back the chunks reserved */
-        }
-    }
-    bt_op_end(cl);
-    return rc;
+    return append_in_op(cl, row, SHARED, 0, (int32_t *)ids, n);
 }
 
 int bt_row_alloc_append(bt_client *cl, uint32_t row, uint32_t pool, uint32_t n, int32_t *ids_out)
 {
-    struct bt_row *r;
-    uint32_t nb;
     if (!cl)
         return BT_EINVAL;
     int rc = bt_stack_pool_err(cl->seg, pool);
-    if (rc)
-        return rc;
-    rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (!(rc = append_prep(cl, row, NULL, n, 1, &r, &nb)) && n) {
-        int32_t small[256], *ids = ids_out ? ids_out : n <= 256 ? small : malloc((size_t)n * sizeof(int32_t));
-        if (!ids)
-            rc = -ENOMEM;
-        else if (!(rc = bt_paged_reserve(cl->seg, row, nb, nb + n)) &&
-                 !(rc = bt_pop_raw(cl->seg, pool, n, cl->id, ids))) {
-            bt_row_write_begin(r);
-            put_entries(cl->seg, row, nb, ids, n);
-            bt_row_write_end(r);
-        } else if (rc != -ENOMEM && bt_row_paged(cl->seg, row)) {
-            bt_paged_trim(cl->seg, row, nb, nb);   /* give back the chunks reserved */
-        }
-        if (ids && ids != ids_out && ids != small)
-            free(ids);
-    }
-    bt_op_end(cl);
-    return rc;
+    return rc ? rc : append_in_op(cl, row, FROM_POOL, pool, ids_out, n);
 }
+
+/* ---- the rest of the row API -------------------------------------------------- */
 
 int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
 {
@@ -426,11 +408,11 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
                 get_entries(cl->seg, row, nb, old);
                 bt_row_rewrite_begin(r);
                 put_entries(cl->seg, row, 0, ids, n);
-                bt_row_wipe(cl->seg, row, n);
+                clear_from(cl->seg, row, n);
                 bt_row_write_end(r);
                 if (managed) {
-                    bt_hand_drop(cl, n);
-                    bt_drop_refs(cl->seg, old, nb);
+                    bt_hand_pop(cl, n);
+                    bt_refs_release(cl->seg, old, nb);
                 }
                 if (old != small)
                     free(old);
@@ -441,39 +423,34 @@ int bt_row_set(bt_client *cl, uint32_t row, const int32_t *ids, uint32_t n)
     return rc;
 }
 
-int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep)
+static int truncate_owned(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t keep, uint64_t y)
 {
-    struct bt_row *r;
-    if (!cl)
-        return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if (!(rc = bt_row_owned(cl, row, &r))) {
-        if (keep > bt_row_nblocks(cl->seg, row))
-            rc = BT_ERANGE;
-        else
-            rc = shrink(cl, row, keep);
-    }
-    bt_op_end(cl);
-    return rc;
+    (void)r, (void)y;
+    if (keep > bt_row_nblocks(cl->seg, row))
+        return BT_ERANGE;
+    return truncate_row(cl->seg, row, (uint32_t)keep);
 }
 
+int bt_row_truncate(bt_client *cl, uint32_t row, uint32_t keep)
+{
+    return bt_row_in_op(cl, row, truncate_owned, keep, 0);
+}
+
+static int set_tokens(bt_client *cl, uint32_t row, struct bt_row *r, uint64_t num_tokens, uint64_t y)
+{
+    (void)y;
+    bt_row_write_begin(r);
+    bt_store_relaxed(&cl->seg->ntokens[row], (int64_t)num_tokens);
+    bt_row_write_end(r);
+    return BT_OK;
+}
+
+/* A write like any other, in the protocol: freeze, fork, reaping. */
 int bt_row_set_tokens(bt_client *cl, uint32_t row, int64_t num_tokens)
 {
-    struct bt_row *r;
     if (!cl || num_tokens < 0)
         return BT_EINVAL;
-    int rc = bt_op_begin(cl);           /* a write like any other: freeze, fork, reaping */
-    if (rc)
-        return rc;
-    if (!(rc = bt_row_owned(cl, row, &r))) {
-        bt_row_write_begin(r);
-        bt_store_relaxed(&cl->seg->ntokens[row], num_tokens);
-        bt_row_write_end(r);
-    }
-    bt_op_end(cl);
-    return rc;
+    return bt_row_in_op(cl, row, set_tokens, (uint64_t)num_tokens, 0);
 }
 
 /* Exchange the contents of two owned rows (entries, counts, tokens). */
@@ -512,34 +489,25 @@ static int exchange(bt_client *cl, uint32_t a, uint32_t b)
     return BT_OK;
 }
 
-/* Move = exchange, then drop what dst held (now in src): src ends zeroed and
- * dst's old references are released, never leaked. */
-int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst)
+/* Swap, or move = exchange, then release what dst held (now in a): a ends
+ * zeroed and dst's old references are released, never leaked. */
+static int exchange_in_op(bt_client *cl, uint32_t a, uint32_t b, int move)
 {
     if (!cl)
         return BT_EINVAL;
     int rc = bt_op_begin(cl);
     if (rc)
         return rc;
-    if (!(rc = exchange(cl, src, dst)) && src != dst) {
-        rc = shrink(cl, src, 0);
-        bt_store_relaxed(&cl->seg->ntokens[src], (int64_t)0);
+    if (!(rc = exchange(cl, a, b)) && move && a != b) {
+        rc = truncate_row(cl->seg, a, 0);
+        bt_store_relaxed(&cl->seg->ntokens[a], (int64_t)0);
     }
     bt_op_end(cl);
     return rc;
 }
 
-int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b)
-{
-    if (!cl)
-        return BT_EINVAL;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    rc = exchange(cl, a, b);
-    bt_op_end(cl);
-    return rc;
-}
+int bt_row_move(bt_client *cl, uint32_t src, uint32_t dst) { return exchange_in_op(cl, src, dst, 1); }
+int bt_row_swap(bt_client *cl, uint32_t a, uint32_t b) { return exchange_in_op(cl, a, b, 0); }
 
 int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_row_info *info)
 {
@@ -549,9 +517,8 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         return BT_ERANGE;
     const struct bt_row *r = &s->rows[row];
     uint64_t t0 = 0;
-    for (uint32_t spin = 0; !bt_seq_backoff(spin, &t0); spin++) {
-        uint32_t s1 = bt_load_acquire(&r->seq);
-        if (s1 & 1u)
+    for (uint32_t spin = 0, s1; !bt_seq_backoff(spin, &t0); spin++) {
+        if (!bt_seq_read_begin(&r->seq, &s1))
             continue;
         bt_row_info in = { .owner = bt_load_relaxed(&r->owner), .flags = bt_load_relaxed(&r->flags),
                            .key = bt_load_relaxed(&r->key), .generation = bt_load_relaxed(&r->generation),
@@ -564,8 +531,7 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         int small = ids && in.num_blocks > cap;
         if (ids && !bad && !small)
             get_entries(s, row, in.num_blocks, ids);
-        bt_fence_acquire();
-        if (bt_load_relaxed(&r->seq) != s1)
+        if (bt_seq_read_retry(&r->seq, s1))
             continue;
         if (bad)
             return BT_ECORRUPT;
@@ -576,114 +542,4 @@ int bt_row_read(const bt_seg *s, uint32_t row, int32_t *ids, uint32_t cap, bt_ro
         return BT_OK;
     }
     return BT_EBUSY;
-}
-
-/* ---- paged rows: entries by index, holes ---------------------------------- */
-
-/* Length of the row once trailing holes are dropped; a chunk that is not
- * there is skipped whole (a sparse row may span 2^30 entries). */
-static uint32_t trim_holes(const bt_seg *s, uint32_t row, uint32_t nb)
-{
-    while (nb > 0) {
-        const int32_t *p = bt_entry_ptr(s, row, nb - 1);
-        if (!p) {
-            nb = (nb - 1) / s->cfg.chunk_size * s->cfg.chunk_size;
-            continue;
-        }
-        if (bt_load_relaxed(p))
-            break;
-        nb--;
-    }
-    return nb;
-}
-
-int bt_row_set_block(bt_client *cl, uint32_t row, uint32_t index, int32_t id)
-{
-    struct bt_row *r;
-    if (!cl)
-        return BT_EINVAL;
-    bt_seg *s = cl->seg;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if ((rc = bt_row_owned(cl, row, &r)))
-        goto out;
-    int managed = bt_row_managed(s, row);
-    uint32_t nb = bt_row_nblocks(s, row);
-    if (!bt_row_paged(s, row))
-        rc = BT_EROWSTATE;
-    else if (index >= bt_row_cap(s, row))
-        rc = BT_EROWFULL;
-    else if (id < 0)
-        rc = BT_ERANGE;
-    else if (managed && id != 0 && !bt_id_ok(s, id))
-        rc = bt_id_err(s, id);
-    if (!rc && id != 0 && managed)
-        rc = bt_hand_find_all(cl, &id, 1);          /* the reference to move */
-    if (!rc && id != 0)
-        rc = bt_paged_reserve(s, row, index, index + 1);
-    if (rc)
-        goto out;
-    int32_t old = index < nb ? bt_entry_get(s, row, index) : 0;
-    int32_t *p = bt_entry_ptr(s, row, index);
-    bt_row_rewrite_begin(r);
-    if (p)
-        bt_store_relaxed(p, id);
-    uint32_t len = index >= nb ? (id ? index + 1 : nb) : index + 1 == nb ? trim_holes(s, row, nb) : nb;
-    bt_store_relaxed(&s->nblocks[row], (int32_t)len);
-    if (id == 0)                        /* give back chunks left holding only holes */
-        bt_paged_trim(s, row, len, index < len ? index : len);
-    bt_row_write_end(r);
-    if (managed && id != 0)
-        bt_hand_drop(cl, 1);
-    if (managed && old != 0)
-        bt_drop_refs(s, &old, 1);
-out:
-    bt_op_end(cl);
-    return rc;
-}
-
-int bt_row_punch(bt_client *cl, uint32_t row, uint32_t from, uint32_t to)
-{
-    struct bt_row *r;
-    if (!cl)
-        return BT_EINVAL;
-    bt_seg *s = cl->seg;
-    int rc = bt_op_begin(cl);
-    if (rc)
-        return rc;
-    if ((rc = bt_row_owned(cl, row, &r)))
-        goto out;
-    uint32_t nb = bt_row_nblocks(s, row);
-    if (!bt_row_paged(s, row))
-        rc = BT_EROWSTATE;
-    else if (from > to || to > nb)
-        rc = BT_ERANGE;
-    if (rc || from == to)
-        goto out;
-    int32_t small[256], *drop = to - from <= 256 ? small : malloc((to - from) * sizeof(int32_t));
-    if (!drop) {
-        rc = -ENOMEM;
-        goto out;
-    }
-    uint32_t n = 0;
-    bt_row_rewrite_begin(r);
-    for (uint32_t i = from; i < to; i++) {
-        int32_t *p = bt_entry_ptr(s, row, i);
-        if (!p || !bt_load_relaxed(p))
-            continue;
-        drop[n++] = bt_load_relaxed(p);
-        bt_store_relaxed(p, 0);
-    }
-    uint32_t len = to == nb ? trim_holes(s, row, from) : nb;
-    bt_store_relaxed(&s->nblocks[row], (int32_t)len);
-    bt_paged_trim(s, row, len, from < len ? from : len);
-    bt_row_write_end(r);
-    if (bt_row_managed(s, row))
-        bt_drop_refs(s, drop, n);
-    if (drop != small)
-        free(drop);
-out:
-    bt_op_end(cl);
-    return rc;
 }

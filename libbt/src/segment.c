@@ -177,7 +177,7 @@ static void seg_format(bt_seg *s)
     h->cfg = *c;
     memcpy(h->off, s->off, sizeof(h->off));
     h->owner_pid = getpid();
-    h->owner_start_time = bt_proc_start_time(h->owner_pid);
+    h->owner_start_time = bt_self_start_time();   /* bt_proc_start_time of getpid() */
     /* The magic last, released: a concurrent attacher sees all or nothing. */
     bt_store_release(&h->magic, BT_MAGIC);
 }
@@ -439,66 +439,4 @@ int bt_seg_set_owner(bt_seg *s, int32_t pid, uint64_t start_time)
     bt_store_relaxed(&s->hdr->owner_start_time, start_time);
     bt_store_release(&s->hdr->owner_pid, pid);
     return BT_OK;
-}
-
-/* What /proc/<pid>/stat says of a process: 1 running (with *start, field
- * 22, its start time in ticks since boot: with the pid it names a process
- * uniquely, so a recycled pid is caught), 0 gone (no such process, or a
- * zombie: it has exited, only its parent has not reaped it), -1 unknown (the
- * file could not be read for another reason). Callers deciding that a
- * client is dead must treat -1 as alive: reaping a live client would free
- * blocks it holds. */
-int bt_proc_probe(int32_t pid, uint64_t *start)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return errno == ENOENT || errno == ESRCH ? 0 : -1;
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    int err = errno;
-    close(fd);
-    if (n <= 0)
-        return n == 0 || err == ESRCH ? 0 : -1;
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');        /* the command name may hold spaces */
-    if (!p || p[1] != ' ')
-        return -1;
-    if (p[2] == 'Z' || p[2] == 'X')
-        return 0;
-    unsigned long long v = 0;
-    /* after ")": " state(3) ppid(4) ... starttime(22)": to the space before 22 */
-    for (int field = 3; field <= 22 && p; field++)
-        p = strchr(p + 1, ' ');
-    if (!p || sscanf(p + 1, "%llu", &v) != 1)
-        return -1;
-    *start = v ? v : 1;
-    return 1;
-}
-
-uint64_t bt_proc_start_time(int32_t pid)
-{
-    uint64_t start = 0;
-    return bt_proc_probe(pid, &start) == 1 ? start : 0;
-}
-
-/* Our own start time, read from /proc once per process (a fork re-reads):
- * hot paths stamp it, and reading /proc costs tens of microseconds. */
-uint64_t bt_self_start_time(void)
-{
-    static int32_t pid;
-    static uint64_t start;
-    int32_t me = getpid();
-    if (__atomic_load_n(&pid, __ATOMIC_ACQUIRE) != me) {
-        __atomic_store_n(&start, bt_proc_start_time(me), __ATOMIC_RELAXED);
-        __atomic_store_n(&pid, me, __ATOMIC_RELEASE);
-    }
-    return __atomic_load_n(&start, __ATOMIC_RELAXED);
-}
-
-uint64_t bt_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }

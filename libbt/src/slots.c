@@ -40,8 +40,9 @@ static int sp_init(const bt_seg *s, const bt_slot_params *p, struct sp *o)
     return BT_OK;
 }
 
-/* A paged row's hole (entry 0) backs nothing: -1. */
-static int64_t slot_paged(const bt_seg *s, const struct sp *p, uint32_t row, int64_t pos, uint32_t nb)
+/* The entry that backs position pos >= 0 of a row of nb entries, and the
+ * offset in its block: -1 if none does, or another rank keeps pos. */
+static int64_t entry_of(const struct sp *p, int64_t pos, uint32_t nb, int64_t *off)
 {
     int64_t bi = pos / p->vbs;
     if (bi >= nb)
@@ -49,10 +50,16 @@ static int64_t slot_paged(const bt_seg *s, const struct sp *p, uint32_t row, int
     int64_t v = pos % p->vbs;
     if (p->world > 1 && (v / p->il) % p->world != p->rank)
         return -1;
-    int32_t id = bt_entry_get(s, row, (uint32_t)bi);
-    if (id == 0)
-        return -1;
-    return (int64_t)id * p->bs + v / (p->world * p->il) * p->il + v % p->il;
+    *off = v / (p->world * p->il) * p->il + v % p->il;
+    return bi;
+}
+
+/* A paged row's hole (entry 0) backs nothing: -1. */
+static int64_t slot_paged(const bt_seg *s, const struct sp *p, uint32_t row, int64_t pos, uint32_t nb)
+{
+    int64_t off, bi = entry_of(p, pos, nb, &off);
+    int32_t id = bi < 0 ? 0 : bt_entry_get(s, row, (uint32_t)bi);
+    return id == 0 ? -1 : (int64_t)id * p->bs + off;
 }
 
 static inline int64_t slot_of(const bt_seg *s, const struct sp *p, uint32_t row, int64_t pos)
@@ -69,14 +76,8 @@ static inline int64_t slot_of(const bt_seg *s, const struct sp *p, uint32_t row,
             return -1;
         return (int64_t)((uint64_t)(int64_t)bt_load_relaxed(&e[bi]) << p->shift) | (pos & (p->bs - 1));
     }
-    int64_t bi = pos / p->vbs;
-    if (bi >= nb)
-        return -1;
-    int64_t v = pos % p->vbs;
-    if (p->world > 1 && (v / p->il) % p->world != p->rank)
-        return -1;
-    int64_t off = v / (p->world * p->il) * p->il + v % p->il;
-    return (int64_t)bt_load_relaxed(&e[bi]) * p->bs + off;
+    int64_t off, bi = entry_of(p, pos, nb, &off);
+    return bi < 0 ? -1 : (int64_t)bt_load_relaxed(&e[bi]) * p->bs + off;
 }
 
 /* The per-row part of a slot computation, cached while consecutive tokens

@@ -2,10 +2,9 @@
  * step.c -- a whole scheduler step in one call: the per-call cost of Python
  * is the enemy, not the CAS. Validate everything, release the ending rows
  * (their blocks can serve the same step), pop every new block with one CAS,
- * then fill the growing rows.
+ * then fill the growing rows. The rows are written by rows.c's batch
+ * entries (bt_rows_release, bt_rows_take, bt_rows_init, bt_row_put).
  */
-#include <errno.h>
-#include <stdlib.h>
 #include "bt_internal.h"
 
 static inline int mark_test_set(uint8_t *m, uint32_t i)
@@ -62,63 +61,14 @@ static int step_check(bt_client *cl, const uint32_t *free_rows, uint32_t n_free,
     return rc;
 }
 
-/* Release ending rows, dropping all their references in one batch. */
-static int release_rows(bt_client *cl, const uint32_t *rows, uint32_t n)
-{
-    bt_seg *s = cl->seg;
-    uint64_t total = 0;
-    for (uint32_t i = 0; i < n; i++)
-        if (bt_row_managed(s, rows[i]) && !bt_row_paged(s, rows[i]))
-            total += bt_row_nblocks(s, rows[i]);
-    int32_t small[1024], *drop = total <= 1024 ? small : malloc(total * sizeof(int32_t));
-    if (!drop)
-        return -ENOMEM;             /* before anything changed */
-    uint32_t k = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t row = rows[i];
-        int managed = bt_row_managed(s, row);
-        if (bt_row_paged(s, row))       /* by directory: no buffer as long as the row */
-            bt_paged_shrink(s, row, 0, managed);
-        else
-            k += bt_row_cut(s, row, 0, managed ? drop + k : NULL) * (uint32_t)managed;
-        bt_store_relaxed(&s->ntokens[row], (int64_t)0);
-        bt_store_release(&s->rows[row].owner, 0u);
-    }
-    bt_nrows_add(cl, -(int32_t)n);
-    bt_drop_refs(s, drop, k);
-    if (drop != small)
-        free(drop);
-    return BT_OK;
-}
-
-/* Give arrivals their rows (owner words only: nothing to undo but those). */
-static int arrive_take(bt_client *cl, const bt_step_args *a)
-{
-    int rc = BT_OK;
-    uint32_t i = 0, cursor = UINT32_MAX;
-    while (i < a->n_arrive && !(rc = bt_claim_take(cl, -1, &cursor, &a->arrive_rows[i])))
-        i++;
-    if (cursor != UINT32_MAX)
-        bt_store_relaxed(&cl->seg->hdr->row_cursor, cursor);  /* a hint for the next claimer */
-    while (rc && i-- > 0)
-        bt_store_release(&cl->seg->rows[a->arrive_rows[i]].owner, 0u);
-    return rc;
-}
-
-/* Append the popped ids to rows[0..n) in order; returns the ids used. */
-static const int32_t *fill_rows(bt_seg *s, const uint32_t *rows, const uint32_t *n_new,
-                                uint32_t n, const int32_t *src)
+/* Append the popped ids to rows[0..n) in order; returns the ids not used. */
+static const int32_t *put_new(bt_seg *s, const uint32_t *rows, const uint32_t *n_new,
+                              uint32_t n, const int32_t *src)
 {
     for (uint32_t j = 0; j < n; j++) {
-        uint32_t row = rows[j], nb = bt_row_nblocks(s, row);
-        int32_t *e = bt_row_ids(s, row);
         if (!n_new[j])
             continue;
-        bt_row_write_begin(&s->rows[row]);
-        for (uint32_t k = 0; k < n_new[j]; k++)
-            bt_store_relaxed(&e[nb + k], src[k]);
-        bt_store_relaxed(&s->nblocks[row], (int32_t)(nb + n_new[j]));
-        bt_row_write_end(&s->rows[row]);
+        bt_row_put(s, rows[j], bt_row_nblocks(s, rows[j]), src, n_new[j]);
         src += n_new[j];
     }
     return src;
@@ -155,23 +105,21 @@ int bt_step_ex(bt_client *cl, bt_step_args *a)
     if ((rc = step_check(cl, a->free_rows, a->n_free, a->rows, a->n_new, a->n_rows, &grow)))
         goto out;
     /* Ending requests go first, so their blocks can serve this very step. */
-    if (a->n_free && (rc = release_rows(cl, a->free_rows, a->n_free)))
+    if (a->n_free && (rc = bt_rows_release(s, cl->id, a->free_rows, a->n_free)))
         goto out;
-    if ((rc = arrive_take(cl, a)))
+    if ((rc = bt_rows_take(s, cl->id, a->n_arrive, a->arrive_rows)))
         goto out;
     if (total > s->cfg.blocks_per_pool)
         rc = BT_ENOBLOCKS;              /* more than the pool could ever hold */
     else if (total)
         rc = bt_pop_raw(s, a->pool, (uint32_t)total, cl->id, a->ids_out);
     if (rc) {
-        for (uint32_t i = 0; i < a->n_arrive; i++)
-            bt_store_release(&s->rows[a->arrive_rows[i]].owner, 0u);
+        bt_rows_untake(s, a->arrive_rows, a->n_arrive);
         goto out;
     }
-    for (uint32_t i = 0; i < a->n_arrive; i++)
-        bt_claim_init(cl, a->arrive_rows[i], a->arrive_keys[i], BT_ROW_MANAGED);
-    const int32_t *src = fill_rows(s, a->rows, a->n_new, a->n_rows, a->ids_out);
-    fill_rows(s, a->arrive_rows, a->arrive_n, a->n_arrive, src);
+    bt_rows_init(s, cl->id, a->arrive_rows, a->arrive_keys, a->n_arrive, BT_ROW_MANAGED);
+    const int32_t *src = put_new(s, a->rows, a->n_new, a->n_rows, a->ids_out);
+    put_new(s, a->arrive_rows, a->arrive_n, a->n_arrive, src);
 out:
     bt_op_end(cl);
     return rc;

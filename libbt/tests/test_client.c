@@ -209,11 +209,77 @@ static void test_fork_handles(void)
     t_seg_shared_close(seg);
 }
 
+/* bt_proc_start_time: ours matches what a slot records; a zombie (exited,
+ * not reaped) is -ESRCH, and its client is recovered without waiting for
+ * the reap. */
+static void test_proc_start_time(void)
+{
+    uint64_t me = 0, v = 0;
+    T_OK(bt_proc_start_time(getpid(), &me));
+    T_ASSERT(me != 0);
+    T_RC(bt_proc_start_time(0, &v), BT_EINVAL);
+    T_RC(bt_proc_start_time(-5, &v), BT_EINVAL);
+    T_RC(bt_proc_start_time(getpid(), NULL), BT_EINVAL);
+
+    bt_config c = t_config_small();
+    bt_seg *seg = t_seg_shared(&c);
+    bt_client *cl = t_client(seg);
+    bt_client_slot_info si;
+    T_OK(bt_client_slot_get(seg, bt_client_id(cl), &si));
+    T_EQ(si.start_time, me);
+    bt_seg_info info;
+    T_OK(bt_seg_info_get(seg, &info));
+    T_EQ(info.owner_start_time, me);
+    bt_client_close(cl);
+
+    int up[2], down[2];
+    T_ASSERT(pipe(up) == 0 && pipe(down) == 0);
+    pid_t pid = fork();
+    T_ASSERT(pid >= 0);
+    if (pid == 0) {
+        close(up[0]);
+        close(down[1]);                 /* else the read below never sees EOF */
+        bt_client *ch = t_client(seg);
+        int32_t ids[2];
+        uint32_t row, id = bt_client_id(ch);
+        T_OK(bt_row_claim(ch, 5, -1, BT_ROW_MANAGED, &row));
+        T_OK(bt_row_alloc_append(ch, row, 0, 2, ids));
+        T_ASSERT(write(up[1], &id, sizeof(id)) == sizeof(id));
+        char x;
+        T_ASSERT(read(down[0], &x, 1) == 0);   /* until the parent closes it */
+        _exit(0);                       /* no close: the recoverer's job */
+    }
+    close(up[1]);
+    close(down[0]);
+    uint32_t id = 0;
+    T_ASSERT(read(up[0], &id, sizeof(id)) == sizeof(id));
+    uint64_t child = 0;
+    T_OK(bt_proc_start_time(pid, &child));
+    T_OK(bt_client_slot_get(seg, id, &si));
+    T_EQ(si.start_time, child);
+    T_RC(bt_seg_recover_client(seg, id, 1000, NULL), BT_EBUSY);   /* alive */
+    close(down[1]);
+    siginfo_t wi;
+    memset(&wi, 0, sizeof(wi));
+    T_ASSERT(waitid(P_PID, (id_t)pid, &wi, WEXITED | WNOWAIT) == 0);   /* a zombie now */
+    T_RC(bt_proc_start_time(pid, &v), -ESRCH);
+    T_OK(bt_seg_recover_client(seg, id, 1000, NULL));
+    T_OK(bt_client_slot_get(seg, id, &si));
+    T_EQ(si.state, BT_CLIENT_FREE);
+    T_EQ(t_free(seg, 0), 63);
+    t_wait_ok(pid, "zombie child");
+    T_RC(bt_proc_start_time(pid, &v), -ESRCH);            /* reaped: gone */
+    close(up[0]);
+    t_check_quiet(seg);
+    t_seg_shared_close(seg);
+}
+
 int main(int argc, char **argv)
 {
     t_init(argc, argv);
     T_RUN(test_open_close);
     T_RUN(test_reserve_adopt);
     T_RUN(test_fork_handles);
+    T_RUN(test_proc_start_time);
     return t_done();
 }

@@ -30,7 +30,7 @@
  *       incref: BT_ENOTHELD; the pop: BT_ENOBLOCKS) and keep them on error:
  *       the free chunk count drops although "a call that returns an error
  *       has changed nothing" (bt.h). Releasing the still empty row then
- *       trims nothing (bt_row_cut returns early when num_blocks is 0): the
+ *       trims nothing (then: a dense cut returned early at num_blocks 0): the
  *       chunk stays in the free row's directory, fsck counts it leaked, and
  *       the next claimer of that row inherits it.
  */

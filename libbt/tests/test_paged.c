@@ -207,7 +207,7 @@ static void test_holes(void)
 
 /* Found by tests/test_model.py: a truncate whose kept part of the boundary
  * chunk holds only holes gave the chunk back when rows were cut by
- * bt_row_cut + trim, but not once paged rows shrank by directory (the chunk
+ * a cut + trim, but not once paged rows shrank by directory (the chunk
  * stayed attached, holding nothing: "free chunks 5, model 6"). bt.h: memory
  * follows the blocks used, as for set_block and punch. */
 static void test_truncate_to_holes(void)

@@ -205,12 +205,15 @@ static void calls(bt_seg *seg, bt_client *cl, uint64_t *rnd, uint64_t total)
     }
 }
 
-static void test_scribble_calls(void)
+/* Scribble on a fresh copy of the pristine segment, then make calls, for
+ * `seconds`; with `repairs`, a quarter of the rounds also repair, recover a
+ * client and call again. Returns the rounds run. */
+static uint64_t scribble_rounds(uint64_t stream, double seconds, int repairs)
 {
     make_pristine();
     uint8_t *mem = aligned_alloc(4096, seg_size);
     T_ASSERT(mem);
-    uint64_t rnd = t_substream(1), deadline = t_now_ns() + (uint64_t)(2e9);
+    uint64_t rnd = t_substream(stream), deadline = t_now_ns() + (uint64_t)(seconds * 1e9);
     uint64_t total = 2 * 48, it;
     for (it = 0; t_now_ns() < deadline; it++) {
         memcpy(mem, pristine, seg_size);
@@ -219,7 +222,7 @@ static void test_scribble_calls(void)
         bt_client *cl = t_client(seg);
         scribble(mem, &rnd, 1 + t_below(&rnd, 8), total);
         calls(seg, cl, &rnd, total);
-        if (t_below(&rnd, 4) == 0) {
+        if (repairs && t_below(&rnd, 4) == 0) {
             bt_check_report rep;
             bt_seg_check(seg, BT_CHECK_REPAIR, 5, &rep);
             bt_seg_recover_client(seg, 1 + t_below(&rnd, 6), 5, &rep);
@@ -228,9 +231,14 @@ static void test_scribble_calls(void)
         bt_client_close(cl);
         bt_seg_close(seg);
     }
-    printf("%" PRIu64 " scribbled segments survived every call\n", it);
     free(mem);
     free(pristine);
+    return it;
+}
+
+static void test_scribble_calls(void)
+{
+    printf("%" PRIu64 " scribbled segments survived every call\n", scribble_rounds(1, 2, 1));
 }
 
 /* Slot mapping over scribbled tables and counts: never a read outside the
@@ -238,25 +246,8 @@ static void test_scribble_calls(void)
  * behaviour: UBSan watches the shifts in slots.c). */
 static void test_scribble_slots(void)
 {
-    make_pristine();
-    uint8_t *mem = aligned_alloc(4096, seg_size);
-    T_ASSERT(mem);
-    uint64_t rnd = t_substream(3), deadline = t_now_ns() + (uint64_t)(1e9);
-    uint64_t total = 2 * 48, it;
     with_slots = 1;
-    for (it = 0; t_now_ns() < deadline; it++) {
-        memcpy(mem, pristine, seg_size);
-        bt_seg *seg;
-        T_OK(bt_seg_attach_at(mem, seg_size, &seg));
-        bt_client *cl = t_client(seg);
-        scribble(mem, &rnd, 1 + t_below(&rnd, 8), total);
-        calls(seg, cl, &rnd, total);
-        bt_client_close(cl);
-        bt_seg_close(seg);
-    }
-    printf("%" PRIu64 " scribbled segments mapped to slots\n", it);
-    free(mem);
-    free(pristine);
+    printf("%" PRIu64 " scribbled segments mapped to slots\n", scribble_rounds(3, 1, 0));
 }
 
 /* After a repair, whatever was scribbled (past the header), a read-only
