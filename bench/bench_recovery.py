@@ -123,7 +123,7 @@ def one_kill(d, seg, live, inside):
     live[1] += 1                                 # the live client starts a fresh window
     t0 = time.perf_counter_ns()
     os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)               # reaped at once: libbt counts a zombie as alive
+    os.waitpid(pid, 0)               # reaped at once, as a supervisor would
     while seg.free_blocks(0) < before:
         os.sched_yield()
     took = (time.perf_counter_ns() - t0) / 1e6

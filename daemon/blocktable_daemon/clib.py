@@ -20,16 +20,13 @@ EBUSY, EBADMAGIC, ECONFIG = lib.BT_EBUSY, lib.BT_EBADMAGIC, lib.BT_ECONFIG
 ROW_RAW, ROW_PAGED = lib.BT_ROW_RAW, lib.BT_ROW_PAGED
 
 
-# mirrors bt.h's BT_CLIENT_* (3 and 4: bt_layout.h's BT_CLIENT_RESERVED, BT_CLIENT_RECOVERING)
 class ClientState(enum.IntEnum):
-    """A client slot's state word. Mirrors bt.h's BT_CLIENT_* (RESERVED and
-    RECOVERING are in libbt's bt_layout.h: BT_CLIENT_RESERVED, BT_CLIENT_RECOVERING);
-    the one place the daemon keeps these numbers."""
+    """A client slot's state word: bt.h's BT_CLIENT_*."""
     FREE = CLIENT_FREE
     ACTIVE = CLIENT_ACTIVE
     DEAD = CLIENT_DEAD
-    RESERVED = 3
-    RECOVERING = 4
+    RESERVED = lib.BT_CLIENT_RESERVED
+    RECOVERING = lib.BT_CLIENT_RECOVERING
 
 
 # Keys follow libbt's structs, so a field added there shows up in reports and `status`.
@@ -77,3 +74,11 @@ def seg_info(seg):
     lib.bt_seg_info_get(seg._s(), info)
     return {"size": int(info.size), "generation": int(info.generation),
             "owner_pid": int(info.owner_pid)}
+
+
+def proc_start_time(pid):
+    """libbt's bt_proc_start_time: clock ticks since boot (never 0), the value
+    libbt records in slots and segment headers; 0 if the process is gone, a
+    zombie, or unreadable."""
+    out = ffi.new("uint64_t *")
+    return out[0] if 0 < pid < 2**31 and lib.bt_proc_start_time(pid, out) == 0 else 0

@@ -1,9 +1,8 @@
 """What btd reads about other processes: /proc and pidfds.
 
-The process start-time parser is here, once (proc_start_time); libbt has its
-own (bt_proc_start_time) and this one reads the same field the same way, so
-that a slot's recorded start time compares equal. Nothing here raises: a
-process that is gone reads as gone.
+A process's start time is libbt's (bt_proc_start_time, through clib), so that
+a slot's recorded start time compares equal and a zombie counts as dead in
+both. Nothing here raises: a process that is gone reads as gone.
 """
 import selectors
 
@@ -18,10 +17,7 @@ def proc_stat(pid):
     return data[data.rfind(b")") + 2:].split()
 
 
-def proc_start_time(pid):
-    """Field 22 (start time in clock ticks), as libbt reads it; 0 if gone."""
-    st = proc_stat(pid)
-    return (int(st[19]) or 1) if st and len(st) > 19 else 0
+from .clib import proc_start_time  # noqa: E402,F401  (re-exported: btd's callers import it here)
 
 
 def proc_state(pid):

@@ -11,8 +11,9 @@ Why it is shaped so (libbt/src/check.c has the protocol):
   whose in_op word the deferral cleared. We do not freeze again while the
   stuck client is still inside the same call (its ops count and in_op tell),
   except on a slow backoff: every freeze makes every live client wait.
-- libbt counts a zombie (exited, not yet reaped by its parent) as alive;
-  its recovery is retried each short tick until the parent reaps it.
+- libbt counts a zombie (exited, not yet reaped by its parent) as dead
+  (bt_proc_start_time), so its recovery does not wait for the reap; a
+  recovery that cannot finish yet is retried each short tick.
 
 Not thread-safe: btd's loop thread only.
 """
@@ -27,7 +28,7 @@ from .procfs import proc_start_time, proc_state
 log = logging.getLogger("btd")
 
 FAST_TICK = (0.001, 0.05, 0.02)  # while recoveries are pending: every 1 ms for the
-                                # first 50 ms (a zombie is reaped soon), then every 20 ms
+                                # first 50 ms, then every 20 ms
 
 
 class Recovery:
