@@ -1,9 +1,10 @@
 """blocktable: KV-cache block tables in shared memory.
 
 Layers (after pyca/cryptography and pynacl):
-  blocktable._ffi    the raw CFFI module (ffi, lib) over libbt
+  blocktable._ffi    the raw CFFI module (ffi, lib) over libbt, refusing a stale build
   blocktable._errors BtError and one subclass per libbt result code
-  blocktable._core   Segment and Client, the handles people use
+  blocktable._lib    the one door to C: every bt.h call, the guard, conversions, errors
+  blocktable._core   Segment, Client and StepPlan, the handles people use
   blocktable.table   the seed's API (BlockTable, BlockTableConfig, ...)
   blocktable.cache   CachePool: vLLM's BlockPool and prefix cache in the segment
   blocktable.compat  adapters with other engines' signatures (vLLM v1)

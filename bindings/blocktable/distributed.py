@@ -28,16 +28,16 @@ import numpy as np
 
 from ._core import Segment, SlotParams
 from ._errors import error_class, make_error
-from ._ffi import lib
+from . import _lib
 from ._types import SegmentConfig
 from .sparse import count, read_row
 from .table import BlockTableConfig
 
 __all__ = ["DistributedBlockTable"]
 
-_ERANGE, _ECONFIG = lib.BT_ERANGE, lib.BT_ECONFIG
-_OutOfBlocks = error_class(lib.BT_ENOBLOCKS)
-_NotReady = (error_class(lib.BT_EBADMAGIC), error_class(lib.BT_ECORRUPT))
+_ERANGE, _ECONFIG = _lib.BT_ERANGE, _lib.BT_ECONFIG
+_OutOfBlocks = error_class(_lib.BT_ENOBLOCKS)
+_NotReady = (error_class(_lib.BT_EBADMAGIC), error_class(_lib.BT_ECORRUPT))
 
 
 class DistributedBlockTable:
@@ -115,13 +115,13 @@ class DistributedBlockTable:
                                        f"table: {', '.join(bad)}")
 
     def _claim_rows(self):
-        RowStateError = error_class(lib.BT_EROWSTATE)
+        RowStateError = error_class(_lib.BT_EROWSTATE)
         for i in range(self.max_num_reqs):
             try:
                 self._client.claim_row(key=i, row=self._base + i)
             except RowStateError:
                 self._client.close()
-                raise make_error(lib.BT_EROWSTATE,
+                raise make_error(_lib.BT_EROWSTATE,
                                  f"worker {self.worker_id}'s row {i} is taken: another table "
                                  "for this worker is open") from None
 
@@ -158,7 +158,7 @@ class DistributedBlockTable:
         r, n = self._row(row_idx), count(num_blocks, "num_blocks")
         have = int(self.segment.num_blocks[r])
         if have + n > self.row_width:
-            raise make_error(lib.BT_EROWFULL, f"row {row_idx} holds {have} blocks, {n} more "
+            raise make_error(_lib.BT_EROWFULL, f"row {row_idx} holds {have} blocks, {n} more "
                                               f"exceed max_num_blocks_per_req {self.row_width}")
         s = self._s
         s["calls"] += 1
@@ -196,7 +196,7 @@ class DistributedBlockTable:
                 self._client.release(ids)
             s["failures"] += 1
             have = sum(self.segment.free_blocks(p) for p in range(self.num_workers))
-            raise make_error(lib.BT_ENOBLOCKS, f"{n} blocks asked, all pools together have "
+            raise make_error(_lib.BT_ENOBLOCKS, f"{n} blocks asked, all pools together have "
                                                f"{have} free")
         self._client.append(r, ids)
         self._tally(ids, n)

@@ -22,7 +22,7 @@ OutOfRange, InvalidArgument, ConfigError); a call that raised changed nothing.
 import numpy as np
 
 from ._errors import make_error
-from ._ffi import lib
+from . import _lib
 from ._types import I32, as_array
 from .compat.vllm import BlockTable
 from .sparse import count
@@ -53,16 +53,16 @@ class MultiGroupBlockTable:
                  pcp_world_size=1, pcp_rank=0):
         block_sizes, kernel_block_sizes = list(block_sizes), list(kernel_block_sizes)
         if len(kernel_block_sizes) != len(block_sizes):
-            raise make_error(lib.BT_ECONFIG, f"kernel_block_sizes length "
+            raise make_error(_lib.BT_ECONFIG, f"kernel_block_sizes length "
                                              f"({len(kernel_block_sizes)}) must match "
                                              f"block_sizes length ({len(block_sizes)})")
         if not block_sizes:
-            raise make_error(lib.BT_ECONFIG, "at least one KV-cache group is needed")
+            raise make_error(_lib.BT_ECONFIG, "at least one KV-cache group is needed")
         cp_world = dcp_world_size * pcp_world_size
         self.block_tables = []
         for bs, kbs in zip(block_sizes, kernel_block_sizes):
             if bs < 1 or kbs < 1:
-                raise make_error(lib.BT_ECONFIG, f"block size {bs} / kernel block size {kbs} "
+                raise make_error(_lib.BT_ECONFIG, f"block size {bs} / kernel block size {kbs} "
                                                  "must be positive")
             width = max(_cdiv(max_model_len, bs * cp_world), 1 + num_speculative_tokens)
             self.block_tables.append(BlockTable(
@@ -82,7 +82,7 @@ class MultiGroupBlockTable:
     # ---- checks shared by the row operations --------------------------------
     def _groups(self, block_ids):
         if len(block_ids) != len(self.block_tables):
-            raise make_error(lib.BT_EINVAL, f"{len(block_ids)} id lists for "
+            raise make_error(_lib.BT_EINVAL, f"{len(block_ids)} id lists for "
                                             f"{len(self.block_tables)} KV-cache groups")
         out = []
         for g, (t, ids) in enumerate(zip(self.block_tables, block_ids)):
@@ -90,14 +90,14 @@ class MultiGroupBlockTable:
             if a.shape[0] and (int(a.min()) < 0 or
                                int(a.max()) >= _ID_LIMIT // t.blocks_per_kv_block):
                 bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
-                raise make_error(lib.BT_ERANGE, f"group {g}: block id {bad} out of range")
+                raise make_error(_lib.BT_ERANGE, f"group {g}: block id {bad} out of range")
             out.append(a)
         return out
 
     def _row(self, row_idx):
         row_idx = count(row_idx, "row_idx")
         if row_idx >= self.max_num_reqs:
-            raise make_error(lib.BT_ERANGE, f"row_idx {row_idx} not in [0, {self.max_num_reqs})")
+            raise make_error(_lib.BT_ERANGE, f"row_idx {row_idx} not in [0, {self.max_num_reqs})")
         return row_idx
 
     # ---- rows -------------------------------------------------------------------
@@ -108,7 +108,7 @@ class MultiGroupBlockTable:
         for g, (t, a) in enumerate(zip(self.block_tables, ids)):
             have = int(t.num_blocks_per_row[r])
             if have + a.shape[0] * t.blocks_per_kv_block > t.max_num_blocks_per_req:
-                raise make_error(lib.BT_EROWFULL, f"group {g}: row {r} holds "
+                raise make_error(_lib.BT_EROWFULL, f"group {g}: row {r} holds "
                                                   f"{have // t.blocks_per_kv_block} blocks, "
                                                   f"{a.shape[0]} more do not fit")
         done = []
@@ -128,7 +128,7 @@ class MultiGroupBlockTable:
         for g, (t, a) in enumerate(zip(self.block_tables, ids)):
             width = t.max_num_blocks_per_req // t.blocks_per_kv_block
             if a.shape[0] > width:
-                raise make_error(lib.BT_EROWFULL, f"group {g}: {a.shape[0]} blocks do not fit "
+                raise make_error(_lib.BT_EROWFULL, f"group {g}: {a.shape[0]} blocks do not fit "
                                                   f"a row of {width}")
         done = []
         try:
@@ -171,7 +171,7 @@ class MultiGroupBlockTable:
         r = as_array(req_indices, I32, "req_indices")
         p = np.asarray(positions)
         if r.shape[0] and (int(r.min()) < 0 or int(r.max()) >= self.max_num_reqs):
-            raise make_error(lib.BT_ERANGE, f"req_indices outside [0, {self.max_num_reqs})")
+            raise make_error(_lib.BT_ERANGE, f"req_indices outside [0, {self.max_num_reqs})")
         for t in self.block_tables:
             t.compute_slot_mapping_tokens(r, p)
 

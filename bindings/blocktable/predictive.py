@@ -41,7 +41,7 @@ import numpy as np
 
 from ._core import Segment
 from ._errors import make_error
-from ._ffi import lib
+from . import _lib
 from ._types import I32, SegmentConfig
 from .sparse import count
 from .strategies import BlockSource, UnknownRequest, unknown_request
@@ -77,16 +77,16 @@ class PredictiveBlockAllocator(BlockSource):
         self.block_size = count(block_size, "block_size")
         self.prediction_horizon = count(prediction_horizon, "prediction_horizon")
         if self.block_size == 0:
-            raise make_error(lib.BT_ECONFIG, "block_size must be positive")
+            raise make_error(_lib.BT_ECONFIG, "block_size must be positive")
         if not 0.0 < alpha <= 1.0:
-            raise make_error(lib.BT_ECONFIG, f"alpha {alpha} not in (0, 1]")
+            raise make_error(_lib.BT_ECONFIG, f"alpha {alpha} not in (0, 1]")
         self.alpha = float(alpha)
         self.max_reserve = None if max_reserve is None else count(max_reserve, "max_reserve")
         self._own_segment = None
         if client is None:
             total = count(total_blocks, "total_blocks")
             if total == 0:
-                raise make_error(lib.BT_ECONFIG, "total_blocks must be positive")
+                raise make_error(_lib.BT_ECONFIG, "total_blocks must be positive")
             self._own_segment = Segment.create(None, SegmentConfig(
                 block_size=self.block_size, num_pools=1, blocks_per_pool=total + 1,
                 num_rows=1, row_width=1, max_clients=1, hand_size=min(total, 1 << 20),
@@ -95,7 +95,7 @@ class PredictiveBlockAllocator(BlockSource):
         super().__init__(client, pool)
         usable = client.segment.config.blocks_per_pool - (1 if pool == 0 else 0)
         if total_blocks is not None and total_blocks != usable:
-            raise make_error(lib.BT_ECONFIG, f"total_blocks {total_blocks} but pool {pool} "
+            raise make_error(_lib.BT_ECONFIG, f"total_blocks {total_blocks} but pool {pool} "
                                              f"has {usable} blocks")
         self.total_blocks = usable
         self._reserve = {}      # request id -> reserved ids (loose, in the hand)
@@ -113,7 +113,7 @@ class PredictiveBlockAllocator(BlockSource):
         plus every reservation of this allocator cannot cover num_blocks;
         InvalidArgument / OutOfRange for a bad request id or count."""
         if request_id is None:
-            raise make_error(lib.BT_EINVAL, "request_id must not be None")
+            raise make_error(_lib.BT_EINVAL, "request_id must not be None")
         n = count(num_blocks, "num_blocks")
         own = self._reserve.get(request_id, [])
         take = min(n, len(own))

@@ -37,7 +37,7 @@ import numpy as np
 
 from ._core import Segment, SlotParams
 from ._errors import error_class, make_error
-from ._ffi import lib
+from . import _lib
 from ._types import I32, SegmentConfig, out_array
 from .table import BlockTableConfig
 
@@ -45,7 +45,7 @@ __all__ = ["SparseBlockTable", "read_row", "paged_memory", "block_at", "default_
            "count"]
 
 _ID_LIMIT = 2**31
-_ERANGE, _EINVAL = lib.BT_ERANGE, lib.BT_EINVAL
+_ERANGE, _EINVAL = _lib.BT_ERANGE, _lib.BT_EINVAL
 _InvalidArgument = error_class(_EINVAL)
 
 
@@ -264,7 +264,7 @@ class SparseBlockTable:
         m = _index(max_blocks, "max_blocks")
         ids = self.get_row(row_idx)
         if ids.shape[0] > m:
-            raise make_error(lib.BT_EROWFULL, f"row {row_idx} holds {ids.shape[0]} blocks, "
+            raise make_error(_lib.BT_EROWFULL, f"row {row_idx} holds {ids.shape[0]} blocks, "
                                               f"max_blocks is {m}")
         out = out_array(out, m, I32)
         out[:ids.shape[0]] = ids

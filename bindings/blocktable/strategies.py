@@ -41,7 +41,7 @@ import sys
 import numpy as np
 
 from ._errors import error_class, make_error
-from ._ffi import lib
+from . import _lib
 from ._types import I32, preview
 from .sparse import count
 from .table import BlockAllocationStrategy
@@ -50,9 +50,9 @@ __all__ = ["BlockAllocationStrategy", "BlockSource", "ScatteredAllocator",
            "ContiguousAllocator", "NumaAwareAllocator", "make_allocator", "numa_node_of",
            "count_runs"]
 
-_EINVAL, _ERANGE, _ENOTHELD = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ENOTHELD
-OutOfBlocks = error_class(lib.BT_ENOBLOCKS)
-HandFull = error_class(lib.BT_EHANDFULL)
+_EINVAL, _ERANGE, _ENOTHELD = _lib.BT_EINVAL, _lib.BT_ERANGE, _lib.BT_ENOTHELD
+OutOfBlocks = error_class(_lib.BT_ENOBLOCKS)
+HandFull = error_class(_lib.BT_EHANDFULL)
 
 
 def count_runs(ids):
@@ -131,7 +131,7 @@ class BlockSource:
 
     def _fail(self, detail):
         self._s["failures"] += 1
-        return make_error(lib.BT_ENOBLOCKS, detail)
+        return make_error(_lib.BT_ENOBLOCKS, detail)
 
     # ---- giving back ------------------------------------------------------------
     def check_out(self, block_ids, what):

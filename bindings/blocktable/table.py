@@ -12,7 +12,7 @@ import numpy as np
 
 from ._core import SlotParams, Segment
 from ._errors import make_error
-from ._ffi import lib
+from . import _lib
 from ._types import I32, I64, BlockInfo, SegmentConfig, as_array, out_array
 
 __all__ = ["BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable"]
@@ -56,9 +56,9 @@ class BlockTableConfig:
                   "cp_kv_cache_interleave_size"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise make_error(lib.BT_ECONFIG, f"{f} must be a positive int, got {v!r}")
+                raise make_error(_lib.BT_ECONFIG, f"{f} must be a positive int, got {v!r}")
         if self.block_size % self.kernel_block_size:
-            raise make_error(lib.BT_ECONFIG, f"kernel_block_size {self.kernel_block_size} "
+            raise make_error(_lib.BT_ECONFIG, f"kernel_block_size {self.kernel_block_size} "
                                              f"does not divide block_size {self.block_size}")
 
     @property
@@ -78,7 +78,7 @@ def expand_kernel_blocks(ids, ratio):
     if ratio == 1:
         return ids
     if ids.shape[0] and int(ids.max()) >= _ID_LIMIT // ratio:
-        raise make_error(lib.BT_ERANGE, f"block id {int(ids.max())} times {ratio} kernel "
+        raise make_error(_lib.BT_ERANGE, f"block id {int(ids.max())} times {ratio} kernel "
                                         f"blocks does not fit int32")
     return (ids.reshape(-1, 1) * ratio + np.arange(ratio, dtype=I32)).reshape(-1)
 
@@ -144,7 +144,7 @@ class BlockTable:
 
     def _row(self, row_idx):
         if not 0 <= row_idx < self.max_num_reqs:
-            raise make_error(lib.BT_ERANGE, f"row_idx {row_idx} not in [0, {self.max_num_reqs})")
+            raise make_error(_lib.BT_ERANGE, f"row_idx {row_idx} not in [0, {self.max_num_reqs})")
         return row_idx
 
     def append_row(self, row_idx, block_ids, num_tokens=0):
@@ -153,7 +153,7 @@ class BlockTable:
         id outside [0, 2^31 / (B/K))), InvalidArgument (num_tokens < 0)."""
         ids = expand_kernel_blocks(as_array(block_ids, I32, "block_ids"), self.blocks_per_kv_block)
         if num_tokens < 0:
-            raise make_error(lib.BT_EINVAL, f"num_tokens {num_tokens} < 0")
+            raise make_error(_lib.BT_EINVAL, f"num_tokens {num_tokens} < 0")
         self._client.append(self._row(row_idx), ids)
         if num_tokens:
             self._client.set_tokens(row_idx, int(self.num_tokens[row_idx]) + num_tokens)
@@ -190,7 +190,7 @@ class BlockTable:
         if tp.size == 0:
             return out_array(out, 0, I64)[:0]
         if tp.ndim != 2 or tp.shape[1] != 2:
-            raise make_error(lib.BT_EINVAL, f"token_positions must be (row_idx, position) "
+            raise make_error(_lib.BT_EINVAL, f"token_positions must be (row_idx, position) "
                                             f"pairs, got shape {tp.shape}")
         rows = as_array(np.ascontiguousarray(tp[:, 0]), I32, "row indices")
         pos = as_array(np.ascontiguousarray(tp[:, 1]), I64, "positions")

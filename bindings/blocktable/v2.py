@@ -32,7 +32,7 @@ import numpy as np
 
 from ._core import Segment, SlotParams
 from ._errors import make_error
-from ._ffi import lib
+from . import _lib
 from ._types import I32, SegmentConfig, as_array
 from . import sparse as _paged
 from .sparse import count
@@ -41,7 +41,7 @@ from .table import BlockTableConfig
 
 __all__ = ["BlockTableV2"]
 
-_ERANGE = lib.BT_ERANGE
+_ERANGE = _lib.BT_ERANGE
 
 
 class BlockTableV2:
@@ -66,12 +66,12 @@ class BlockTableV2:
         if isinstance(strategy, str):
             strategy = BlockAllocationStrategy[strategy.upper()]
         if use_prediction and strategy not in (None, P):
-            raise make_error(lib.BT_ECONFIG, f"use_prediction with strategy {strategy.name}: "
+            raise make_error(_lib.BT_ECONFIG, f"use_prediction with strategy {strategy.name}: "
                                              "pick one")
         self.strategy = P if use_prediction else strategy or BlockAllocationStrategy.SCATTERED
         total = R * W if total_blocks is None else count(total_blocks, "total_blocks")
         if total < 1:
-            raise make_error(lib.BT_ECONFIG, "total_blocks must be positive")
+            raise make_error(_lib.BT_ECONFIG, "total_blocks must be positive")
         paged = {}
         if self.use_sparse:
             cs = chunk_size or _paged.default_chunk_size(W)
@@ -117,18 +117,18 @@ class BlockTableV2:
     def _room(self, r, n):
         have = int(self.num_blocks[r])
         if have + n > self.max_blocks:
-            raise make_error(lib.BT_EROWFULL, f"row {r} holds {have} blocks, {n} more exceed "
+            raise make_error(_lib.BT_EROWFULL, f"row {r} holds {have} blocks, {n} more exceed "
                                               f"max_num_blocks_per_req {self.max_blocks}")
 
     def _bind(self, request_id, r):
         """Check that request_id may use row r: (is it new?)."""
         bound = self._row_req.get(r)
         if bound is not None and bound != request_id:
-            raise make_error(lib.BT_EROWSTATE, f"row {r} belongs to request {bound!r}: "
+            raise make_error(_lib.BT_EROWSTATE, f"row {r} belongs to request {bound!r}: "
                                                f"clear_row({r}) ends it first")
         at = self._req_row.get(request_id)
         if at is not None and at != r:
-            raise make_error(lib.BT_EROWSTATE, f"request {request_id!r} lives in row {at}, "
+            raise make_error(_lib.BT_EROWSTATE, f"request {request_id!r} lives in row {at}, "
                                                f"not {r}")
         return bound is None
 
@@ -147,7 +147,7 @@ class BlockTableV2:
         Errors: RowFull, OutOfBlocks, RowStateError (the row belongs to
         another request, or the request to another row); nothing changes."""
         if request_id is None:
-            raise make_error(lib.BT_EINVAL, "request_id must not be None")
+            raise make_error(_lib.BT_EINVAL, "request_id must not be None")
         r, n = self._row(row_idx), count(num_blocks, "num_blocks")
         new = self._bind(request_id, r)
         self._room(r, n)
@@ -219,7 +219,7 @@ class BlockTableV2:
     # ---- sparse rows --------------------------------------------------------------
     def _sparse(self, what):
         if not self.use_sparse:
-            raise make_error(lib.BT_EROWSTATE, f"{what} needs use_sparse=True")
+            raise make_error(_lib.BT_EROWSTATE, f"{what} needs use_sparse=True")
 
     def set_block(self, row_idx, position, block_id):
         """Sparse rows: entry `position` (a block index) := block_id, a loose
@@ -232,7 +232,7 @@ class BlockTableV2:
             raise make_error(_ERANGE, f"block position {p} not in [0, {self.max_blocks})")
         b = count(block_id, "block_id")
         if b == 0:
-            raise make_error(lib.BT_EINVAL, "block 0 is the null block: punch() makes holes")
+            raise make_error(_lib.BT_EINVAL, "block 0 is the null block: punch() makes holes")
         self.allocator.check_out([b], "set_block (allocate the block with allocate())")
         self._client.set_block(r, p, b)
         self.allocator.detach([b])
