@@ -23,12 +23,12 @@ from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
 from ._core import (ROW_MANAGED, ROW_PAGED, ROW_RAW, BtTypeError, Client, Segment, SlotParams,
                     StepPlan)
 from .cache import CachePool
-from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
+from .table import BlockTable, BlockTableConfig
 from .connect import DaemonDisconnected, DaemonError, DaemonNotRunning, connect
 from .sparse import SparseBlockTable
-from .strategies import (BlockSource, ContiguousAllocator, NumaAwareAllocator,
-                         ScatteredAllocator, UnknownRequest, make_allocator)
-from .predictive import PredictiveBlockAllocator
+from .strategies import (BlockAllocationStrategy, BlockSource, ContiguousAllocator,
+                         NumaAwareAllocator, PredictiveBlockAllocator, ScatteredAllocator,
+                         UnknownRequest, make_allocator)
 from .distributed import DistributedBlockTable
 from .v2 import BlockTableV2
 from .factory import BlockTableFactory

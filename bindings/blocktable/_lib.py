@@ -100,6 +100,27 @@ def as_int(v, name):
                           f"got {type(v).__name__} {v!r}") from None
 
 
+def index_arg(v, what):
+    """v as a Python int for the seed-API tables (numpy ints too); floats and
+    bools are refused with InvalidArgument naming `what`."""
+    if isinstance(v, bool):
+        raise make_error(EINVAL, f"{what} must be an int, got {v!r}")
+    try:
+        return _index(v)
+    except TypeError:
+        raise make_error(EINVAL, f"{what} must be an int, got {v!r}") from None
+
+
+def count(v, what):
+    """v as a non-negative Python int (OutOfRange below 0)."""
+    v = index_arg(v, what)
+    if v < 0:
+        raise make_error(ERANGE, f"{what} {v} < 0")
+    return v
+
+
+ID_LIMIT = 2**31    # block ids are int32 in [0, 2^31): the bound of every table's entries
+
 BOUNDS = {"u32": (0, 2**32 - 1), "i32": (-2**31, 2**31 - 1),
           "u64": (0, 2**64 - 1), "i64": (-2**63, 2**63 - 1)}
 

@@ -30,7 +30,8 @@ import numpy as np
 from ._errors import make_error
 from . import _lib
 from ._types import I32, I64, as_array
-from .sparse import count, read_row
+from ._lib import count
+from .sparse import read_row
 
 __all__ = ["RunLengthSlots", "compress_slots", "compress_row", "compress_rows"]
 

@@ -30,7 +30,8 @@ from ._core import Segment, SlotParams
 from ._errors import error_class, make_error
 from . import _lib
 from ._types import SegmentConfig
-from .sparse import count, read_row
+from ._lib import count
+from .sparse import read_row
 from .table import BlockTableConfig
 
 __all__ = ["DistributedBlockTable"]

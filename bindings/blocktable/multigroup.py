@@ -25,7 +25,7 @@ from ._errors import make_error
 from . import _lib
 from ._types import I32, as_array
 from .compat.vllm import BlockTable
-from .sparse import count
+from ._lib import count
 
 __all__ = ["MultiGroupBlockTable"]
 

@@ -38,31 +38,22 @@ import numpy as np
 from ._core import Segment, SlotParams
 from ._errors import error_class, make_error
 from . import _lib
+from ._lib import ID_LIMIT as _ID_LIMIT, count, index_arg as _index
 from ._types import I32, SegmentConfig, out_array
 from .table import BlockTableConfig
 
 __all__ = ["SparseBlockTable", "read_row", "paged_memory", "block_at", "default_chunk_size",
            "count"]
 
-_ID_LIMIT = 2**31
 _ERANGE, _EINVAL = _lib.BT_ERANGE, _lib.BT_EINVAL
 _InvalidArgument = error_class(_EINVAL)
 
 
 # ---- helpers over paged rows (also used by v2, distributed, compress) -------------
 def read_row(segment, row):
-    """(ids, RowInfo): a consistent copy of a row of any length. Paged rows
-    outgrow row_width, which Segment.read_row's default buffer assumes, so
-    the buffer is sized from the row's count (again if it grew meanwhile).
-    Holes read as 0."""
-    c = segment.config
-    while True:
-        n = int(segment.num_blocks[row]) if 0 <= row < c.num_rows else 0
-        try:
-            return segment.read_row(row, np.empty(max(n, c.row_width), I32))
-        except _InvalidArgument:
-            if n >= int(segment.num_blocks[row]):
-                raise
+    """(ids, RowInfo): a consistent copy of a row of any length (paged rows
+    too; holes read as 0): Segment.read_row, kept here for its callers."""
+    return segment.read_row(row)
 
 
 def paged_memory(segment, capacity):
@@ -85,24 +76,6 @@ def default_chunk_size(capacity):
     chunk wastes at most chunk_size - 1 entries at the end of a row, a
     directory costs 4 bytes per chunk of capacity."""
     return 64 if capacity >= 512 else 16
-
-
-def _index(v, what):
-    """v as a Python int (numpy ints too); floats and bools are refused."""
-    if isinstance(v, bool):
-        raise make_error(_EINVAL, f"{what} must be an int, got {v!r}")
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise make_error(_EINVAL, f"{what} must be an int, got {v!r}") from None
-
-
-def count(v, what):
-    """v as a non-negative Python int (OutOfRange below 0)."""
-    v = _index(v, what)
-    if v < 0:
-        raise make_error(_ERANGE, f"{what} {v} < 0")
-    return v
 
 
 def block_at(segment, row, index, params, buf):

@@ -5,7 +5,6 @@ segment (a private mapping, no daemon) whose rows are claimed RAW by index at
 construction: the caller manages the block ids (as vLLM's BlockPool does) and
 libbt keeps the dense table, the counts and the zeroed tails.
 """
-import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,23 +12,12 @@ import numpy as np
 from ._core import SlotParams, Segment
 from ._errors import make_error
 from . import _lib
+from ._lib import ID_LIMIT as _ID_LIMIT  # RAW entries are ids in [0, 2^31)
+from .strategies import BlockAllocationStrategy  # re-exported: its home is strategies
 from ._types import I32, I64, BlockInfo, SegmentConfig, as_array, out_array
 
 __all__ = ["BlockAllocationStrategy", "BlockTableConfig", "BlockInfo", "BlockTable"]
 
-_ID_LIMIT = 2**31  # RAW entries are ids in [0, 2^31)
-
-
-class BlockAllocationStrategy(enum.Enum):
-    """Strategy for block allocation; each one is implemented in
-    blocktable.strategies (make_allocator) and blocktable.predictive:
-    CONTIGUOUS prefers runs of consecutive ids, SCATTERED takes what the pool
-    gives, NUMA_AWARE picks the pool of the device's NUMA node, PREDICTIVE
-    reserves ahead from each request's growth."""
-    CONTIGUOUS = enum.auto()
-    SCATTERED = enum.auto()
-    NUMA_AWARE = enum.auto()
-    PREDICTIVE = enum.auto()
 
 
 @dataclass(frozen=True)

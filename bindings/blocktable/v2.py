@@ -35,7 +35,7 @@ from ._errors import make_error
 from . import _lib
 from ._types import I32, SegmentConfig, as_array
 from . import sparse as _paged
-from .sparse import count
+from ._lib import count
 from .strategies import BlockAllocationStrategy, make_allocator
 from .table import BlockTableConfig
 
