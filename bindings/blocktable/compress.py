@@ -31,7 +31,7 @@ from ._errors import make_error
 from . import _lib
 from ._types import I32, I64, as_array
 from ._lib import count
-from .sparse import read_row
+from .tables.paged import read_row
 
 __all__ = ["RunLengthSlots", "compress_slots", "compress_row", "compress_rows"]
 
