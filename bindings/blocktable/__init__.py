@@ -5,13 +5,15 @@ Layers (after pyca/cryptography and pynacl):
   blocktable._errors BtError and one subclass per libbt result code
   blocktable._lib    the one door to C: every bt.h call, the guard, conversions, errors
   blocktable._core   Segment, Client and StepPlan, the handles people use
-  blocktable.tables  the seed's tables on one base: dense, paged, owned, distributed, factory
+  blocktable.tables  the seed's tables on one base: dense, paged, owned, distributed,
+                     multigroup, factory
   blocktable.cache   CachePool: vLLM's BlockPool and prefix cache in the segment
   blocktable.compat  adapters with other engines' signatures (vLLM v1)
   blocktable.connect registration with the daemon btd (connect())
   blocktable.strategies  allocation strategies: the enum, BlockSource, each strategy
-  blocktable.multigroup, .compress: the rest of the seed's promises, for real
-  (blocktable.table, .sparse, .v2, .distributed, .factory, .predictive: old names)
+  blocktable.compress run-length slot mappings
+  (blocktable.table, .sparse, .v2, .distributed, .factory, .multigroup, .predictive:
+  old names, still importable)
   blocktable.gpu     CUDA IPC mirrors, sync, kernels (imported on demand)
 """
 from ._version import __version__
@@ -30,7 +32,7 @@ from .connect import DaemonDisconnected, DaemonError, DaemonNotRunning, connect
 from .strategies import (BlockAllocationStrategy, BlockSource, ContiguousAllocator,
                          NumaAwareAllocator, PredictiveBlockAllocator, ScatteredAllocator,
                          UnknownRequest, make_allocator)
-from .multigroup import MultiGroupBlockTable
+from .tables.multigroup import MultiGroupBlockTable
 from .compress import RunLengthSlots, compress_row, compress_rows, compress_slots
 from .gather import RowGather
 

@@ -73,13 +73,13 @@ import numpy as np
 from .._core import SlotParams, Segment
 from .._errors import make_error
 from .. import _lib
+from .._lib import ID_LIMIT as _ID_LIMIT
 from .._types import I32, I64, SegmentConfig, as_array, c_array
 
 __all__ = ["BlockTable", "MultiGroupBlockTable", "CpuGpuBuffer", "SlotMappingMode",
            "get_block_table_width", "SUPPORTED_VLLM"]
 
 SUPPORTED_VLLM = "0.32"          # the vLLM release line these signatures follow
-_ID_LIMIT = 2**31
 
 
 class SlotMappingMode(enum.Enum):

@@ -7,6 +7,8 @@
   owned.py        BlockTableV2: a table that owns its blocks (MANAGED rows, a strategy)
   distributed.py  DistributedBlockTable: one pool per worker in one shared segment
   factory.py      BlockTableFactory: the seed's three constructors
+  multigroup.py   MultiGroupBlockTable, one table per KV-cache group (vLLM v1's earlier
+                  signature, all or nothing); imported on first use (it needs compat.vllm)
 
 vLLM's own BlockTable and MultiGroupBlockTable are in blocktable.compat.vllm.
 The old module names (blocktable.table, .sparse, .v2, .distributed,
