@@ -482,6 +482,29 @@ class Segment:
         return cache_lookup(self._s(), pool, key)
 
 
+def _ids_method(name, fn, doc):
+    """A Client method fn(handle, row, ids, n) (append, append_shared,
+    set_row): the kept C view of ids (or of the last `out`), the INTS_ONLY
+    row test and the bare call; anything unusual goes to _ids_slow."""
+    def method(self, row, ids):
+        if ids is self._oa:
+            buf, n = self._ob, self._olen
+        elif ids is self._ia:
+            buf, n = self._ib, self._ilen
+        else:
+            buf, n = self._in(ids)
+        try:
+            row | 0                     # INTS_ONLY (see _lib)
+            rc = fn(self._cl, row, buf, n)
+        except (TypeError, OverflowError):
+            return self._ids_slow(fn, name, row, ids, buf, n)
+        if rc:
+            raise _fail(rc, f"{name}(row={row}, n={n}, ids={preview(ids)})")
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return method
+
+
 class Client:
     """One registered user of a segment (bt_client): allocates blocks and
     edits the rows it claims. Open with ``Segment.client()``.
@@ -717,39 +740,14 @@ class Client:
         if rc:
             raise _fail(rc, f"{what}(row={row}, n={n}, ids={preview(ids)})")
 
-    def append(self, row, ids):
-        """Append ids to a row this client claimed. MANAGED rows: each id
-        must be a loose reference of this client (it moves into the row).
-        Errors: RowFull, NotHeld, NotOwner, RowStateError, OutOfRange."""
-        if ids is self._oa:
-            buf, n = self._ob, self._olen
-        else:
-            buf, n = self._in(ids)
-        if type(row) is int:
-            try:
-                rc = _append_c(self._cl, row, buf, n)
-            except (TypeError, OverflowError):
-                pass                    # a closed client, a row C cannot hold: below
-            else:
-                if rc:
-                    raise _fail(rc, f"append(row={row}, n={n}, ids={preview(ids)})")
-                return
-        self._ids_slow(_append_c, "append", row, ids, buf, n)
+    append = _ids_method("append", _append_c, """Append ids to a row this client
+        claimed. MANAGED rows: each id must be a loose reference of this client
+        (it moves into the row). Errors: RowFull, NotHeld, NotOwner,
+        RowStateError, OutOfRange.""")
 
-    def append_shared(self, row, ids):
-        """Take a new reference on allocated blocks and append them (prefix
-        sharing in one step; MANAGED rows only)."""
-        buf, n = self._in(ids)
-        if type(row) is int:
-            try:
-                rc = _append_shared_c(self._cl, row, buf, n)
-            except (TypeError, OverflowError):
-                pass
-            else:
-                if rc:
-                    raise _fail(rc, f"append_shared(row={row}, n={n}, ids={preview(ids)})")
-                return
-        self._ids_slow(_append_shared_c, "append_shared", row, ids, buf, n)
+    append_shared = _ids_method("append_shared", _append_shared_c, """Take a new
+        reference on allocated blocks and append them (prefix sharing in one
+        step; MANAGED rows only).""")
 
     def alloc_append(self, row, n, pool=0, out=None):
         """Allocate n blocks from `pool` straight into `row`; returns their
@@ -776,19 +774,8 @@ class Client:
             raise _fail(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
         return out if len(ob) == n else out[:n]
 
-    def set_row(self, row, ids):
-        """Replace a row's contents (vLLM's add_row)."""
-        buf, n = self._in(ids)
-        if type(row) is int:
-            try:
-                rc = _set_row_c(self._cl, row, buf, n)
-            except (TypeError, OverflowError):
-                pass
-            else:
-                if rc:
-                    raise _fail(rc, f"set_row(row={row}, n={n}, ids={preview(ids)})")
-                return
-        self._ids_slow(_set_row_c, "set_row", row, ids, buf, n)
+    set_row = _ids_method("set_row", _set_row_c, """Replace a row's contents
+        (vLLM's add_row).""")
 
     truncate = _lib.int_method("truncate", _truncate_c, [("row", "u32", ...), ("keep", "u32", 0)],
         """Drop the row's entries from index `keep` on (keep 0 clears it).""")

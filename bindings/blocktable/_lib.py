@@ -302,17 +302,20 @@ def seg_set_owner(h, pid, start_time):
          ("start_time", start_time, "u64"))
 
 
-def pool_free_count(h, pool):
+def _u32_out(fn, h, *args, detail):
+    """fn(h, *args, uint32_t *out): out, or the BtError naming `detail`."""
     out = ffi.new("uint32_t *")
-    pool, = ints("free_blocks", ("pool", pool, "u32"))
-    check(lib.bt_pool_free_count(h, pool, out), f"free_blocks(pool={pool})")
+    check(fn(h, *args, out), detail)
     return out[0]
+
+
+def pool_free_count(h, pool):
+    pool, = ints("free_blocks", ("pool", pool, "u32"))
+    return _u32_out(lib.bt_pool_free_count, h, pool, detail=f"free_blocks(pool={pool})")
 
 
 def chunks_free(h):
-    out = ffi.new("uint32_t *")
-    check(lib.bt_chunks_free(h, out), "free_chunks")
-    return out[0]
+    return _u32_out(lib.bt_chunks_free, h, detail="free_chunks")
 
 
 def block_get(h, block_id):
@@ -334,12 +337,8 @@ def pool_push(h, ids_c, n, detail):
 
 
 def row_find(h, key):
-    out = ffi.new("uint32_t *")
     key, = ints("find_row", ("key", key, "u64"))
-    rc = lib.bt_row_find(h, key, out)
-    if rc:
-        raise make_error(rc, f"find_row(key={key:#x})")
-    return out[0]
+    return _u32_out(lib.bt_row_find, h, key, detail=f"find_row(key={key:#x})")
 
 
 # ---- clients ------------------------------------------------------------------------
@@ -370,10 +369,8 @@ client_id = lib.bt_client_id
 
 def client_reserve(h, pid, start_time):
     pid, start_time = ints("reserve_client", ("pid", pid, "i32"), ("start_time", start_time, "u64"))
-    out = ffi.new("uint32_t *")
-    check(lib.bt_client_reserve(h, pid, start_time, out),
-          f"reserving a client slot for pid={pid}")
-    return out[0]
+    return _u32_out(lib.bt_client_reserve, h, pid, start_time,
+                    detail=f"reserving a client slot for pid={pid}")
 
 
 def client_unreserve(h, slot, pid):
@@ -451,9 +448,7 @@ def mirror_rc(h, index, d):
 
 
 def mirror_claim(h):
-    out = ffi.new("uint32_t *")
-    check(lib.bt_mirror_claim(h, out), "no free mirror slot (max_mirrors)")
-    return out[0]
+    return _u32_out(lib.bt_mirror_claim, h, detail="no free mirror slot (max_mirrors)")
 
 
 def mirror_publish(h, index, d):
