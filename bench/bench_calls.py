@@ -57,12 +57,9 @@ def vllm_pool_ns(number, repeat):
         for _ in range(k):
             free(get(1))
     run(1000)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        run(number)
-        best = min(best, (time.perf_counter_ns() - t0) / number)
-    return best
+    sys.path.insert(0, HERE)
+    from run import best_ns
+    return best_ns(run, number, repeat)
 
 
 def vllm_baseline(number, repeat):
