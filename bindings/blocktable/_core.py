@@ -142,7 +142,7 @@ class Segment:
     def __init__(self, raw, name):
         """Private: use create() or attach()."""
         # The mapping is owned by this gc'd pointer; every view made with
-        # ffi.buffer keeps it alive, and bt_seg_close runs after the last.
+        # _lib.buffer keeps it alive, and bt_seg_close runs after the last.
         self._base = _lib.seg_mapping(raw)
         self._seg = raw
         self.name = name

@@ -198,7 +198,7 @@ def as_array(values, dtype, what):
 
 def c_array(values, dtype, ctype, what):
     """(C view, length) of an input array. The hot path: a 1-d array of the
-    C type goes through without a copy or a flags lookup (ffi.from_buffer
+    C type goes through without a copy or a flags lookup (from_buffer
     itself refuses a non-contiguous one, which is then copied)."""
     if type(values) is np.ndarray and values.dtype is dtype and values.ndim == 1:
         try:
