@@ -210,7 +210,7 @@ def int_method(name, fn, params, doc):
     specs = ", ".join(f"({p!r}, {p}, {k!r})" for p, k, _ in params)
     src = (f"def {name}(self, {sig}):\n"
            f"    try:\n"
-           f"        {' | '.join(names + ['0'])}    # INTS_ONLY\n"
+           f"        {' | '.join(names if len(names) > 1 else names + ['0'])}    # INTS_ONLY\n"
            f"        rc = _fn(self._cl, {args})\n"
            f"    except (TypeError, OverflowError):\n"
            f"        pass    # a closed client, a wrong type, a value C cannot hold: call() says which\n"
