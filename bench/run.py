@@ -168,6 +168,7 @@ OPTIONAL = [
     ("recovery", "bench_recovery"),
     ("seed", "bench_seed"),
     ("gpu", "bench_gpu"),
+    ("calls", "bench_calls"),
 ]
 
 
@@ -175,6 +176,12 @@ def fmt_rows(name, rows):
     out = []
     for r in rows:
         what, fig, unit, bname, bfig, target = r
+        if isinstance(target, str) and target.startswith("within "):   # ours / baseline <= x
+            most = float(target.split()[1].rstrip("x"))
+            ratio = fig / bfig if bfig else float("inf")
+            out.append((name, what, f"{fig:,.2f} {unit}", bname, f"{bfig:,.2f} {unit}",
+                        f"{ratio:,.2f}x of it (<= {most:g}x)", "yes" if ratio <= most else "NO"))
+            continue
         if target == "abs":       # figure against an absolute target
             ok = "" if bfig is None else ("yes" if fig <= bfig else "NO")
             out.append((name, what, f"{fig:,.2f} {unit}", bname, "" if bfig is None else f"< {bfig:g}", "", ok))

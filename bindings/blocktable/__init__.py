@@ -1,15 +1,19 @@
 """blocktable: KV-cache block tables in shared memory.
 
 Layers (after pyca/cryptography and pynacl):
-  blocktable._ffi    the raw CFFI module (ffi, lib) over libbt
+  blocktable._ffi    the raw CFFI module (ffi, lib) over libbt, refusing a stale build
   blocktable._errors BtError and one subclass per libbt result code
-  blocktable._core   Segment and Client, the handles people use
-  blocktable.table   the seed's API (BlockTable, BlockTableConfig, ...)
+  blocktable._lib    the one door to C: every bt.h call, the guard, conversions, errors
+  blocktable._core   Segment, Client and StepPlan, the handles people use
+  blocktable.tables  the seed's tables on one base: dense, paged, owned, distributed,
+                     multigroup, factory
   blocktable.cache   CachePool: vLLM's BlockPool and prefix cache in the segment
   blocktable.compat  adapters with other engines' signatures (vLLM v1)
   blocktable.connect registration with the daemon btd (connect())
-  blocktable.sparse, .strategies, .predictive, .distributed, .v2, .factory,
-  .multigroup, .compress: the rest of the seed's promises, for real
+  blocktable.strategies  allocation strategies: the enum, BlockSource, each strategy
+  blocktable.compress run-length slot mappings
+  (blocktable.table, .sparse, .v2, .distributed, .factory, .multigroup, .predictive:
+  old names, still importable)
   blocktable.gpu     CUDA IPC mirrors, sync, kernels (imported on demand)
 """
 from ._version import __version__
@@ -22,16 +26,13 @@ from ._types import (BlockInfo, CheckReport, ClientSlotInfo, RowInfo,
 from ._core import (ROW_MANAGED, ROW_PAGED, ROW_RAW, BtTypeError, Client, Segment, SlotParams,
                     StepPlan)
 from .cache import CachePool
-from .table import (BlockAllocationStrategy, BlockTable, BlockTableConfig)
+from .tables import (BlockTable, BlockTableConfig, BlockTableFactory, BlockTableV2,
+                     DistributedBlockTable, SparseBlockTable)
 from .connect import DaemonDisconnected, DaemonError, DaemonNotRunning, connect
-from .sparse import SparseBlockTable
-from .strategies import (BlockSource, ContiguousAllocator, NumaAwareAllocator,
-                         ScatteredAllocator, UnknownRequest, make_allocator)
-from .predictive import PredictiveBlockAllocator
-from .distributed import DistributedBlockTable
-from .v2 import BlockTableV2
-from .factory import BlockTableFactory
-from .multigroup import MultiGroupBlockTable
+from .strategies import (BlockAllocationStrategy, BlockSource, ContiguousAllocator,
+                         NumaAwareAllocator, PredictiveBlockAllocator, ScatteredAllocator,
+                         UnknownRequest, make_allocator)
+from .tables.multigroup import MultiGroupBlockTable
 from .compress import RunLengthSlots, compress_row, compress_rows, compress_slots
 from .gather import RowGather
 

@@ -1,31 +1,49 @@
-"""Layer 3: Segment and Client, the classes over libbt's handles.
+"""Layer 3: Segment, Client and StepPlan, the classes over libbt's handles.
 
-Hot methods call `lib` directly and build an error message only when the
-result is nonzero: the per-call cost of Python is what the benchmarks
-measure. Array arguments go to C through ffi.from_buffer without a copy when
-they already are contiguous arrays of the C type (see _types.as_array).
+They reach C only through the door, blocktable._lib (the guard, argument
+conversion and result codes are written there once). The per-call methods
+have a fast path: plain integers (the INTS_ONLY test, see _lib), the array
+they were given last time (its C view kept), the bare C function, and an
+error built only when the result is nonzero; anything else goes through the
+checked path, which names the argument at fault. Array arguments go to C
+through a C view without a copy when they already are contiguous arrays of
+the C type (see _types.c_array), lists through array.array.
 """
 import os
 import weakref
-from operator import index as _index
 
 import numpy as np
 
-from ._errors import BtError, make_error
-from ._ffi import ffi, lib
+from . import _lib
+from ._errors import make_error
+from ._lib import BtTypeError, as_int as _int, arg_error as _arg_error, \
+    count_error as _count_error, range_error as _range_error, fail as _fail, \
+    seg_handle as _seg_handle, call as _call, check as _check
 from ._types import (I32, I64, U32, U64, BlockInfo, CheckReport, ClientSlotInfo,
-                     RowInfo, SegmentConfig, SegmentInfo, as_array, c_array, c_out, cbuf,
+                     RowInfo, SegmentInfo, SegmentConfig, as_array, c_array, c_out, cbuf,
                      from_struct, out_array, preview)
 
-__all__ = ["Segment", "Client", "StepPlan", "SlotParams", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED"]
+__all__ = ["Segment", "Client", "StepPlan", "SlotParams", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
+           "BtTypeError"]
 
-ROW_MANAGED = lib.BT_ROW_MANAGED
-ROW_RAW = lib.BT_ROW_RAW
-ROW_PAGED = lib.BT_ROW_PAGED
-_EINVAL, _ERANGE, _ECLIENT = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ECLIENT
+ROW_MANAGED = _lib.BT_ROW_MANAGED
+ROW_RAW = _lib.BT_ROW_RAW
+ROW_PAGED = _lib.BT_ROW_PAGED
+_EINVAL, _ERANGE, _ECLIENT = _lib.BT_EINVAL, _lib.BT_ERANGE, _lib.BT_ECLIENT
 _NO_ROWS = np.empty(0, U32)
-_NO_ROWS_C = ffi.from_buffer("uint32_t[]", _NO_ROWS)
+_NO_ROWS_C = _lib.from_buffer("uint32_t[]", _NO_ROWS)
 _SCRATCH_MAX = 1 << 16  # entries of a client's step buffer (grown on demand)
+_NONE = object()        # "no array cached yet" (never an argument)
+
+# The per-call C functions, bare (see _lib): locals of the hot methods.
+_alloc_c, _release_c, _share_c = _lib.blocks_alloc, _lib.blocks_release, _lib.blocks_share
+_claim_c, _release_row_c = _lib.row_claim, _lib.row_release
+_append_c, _append_shared_c, _alloc_append_c = _lib.row_append, _lib.row_append_shared, \
+    _lib.row_alloc_append
+_set_row_c, _truncate_c, _set_block_c = _lib.row_set, _lib.row_truncate, _lib.row_set_block
+_punch_c, _set_tokens_c = _lib.row_punch, _lib.row_set_tokens
+_move_c, _swap_c, _step_c = _lib.row_move, _lib.row_swap, _lib.step_ex
+_slots_row_c = _lib.slots_row
 
 # Every open Client, so that a forked child can disown its parent's handles.
 _live_clients = weakref.WeakSet()
@@ -42,53 +60,6 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _range_error(e, detail):
-    """cffi's OverflowError (a negative row, a count >= 2^32) as OutOfRange."""
-    return make_error(_ERANGE, f"{detail}: {e}")
-
-
-class BtTypeError(BtError, TypeError):
-    """An argument of the wrong type (not an int or numpy.integer where an
-    index, count, pool, pid or key is taken); the message names it."""
-    code = _EINVAL
-    __module__ = "blocktable"
-
-
-def _int(v, name):
-    """v as an int: int, bool and numpy.integer (operator.index), nothing
-    else. cffi alone would take anything with __int__ (Fraction(1, 2) as 0,
-    Decimal, numpy.float32): the hot paths call this only when
-    ``type(v) is not int``, so a plain int costs one type test."""
-    try:
-        return _index(v)
-    except TypeError:
-        raise BtTypeError(f"{name} must be an integer (int or numpy.integer), "
-                          f"got {type(v).__name__} {v!r}") from None
-
-
-_BOUNDS = {"u32": (0, 2**32 - 1), "i32": (-2**31, 2**31 - 1),
-           "u64": (0, 2**64 - 1), "i64": (-2**63, 2**63 - 1)}
-
-
-def _arg_error(call, e, *args):
-    """The cold path after cffi refused an argument (OverflowError): OutOfRange
-    naming the first (name, value, C type) that does not fit."""
-    for name, v, kind in args:
-        lo, hi = _BOUNDS[kind]
-        if not lo <= v <= hi:
-            return make_error(_ERANGE, f"{call}: {name}={v} is out of range "
-                                       f"({name} must be in [{lo}, {hi}])")
-    return make_error(_ERANGE, f"{call}: {e}")
-
-
-def _count_error(call, n, most):
-    """A block count no pool can serve, refused before numpy sizes an array
-    of n: OutOfRange below 0, OutOfBlocks above a pool's size."""
-    if n < 0:
-        return make_error(_ERANGE, f"{call}: n={n} is negative")
-    return make_error(lib.BT_ENOBLOCKS, f"{call}: n={n} blocks, a pool holds at most {most}")
 
 
 class _Closed:
@@ -113,8 +84,7 @@ class _Closed:
 def _gather_arg(arr, dtype, ctype, what):
     if not (isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.flags.c_contiguous):
         raise make_error(_EINVAL, f"{what}: a C-contiguous {np.dtype(dtype).name} array is needed")
-    return ffi.from_buffer(ctype, arr)
-
+    return _lib.from_buffer(ctype, arr)
 
 
 class SlotParams:
@@ -127,16 +97,12 @@ class SlotParams:
     __slots__ = ("c", "block_size", "cp_world", "cp_rank", "cp_interleave")
 
     def __init__(self, block_size=0, cp_world=1, cp_rank=0, cp_interleave=1):
-        self.c = ffi.new("bt_slot_params *")
-        block_size, cp_world = _int(block_size, "block_size"), _int(cp_world, "cp_world")
-        cp_rank, cp_interleave = _int(cp_rank, "cp_rank"), _int(cp_interleave, "cp_interleave")
-        try:
-            self.c.block_size, self.c.cp_world = block_size, cp_world
-            self.c.cp_rank, self.c.cp_interleave = cp_rank, cp_interleave
-        except OverflowError as e:
-            raise _arg_error("SlotParams", e, ("block_size", block_size, "u32"),
-                             ("cp_world", cp_world, "u32"), ("cp_rank", cp_rank, "u32"),
-                             ("cp_interleave", cp_interleave, "u32")) from None
+        self.c = _lib.new("bt_slot_params *")
+        block_size, cp_world, cp_rank, cp_interleave = _lib.ints(
+            "SlotParams", ("block_size", block_size, "u32"), ("cp_world", cp_world, "u32"),
+            ("cp_rank", cp_rank, "u32"), ("cp_interleave", cp_interleave, "u32"))
+        self.c.block_size, self.c.cp_world = block_size, cp_world
+        self.c.cp_rank, self.c.cp_interleave = cp_rank, cp_interleave
         self.block_size, self.cp_world = block_size, cp_world
         self.cp_rank, self.cp_interleave = cp_rank, cp_interleave
 
@@ -171,22 +137,20 @@ class Segment:
     """
 
     __slots__ = ("_seg", "_base", "name", "info", "config", "table", "num_blocks",
-                 "num_tokens", "_clients", "_params", "__weakref__")
+                 "num_tokens", "_clients", "_params", "_outc", "__weakref__")
 
     def __init__(self, raw, name):
         """Private: use create() or attach()."""
         # The mapping is owned by this gc'd pointer; every view made with
-        # ffi.buffer keeps it alive, and bt_seg_close runs after the last.
-        self._base = ffi.gc(ffi.cast("char *", lib.bt_seg_base(raw)),
-                            lambda _p, s=raw: lib.bt_seg_close(s))
+        # _lib.buffer keeps it alive, and bt_seg_close runs after the last.
+        self._base = _lib.seg_mapping(raw)
         self._seg = raw
         self.name = name
-        info = ffi.new("bt_seg_info *")
-        _check(lib.bt_seg_info_get(raw, info), "bt_seg_info_get")
-        self.info = SegmentInfo._from_c(info)
+        self.info = SegmentInfo._from_c(_lib.seg_info(raw))
         self.config = self.info.config
         self._clients = weakref.WeakSet()
         self._params = SlotParams()
+        self._outc = (_NONE, None, 0)   # slots_row's last `out` and its C view
         self.table, self.num_blocks, self.num_tokens = self.views(writable=False)
 
     # ---- life cycle ---------------------------------------------------------
@@ -198,31 +162,21 @@ class Segment:
         (and validated) instead of failing with FileExistsError.
         Errors: ConfigError, BadName, FileExistsError, PermissionError."""
         cfg = (config or SegmentConfig()).check()
-        flags = (lib.BT_CREATE_EXCL if exclusive else 0) | (lib.BT_CREATE_GROUP if group else 0)
-        out = ffi.new("bt_seg **")
-        rc = lib.bt_seg_create(_cname(name), cfg, flags, out)
-        if rc:
-            raise make_error(rc, f"creating segment {name!r}", filename=name)
-        return cls(out[0], name)
+        flags = (_lib.BT_CREATE_EXCL if exclusive else 0) | (_lib.BT_CREATE_GROUP if group else 0)
+        return cls(_lib.seg_create(name, cfg, flags), name)
 
     @classmethod
     def attach(cls, name):
         """Attach to a named segment, validating its header.
         Errors: BadName, FileNotFoundError, PermissionError, BadMagic,
         VersionMismatch, Corrupt."""
-        out = ffi.new("bt_seg **")
-        rc = lib.bt_seg_attach(_cname(name), out)
-        if rc:
-            raise make_error(rc, f"attaching segment {name!r}", filename=name)
-        return cls(out[0], name)
+        return cls(_lib.seg_attach(name), name)
 
     @staticmethod
     def unlink(name):
         """Remove a segment's name; mappings stay valid until closed.
         Errors: FileNotFoundError, BadName."""
-        rc = lib.bt_seg_unlink(_cname(name))
-        if rc:
-            raise make_error(rc, f"unlinking segment {name!r}", filename=name)
+        _lib.seg_unlink(name)
 
     def close(self):
         """Close this segment's clients (releasing what they hold) and the
@@ -233,6 +187,7 @@ class Segment:
             c.close()
         # Unmapped now unless a view made earlier is still alive.
         self._seg = self._base = None
+        self._outc = (_NONE, None, 0)
         self.table, self.num_blocks, self.num_tokens = \
             _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")
 
@@ -251,9 +206,14 @@ class Segment:
         return f"<blocktable.Segment {self.name or '(embedded)'} {state}>"
 
     def _s(self):
-        if self._seg is None:
-            raise make_error(_EINVAL, "the segment is closed")
-        return self._seg
+        """The bt_seg * handle (the door's guard: InvalidArgument once closed)."""
+        return _seg_handle(self)
+
+    @property
+    def address(self):
+        """The address of this process's mapping (pinning, mirror keys)."""
+        self._s()
+        return _lib.address(self._base)
 
     def views(self, writable=False):
         """(table, num_blocks, num_tokens) as numpy views over the mapping.
@@ -261,7 +221,7 @@ class Segment:
         knows it keeps the invariants (e.g. a tensor handed to torch)."""
         self._s()
         i, c = self.info, self.config
-        buf = ffi.buffer(self._base, i.size)
+        buf = _lib.buffer(self._base, i.size)
         table = np.frombuffer(buf, I32, c.num_rows * c.row_width, i.table_offset)
         nblocks = np.frombuffer(buf, I32, c.num_rows, i.nblocks_offset)
         ntokens = np.frombuffer(buf, I64, c.num_rows, i.ntokens_offset)
@@ -274,89 +234,47 @@ class Segment:
     def client(self):
         """Register this process as a new client (bt_client_open).
         Errors: OutOfClients, Frozen."""
-        out = ffi.new("bt_client **")
-        rc = lib.bt_client_open(self._s(), out)
-        if rc:
-            raise make_error(rc, "opening a client")
-        return Client(self, out[0])
+        return Client(self, _lib.client_open(self._s()))
 
     def reserve_client(self, pid, start_time=0):
         """Reserve a slot for process pid (the daemon's half of registration);
         returns the slot id for adopt_client."""
-        pid, start_time = _int(pid, "pid"), _int(start_time, "start_time")
-        out = ffi.new("uint32_t *")
-        try:
-            rc = lib.bt_client_reserve(self._s(), pid, start_time, out)
-        except OverflowError as e:
-            raise _arg_error("reserve_client", e, ("pid", pid, "i32"),
-                             ("start_time", start_time, "u64")) from None
-        _check(rc, f"reserving a client slot for pid={pid}")
-        return out[0]
+        return _lib.client_reserve(self._s(), pid, start_time)
 
     def unreserve_client(self, slot, pid):
         """Free a slot reserved for pid that nobody adopted (the daemon's
         undo of reserve_client). Errors: ClientGone (adopted meanwhile, or
         not pid's), OutOfRange."""
-        slot, pid = _int(slot, "slot"), _int(pid, "pid")
-        try:
-            rc = lib.bt_client_unreserve(self._s(), slot, pid)
-        except OverflowError as e:
-            raise _arg_error("unreserve_client", e, ("slot", slot, "u32"),
-                             ("pid", pid, "i32")) from None
-        _check(rc, f"unreserve_client(slot={slot}, pid={pid})")
+        _lib.client_unreserve(self._s(), slot, pid)
 
     def adopt_client(self, slot):
         """Take over a slot reserved for this process. Errors: ClientGone
         when the slot is not reserved for it (a slot a live client of this
         process holds is left untouched), OutOfRange."""
-        slot = _int(slot, "slot")
-        out = ffi.new("bt_client **")
-        try:
-            rc = lib.bt_client_adopt(self._s(), slot, out)
-        except OverflowError as e:
-            raise _arg_error("adopt_client", e, ("slot", slot, "u32")) from None
-        _check(rc, f"adopt_client(slot={slot}): not a slot reserved for pid {os.getpid()}; "
-                   "a slot a client of this process holds is left untouched")
-        return Client(self, out[0])
+        raw = _lib.client_adopt(self._s(), slot,
+                                f"not a slot reserved for pid {os.getpid()}; "
+                                "a slot a client of this process holds is left untouched")
+        return Client(self, raw)
 
     def client_slot(self, client_id):
-        client_id = _int(client_id, "client_id")
-        out = ffi.new("bt_client_slot_info *")
-        try:
-            rc = lib.bt_client_slot_get(self._s(), client_id, out)
-        except OverflowError as e:
-            raise _arg_error("client_slot", e, ("client_id", client_id, "u32")) from None
-        _check(rc, f"client slot client_id={client_id}")
-        return from_struct(ClientSlotInfo, out)
+        """ClientSlotInfo of slot client_id (a racy snapshot)."""
+        return from_struct(ClientSlotInfo, _lib.client_slot_get(self._s(), client_id))
 
     # ---- blocks -------------------------------------------------------------
     def free_blocks(self, pool=0):
         """Free blocks in `pool` (a racy snapshot while others allocate)."""
-        pool = _int(pool, "pool")
-        out = ffi.new("uint32_t *")
-        try:
-            rc = lib.bt_pool_free_count(self._s(), pool, out)
-        except OverflowError as e:
-            raise _arg_error("free_blocks", e, ("pool", pool, "u32")) from None
-        _check(rc, f"free_blocks(pool={pool})")
-        return out[0]
+        return _lib.pool_free_count(self._s(), pool)
 
     def free_chunks(self):
         """Free chunks in the paged rows' chunk pool (snapshot)."""
-        out = ffi.new("uint32_t *")
-        _check(lib.bt_chunks_free(self._s(), out), "chunks")
-        return out[0]
+        return _lib.chunks_free(self._s())
 
     def block(self, block_id):
         """BlockInfo snapshot (reference count, owner stamp) of one block."""
-        block_id = _int(block_id, "block_id")
-        ref, owner = ffi.new("uint32_t *"), ffi.new("uint32_t *")
-        try:
-            rc = lib.bt_block_get(self._s(), block_id, ref, owner)
-        except OverflowError as e:
-            raise _arg_error("block", e, ("block_id", block_id, "i32")) from None
-        _check(rc, f"block(block_id={block_id})")
-        return BlockInfo(block_id, ref[0], owner[0])
+        if type(block_id) is not int:
+            block_id = _int(block_id, "block_id")
+        ref, owner = _lib.block_get(self._s(), block_id)
+        return BlockInfo(block_id, ref, owner)
 
     def pool_pop(self, pool, n, stamp=0, out=None):
         """Raw pool pop (no client protocol; see bt.h): benchmarks and tests."""
@@ -365,28 +283,18 @@ class Segment:
         if not 0 <= n <= self.info.total_blocks:
             raise make_error(_ERANGE, f"pool_pop(n={n}): n must be in [0, {self.info.total_blocks}]")
         out = out_array(out, n, I32)
-        try:
-            rc = lib.bt_pool_pop(seg, pool, n, stamp, cbuf(out))
-        except OverflowError as e:
-            raise _arg_error("pool_pop", e, ("pool", pool, "u32"), ("stamp", stamp, "u32")) from None
-        if rc:
-            raise make_error(rc, f"pool_pop(pool={pool}, n={n})")
+        ob = cbuf(out)
+        _lib.pool_pop(seg, pool, n, stamp, ob)
         return out[:n]
 
     def pool_push(self, ids):
         a = as_array(ids, I32, "ids")
-        rc = lib.bt_pool_push(self._s(), cbuf(a), a.shape[0])
-        if rc:
-            raise make_error(rc, f"pool_push(ids={preview(a)})")
+        _lib.pool_push(self._s(), cbuf(a), a.shape[0], f"pool_push(ids={preview(a)})")
 
     # ---- rows -----------------------------------------------------------------
     def find_row(self, key):
         """The claimed row holding `key` (bt_row_find); FileNotFoundError if none."""
-        out = ffi.new("uint32_t *")
-        rc = lib.bt_row_find(self._s(), _index(key), out)
-        if rc:
-            raise make_error(rc, f"find_row(key={key:#x})")
-        return out[0]
+        return _lib.row_find(self._s(), key)
 
     def gather_rows(self, keys, hints, out, nblocks=None):
         """bt_rows_gather: out[i, :] <- the row claimed with keys[i] (zeros past
@@ -401,12 +309,12 @@ class Segment:
         nblocks = np.empty(n, I32) if nblocks is None else nblocks
         if len(nblocks) < n:
             raise make_error(_EINVAL, f"nblocks holds {len(nblocks)} entries for {n} keys")
-        rc = lib.bt_rows_gather(self._s(), _gather_arg(keys, U64, "uint64_t[]", "keys"), n,
-                                _gather_arg(hints, U64, "uint64_t[]", "hints"),
-                                _gather_arg(out, I32, "int32_t[]", "out"), out.shape[1],
-                                _gather_arg(nblocks, I32, "int32_t[]", "nblocks"))
+        rc = _lib.rows_gather(self._s(), _gather_arg(keys, U64, "uint64_t[]", "keys"), n,
+                              _gather_arg(hints, U64, "uint64_t[]", "hints"),
+                              _gather_arg(out, I32, "int32_t[]", "out"), out.shape[1],
+                              _gather_arg(nblocks, I32, "int32_t[]", "nblocks"))
         if rc:
-            raise make_error(rc, f"gather_rows(n={n})")
+            raise _fail(rc, f"gather_rows(n={n})")
         return nblocks[:n]
 
     def read_row(self, row, out=None):
@@ -414,7 +322,7 @@ class Segment:
         `out[:num_blocks]`. out: an int32 array (InvalidArgument if the row
         holds more than it can take), or None: sized for the row, paged rows
         longer than row_width included (re-read if the row grew meanwhile)."""
-        info = ffi.new("bt_row_info *")
+        info = _lib.new("bt_row_info *")
         seg = self._s()
         if type(row) is not int:
             row = _int(row, "row")
@@ -423,25 +331,25 @@ class Segment:
                 max(self.config.row_width, int(self.num_blocks[row]) if 0 <= row < len(self.num_blocks) else 0), I32)
             buf = out_array(buf, 0, I32)
             try:
-                rc = lib.bt_row_read(seg, row, cbuf(buf), buf.shape[0], info)
+                rc = _lib.row_read(seg, row, cbuf(buf), buf.shape[0], info)
             except OverflowError as e:
                 raise _arg_error("read_row", e, ("row", row, "u32")) from None
             if rc != _EINVAL or out is not None:
                 break                   # a caller's buffer: too small is its error
         if rc:
-            raise make_error(rc, f"row={row}")
+            raise _fail(rc, f"row={row}")
         return buf[:info.num_blocks], from_struct(RowInfo, info)
 
     def row_info(self, row):
-        info = ffi.new("bt_row_info *")
+        info = _lib.new("bt_row_info *")
         if type(row) is not int:
             row = _int(row, "row")
         try:
-            rc = lib.bt_row_read(self._s(), row, ffi.NULL, 0, info)
+            rc = _lib.row_read(self._s(), row, _lib.NULL, 0, info)
         except OverflowError as e:
             raise _arg_error("row_info", e, ("row", row, "u32")) from None
         if rc:
-            raise make_error(rc, f"row={row}")
+            raise _fail(rc, f"row={row}")
         return from_struct(RowInfo, info)
 
     # ---- slot mapping ---------------------------------------------------------
@@ -451,21 +359,33 @@ class Segment:
     def slots_row(self, row, start, n, out=None, params=None):
         """Form 1: slots of positions start..start+n-1 of `row` (int64, -1
         where no block backs the position). Returns out[:n]."""
-        seg = self._seg
-        if seg is None:
-            self._s()
+        kept = self._outc               # (array, C view, length): one read, thread-safe
+        if out is kept[0] and n == kept[2]:
+            try:
+                row | start | n         # INTS_ONLY (see _lib)
+                rc = _slots_row_c(self._seg, (params or self._params).c, row, start, n, kept[1])
+            except (TypeError, OverflowError):
+                pass                    # closed, a wrong type, a value C cannot hold: below
+            else:
+                if rc:
+                    raise _fail(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
+                return out
+        seg = self._s()
         if type(row) is not int or type(start) is not int or type(n) is not int:
             row, start, n = _int(row, "row"), _int(start, "start"), _int(n, "n")
         if not 0 <= n <= 1 << 31:
             raise make_error(_ERANGE, f"slots_row(n={n}): n must be in [0, {1 << 31}]")
+        given = out is not None
         try:
             out, ob = c_out(out, n, I64, "int64_t[]")
-            rc = lib.bt_slots_row(seg, (params or self._params).c, row, start, n, ob)
+            rc = _slots_row_c(seg, (params or self._params).c, row, start, n, ob)
         except OverflowError as e:
             raise _arg_error("slots_row", e, ("row", row, "u32"), ("start", start, "i64"),
                              ("n", n, "u32")) from None
+        if given:
+            self._outc = (out, ob, len(ob))
         if rc:
-            raise make_error(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
+            raise _fail(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
         return out if out.shape[0] == n else out[:n]
 
     def slots_req(self, rows, positions, out=None, params=None):
@@ -480,9 +400,9 @@ class Segment:
         if n != npos:
             raise make_error(_EINVAL, f"{n} rows for {npos} positions")
         out, ob = c_out(out, n, I64, "int64_t[]")
-        rc = lib.bt_slots_req(seg, (params or self._params).c, rb, pb, n, ob)
+        rc = _lib.slots_req(seg, (params or self._params).c, rb, pb, n, ob)
         if rc:
-            raise make_error(rc, f"slots_req(n={n}, {params or ''})")
+            raise _fail(rc, f"slots_req(n={n}, {params or ''})")
         return out if out.shape[0] == n else out[:n]
 
     def slots_qsl(self, query_start_loc, positions, rows=None, out=None, out_len=None,
@@ -505,19 +425,19 @@ class Segment:
                                       f"[0, {1 << 31}]")
         out = out_array(out, out_len, I64)
         if rows is None:
-            rbuf = ffi.NULL
+            rbuf = _lib.NULL
         else:
             r = as_array(rows, I32, "rows")
             if r.shape[0] < num_reqs:
                 raise make_error(_EINVAL, f"{r.shape[0]} rows for {num_reqs} requests")
             rbuf = cbuf(r)
         try:
-            rc = lib.bt_slots_qsl(self._s(), (params or self._params).c, rbuf, cbuf(qsl),
-                                  num_reqs, cbuf(pos), cbuf(out), out_len)
+            rc = _lib.slots_qsl(self._s(), (params or self._params).c, rbuf, cbuf(qsl),
+                                num_reqs, cbuf(pos), cbuf(out), out_len)
         except OverflowError as e:
             raise _range_error(e, f"out_len={out_len}") from None
         if rc:
-            raise make_error(rc, f"slots_qsl(num_reqs={num_reqs}, out_len={out_len})")
+            raise _fail(rc, f"slots_qsl(num_reqs={num_reqs}, out_len={out_len})")
         return out[:out_len]
 
     # ---- checking and recovery ----------------------------------------------
@@ -527,40 +447,23 @@ class Segment:
         repair: freeze, recompute counts and free lists from the rows and the
         live clients, thaw. Returns a CheckReport. Errors: Busy (a live client
         stayed inside a call; the message names it)."""
-        rep = ffi.new("bt_check_report *")
-        wait_ms = _int(wait_ms, "wait_ms")
-        flags = (lib.BT_CHECK_REPAIR if repair else 0) | (lib.BT_CHECK_FROZEN if frozen else 0)
-        try:
-            rc = lib.bt_seg_check(self._s(), flags, wait_ms, rep)
-        except OverflowError as e:
-            raise _arg_error("check", e, ("wait_ms", wait_ms, "u32")) from None
+        flags = (_lib.BT_CHECK_REPAIR if repair else 0) | (_lib.BT_CHECK_FROZEN if frozen else 0)
+        rc, rep = _lib.seg_check(self._s(), flags, wait_ms)
         if rc:
-            raise make_error(rc, f"check(repair={repair}): stuck client {rep.stuck_client}")
+            raise _fail(rc, f"check(repair={repair}): stuck client {rep.stuck_client}")
         return from_struct(CheckReport, rep)
 
     def recover_client(self, client_id, wait_ms=1000):
         """Declare client `client_id` dead and recover what it held (its
         process must be gone). Returns a CheckReport. Errors: Busy."""
-        rep = ffi.new("bt_check_report *")
-        client_id, wait_ms = _int(client_id, "client_id"), _int(wait_ms, "wait_ms")
-        try:
-            rc = lib.bt_seg_recover_client(self._s(), client_id, wait_ms, rep)
-        except OverflowError as e:
-            raise _arg_error("recover_client", e, ("client_id", client_id, "u32"),
-                             ("wait_ms", wait_ms, "u32")) from None
+        rc, rep = _lib.seg_recover_client(self._s(), client_id, wait_ms)
         if rc:
-            raise make_error(rc, f"recovering client {client_id} "
-                                 f"(stuck client {rep.stuck_client})")
+            raise _fail(rc, f"recovering client {client_id} "
+                            f"(stuck client {rep.stuck_client})")
         return from_struct(CheckReport, rep)
 
     def set_owner(self, pid, start_time=0):
-        pid, start_time = _int(pid, "pid"), _int(start_time, "start_time")
-        try:
-            rc = lib.bt_seg_set_owner(self._s(), pid, start_time)
-        except OverflowError as e:
-            raise _arg_error("set_owner", e, ("pid", pid, "i32"),
-                             ("start_time", start_time, "u64")) from None
-        _check(rc, f"set_owner(pid={pid})")
+        _lib.seg_set_owner(self._s(), pid, start_time)
 
     # ---- cache pools (read side; the writer is a CachePool) --------------------
     def cache_stats(self, pool=0):
@@ -579,6 +482,29 @@ class Segment:
         return cache_lookup(self._s(), pool, key)
 
 
+def _ids_method(name, fn, doc):
+    """A Client method fn(handle, row, ids, n) (append, append_shared,
+    set_row): the kept C view of ids (or of the last `out`), the INTS_ONLY
+    row test and the bare call; anything unusual goes to _ids_slow."""
+    def method(self, row, ids):
+        if ids is self._oa:
+            buf, n = self._ob, self._olen
+        elif ids is self._ia:
+            buf, n = self._ib, self._ilen
+        else:
+            buf, n = self._in(ids)
+        try:
+            row | 0                     # INTS_ONLY (see _lib)
+            rc = fn(self._cl, row, buf, n)
+        except (TypeError, OverflowError):
+            return self._ids_slow(fn, name, row, ids, buf, n)
+        if rc:
+            raise _fail(rc, f"{name}(row={row}, n={n}, ids={preview(ids)})")
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return method
+
+
 class Client:
     """One registered user of a segment (bt_client): allocates blocks and
     edits the rows it claims. Open with ``Segment.client()``.
@@ -587,29 +513,38 @@ class Client:
     its rows and its loose blocks. A forked child cannot use its parent's
     clients (ClientGone); it opens its own.
 
+    Per-call speed: the methods that take or fill an int32 array keep the C
+    view of the last array they were given (one for ``out``, one for ids), so
+    a loop that reuses its arrays pays no conversion; such an array stays
+    referenced by the client until another replaces it (numpy then refuses to
+    resize it in place).
+
     Thread safety: calls may come from any thread, but not from two at once
     (one client per thread; clients are cheap). Errors: BtError subclasses;
     a call that raised changed nothing.
     """
 
     __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_args", "_nmax",
-                 "__weakref__")
+                 "_oa", "_ob", "_olen", "_ia", "_ib", "_ilen", "_u32", "__weakref__")
 
     def __init__(self, seg, raw):
         """Private: use Segment.client()."""
         # The destructor's closure holds the mapping, so bt_client_close can
         # never run after bt_seg_close, whatever order the collector picks.
-        self._cl = ffi.gc(raw, lambda p, keep=seg._base: lib.bt_client_close(p))
+        self._cl = _lib.client_owned(raw, seg._base)
         self._segobj = seg
         self._pid = os.getpid()
         self._gone_why = None
-        self.id = lib.bt_client_id(raw)
+        self.id = _lib.client_id(raw)
         # step() writes here when the caller gives no buffer: cheaper than
         # sizing a new array with numpy's sum (bt_step_ex checks ids_cap).
         c = seg.config
         self._scratch = np.empty(min(c.num_rows * c.row_width, _SCRATCH_MAX), I32)
-        self._args = ffi.new("bt_step_args *")
+        self._args = _lib.new("bt_step_args *")
+        self._u32 = _lib.new("uint32_t *")   # claim_row's out-parameter (one thread at a time)
         self._nmax = c.blocks_per_pool  # the most blocks one call can take from a pool
+        self._oa, self._ob, self._olen = _NONE, None, 0   # the last `out` and its C view
+        self._ia, self._ib, self._ilen = _NONE, None, 0   # the last ids array and its C view
         seg._clients.add(self)
         _live_clients.add(self)
 
@@ -619,13 +554,18 @@ class Client:
             cl, self._cl = self._cl, None
             self._gone_why = "the client is closed"
             _live_clients.discard(self)
-            ffi.release(cl)
+            self._forget()
+            _lib.client_close(cl)
 
     def _disown(self, why):
         if self._cl is not None:
-            ffi.gc(self._cl, None)
+            _lib.client_disown(self._cl)
             self._cl = None
             self._gone_why = why
+            self._forget()
+
+    def _forget(self):
+        self._oa, self._ob, self._ia, self._ib = _NONE, None, _NONE, None
 
     @property
     def closed(self):
@@ -644,12 +584,45 @@ class Client:
     def __repr__(self):
         return f"<blocktable.Client id={self.id} {'closed' if self._cl is None else 'open'}>"
 
+    def _h(self):
+        """The bt_client * handle (the door's guard: ClientGone once closed)."""
+        return _lib.client_handle(self)
+
     def _gone(self):
-        raise make_error(_ECLIENT, f"client {self.id}: {self._gone_why}")
+        self._h()
 
     def slot(self):
         """ClientSlotInfo of this client (hand count, rows, ops)."""
         return self._segobj.client_slot(self.id)
+
+    # ---- array arguments, kept across calls ---------------------------------------
+    def _out(self, out, n):
+        """(array, C view) for n int32 results: a new array (out None), or
+        the caller's after the checks, then kept for the next call."""
+        if out is None:
+            if not 0 <= n <= self._nmax:     # before numpy sizes an array of n
+                raise _count_error("alloc", n, self._nmax)
+            out = np.empty(n, I32)
+            return out, _lib.from_buffer("int32_t[]", out)
+        if out is self._oa and n <= self._olen:
+            return out, self._ob
+        out, ob = c_out(out, n, I32, "int32_t[]")
+        self._oa, self._ob, self._olen = out, ob, len(ob)
+        return out, ob
+
+    def _in(self, ids):
+        """(C view, length) of an int32 ids argument: the kept view when ids
+        is the last array seen (or the last `out`), else converted (and kept
+        when it is an int32 array that needed no copy)."""
+        if ids is self._ia:
+            return self._ib, self._ilen
+        if ids is self._oa:
+            return self._ob, self._olen
+        buf, n = c_array(ids, I32, "int32_t[]", "ids")
+        if type(ids) is np.ndarray and ids.dtype is I32 and ids.ndim == 1 \
+                and ids.flags.c_contiguous and self._cl is not None:
+            self._ia, self._ib, self._ilen = ids, buf, n
+        return buf, n
 
     # ---- cache pools ------------------------------------------------------------
     def cache_pool(self, pool=0):
@@ -664,43 +637,60 @@ class Client:
         """Allocate n blocks (reference count 1, held loose by this client).
         Returns out[:n] (int32). All or nothing. Errors: OutOfBlocks,
         HandFull, OutOfRange (pool)."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(n) is not int or type(pool) is not int:
-            n, pool = _int(n, "n"), _int(pool, "pool")
-        if not 0 <= n <= self._nmax:     # before numpy sizes an array of n
+        # The fast path: the kept `out`, exactly n long, and integers.
+        if out is self._oa and n == self._olen:
+            try:
+                n | pool                # INTS_ONLY (see _lib)
+                rc = _alloc_c(self._cl, pool, n, self._ob)
+            except (TypeError, OverflowError):
+                pass                    # a closed client, a wrong type, a value C cannot hold
+            else:
+                if rc:
+                    raise _fail(rc, f"alloc(n={n}, pool={pool})")
+                return out
+        cl = self._h()
+        if type(n) is not int:
+            n = _int(n, "n")
+        pool, = _lib.ints("alloc", ("pool", pool, "u32"))
+        if not 0 <= n <= self._nmax:
             raise _count_error("alloc", n, self._nmax)
-        try:
-            out, ob = c_out(out, n, I32, "int32_t[]")
-            rc = lib.bt_blocks_alloc(cl, pool, n, ob)
-        except OverflowError as e:
-            raise _arg_error("alloc", e, ("pool", pool, "u32")) from None
+        out, ob = self._out(out, n)
+        rc = _alloc_c(cl, pool, n, ob)
         if rc:
-            raise make_error(rc, f"alloc(n={n}, pool={pool})")
-        return out if out.shape[0] == n else out[:n]
+            raise _fail(rc, f"alloc(n={n}, pool={pool})")
+        return out if len(ob) == n else out[:n]
 
     def release(self, ids):
         """Drop loose references this client holds (freed at zero).
         Errors: NotHeld, OutOfRange; nothing changes then."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        buf, n = c_array(ids, I32, "int32_t[]", "ids")
-        rc = lib.bt_blocks_release(cl, buf, n)
+        if ids is self._oa:
+            buf, n = self._ob, self._olen
+        elif ids is self._ia:
+            buf, n = self._ib, self._ilen
+        else:
+            buf, n = self._in(ids)
+        try:
+            rc = _release_c(self._cl, buf, n)
+        except TypeError:
+            self._h()
+            raise
         if rc:
-            raise make_error(rc, f"release(ids={preview(ids)})")
+            raise _fail(rc, f"release(ids={preview(ids)})")
 
     def share(self, ids):
         """Take an extra loose reference on allocated blocks (prefix sharing).
         Errors: NotHeld (a free block), OutOfRange, HandFull."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        buf, n = c_array(ids, I32, "int32_t[]", "ids")
-        rc = lib.bt_blocks_share(cl, buf, n)
+        if ids is self._ia:
+            buf, n = self._ib, self._ilen
+        else:
+            buf, n = self._in(ids)
+        try:
+            rc = _share_c(self._cl, buf, n)
+        except TypeError:
+            self._h()                   # closed: ClientGone
+            raise
         if rc:
-            raise make_error(rc, f"share(ids={preview(ids)})")
+            raise _fail(rc, f"share(ids={preview(ids)})")
 
     # ---- rows -------------------------------------------------------------------
     def claim_row(self, key=0, row=-1, raw=False, paged=False):
@@ -709,204 +699,110 @@ class Client:
         (BT_ROW_RAW), not references to this segment's blocks. paged=True:
         entries live in chunks of the segment's chunk pool (BT_ROW_PAGED).
         Errors: OutOfRows, RowStateError (that row is taken), OutOfRange."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(key) is not int or type(row) is not int:
-            key, row = _int(key, "key"), _int(row, "row")
-        out = ffi.new("uint32_t *")
-        flags = (ROW_RAW if raw else ROW_MANAGED) | (ROW_PAGED if paged else 0)
+        out = self._u32
+        flags = ((ROW_RAW if raw else ROW_MANAGED) | (ROW_PAGED if paged else 0)) \
+            if raw or paged else ROW_MANAGED
+        rc = None
         try:
-            rc = lib.bt_row_claim(cl, key, row, flags, out)
-        except OverflowError as e:
-            raise _arg_error("claim_row", e, ("key", key, "u64"), ("row", row, "i32")) from None
+            key | row                   # INTS_ONLY (see _lib)
+            rc = _claim_c(self._cl, key, row, flags, out)
+        except (TypeError, OverflowError):
+            pass                        # a closed client, a wrong type, a value C cannot hold
+        if rc is None:
+            key, row = _lib.ints("claim_row", ("key", key, "u64"), ("row", row, "i32"))
+            rc = _claim_c(self._h(), key, row, flags, out)
         if rc:
             why = ": row must be -1 (any free row) or a row index" if row < -1 else ""
-            raise make_error(rc, f"claim_row(key={key}, row={row}, raw={raw}){why}")
+            raise _fail(rc, f"claim_row(key={key}, row={row}, raw={raw}){why}")
         return out[0]
 
     def claim_rows(self, keys, raw=False, paged=False, out=None):
         """Claim one free row per key in one call (requests arriving in one
         step); returns the rows (uint32, out[:len(keys)]). All or nothing:
         OutOfRows and no row claimed."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
+        cl = self._h()
         kb, n = c_array(keys, U64, "uint64_t[]", "keys")
         out = np.empty(n, U32) if out is None else out_array(out, n, U32)
         flags = (ROW_RAW if raw else ROW_MANAGED) | (ROW_PAGED if paged else 0)
-        rc = lib.bt_row_claim_many(cl, kb, n, flags, ffi.from_buffer("uint32_t[]", out))
+        rc = _lib.row_claim_many(cl, kb, n, flags, _lib.from_buffer("uint32_t[]", out))
         if rc:
-            raise make_error(rc, f"claim_rows(n={n}, raw={raw}, paged={paged})")
+            raise _fail(rc, f"claim_rows(n={n}, raw={raw}, paged={paged})")
         return out if out.shape[0] == n else out[:n]
 
-    def release_row(self, row):
-        """Release a claimed row: its blocks are decref'd, entries zeroed."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int:
-            row = _int(row, "row")
-        try:
-            rc = lib.bt_row_release(cl, row)
-        except OverflowError as e:
-            raise _arg_error("release_row", e, ("row", row, "u32")) from None
-        if rc:
-            raise make_error(rc, f"release_row(row={row})")
+    release_row = _lib.int_method("release_row", _release_row_c, [("row", "u32", ...)],
+        """Release a claimed row: its blocks are decref'd, entries zeroed.""")
 
-    def append(self, row, ids):
-        """Append ids to a row this client claimed. MANAGED rows: each id
-        must be a loose reference of this client (it moves into the row).
-        Errors: RowFull, NotHeld, NotOwner, RowStateError, OutOfRange."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int:
-            row = _int(row, "row")
-        buf, n = c_array(ids, I32, "int32_t[]", "ids")
-        try:
-            rc = lib.bt_row_append(cl, row, buf, n)
-        except OverflowError as e:
-            raise _arg_error("append", e, ("row", row, "u32")) from None
+    def _ids_slow(self, fn, what, row, ids, buf, n):
+        """append / append_shared / set_row after the fast path declined:
+        the guard, row converted and checked by name, then the call."""
+        row, = _lib.ints(what, ("row", row, "u32"))
+        rc = fn(self._h(), row, buf, n)
         if rc:
-            raise make_error(rc, f"append(row={row}, n={n}, ids={preview(ids)})")
+            raise _fail(rc, f"{what}(row={row}, n={n}, ids={preview(ids)})")
 
-    def append_shared(self, row, ids):
-        """Take a new reference on allocated blocks and append them (prefix
-        sharing in one step; MANAGED rows only)."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int:
-            row = _int(row, "row")
-        buf, n = c_array(ids, I32, "int32_t[]", "ids")
-        try:
-            rc = lib.bt_row_append_shared(cl, row, buf, n)
-        except OverflowError as e:
-            raise _arg_error("append_shared", e, ("row", row, "u32")) from None
-        if rc:
-            raise make_error(rc, f"append_shared(row={row}, ids={preview(ids)})")
+    append = _ids_method("append", _append_c, """Append ids to a row this client
+        claimed. MANAGED rows: each id must be a loose reference of this client
+        (it moves into the row). Errors: RowFull, NotHeld, NotOwner,
+        RowStateError, OutOfRange.""")
+
+    append_shared = _ids_method("append_shared", _append_shared_c, """Take a new
+        reference on allocated blocks and append them (prefix sharing in one
+        step; MANAGED rows only).""")
 
     def alloc_append(self, row, n, pool=0, out=None):
         """Allocate n blocks from `pool` straight into `row`; returns their
         ids (out[:n]). Errors: OutOfBlocks, RowFull, NotOwner."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int or type(n) is not int or type(pool) is not int:
-            row, n, pool = _int(row, "row"), _int(n, "n"), _int(pool, "pool")
-        if not 0 <= n <= self._nmax:     # before numpy sizes an array of n
+        if out is self._oa and n == self._olen:     # as in alloc
+            try:
+                row | n | pool          # INTS_ONLY (see _lib)
+                rc = _alloc_append_c(self._cl, row, pool, n, self._ob)
+            except (TypeError, OverflowError):
+                pass
+            else:
+                if rc:
+                    raise _fail(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
+                return out
+        cl = self._h()
+        if type(n) is not int:
+            n = _int(n, "n")
+        row, pool = _lib.ints("alloc_append", ("row", row, "u32"), ("pool", pool, "u32"))
+        if not 0 <= n <= self._nmax:
             raise _count_error(f"alloc_append(row={row}, ...)", n, self._nmax)
-        try:
-            out, ob = c_out(out, n, I32, "int32_t[]")
-            rc = lib.bt_row_alloc_append(cl, row, pool, n, ob)
-        except OverflowError as e:
-            raise _arg_error("alloc_append", e, ("row", row, "u32"), ("pool", pool, "u32")) from None
+        out, ob = self._out(out, n)
+        rc = _alloc_append_c(cl, row, pool, n, ob)
         if rc:
-            raise make_error(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
-        return out if out.shape[0] == n else out[:n]
+            raise _fail(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
+        return out if len(ob) == n else out[:n]
 
-    def set_row(self, row, ids):
-        """Replace a row's contents (vLLM's add_row)."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int:
-            row = _int(row, "row")
-        buf, n = c_array(ids, I32, "int32_t[]", "ids")
-        try:
-            rc = lib.bt_row_set(cl, row, buf, n)
-        except OverflowError as e:
-            raise _arg_error("set_row", e, ("row", row, "u32")) from None
-        if rc:
-            raise make_error(rc, f"set_row(row={row}, n={n}, ids={preview(ids)})")
+    set_row = _ids_method("set_row", _set_row_c, """Replace a row's contents
+        (vLLM's add_row).""")
 
-    def truncate(self, row, keep=0):
-        """Drop the row's entries from index `keep` on (keep 0 clears it)."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int or type(keep) is not int:
-            row, keep = _int(row, "row"), _int(keep, "keep")
-        try:
-            rc = lib.bt_row_truncate(cl, row, keep)
-        except OverflowError as e:
-            raise _arg_error("truncate", e, ("row", row, "u32"), ("keep", keep, "u32")) from None
-        if rc:
-            raise make_error(rc, f"truncate(row={row}, keep={keep})")
+    truncate = _lib.int_method("truncate", _truncate_c, [("row", "u32", ...), ("keep", "u32", 0)],
+        """Drop the row's entries from index `keep` on (keep 0 clears it).""")
 
-    def set_block(self, row, index, block_id):
+    set_block = _lib.int_method(
+        "set_block", _set_block_c,
+        [("row", "u32", ...), ("index", "u32", ...), ("block_id", "i32", ...)],
         """Paged rows: set entry `index` (the row grows to index + 1, with
         holes between); block_id 0 makes a hole. MANAGED rows take the id's
         loose reference and drop the old entry's. Errors: OutOfChunks,
-        NotHeld, RowStateError (not a paged row), OutOfRange."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int or type(index) is not int or type(block_id) is not int:
-            row, index = _int(row, "row"), _int(index, "index")
-            block_id = _int(block_id, "block_id")
-        try:
-            rc = lib.bt_row_set_block(cl, row, index, block_id)
-        except OverflowError as e:
-            raise _arg_error("set_block", e, ("row", row, "u32"), ("index", index, "u32"),
-                             ("block_id", block_id, "i32")) from None
-        if rc:
-            raise make_error(rc, f"set_block(row={row}, index={index}, block_id={block_id})")
+        NotHeld, RowStateError (not a paged row), OutOfRange.""")
 
-    def punch(self, row, start, stop):
+    punch = _lib.int_method(
+        "punch", _punch_c, [("row", "u32", ...), ("start", "u32", ...), ("stop", "u32", ...)],
         """Paged rows: make holes of entries [start, stop) (a sliding
-        window's past); their references are dropped, empty chunks returned."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int or type(start) is not int or type(stop) is not int:
-            row, start, stop = _int(row, "row"), _int(start, "start"), _int(stop, "stop")
-        try:
-            rc = lib.bt_row_punch(cl, row, start, stop)
-        except OverflowError as e:
-            raise _arg_error("punch", e, ("row", row, "u32"), ("start", start, "u32"),
-                             ("stop", stop, "u32")) from None
-        if rc:
-            raise make_error(rc, f"punch(row={row}, start={start}, stop={stop})")
+        window's past); their references are dropped, empty chunks returned.""")
 
-    def set_tokens(self, row, num_tokens):
-        """Set the row's token count (bookkeeping; slot mapping ignores it)."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(row) is not int or type(num_tokens) is not int:
-            row, num_tokens = _int(row, "row"), _int(num_tokens, "num_tokens")
-        try:
-            rc = lib.bt_row_set_tokens(cl, row, num_tokens)
-        except OverflowError as e:
-            raise _arg_error("set_tokens", e, ("row", row, "u32"),
-                             ("num_tokens", num_tokens, "i64")) from None
-        if rc:
-            raise make_error(rc, f"set_tokens(row={row}, num_tokens={num_tokens})")
+    set_tokens = _lib.int_method(
+        "set_tokens", _set_tokens_c, [("row", "u32", ...), ("num_tokens", "i64", ...)],
+        """Set the row's token count (bookkeeping; slot mapping ignores it).""")
 
-    def move(self, src, dst):
+    move = _lib.int_method("move", _move_c, [("src", "u32", ...), ("dst", "u32", ...)],
         """Move src's contents into dst; src ends empty (zeroed) and what
-        dst held before is released (vLLM left src stale)."""
-        self._pair(lib.bt_row_move, "move", src, dst)
+        dst held before is released (vLLM left src stale).""")
 
-    def swap(self, a, b):
-        """Swap two claimed rows' contents."""
-        self._pair(lib.bt_row_swap, "swap", a, b)
-
-    def _pair(self, fn, what, a, b):
-        cl = self._cl
-        if cl is None:
-            self._gone()
-        if type(a) is not int or type(b) is not int:
-            a, b = _int(a, "src" if what == "move" else "a"), _int(b, "dst" if what == "move" else "b")
-        try:
-            rc = fn(cl, a, b)
-        except OverflowError as e:
-            n1, n2 = ("src", "dst") if what == "move" else ("a", "b")
-            raise _arg_error(what, e, (n1, a, "u32"), (n2, b, "u32")) from None
-        if rc:
-            raise make_error(rc, f"{what}({a}, {b})")
+    swap = _lib.int_method("swap", _swap_c, [("a", "u32", ...), ("b", "u32", ...)],
+        """Swap two claimed rows' contents.""")
 
     def read_row(self, row, out=None):
         """Same as Segment.read_row."""
@@ -930,9 +826,7 @@ class Client:
         allocation are all or nothing. uint32/uint64 numpy arguments pass
         without a copy. Errors: OutOfBlocks, OutOfRows, RowFull, NotOwner,
         RowStateError, InvalidArgument (a row listed twice)."""
-        cl = self._cl
-        if cl is None:
-            self._gone()
+        cl = self._h()
         a = self._args
         rb, nr = c_array(rows, U32, "uint32_t[]", "rows")
         kb, nk = c_array(n_new, U32, "uint32_t[]", "n_new")
@@ -955,13 +849,13 @@ class Client:
                 raise make_error(_EINVAL, f"{na} arrivals but {nn} counts")
             arrive_rows = np.empty(na, U32) if arrive_rows is None else out_array(arrive_rows, na, U32)
             a.arrive_keys, a.arrive_n = ab, nb
-            a.arrive_rows = ffi.from_buffer("uint32_t[]", arrive_rows)
+            a.arrive_rows = _lib.from_buffer("uint32_t[]", arrive_rows)
         a.n_arrive = na
         mine = out is None
         out = self._scratch if mine else out_array(out, 0, I32)
-        a.ids_out, a.ids_cap = ffi.from_buffer("int32_t[]", out), out.shape[0]
+        a.ids_out, a.ids_cap = _lib.from_buffer("int32_t[]", out), out.shape[0]
         try:
-            rc = lib.bt_step_ex(cl, a)
+            rc = _step_c(cl, a)
         except OverflowError as e:
             raise _range_error(e, f"step(pool={pool})") from None
         if rc:
@@ -989,23 +883,6 @@ class Client:
         return self._segobj.slots_qsl(query_start_loc, positions, rows, out, out_len, params)
 
 
-def _cname(name):
-    """A segment name for C: None (embedded) or bytes."""
-    if name is None:
-        return ffi.NULL
-    if not isinstance(name, str):
-        raise make_error(lib.BT_ENAME, f"name must be a str, got {type(name).__name__}")
-    b = name.encode()
-    if b"\0" in b:
-        raise make_error(lib.BT_ENAME, f"{name!r} holds a NUL")
-    return b
-
-
-def _check(rc, detail):
-    if rc:
-        raise make_error(rc, detail)
-
-
 class StepPlan:
     """Persistent buffers for Client.step in a scheduler loop.
 
@@ -1019,7 +896,7 @@ class StepPlan:
     Client.step's (bt_step_ex). One plan per client; not thread-safe."""
 
     __slots__ = ("client", "free_rows", "rows", "n_new", "arrive_keys", "arrive_n",
-                 "arrive_rows", "ids", "_args", "_keep")
+                 "arrive_rows", "ids", "_args", "_keep", "_caps", "_counts")
 
     def __init__(self, client, max_free=256, max_rows=256, max_arrive=256, max_ids=None, pool=0):
         c = client.segment.config
@@ -1036,41 +913,71 @@ class StepPlan:
         if not 0 <= max_ids <= ids_cap:
             raise make_error(_EINVAL, f"step_plan(max_ids={max_ids}): max_ids must be in "
                                       f"[0, {ids_cap}]")
+        pool, = _lib.ints("step_plan", ("pool", pool, "u32"))
         self.client = client
         self.free_rows, self.rows = np.zeros(max_free, U32), np.zeros(max_rows, U32)
         self.n_new, self.arrive_n = np.zeros(max_rows, U32), np.zeros(max_arrive, U32)
         self.arrive_keys, self.arrive_rows = np.zeros(max_arrive, U64), np.zeros(max_arrive, U32)
         self.ids = np.zeros(max_ids, I32)
-        a = self._args = ffi.new("bt_step_args *")
-        self._keep = [ffi.from_buffer("uint32_t[]", self.free_rows), ffi.from_buffer("uint32_t[]", self.rows),
-                      ffi.from_buffer("uint32_t[]", self.n_new), ffi.from_buffer("uint64_t[]", self.arrive_keys),
-                      ffi.from_buffer("uint32_t[]", self.arrive_n), ffi.from_buffer("uint32_t[]", self.arrive_rows),
-                      ffi.from_buffer("int32_t[]", self.ids)]
+        a = self._args = _lib.new("bt_step_args *")
+        fb = _lib.from_buffer
+        self._keep = [fb("uint32_t[]", self.free_rows), fb("uint32_t[]", self.rows),
+                      fb("uint32_t[]", self.n_new), fb("uint64_t[]", self.arrive_keys),
+                      fb("uint32_t[]", self.arrive_n), fb("uint32_t[]", self.arrive_rows),
+                      fb("int32_t[]", self.ids)]
         (a.free_rows, a.rows, a.n_new, a.arrive_keys, a.arrive_n, a.arrive_rows, a.ids_out) = self._keep
-        try:
-            a.ids_cap, a.pool = max_ids, pool
-        except OverflowError as e:
-            raise _arg_error("step_plan", e, ("pool", pool, "u32")) from None
+        a.ids_cap, a.pool = max_ids, pool
+        self._caps = (max_free, max_rows, max_arrive)
+        self._counts = (0, 0, 0)           # what _args holds now
 
     def run(self, n_free=0, n_rows=0, n_arrive=0):
         """One step over the first n_free / n_rows / n_arrive entries of the
         buffers; returns the number of new ids in ``ids``."""
-        cl = self.client._cl
-        if cl is None:
-            self.client._gone()
-        if type(n_free) is not int or type(n_rows) is not int or type(n_arrive) is not int:
+        try:
+            n_free | n_rows | n_arrive  # INTS_ONLY (see _lib)
+        except (TypeError, OverflowError):
             n_free, n_rows = _int(n_free, "n_free"), _int(n_rows, "n_rows")
             n_arrive = _int(n_arrive, "n_arrive")
-        if not (0 <= n_free <= len(self.free_rows) and 0 <= n_rows <= len(self.rows)
-                and 0 <= n_arrive <= len(self.arrive_keys)):
-            raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the plan's "
-                                      f"buffers ({len(self.free_rows)}, {len(self.rows)}, "
-                                      f"{len(self.arrive_keys)})")
         a = self._args
-        a.n_free, a.n_rows, a.n_arrive = n_free, n_rows, n_arrive
-        rc = lib.bt_step_ex(cl, a)
+        counts = (n_free, n_rows, n_arrive)
+        if counts != self._counts:      # checked and written once per change
+            mf, mr, ma = self._caps
+            if not (0 <= n_free <= mf and 0 <= n_rows <= mr and 0 <= n_arrive <= ma):
+                raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the "
+                                          f"plan's buffers ({mf}, {mr}, {ma})")
+            a.n_free, a.n_rows, a.n_arrive = counts
+            self._counts = counts
+        try:
+            rc = _step_c(self.client._cl, a)
+        except TypeError:
+            self.client._h()            # closed: ClientGone
+            raise
         if rc:
-            raise make_error(rc, f"step plan run(n_free={n_free}, n_rows={n_rows}, "
-                                 f"n_arrive={n_arrive}): {a.ids_total} ids needed, "
-                                 f"{len(self.ids)} room")
+            raise _fail(rc, f"step plan run(n_free={n_free}, n_rows={n_rows}, "
+                            f"n_arrive={n_arrive}): {a.ids_total} ids needed, "
+                            f"{len(self.ids)} room")
         return a.ids_total
+
+    def fill(self, free_rows=(), rows=(), n_new=(), arrive_keys=(), arrive_n=()):
+        """Copy Python sequences (lists of ints, or arrays) into the plan's
+        buffers; returns (n_free, n_rows, n_arrive) for ``run``. Lists go
+        through array.array (operator.index semantics, a C loop), several
+        times cheaper than numpy. Errors: InvalidArgument (too many, lengths
+        that differ, not integers), OutOfRange (a value the C type cannot
+        hold); nothing is copied then."""
+        mf, mr, ma = self._caps
+        nf, nr, na = len(free_rows), len(rows), len(arrive_keys)
+        if nr != len(n_new) or na != len(arrive_n) or nf > mf or nr > mr or na > ma:
+            raise make_error(_EINVAL, f"fill: {nf} free_rows, {nr} rows / {len(n_new)} n_new, "
+                                      f"{na} arrive_keys / {len(arrive_n)} arrive_n for a plan "
+                                      f"of ({mf}, {mr}, {ma})")
+        k = self._keep
+        todo = [(k[0], c_array(free_rows, U32, "uint32_t[]", "free_rows")),
+                (k[1], c_array(rows, U32, "uint32_t[]", "rows")),
+                (k[2], c_array(n_new, U32, "uint32_t[]", "n_new")),
+                (k[3], c_array(arrive_keys, U64, "uint64_t[]", "arrive_keys")),
+                (k[4], c_array(arrive_n, U32, "uint32_t[]", "arrive_n"))]
+        for dst, (src, n) in todo:      # every conversion passed: now copy
+            if n:
+                _lib.memmove(dst, src, n * (8 if dst is k[3] else 4))
+        return nf, nr, na

@@ -1,11 +1,13 @@
 """Plain value types copied out of libbt's structs (snapshots, not live views),
 and the array-argument helpers every wrapper uses."""
+from array import array
 from dataclasses import dataclass, fields, make_dataclass
 
 import numpy as np
 
 from ._errors import make_error
-from ._ffi import ffi, lib
+from . import _lib
+from ._lib import from_buffer as _from_buffer
 
 __all__ = ["SegmentConfig", "SegmentInfo", "RowInfo", "CheckReport",
            "ClientSlotInfo", "BlockInfo"]
@@ -15,9 +17,13 @@ I64 = np.dtype(np.int64)
 U32 = np.dtype(np.uint32)
 U64 = np.dtype(np.uint64)
 _CTYPE = {I32: "int32_t[]", I64: "int64_t[]", U32: "uint32_t[]", U64: "uint64_t[]"}
+# array.array typecodes of the same widths: a list converts through them in a
+# C loop with operator.index's rules (no float, Fraction or Decimal; a value
+# that does not fit raises), several times cheaper than numpy.
+_ACODE = {d: c for d, c in ((I32, "i"), (U32, "I"), (I64, "q"), (U64, "Q"))
+          if array(c).itemsize == d.itemsize}
 
-_D = ffi.new("bt_config *")
-lib.bt_config_default(_D)
+_D = _lib.config_default()
 
 
 def from_struct(cls, cdata):
@@ -27,32 +33,32 @@ def from_struct(cls, cdata):
 
 class _ConfigMethods:
     def to_c(self):
-        c = ffi.new("bt_config *")
+        c = _lib.config_new()
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
-                raise make_error(lib.BT_ECONFIG, f"{f.name}={v!r} is not a uint32")
+                raise make_error(_lib.BT_ECONFIG, f"{f.name}={v!r} is not a uint32")
             setattr(c, f.name, v)
         return c
 
     def check(self):
         """The C struct, or ConfigError naming the first impossible field."""
         c = self.to_c()
-        buf = ffi.new("char[256]")
-        if lib.bt_config_explain(c, buf, 256):
-            raise make_error(lib.BT_ECONFIG, f"{ffi.string(buf).decode()}: {self}")
+        why = _lib.config_explain(c)
+        if why:
+            raise make_error(_lib.BT_ECONFIG, f"{why}: {self}")
         return c
 
     @property
     def size(self):
         """Bytes a segment of this config maps."""
-        return lib.bt_config_size(self.check())
+        return _lib.config_size(self.check())
 
 
 def _config_class():
     """SegmentConfig's fields are bt_config's (so a field added to bt.h
     appears here without an edit), with bt_config_default()'s values."""
-    names = [n for n, _ in ffi.typeof("bt_config").fields if not n.startswith("_")]
+    names = _lib.struct_fields("bt_config")
     cls = make_dataclass("SegmentConfig", [(n, int, getattr(_D, n)) for n in names],
                          bases=(_ConfigMethods,), frozen=True)
     cls.__module__ = "blocktable"
@@ -91,7 +97,7 @@ class SegmentInfo:
 def _struct_class(name, ctype, doc, namespace=None):
     """A frozen dataclass with the public fields of C struct `ctype` (a field
     added to bt.h shows up without an edit here)."""
-    names = [n for n, _ in ffi.typeof(ctype).fields if not n.startswith("_")]
+    names = _lib.struct_fields(ctype)
     cls = make_dataclass(name, [(n, int) for n in names], frozen=True,
                          namespace=namespace or {})
     cls.__module__, cls.__doc__ = "blocktable", doc
@@ -141,7 +147,7 @@ class BlockInfo:
 
     def decrement_ref(self):
         if self.ref_count <= 0:
-            raise make_error(lib.BT_ENOTHELD,
+            raise make_error(_lib.BT_ENOTHELD,
                              f"block {self.block_id}: reference count is already 0")
         self.ref_count -= 1
         return self.ref_count
@@ -169,38 +175,44 @@ def as_array(values, dtype, what):
                 lo, hi = min(values), max(values)
                 info = np.iinfo(dtype)
                 if lo < info.min or hi > info.max:
-                    raise make_error(lib.BT_ERANGE, f"{what} holds {lo if lo < info.min else hi}, "
+                    raise make_error(_lib.BT_ERANGE, f"{what} holds {lo if lo < info.min else hi}, "
                                                     f"which does not fit {dtype}")
                 return np.array(values, dtype=dtype)
         except (TypeError, ValueError):
             pass
         a = np.asarray(values)
     if a.ndim != 1:
-        raise make_error(lib.BT_EINVAL, f"{what} must be 1-d, got shape {a.shape}")
+        raise make_error(_lib.BT_EINVAL, f"{what} must be 1-d, got shape {a.shape}")
     if a.size == 0:
         return np.empty(0, dtype)
     if a.dtype.kind not in "iu":
-        raise make_error(lib.BT_EINVAL, f"{what} must be integers, got dtype {a.dtype}")
+        raise make_error(_lib.BT_EINVAL, f"{what} must be integers, got dtype {a.dtype}")
     if a.dtype != dtype:
         info = np.iinfo(dtype)
         lo, hi = int(a.min()), int(a.max())
         if lo < info.min or hi > info.max:
             bad = lo if lo < info.min else hi
-            raise make_error(lib.BT_ERANGE, f"{what} holds {bad}, which does not fit {dtype}")
+            raise make_error(_lib.BT_ERANGE, f"{what} holds {bad}, which does not fit {dtype}")
     return np.ascontiguousarray(a, dtype=dtype)
 
 
 def c_array(values, dtype, ctype, what):
     """(C view, length) of an input array. The hot path: a 1-d array of the
-    C type goes through without a copy or a flags lookup (ffi.from_buffer
+    C type goes through without a copy or a flags lookup (from_buffer
     itself refuses a non-contiguous one, which is then copied)."""
     if type(values) is np.ndarray and values.dtype is dtype and values.ndim == 1:
         try:
-            buf = ffi.from_buffer(ctype, values)
+            buf = _from_buffer(ctype, values)
             return buf, len(buf)
         except ValueError:  # not C-contiguous
             pass
-    buf = ffi.from_buffer(ctype, as_array(values, dtype, what))
+    elif type(values) is list or type(values) is tuple:
+        try:
+            buf = _from_buffer(ctype, array(_ACODE[dtype], values))
+            return buf, len(buf)
+        except (TypeError, OverflowError, KeyError):
+            pass                        # as_array names the problem
+    buf = _from_buffer(ctype, as_array(values, dtype, what))
     return buf, len(buf)
 
 
@@ -208,15 +220,15 @@ def out_array(out, n, dtype, what="out"):
     """A caller's output buffer checked (dtype, contiguous, writable, >= n),
     or a new one of n entries."""
     if n < 0:
-        raise make_error(lib.BT_ERANGE, f"a count of {n} tokens or blocks is negative")
+        raise make_error(_lib.BT_ERANGE, f"a count of {n} tokens or blocks is negative")
     if out is None:
         return np.empty(n, dtype)
     if type(out) is not np.ndarray or out.dtype != dtype or not out.flags.c_contiguous \
             or not out.flags.writeable or out.ndim != 1:
-        raise make_error(lib.BT_EINVAL,
+        raise make_error(_lib.BT_EINVAL,
                          f"{what} must be a writable 1-d C-contiguous {dtype} numpy array")
     if out.shape[0] < n:
-        raise make_error(lib.BT_EINVAL, f"{what} has {out.shape[0]} entries, {n} needed")
+        raise make_error(_lib.BT_EINVAL, f"{what} has {out.shape[0]} entries, {n} needed")
     return out
 
 
@@ -225,21 +237,21 @@ def c_out(out, n, dtype, ctype, what="out"):
     or the caller's after the checks (dtype, 1-d, contiguous, writable)."""
     if out is None:
         if n < 0:
-            raise make_error(lib.BT_ERANGE, f"a count of {n} is negative")
+            raise make_error(_lib.BT_ERANGE, f"a count of {n} is negative")
         out = np.empty(n, dtype)
-        return out, ffi.from_buffer(ctype, out)
+        return out, _from_buffer(ctype, out)
     if type(out) is np.ndarray and out.dtype is dtype and out.ndim == 1 and out.shape[0] >= n:
         try:
-            return out, ffi.from_buffer(ctype, out, require_writable=True)
+            return out, _from_buffer(ctype, out, require_writable=True)
         except ValueError:  # not contiguous, or read-only: out_array says which
             pass
     out = out_array(out, n, dtype, what)
-    return out, ffi.from_buffer(ctype, out, require_writable=True)
+    return out, _from_buffer(ctype, out, require_writable=True)
 
 
 def cbuf(a):
     """The C view of a checked array (no copy)."""
-    return ffi.from_buffer(_CTYPE[a.dtype], a)
+    return _from_buffer(_CTYPE[a.dtype], a)
 
 
 def preview(a, limit=8):

@@ -28,14 +28,14 @@ owning client closes, or its process dies and is recovered, the pool is reset
 import numpy as np
 
 from ._errors import make_error
-from ._ffi import ffi, lib
+from . import _lib
 from ._types import I32, c_array, preview
 
 __all__ = ["CachePool", "cache_stats", "cache_lookup"]
 
-_EINVAL, _EBUSY, _ECLIENT = lib.BT_EINVAL, lib.BT_EBUSY, lib.BT_ECLIENT
-_KEY_MAX = lib.BT_CACHE_KEY_MAX
-_STATS_FIELDS = [n for n, _ in ffi.typeof("bt_cache_stats").fields if not n.startswith("_")]
+_EINVAL, _EBUSY, _ECLIENT = _lib.BT_EINVAL, _lib.BT_EBUSY, _lib.BT_ECLIENT
+_KEY_MAX = _lib.BT_CACHE_KEY_MAX
+_STATS_FIELDS = _lib.struct_fields("bt_cache_stats")
 
 
 def _ids(values, what="ids"):
@@ -46,7 +46,7 @@ def _ids(values, what="ids"):
     t = type(values)
     if t is list or t is tuple:
         try:
-            return ffi.new("int32_t[]", values), len(values)
+            return _lib.new("int32_t[]", values), len(values)
         except (OverflowError, TypeError):
             pass                        # c_array names the problem
     return c_array(values, I32, "int32_t[]", what)
@@ -58,8 +58,8 @@ def _stats_dict(st):
 
 def cache_stats(seg, pool):
     """bt_cache_stats_get on a raw bt_seg *: a dict (lock-free snapshot)."""
-    st = ffi.new("bt_cache_stats *")
-    rc = lib.bt_cache_stats_get(seg, pool, st)
+    st = _lib.new("bt_cache_stats *")
+    rc = _lib.cache_stats_get(seg, pool, st)
     if rc:
         raise make_error(rc, f"cache_stats(pool={pool})")
     return _stats_dict(st)
@@ -68,8 +68,8 @@ def cache_stats(seg, pool):
 def cache_lookup(seg, pool, key):
     """bt_cache_lookup on a raw bt_seg *: the oldest block mapped from key,
     or None."""
-    out = ffi.new("int32_t *")
-    rc = lib.bt_cache_lookup(seg, pool, key, len(key), out)
+    out = _lib.new("int32_t *")
+    rc = _lib.cache_lookup(seg, pool, key, len(key), out)
     if rc:
         raise make_error(rc, f"cache_lookup(pool={pool}, key of {len(key)} bytes)")
     return out[0] or None
@@ -102,22 +102,20 @@ class CachePool:
         self._client = client
         self._segobj = client._segobj
         self._seg = self._segobj._s()
-        rc = lib.bt_cache_open(cl, pool)
-        if rc:
-            raise make_error(rc, f"opening cache pool {pool}")
+        _lib.cache_open(cl, pool)
         cfg = self._segobj.config
         self.pool = pool
         self.num_blocks = cfg.blocks_per_pool
         self.first_id = pool * cfg.blocks_per_pool
         self.null_block = 0 if pool == 0 else None
-        self._nfree = lib.bt_cache_nfree_ptr(self._seg, pool)
+        self._nfree = _lib.cache_nfree_ptr(self._seg, pool)
         self._rm_cap = 64
-        self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
-        self._n = ffi.new("uint32_t *")
-        self._ins = ffi.new("int *")
-        self._b = ffi.new("int32_t *")
-        self._key = ffi.new("bt_cache_key *")
-        self._hits = ffi.new("int32_t[]", self.num_blocks)
+        self._rm = _lib.new("bt_cache_key[]", self._rm_cap)
+        self._n = _lib.new("uint32_t *")
+        self._ins = _lib.new("int *")
+        self._b = _lib.new("int32_t *")
+        self._key = _lib.new("bt_cache_key *")
+        self._hits = _lib.new("int32_t[]", self.num_blocks)
         self._closed = False
 
     # ---- life cycle ---------------------------------------------------------
@@ -130,9 +128,7 @@ class CachePool:
         cl = self._client._cl
         if cl is None:
             return
-        rc = lib.bt_cache_close(cl, self.pool)
-        if rc and rc != lib.BT_ENOTOWNER:
-            raise make_error(rc, f"closing cache pool {self.pool}")
+        _lib.cache_close(cl, self.pool)
 
     @property
     def closed(self):
@@ -156,11 +152,11 @@ class CachePool:
 
     def _grow(self, n):
         self._rm_cap = max(n, 2 * self._rm_cap)
-        self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
+        self._rm = _lib.new("bt_cache_key[]", self._rm_cap)
 
     def _removed(self, n):
         rm = self._rm
-        return [(rm[i].block, bytes(ffi.buffer(rm[i].key, rm[i].len)), rm[i].ntokens)
+        return [(rm[i].block, bytes(_lib.buffer(rm[i].key, rm[i].len)), rm[i].ntokens)
                 for i in range(n)]
 
     # ---- allocation and references ---------------------------------------------
@@ -176,12 +172,12 @@ class CachePool:
         try:
             out = np.empty(n, I32)
         except ValueError:
-            raise make_error(lib.BT_ERANGE, f"alloc(n={n})") from None
-        ob = ffi.from_buffer("int32_t[]", out)
-        rc = lib.bt_cache_alloc(cl, self.pool, n, ob, self._rm, self._rm_cap, self._n)
+            raise make_error(_lib.BT_ERANGE, f"alloc(n={n})") from None
+        ob = _lib.from_buffer("int32_t[]", out)
+        rc = _lib.cache_alloc(cl, self.pool, n, ob, self._rm, self._rm_cap, self._n)
         if rc == _EINVAL and self._n[0] > self._rm_cap:     # more keys than room: nothing done
             self._grow(self._n[0])
-            rc = lib.bt_cache_alloc(cl, self.pool, n, ob, self._rm, self._rm_cap, self._n)
+            rc = _lib.cache_alloc(cl, self.pool, n, ob, self._rm, self._rm_cap, self._n)
         if rc:
             raise make_error(rc, f"alloc(n={n}) from cache pool {self.pool} "
                                  f"({self._nfree[0]} free)")
@@ -197,7 +193,7 @@ class CachePool:
         if cl is None:
             self._cl()
         b, n = _ids(ids)
-        rc = lib.bt_cache_touch(cl, self.pool, b, n)
+        rc = _lib.cache_touch(cl, self.pool, b, n)
         if rc:
             raise make_error(rc, f"touch({preview(ids)}) in cache pool {self.pool}")
 
@@ -211,7 +207,7 @@ class CachePool:
         if cl is None:
             self._cl()
         b, n = _ids(ids)
-        rc = lib.bt_cache_free(cl, self.pool, b, n, 1 if caching else 0)
+        rc = _lib.cache_free(cl, self.pool, b, n, 1 if caching else 0)
         if rc:
             raise make_error(rc, f"free({preview(ids)}) in cache pool {self.pool}")
 
@@ -223,22 +219,21 @@ class CachePool:
         if cl is None:
             self._cl()
         b, n = _ids(ids)
-        rc = lib.bt_cache_unpin(cl, self.pool, b, n)
+        rc = _lib.cache_unpin(cl, self.pool, b, n)
         if rc:
             raise make_error(rc, f"unpin({preview(ids)}) in cache pool {self.pool}")
 
     def refcnt(self, block):
         """The block's reference count (vLLM ref_cnt; the null block's is 0)."""
-        ref = self._n
-        rc = lib.bt_block_get(self._seg, block, ref, ffi.NULL)
+        rc, ref = _lib.block_ref(self._seg, block)
         if rc:
             raise make_error(rc, f"refcnt({block})")
-        return ref[0]
+        return ref
 
     def set_ref(self, block, n):
         """Set a held block's count (vLLM's copy-on-write writes ref_cnt):
         only from >= 1 to >= 1, else InvalidArgument."""
-        rc = lib.bt_cache_set_ref(self._cl(), self.pool, block, n)
+        rc = _lib.cache_set_ref(self._cl(), self.pool, block, n)
         if rc:
             raise make_error(rc, f"set_ref({block}, {n}) in cache pool {self.pool}")
 
@@ -258,7 +253,7 @@ class CachePool:
         cl = self._client._cl
         if cl is None:
             self._cl()
-        rc = lib.bt_cache_insert(cl, self.pool, block, key, len(key), ntokens, self._ins)
+        rc = _lib.cache_insert(cl, self.pool, block, key, len(key), ntokens, self._ins)
         if rc:
             raise make_error(rc, f"insert(block={block}, key of {len(key)} bytes) "
                                  f"in cache pool {self.pool}")
@@ -285,13 +280,13 @@ class CachePool:
                                     ntokens if isinstance(ntokens, int) else int(ntokens[i]))
             return done
         try:
-            nt = ffi.NULL if ntokens == 0 and type(ntokens) is int else \
-                ffi.new("uint32_t[]", [ntokens] * n if type(ntokens) is int else list(ntokens))
+            nt = _lib.NULL if ntokens == 0 and type(ntokens) is int else \
+                _lib.new("uint32_t[]", [ntokens] * n if type(ntokens) is int else list(ntokens))
         except (OverflowError, TypeError) as e:
-            raise make_error(lib.BT_ERANGE, f"ntokens: {e}") from None
-        if nt != ffi.NULL and len(nt) != n:
+            raise make_error(_lib.BT_ERANGE, f"ntokens: {e}") from None
+        if nt != _lib.NULL and len(nt) != n:
             raise make_error(_EINVAL, f"{n} blocks for {len(nt)} ntokens")
-        rc = lib.bt_cache_insert_many(cl, self.pool, b, n, b"".join(keys), klen, nt, self._n)
+        rc = _lib.cache_insert_many(cl, self.pool, b, n, b"".join(keys), klen, nt, self._n)
         if rc:
             e = make_error(rc, f"insert_many({n} keys) in cache pool {self.pool}")
             e.inserted = self._n[0]
@@ -305,10 +300,10 @@ class CachePool:
         cl = self._client._cl
         if cl is None:
             self._cl()
-        rc = lib.bt_cache_remove(cl, self.pool, block, self._rm, self._rm_cap, self._n)
+        rc = _lib.cache_remove(cl, self.pool, block, self._rm, self._rm_cap, self._n)
         if rc == _EINVAL and self._n[0] > self._rm_cap:
             self._grow(self._n[0])
-            rc = lib.bt_cache_remove(cl, self.pool, block, self._rm, self._rm_cap, self._n)
+            rc = _lib.cache_remove(cl, self.pool, block, self._rm, self._rm_cap, self._n)
         if rc:
             raise make_error(rc, f"remove({block}) in cache pool {self.pool}")
         return self._removed(self._n[0]) if self._n[0] else []
@@ -316,7 +311,7 @@ class CachePool:
     def lookup(self, key):
         """vLLM get_one_block(key): the oldest block mapped from key, or None.
         Counts a query (and a hit) in the pool's statistics."""
-        rc = lib.bt_cache_lookup(self._seg, self.pool, key, len(key), self._b)
+        rc = _lib.cache_lookup(self._seg, self.pool, key, len(key), self._b)
         if rc:
             raise make_error(rc, f"lookup(key of {len(key)} bytes) in cache pool {self.pool}")
         return self._b[0] or None
@@ -336,8 +331,8 @@ class CachePool:
                     break
                 out.append(b)
             return out
-        blocks = self._hits if n <= self.num_blocks else ffi.new("int32_t[]", n)
-        rc = lib.bt_cache_lookup_many(self._seg, self.pool, b"".join(keys), n, klen, blocks, self._n)
+        blocks = self._hits if n <= self.num_blocks else _lib.new("int32_t[]", n)
+        rc = _lib.cache_lookup_many(self._seg, self.pool, b"".join(keys), n, klen, blocks, self._n)
         if rc:
             raise make_error(rc, f"lookup_many({n} keys) in cache pool {self.pool}")
         return list(blocks[0:self._n[0]])
@@ -345,15 +340,15 @@ class CachePool:
     def block_key(self, block):
         """The block's primary key (vLLM block.block_hash) and its ntokens
         (block_hash_num_tokens): (key, ntokens), or None without one."""
-        rc = lib.bt_cache_block_key(self._seg, block, self._key, self._n)
+        rc = _lib.cache_block_key(self._seg, block, self._key, self._n)
         if rc:
             raise make_error(rc, f"block_key({block})")
         k = self._key
-        return (bytes(ffi.buffer(k.key, k.len)), k.ntokens) if k.len else None
+        return (bytes(_lib.buffer(k.key, k.len)), k.ntokens) if k.len else None
 
     def num_extra_keys(self, block):
         """How many keys the block has besides its primary one."""
-        rc = lib.bt_cache_block_key(self._seg, block, self._key, self._n)
+        rc = _lib.cache_block_key(self._seg, block, self._key, self._n)
         if rc:
             raise make_error(rc, f"block_key({block})")
         return self._n[0]
@@ -362,7 +357,7 @@ class CachePool:
         """vLLM reset_prefix_cache(): True and every key removed (queue order
         and counts kept) when no block but the null block is in use; False
         otherwise, nothing changed."""
-        rc = lib.bt_cache_reset(self._cl(), self.pool)
+        rc = _lib.cache_reset(self._cl(), self.pool)
         if rc == _EBUSY:
             return False
         if rc:
@@ -378,8 +373,8 @@ class CachePool:
     def queue(self):
         """The free queue in order (first = next allocated), as a list."""
         cap = self.num_blocks
-        out = ffi.new("int32_t[]", cap)
-        rc = lib.bt_cache_queue(self._seg, self.pool, out, cap, self._n)
+        out = _lib.new("int32_t[]", cap)
+        rc = _lib.cache_queue(self._seg, self.pool, out, cap, self._n)
         if rc:
             raise make_error(rc, f"queue() of cache pool {self.pool}")
         return list(out[0:min(self._n[0], cap)])

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._errors import make_error
-from ._ffi import lib
+from . import _lib
 from ._types import I32, I64, as_array
-from .sparse import count, read_row
+from ._lib import count
+from .tables.paged import read_row
 
 __all__ = ["RunLengthSlots", "compress_slots", "compress_row", "compress_rows"]
 
@@ -85,7 +86,7 @@ class RunLengthSlots:
         if out is None:
             out = np.empty(n, I64)
         elif out.shape[0] < n or out.dtype != I64:
-            raise make_error(lib.BT_EINVAL, f"out must be int64 with >= {n} entries")
+            raise make_error(_lib.BT_EINVAL, f"out must be int64 with >= {n} entries")
         if not n:
             return out[:0]
         run = np.repeat(np.arange(self.num_runs), self.length)
@@ -122,14 +123,14 @@ def compress_slots(slots):
     -1 are refused (InvalidArgument)."""
     s = as_array(slots, I64, "slots")
     if s.shape[0] and int(s.min()) < -1:
-        raise make_error(lib.BT_EINVAL, f"slot {int(s.min())} < -1 is not a slot mapping")
+        raise make_error(_lib.BT_EINVAL, f"slot {int(s.min())} < -1 is not a slot mapping")
     return _runs(s, np.ones(s.shape[0], I64))
 
 
 def _row_segments(segment, row, start, n, bs):
     """(first, length) per block touched by tokens [start, start + n)."""
     ids, info = read_row(segment, row)
-    paged = bool(info.flags & lib.BT_ROW_PAGED)
+    paged = bool(info.flags & _lib.BT_ROW_PAGED)
     firsts, lens = [], []
     if start < 0:                   # positions before 0: no slot
         k = min(n, -start)
@@ -154,7 +155,7 @@ def _row_segments(segment, row, start, n, bs):
 
 def _block_size(segment, params):
     if params is not None and params.cp_world > 1:
-        raise make_error(lib.BT_EINVAL, "compress_row does not do context parallelism: "
+        raise make_error(_lib.BT_EINVAL, "compress_row does not do context parallelism: "
                                         "compress_slots(slots_row(...)) does")
     return (params.block_size if params is not None and params.block_size
             else segment.config.block_size)
@@ -178,10 +179,10 @@ def compress_rows(segment, rows, starts, num_tokens, params=None):
     s = as_array(starts, I64, "starts")
     k = as_array(num_tokens, I64, "num_tokens")
     if not r.shape[0] == s.shape[0] == k.shape[0]:
-        raise make_error(lib.BT_EINVAL, f"{r.shape[0]} rows, {s.shape[0]} starts, "
+        raise make_error(_lib.BT_EINVAL, f"{r.shape[0]} rows, {s.shape[0]} starts, "
                                         f"{k.shape[0]} counts")
     if k.shape[0] and int(k.min()) < 0:
-        raise make_error(lib.BT_ERANGE, f"num_tokens {int(k.min())} < 0")
+        raise make_error(_lib.BT_ERANGE, f"num_tokens {int(k.min())} < 0")
     bs = _block_size(segment, params)
     parts = [_row_segments(segment, int(r[i]), int(s[i]), int(k[i]), bs)
              for i in range(r.shape[0])]

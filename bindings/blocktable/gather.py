@@ -19,12 +19,12 @@ FileNotFoundError from find_row for a key no claimed row holds.
 import numpy as np
 
 from ._errors import make_error
-from ._ffi import ffi, lib
+from . import _lib
 from ._types import I32, U64
 
 __all__ = ["RowGather"]
 
-_EINVAL = lib.BT_EINVAL
+_EINVAL = _lib.BT_EINVAL
 
 
 class RowGather:
@@ -39,9 +39,9 @@ class RowGather:
         self.hints = np.zeros(max_rows, U64)
         self.nblocks = np.zeros(max_rows, I32)
         self._seg = seg._s()
-        self._keys_c = ffi.from_buffer("uint64_t[]", self.keys)
-        self._hints_c = ffi.from_buffer("uint64_t[]", self.hints)
-        self._nb_c = ffi.from_buffer("int32_t[]", self.nblocks)
+        self._keys_c = _lib.from_buffer("uint64_t[]", self.keys)
+        self._hints_c = _lib.from_buffer("uint64_t[]", self.hints)
+        self._nb_c = _lib.from_buffer("int32_t[]", self.nblocks)
 
     def set_key(self, slot, key):
         """Batch slot `slot` now holds request `key` (its hint is dropped)."""
@@ -57,8 +57,8 @@ class RowGather:
             raise make_error(_EINVAL, f"gather(n={n}): out must be C-contiguous int32 "
                              f"[>= n, width] (got {out.dtype} {out.shape}) and n at most "
                              f"{self.keys.shape[0]}")
-        rc = lib.bt_rows_gather(self._seg, self._keys_c, n, self._hints_c,
-                                ffi.from_buffer("int32_t[]", out), out.shape[1], self._nb_c)
+        rc = _lib.rows_gather(self._seg, self._keys_c, n, self._hints_c,
+                                _lib.from_buffer("int32_t[]", out), out.shape[1], self._nb_c)
         if rc:
             raise make_error(rc, f"gather(n={n})")
         return self.nblocks[:n]

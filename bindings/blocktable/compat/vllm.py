@@ -72,14 +72,14 @@ import numpy as np
 
 from .._core import SlotParams, Segment
 from .._errors import make_error
-from .._ffi import ffi, lib
+from .. import _lib
+from .._lib import ID_LIMIT as _ID_LIMIT
 from .._types import I32, I64, SegmentConfig, as_array, c_array
 
 __all__ = ["BlockTable", "MultiGroupBlockTable", "CpuGpuBuffer", "SlotMappingMode",
            "get_block_table_width", "SUPPORTED_VLLM"]
 
 SUPPORTED_VLLM = "0.32"          # the vLLM release line these signatures follow
-_ID_LIMIT = 2**31
 
 
 class SlotMappingMode(enum.Enum):
@@ -92,7 +92,7 @@ class SlotMappingMode(enum.Enum):
 def _mode_value(mode):
     v = getattr(mode, "value", mode)
     if v not in ("token_to_kv_slot", "none"):
-        raise make_error(lib.BT_EINVAL, f"unknown slot_mapping_mode {mode!r}")
+        raise make_error(_lib.BT_EINVAL, f"unknown slot_mapping_mode {mode!r}")
     return v
 
 
@@ -302,7 +302,7 @@ class BlockTable:
                  pcp_world_size=None, pcp_rank=None):
         kernel_block_size = kernel_block_size or block_size
         if block_size % kernel_block_size:
-            raise make_error(lib.BT_ECONFIG, f"kernel_block_size {kernel_block_size} must "
+            raise make_error(_lib.BT_ECONFIG, f"kernel_block_size {kernel_block_size} must "
                                              f"divide block_size {block_size}")
         _mode_value(slot_mapping_mode)
         self.max_num_reqs = max_num_reqs
@@ -326,7 +326,7 @@ class BlockTable:
         self._params_key = None
         self._slot_params()          # libbt checks them at each call: fail now if bad
         slots = np.zeros(max_num_batched_tokens, I64)
-        self._slot_buf = ffi.from_buffer("int64_t[]", slots)
+        self._slot_buf = _lib.from_buffer("int64_t[]", slots)
         self.slot_mapping = CpuGpuBuffer(slots, device, pin_memory)
         self._host_only = device is None or str(device) == "cpu"
 
@@ -343,7 +343,7 @@ class BlockTable:
         self.mirror = _mirror_for(self.segment, self.device)
         self.block_table = CpuGpuBuffer(self._table_w, self.device, self.pin_memory,
                                         self.mirror)
-        self._seg = self.segment._seg
+        self._seg = self.segment._s()
         counts = self._nb_w.view(_Counts)
         counts._buf = self.block_table
         self._counts = counts
@@ -376,7 +376,7 @@ class BlockTable:
         ids = as_array(block_ids, I32, "block_ids")
         if self.use_hybrid_blocks and ids.shape[0]:
             if int(ids.max()) >= _ID_LIMIT // self.blocks_per_kv_block:
-                raise make_error(lib.BT_ERANGE, f"block id {int(ids.max())} does not fit "
+                raise make_error(_lib.BT_ERANGE, f"block id {int(ids.max())} does not fit "
                                                 f"int32 as kernel blocks")
             ids = self.map_to_kernel_blocks(ids, self.blocks_per_kv_block,
                                             self._kernel_block_arange)
@@ -428,10 +428,10 @@ class BlockTable:
         params = self._slot_params()
         n = len(positions)
         if n > self.max_num_batched_tokens:
-            raise make_error(lib.BT_EINVAL, f"{n} tokens > max_num_batched_tokens "
+            raise make_error(_lib.BT_EINVAL, f"{n} tokens > max_num_batched_tokens "
                                             f"{self.max_num_batched_tokens}")
         if num_reqs > self.max_num_reqs:
-            raise make_error(lib.BT_ERANGE, f"num_reqs {num_reqs} > max_num_reqs "
+            raise make_error(_lib.BT_ERANGE, f"num_reqs {num_reqs} > max_num_reqs "
                                             f"{self.max_num_reqs}")
         if self.block_table._mirror is not None and _is_cuda(positions):
             self._slots_on_mirror(num_reqs, query_start_loc, positions, params)
@@ -439,14 +439,14 @@ class BlockTable:
         qsl = _host(query_start_loc, I32, "query_start_loc")
         pos = _host(positions, I64, "positions")
         if qsl.shape[0] < num_reqs + 1:
-            raise make_error(lib.BT_EINVAL, f"query_start_loc has {qsl.shape[0]} entries, "
+            raise make_error(_lib.BT_EINVAL, f"query_start_loc has {qsl.shape[0]} entries, "
                                             f"num_reqs {num_reqs} needs {num_reqs + 1}")
         end = int(qsl[num_reqs])
         if end > n:
-            raise make_error(lib.BT_EINVAL, f"query_start_loc ends at {end}, "
+            raise make_error(_lib.BT_EINVAL, f"query_start_loc ends at {end}, "
                                             f"positions has {n}")
-        rc = lib.bt_slots_qsl(self._seg, params.c, ffi.NULL, ffi.from_buffer("int32_t[]", qsl),
-                              num_reqs, ffi.from_buffer("int64_t[]", pos), self._slot_buf,
+        rc = _lib.slots_qsl(self._seg, params.c, _lib.NULL, _lib.from_buffer("int32_t[]", qsl),
+                            num_reqs, _lib.from_buffer("int64_t[]", pos), self._slot_buf,
                               self.max_num_batched_tokens)
         if rc:
             raise make_error(rc, f"compute_slot_mapping(num_reqs={num_reqs}, n={n})")
@@ -470,9 +470,9 @@ class BlockTable:
         rb, nr = c_array(req_indices, I32, "int32_t[]", "req_indices")
         pb, n = c_array(positions, I64, "int64_t[]", "positions")
         if nr != n or n > self.max_num_batched_tokens:
-            raise make_error(lib.BT_EINVAL, f"{nr} req_indices, {n} positions, "
+            raise make_error(_lib.BT_EINVAL, f"{nr} req_indices, {n} positions, "
                                             f"max_num_batched_tokens {self.max_num_batched_tokens}")
-        rc = lib.bt_slots_req(self._seg, self._slot_params().c, rb, pb, n, self._slot_buf)
+        rc = _lib.slots_req(self._seg, self._slot_params().c, rb, pb, n, self._slot_buf)
         if rc:
             raise make_error(rc, f"compute_slot_mapping_tokens(n={n})")
 

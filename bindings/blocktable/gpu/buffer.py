@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from .._errors import make_error
-from .._ffi import lib
+from .. import _lib
 from . import pinned
 from ._cuda import GpuUnavailable, cupy, stream_ptr
 
@@ -55,7 +55,7 @@ class CpuGpuBuffer:
         self._mm = None
         if cpu is not None:
             if not isinstance(cpu, np.ndarray) or not cpu.flags.c_contiguous:
-                raise make_error(lib.BT_EINVAL, "cpu must be a C-contiguous numpy array")
+                raise make_error(_lib.BT_EINVAL, "cpu must be a C-contiguous numpy array")
             arr = cpu
         else:
             shape = tuple(int(s) for s in size)
@@ -165,7 +165,7 @@ class CpuGpuBuffer:
         else:
             v = np.asarray(values, self.dtype).ravel()
             if v.shape[0] > self.np.shape[1]:
-                raise make_error(lib.BT_EROWFULL, f"{v.shape[0]} values for a row of "
+                raise make_error(_lib.BT_EROWFULL, f"{v.shape[0]} values for a row of "
                                                   f"{self.np.shape[1]}")
             self.np[row, :v.shape[0]] = v
             self.np[row, v.shape[0]:] = 0

@@ -271,14 +271,14 @@ class SlotKernelParams:
 
     def __init__(self, block_size, cp_world=1, cp_rank=0, cp_interleave=1):
         from .._errors import make_error
-        from .._ffi import lib
+        from .. import _lib
         bs = int(block_size)
         w = int(cp_world) if cp_world and cp_world > 1 else 1
         il = int(cp_interleave) if cp_interleave else 1
         rank = int(cp_rank)
         if bs <= 0 or bs > (1 << 20) or w > 1024 or not 0 <= rank < w or il > bs \
                 or (w > 1 and bs % il):
-            raise make_error(lib.BT_EINVAL, f"slot params block_size={bs}, cp_world={w}, "
+            raise make_error(_lib.BT_EINVAL, f"slot params block_size={bs}, cp_world={w}, "
                                             f"cp_rank={rank}, cp_interleave={il}")
         shift = bs.bit_length() - 1 if w == 1 and bs & (bs - 1) == 0 else -1
         self.block_size, self.cp_world, self.cp_rank, self.cp_interleave = bs, w, rank, il

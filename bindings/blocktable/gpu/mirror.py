@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from .._errors import make_error
-from .._ffi import ffi, lib
+from .. import _lib
 from . import kernels
 from ._cuda import (MirrorGone, MirrorNotFound, ProcWatch, _err, cupy, device_by_uuid,
                     device_uuid, proc_start_time, stream_ptr, uuid_str)
@@ -38,22 +38,18 @@ from .sync import Syncer
 
 __all__ = ["MirrorExporter", "Mirror", "SlotMapper", "export", "list_mirrors", "MirrorInfo"]
 
-FREE, CLAIMED, PUBLISHED = lib.BT_MIRROR_FREE, lib.BT_MIRROR_CLAIMED, lib.BT_MIRROR_PUBLISHED
+FREE, CLAIMED, PUBLISHED = _lib.BT_MIRROR_FREE, _lib.BT_MIRROR_CLAIMED, _lib.BT_MIRROR_PUBLISHED
 
 _local = {}                   # (segment address, index) -> MirrorExporter of this process
 _local_lock = threading.Lock()
 
 
 def _seg_key(seg):
-    return int(ffi.cast("uintptr_t", seg._base))
+    return seg.address
 
 
 def _desc(seg, index):
-    d = ffi.new("bt_mirror_desc *")
-    rc = lib.bt_mirror_get(seg._seg, index, d)
-    if rc:
-        raise make_error(rc, f"bt_mirror_get({index})")
-    return d
+    return _lib.mirror_get(seg._s(), index)
 
 
 class MirrorInfo:
@@ -65,7 +61,7 @@ class MirrorInfo:
         self.index = index
         for f in self.__slots__[1:]:
             v = getattr(d, f)
-            setattr(self, f, bytes(ffi.buffer(v)) if f in ("uuid", "handle") else v)
+            setattr(self, f, bytes(_lib.buffer(v)) if f in ("uuid", "handle") else v)
 
     @property
     def exporter_alive(self):
@@ -104,7 +100,7 @@ class _MirrorBase:
         self._syncer = Syncer.get(seg, index, generation, device, table.data.ptr,
                                   counts.data.ptr)
         self._gone = None
-        self._d = ffi.new("bt_mirror_desc *")      # reused by every check()
+        self._d = _lib.new("bt_mirror_desc *")      # reused by every check()
 
     # ---- liveness ----------------------------------------------------------------
     def check(self):
@@ -127,7 +123,7 @@ class _MirrorBase:
 
     def _why_gone(self):
         d = self._d
-        rc = lib.bt_mirror_get(self.segment._seg, self.index, d)
+        rc = _lib.mirror_rc(self.segment._s(), self.index, d)
         if rc:
             return f"mirror {self.index}: {make_error(rc)}"
         if d.generation != self.generation or d.state != PUBLISHED:
@@ -182,7 +178,7 @@ class _MirrorBase:
 
     def invalidate(self):
         """Forget what the device holds: the next sync is a full one."""
-        lib.bt_mirror_invalidate(self.segment._seg, self.index)
+        _lib.mirror_invalidate(self.segment._s(), self.index)
 
     # ---- kernels ---------------------------------------------------------------------
     def _on_device(self):
@@ -206,7 +202,7 @@ class _MirrorBase:
         qsl = _dev(cp, query_start_loc, np.int32)
         num_reqs = qsl.shape[0] - 1
         if num_reqs < 0:
-            raise make_error(lib.BT_EINVAL, "query_start_loc is empty")
+            raise make_error(_lib.BT_EINVAL, "query_start_loc is empty")
         if out_len is None:
             if out is not None:
                 out_len = out.shape[0]
@@ -217,9 +213,9 @@ class _MirrorBase:
         if out is None:
             out = cp.empty(out_len, np.int64)
         elif out.dtype != np.int64 or out.shape[0] < out_len:
-            raise make_error(lib.BT_EINVAL, f"out must be int64 with >= {out_len} entries")
+            raise make_error(_lib.BT_EINVAL, f"out must be int64 with >= {out_len} entries")
         if (positions is None) == (starts is None):
-            raise make_error(lib.BT_EINVAL, "give positions or starts (not both)")
+            raise make_error(_lib.BT_EINVAL, "give positions or starts (not both)")
         kp = params if isinstance(params, kernels.SlotKernelParams) else \
             kernels.SlotKernelParams.of(self.segment.config, params)
         with self._on_device():
@@ -243,7 +239,7 @@ class _MirrorBase:
         r, p = _dev(cp, rows, np.int32), _dev(cp, positions, np.int64)
         n = p.shape[0]
         if r.shape[0] != n:
-            raise make_error(lib.BT_EINVAL, f"{r.shape[0]} rows for {n} positions")
+            raise make_error(_lib.BT_EINVAL, f"{r.shape[0]} rows for {n} positions")
         out_len = n if out_len is None else out_len
         out = cp.empty(out_len, np.int64) if out is None else out
         kp = params if isinstance(params, kernels.SlotKernelParams) else \
@@ -316,7 +312,7 @@ class SlotMapper:
             raise _err(MirrorGone, "the mirror was reopened: make a new SlotMapper")
         out_len = self.max_tokens if out_len is None else out_len
         if not 0 <= num_reqs <= self.max_reqs or not 0 <= out_len <= self.max_tokens:
-            raise make_error(lib.BT_EINVAL, f"num_reqs {num_reqs} / out_len {out_len} over "
+            raise make_error(_lib.BT_EINVAL, f"num_reqs {num_reqs} / out_len {out_len} over "
                                             f"{self.max_reqs} / {self.max_tokens}")
         a = self._launch.args
         a[6].value, a[10].value = num_reqs, out_len
@@ -362,19 +358,13 @@ class MirrorExporter(_MirrorBase):
             mem = cp.cuda.Memory(size)
             rt.memset(mem.ptr, 0, size)
             handle = rt.ipcGetMemHandle(mem.ptr)
-        out = ffi.new("uint32_t *")
-        rc = lib.bt_mirror_claim(seg._seg, out)
-        if rc:
-            raise make_error(rc, "no free mirror slot (max_mirrors)")
-        index = out[0]
-        d = ffi.new("bt_mirror_desc *")
-        ffi.memmove(d.uuid, device_uuid(dev), 16)
-        ffi.memmove(d.handle, handle, 64)
+        h = seg._s()
+        index = _lib.mirror_claim(h)
+        d = _lib.new("bt_mirror_desc *")
+        _lib.memmove(d.uuid, device_uuid(dev), 16)
+        _lib.memmove(d.handle, handle, 64)
         d.alloc_size, d.table_off, d.counts_off, d.device_index = size, 0, table_bytes, dev
-        rc = lib.bt_mirror_publish(seg._seg, index, d)
-        if rc:
-            lib.bt_mirror_retire(seg._seg, index)
-            raise make_error(rc, f"bt_mirror_publish({index})")
+        _lib.mirror_publish(h, index, d)
         gen = _desc(seg, index).generation
         self._mem = mem
         table, counts = _views(cp, mem.ptr, size, mem, dev, 0, table_bytes, R, W)
@@ -394,7 +384,7 @@ class MirrorExporter(_MirrorBase):
                 _local.pop((_seg_key(self.segment), self.index), None)
             d = _desc(self.segment, self.index)
             if d.generation == self.generation and d.exporter_pid == self._pid:
-                lib.bt_mirror_retire(self.segment._seg, self.index)
+                _lib.mirror_retire(self.segment._s(), self.index)
             cupy().cuda.runtime.deviceSynchronize()
             self._syncer.close()
         self._gone = "the exporter closed it"
@@ -422,7 +412,7 @@ def _reap_dead_exporters(seg):
         d = _desc(seg, i)
         if d.state != FREE and not (d.exporter_pid > 0 and
                                     proc_start_time(d.exporter_pid) == d.exporter_start):
-            lib.bt_mirror_retire(seg._seg, i)
+            _lib.mirror_retire(seg._s(), i)
 
 
 class _IpcMapping:
@@ -459,7 +449,7 @@ class Mirror(_MirrorBase):
         idx, d, dev, watch = _await_live(lambda: _find(cp, seg, device, index), wait)
         R, W = seg.config.num_rows, seg.config.row_width
         if d.table_off + 4 * R * W > d.alloc_size or d.counts_off + 4 * R > d.alloc_size:
-            raise make_error(lib.BT_ECORRUPT, f"mirror {idx}: offsets outside the allocation")
+            raise make_error(_lib.BT_ECORRUPT, f"mirror {idx}: offsets outside the allocation")
         self._watch = watch
         local = _local.get((_seg_key(seg), idx)) if d.exporter_pid == os.getpid() else None
         if local is not None:
@@ -467,7 +457,7 @@ class Mirror(_MirrorBase):
             self._mapping = local
         else:
             with cp.cuda.Device(dev):
-                ptr = cp.cuda.runtime.ipcOpenMemHandle(bytes(ffi.buffer(d.handle)))
+                ptr = cp.cuda.runtime.ipcOpenMemHandle(bytes(_lib.buffer(d.handle)))
             self._mapping = _IpcMapping(ptr, dev)
             table, counts = _views(cp, ptr, d.alloc_size, self._mapping, dev, d.table_off,
                                    d.counts_off, R, W)
@@ -544,7 +534,7 @@ def _find(cp, seg, device, index):
     """(index, descriptor, local device ordinal) of the mirror to open."""
     cur = cp.cuda.runtime.getDevice() if device is None else int(device)
     return _find_in(seg, index, cur, device is None,
-                    lambda d: device_by_uuid(bytes(ffi.buffer(d.uuid))))
+                    lambda d: device_by_uuid(bytes(_lib.buffer(d.uuid))))
 
 
 def _find_in(seg, index, cur, any_device, dev_of):
@@ -565,7 +555,7 @@ def _find_in(seg, index, cur, any_device, dev_of):
         dev = dev_of(d)
         if dev is None:
             if index is not None:
-                raise _err(MirrorNotFound, f"mirror {i} lives on {uuid_str(bytes(ffi.buffer(d.uuid)))}, "
+                raise _err(MirrorNotFound, f"mirror {i} lives on {uuid_str(bytes(_lib.buffer(d.uuid)))}, "
                                            "which is not visible in this process")
             continue
         if dev == cur or index is not None:

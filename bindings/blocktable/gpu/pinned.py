@@ -17,7 +17,6 @@ import os
 import threading
 import warnings
 
-from .._ffi import ffi
 from ._cuda import cupy
 
 __all__ = ["register_segment", "register", "unregister", "is_registered"]
@@ -32,7 +31,7 @@ _failed = {}                 # address -> reason
 
 
 def seg_address(seg):
-    return int(ffi.cast("uintptr_t", seg._base))
+    return seg.address
 
 
 def register(ptr, size, keepalive=None, flags=HOST_REGISTER_PORTABLE | HOST_REGISTER_MAPPED):

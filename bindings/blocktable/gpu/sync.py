@@ -54,7 +54,7 @@ import weakref
 import numpy as np
 
 from .._errors import make_error
-from .._ffi import ffi, lib
+from .. import _lib
 from . import kernels
 from ._cuda import ProcWatch, cupy, proc_start_time, stream_ptr
 
@@ -81,7 +81,7 @@ _HOST_ALLOC_FLAGS = 1 | 2     # cudaHostAllocPortable | cudaHostAllocMapped
 # cupy.cuda.Event(block=False, disable_timing=True, interprocess=True) makes.
 _EV_FLAGS_IPC = 2 | 4
 _EV_FLAGS = 2
-_KEEP_LOCK = lib.BT_STAGE_KEEP_LOCK
+_KEEP_LOCK = _lib.BT_STAGE_KEEP_LOCK
 _MAX_PEERS = 32               # opened peer events kept before the dead are pruned
 
 _orphans = []                 # events of closed Syncers that a record still names
@@ -93,7 +93,7 @@ def _thread_lock(seg, index):
     """The lock that serialises this process's syncs of one mirror: keyed by
     the segment's name (every mapping of it in this process shares the lock
     word) or, embedded, its address."""
-    key = (seg.name if seg.name else int(ffi.cast("uintptr_t", seg._base)), index)
+    key = (seg.name if seg.name else seg.address, index)
     with _tlocks_guard:
         lk = _tlocks.get(key)
         if lk is None:
@@ -114,8 +114,8 @@ class _Slot:
         self.bytes = np.frombuffer(raw, np.uint8)
         self.idx = np.frombuffer(raw, np.int64, cap, 0)
         self.val = np.frombuffer(raw, np.int32, cap, 8 * cap)
-        self.idx_c = ffi.cast("int64_t *", self.host)
-        self.val_c = ffi.cast("int32_t *", self.host + 8 * cap)
+        self.idx_c = _lib.cast("int64_t *", self.host)
+        self.val_c = _lib.cast("int32_t *", self.host + 8 * cap)
         # With unified addressing the device sees mapped pinned memory at the
         # same address; ask rather than assume.
         self.dev_host = rt.pointerGetAttributes(self.host).devicePointer or self.host
@@ -169,7 +169,7 @@ class Syncer:
         cfg = seg.config
         # Not the Segment itself (the registry is keyed weakly by it): its
         # handle, and the mapping, which stays alive as long as we do.
-        self._raw, self._keep, self.name = seg._seg, seg._base, seg.name
+        self._raw, self._keep, self.name = seg._s(), seg._base, seg.name
         self.index, self.generation, self.device = index, generation, device
         self.R, self.W = cfg.num_rows, cfg.row_width
         self.T = self.R * self.W
@@ -178,9 +178,9 @@ class Syncer:
         self._contig = counts_ptr == table_ptr + 4 * self.T
         self._ring = [None, None]
         self._k = 0
-        self._n, self._dirty = ffi.new("uint64_t *"), ffi.new("uint32_t *")
-        self._last = ffi.new("bt_mirror_sync *")     # the record stage_ex hands back
-        self._rec = ffi.new("bt_mirror_sync *")      # ours, for bt_mirror_sync_done
+        self._n, self._dirty = _lib.new("uint64_t *"), _lib.new("uint32_t *")
+        self._last = _lib.new("bt_mirror_sync *")     # the record stage_ex hands back
+        self._rec = _lib.new("bt_mirror_sync *")      # ours, for bt_mirror_sync_done
         self._lock = _thread_lock(seg, index)
         self._pid = os.getpid()
         self._start = proc_start_time(self._pid)
@@ -191,7 +191,7 @@ class Syncer:
         self._done = rt.eventCreateWithFlags(_EV_FLAGS_IPC if ipc else _EV_FLAGS)
         self._done_handle = bytes(rt.ipcGetEventHandle(self._done))[:64].ljust(64, b"\0") \
             if ipc else bytes(64)
-        ffi.memmove(self._rec.event, self._done_handle, 64)
+        _lib.memmove(self._rec.event, self._done_handle, 64)
         self._done_stream = None          # stream of the last recorded _done, None: never
         self._peers = {}                  # (pid, start, handle) -> (ProcWatch, event ptr)
         self._launch = None               # kernels.Launch of bt_scatter
@@ -222,14 +222,11 @@ class Syncer:
         t0 = None
         tries = 0
         while True:
-            try:
-                rc = lib.bt_mirror_stage_ex(self._raw, self.index, num_rows, _KEEP_LOCK,
-                                            slot.idx_c, slot.val_c, slot.cap, self._n,
-                                            self._dirty, self._last)
-            except OverflowError as e:
-                raise make_error(lib.BT_ERANGE, f"sync(num_rows={num_rows}): {e}") from None
-            if rc != lib.BT_EBUSY:
-                break
+            staged = _lib.mirror_stage(self._raw, self.index, num_rows, _KEEP_LOCK,
+                                       slot.idx_c, slot.val_c, slot.cap, self._n,
+                                       self._dirty, self._last)
+            if staged:
+                return
             now = time.monotonic()
             if t0 is None:
                 t0 = now
@@ -240,10 +237,9 @@ class Syncer:
                 os.sched_yield()
             else:
                 time.sleep(50e-6)
-        if rc:
-            raise make_error(rc, f"bt_mirror_stage_ex(mirror {self.index}, num_rows={num_rows})"
-                             + (": another process held the mirror's sync lock, or a row "
-                                "stayed mid-write" if rc == lib.BT_EBUSY else ""))
+        raise make_error(_lib.BT_EBUSY, f"bt_mirror_stage_ex(mirror {self.index}, "
+                                        f"num_rows={num_rows}): another process held the "
+                                        "mirror's sync lock, or a row stayed mid-write")
 
     def _sync(self, s, num_rows, mode):
         rt = self._rt
@@ -272,16 +268,14 @@ class Syncer:
                 rt.eventRecord(self._done, s)
                 self._done_stream = s
             if n and not ours:
-                rc = lib.bt_mirror_sync_done(self._raw, self.index, self._rec)
-                if rc:
-                    raise make_error(rc, f"bt_mirror_sync_done(mirror {self.index})")
+                _lib.mirror_sync_done(self._raw, self.index, self._rec)
             else:
                 # Nothing copied (the record still names the last copy, which
                 # the stream now waits for), or the record already names our
                 # event, whose latest record is the one just made.
-                lib.bt_mirror_unlock(self._raw, self.index)
+                _lib.mirror_unlock(self._raw, self.index)
         except BaseException:
-            lib.bt_mirror_invalidate(self._raw, self.index)   # the records ran ahead
+            _lib.mirror_invalidate(self._raw, self.index)   # the records ran ahead
             if enqueued:
                 # A copy may be queued; let it land before another syncer,
                 # which will not wait for it, starts the full one.
@@ -289,7 +283,7 @@ class Syncer:
                     rt.streamSynchronize(s)
                 except Exception:
                     pass
-            lib.bt_mirror_unlock(self._raw, self.index)
+            _lib.mirror_unlock(self._raw, self.index)
             raise
         self.last_entries, self.last_rows, self.last_bytes = n, rows, nbytes
         self.last_calls, self.last_mode = calls, used
@@ -310,7 +304,7 @@ class Syncer:
             return False                     # nobody synced yet (since the segment began)
         start = last.start_time
         if pid == self._pid and start == self._start:
-            handle = bytes(ffi.buffer(last.event))
+            handle = bytes(_lib.buffer(last.event))
             if handle != self._done_handle:
                 # Another syncer of ours, of an older publish (or closed):
                 # its copies went elsewhere.
@@ -320,7 +314,7 @@ class Syncer:
                 rt.streamWaitEvent(s, self._done, 0)
             self.last_waited = "self"
             return True
-        handle = bytes(ffi.buffer(last.event))
+        handle = bytes(_lib.buffer(last.event))
         key = (pid, start, handle)
         peer = self._peers.get(key)
         if peer is None:
@@ -342,7 +336,7 @@ class Syncer:
             return False
         # Dead (or its event can't be opened): start over with a full stage.
         self._drop_peer(key, rt)
-        lib.bt_mirror_invalidate(self._raw, self.index)
+        _lib.mirror_invalidate(self._raw, self.index)
         self._stage(slot, num_rows)
         self.full_restages += 1
         self.last_waited = "dead"
@@ -381,7 +375,7 @@ class Syncer:
             return mode, 12 * n, 2
         if mode == "ranges":
             return mode, 4 * n, self._ranges(slot, n, s, rt)
-        raise make_error(lib.BT_EINVAL, f"sync mode {mode!r} is not one of {MODES}")
+        raise make_error(_lib.BT_EINVAL, f"sync mode {mode!r} is not one of {MODES}")
 
     def _scatter(self, idx, val, n, s):
         tid = threading.get_ident()
@@ -430,10 +424,10 @@ class Syncer:
     def _named_in_record(self):
         if not self.name:
             return False
-        rec = ffi.new("bt_mirror_sync *")
-        if lib.bt_mirror_sync_get(self._raw, self.index, rec):
+        rec = _lib.new("bt_mirror_sync *")
+        if not _lib.mirror_sync_get(self._raw, self.index, rec):
             return True
-        return rec.pid == self._pid and bytes(ffi.buffer(rec.event)) == self._done_handle
+        return rec.pid == self._pid and bytes(_lib.buffer(rec.event)) == self._done_handle
 
     def close(self):
         with self._lock:
