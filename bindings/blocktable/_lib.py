@@ -518,5 +518,19 @@ def block_ref(h, block):
     return rc, ref[0]
 
 
+def proc_start_time(pid):
+    """The start time of process pid (field 22 of /proc/pid/stat, clock ticks
+    since boot; never 0), from libbt's bt_proc_start_time, so that it equals
+    what libbt stores in slots, segment headers and mirrors. 0 if the process
+    is gone or a zombie (exited, not yet reaped: dead, as libbt counts it), or
+    cannot be read. Never raises (any int is accepted); thread-safe; releases
+    the GIL while it reads /proc."""
+    pid = int(pid)
+    if not 0 < pid < 2 ** 31:
+        return 0
+    out = ffi.new("uint64_t *")
+    return out[0] if lib.bt_proc_start_time(pid, out) == 0 else 0
+
+
 def errname(rc):
     return ffi.string(lib.bt_errname(rc)).decode()

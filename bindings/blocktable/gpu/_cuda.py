@@ -12,7 +12,7 @@ import select
 import sys
 
 from .._errors import BtError
-from .._ffi import ffi as _ffi, lib as _lib
+from .._lib import proc_start_time  # noqa: F401  (re-exported for gpu/)
 
 __all__ = ["GpuUnavailable", "MirrorGone", "MirrorNotFound", "cupy", "device_uuid",
            "device_by_uuid", "stream_ptr", "proc_start_time", "ProcWatch"]
@@ -150,18 +150,6 @@ def uuid_str(uuid):
 
 
 # ---- processes --------------------------------------------------------------
-def proc_start_time(pid):
-    """The start time of process pid (field 22 of /proc/pid/stat, clock ticks
-    since boot; never 0), from libbt's bt_proc_start_time, so that it equals
-    what libbt stores in slots and mirrors. 0 if the process is gone or a
-    zombie (exited, not yet reaped: dead, as libbt counts it), or cannot be
-    read. Never raises (any int is accepted); thread-safe; releases the GIL
-    while it reads /proc."""
-    pid = int(pid)
-    if not 0 < pid < 2 ** 31:
-        return 0
-    out = _ffi.new("uint64_t *")
-    return out[0] if _lib.bt_proc_start_time(pid, out) == 0 else 0
 
 
 class ProcWatch:

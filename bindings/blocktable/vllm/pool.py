@@ -35,8 +35,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import (BlockHashWithGroupId, KVCacheBlock,
                                          make_block_hash_with_group_id)
 
-from blocktable import ffi, lib
-from blocktable._errors import make_error
+from blocktable import _lib
 
 from . import _seg
 from .scheduler import _engine
@@ -47,8 +46,8 @@ logger = init_logger(__name__)
 
 # The hot libbt calls, bound once (a module attribute lookup per call is
 # measurable next to calls of ~100 ns).
-_alloc, _free, _touch = lib.bt_cache_alloc, lib.bt_cache_free, lib.bt_cache_touch
-_lookup, _insert_many = lib.bt_cache_lookup, lib.bt_cache_insert_many
+_alloc, _free, _touch = _lib.cache_alloc, _lib.cache_free, _lib.cache_touch
+_lookup, _insert_many = _lib.cache_lookup, _lib.cache_insert_many
 _resolve = _vllm_block_pool.resolve_block_hashes
 
 
@@ -143,16 +142,16 @@ class SharedBlockPool(BlockPool):
         # The hot calls go to libbt directly with buffers made once (a list
         # into a cffi array is one slice store; no numpy per call). They hold
         # the client's handle: the pool is dead once its client is closed.
-        self._cl = self.bt_client._cl
+        self._cl = _lib.client_handle(self.bt_client)
         self._nfree = cp._nfree
         self._cap = max(256, num_gpu_blocks)
-        self._ids = ffi.new("int32_t[]", self._cap)
+        self._ids = _lib.new("int32_t[]", self._cap)
         self._rm_cap = 64
-        self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
-        self._nout = ffi.new("uint32_t *")
-        self._ins = ffi.new("int *")
-        self._seg = self.bt_client.segment._s()
-        self._bout = ffi.new("int32_t *")
+        self._rm = _lib.new("bt_cache_key[]", self._rm_cap)
+        self._nout = _lib.new("uint32_t *")
+        self._ins = _lib.new("int *")
+        self._seg = _lib.seg_handle(self.bt_client.segment)
+        self._bout = _lib.new("int32_t *")
         self.bt_stats = _seg.Stats("scheduler", rows_written=0)
         # Hot counters are attributes (a dict update per call costs more than
         # the call's C work); the stats file reads them when it is written.
@@ -202,7 +201,7 @@ class SharedBlockPool(BlockPool):
             k = block_hash + gid.to_bytes(4, "big")     # make_block_hash_with_group_id
             rc = _lookup(seg, 0, k, len(k), bout)
             if rc:
-                raise make_error(rc, f"prefix-cache lookup (key of {len(k)} bytes)")
+                raise _lib.fail(rc, f"prefix-cache lookup (key of {len(k)} bytes)")
             b = bout[0]
             if not b:
                 return None
@@ -213,9 +212,9 @@ class SharedBlockPool(BlockPool):
     # ---- the map ------------------------------------------------------------------
     def _insert_block_hash(self, block_hash_with_group_id, block, num_tokens):
         k = block_hash_with_group_id
-        rc = lib.bt_cache_insert(self._cl, 0, block.block_id, k, len(k), num_tokens or 0, self._ins)
+        rc = _lib.cache_insert(self._cl, 0, block.block_id, k, len(k), num_tokens or 0, self._ins)
         if rc:
-            raise make_error(rc, f"caching block {block.block_id} (key of {len(k)} bytes)")
+            raise _lib.fail(rc, f"caching block {block.block_id} (key of {len(k)} bytes)")
 
     def _remove_cached_block_hashes(self, block):
         return [BlockHashWithGroupId(k) for _, k, _ in self.bt_cp.remove(block.block_id)]
@@ -254,7 +253,7 @@ class SharedBlockPool(BlockPool):
             return None
         rc = _insert_many(self._cl, 0, ids, n, joined, klen, ntok, self._nout)
         if rc:
-            raise make_error(rc, f"caching blocks {ids[:8]} (keys of {klen} bytes)")
+            raise _lib.fail(rc, f"caching blocks {ids[:8]} (keys of {klen} bytes)")
         return None
 
     # ---- allocation ---------------------------------------------------------------
@@ -289,17 +288,17 @@ class SharedBlockPool(BlockPool):
 
     def _removed(self):
         rm = self._rm
-        return [BlockHashWithGroupId(ffi.buffer(rm[i].key, rm[i].len)[:])
+        return [BlockHashWithGroupId(_lib.buffer(rm[i].key, rm[i].len)[:])
                 for i in range(self._nout[0])]
 
     def _alloc_failed(self, rc, n):
         """bt_cache_alloc failed: grow the evicted-keys buffer (BT_EINVAL with
         more keys than room; nothing changed) or raise."""
-        if rc == lib.BT_EINVAL and self._nout[0] > self._rm_cap:
+        if rc == _lib.BT_EINVAL and self._nout[0] > self._rm_cap:
             self._rm_cap = 2 * self._nout[0]
-            self._rm = ffi.new("bt_cache_key[]", self._rm_cap)
+            self._rm = _lib.new("bt_cache_key[]", self._rm_cap)
             return
-        raise make_error(rc, f"allocating {n} blocks ({self._nfree[0]} free)")
+        raise _lib.fail(rc, f"allocating {n} blocks ({self._nfree[0]} free)")
 
     def _alloc_large(self, n):
         ids, rm = self.bt_cp.alloc(n, removed=True)
@@ -312,7 +311,7 @@ class SharedBlockPool(BlockPool):
         rc = _touch(self._cl, 0, ids, len(ids))
         self.num_free = self._nfree[0]
         if rc:
-            raise make_error(rc, f"touching blocks {ids[:8]}")
+            raise _lib.fail(rc, f"touching blocks {ids[:8]}")
         if self.metrics_collector:
             for b in blocks:
                 self.metrics_collector.on_block_accessed(b)
@@ -328,7 +327,7 @@ class SharedBlockPool(BlockPool):
             rc = _free(self._cl, 0, ids, len(ids), self._caching)
             self.num_free = self._nfree[0]
             if rc:
-                raise make_error(rc, f"freeing blocks {ids[:8]}")
+                raise _lib.fail(rc, f"freeing blocks {ids[:8]}")
         self._n_free += len(ids)
         return None
 
@@ -345,7 +344,7 @@ class SharedBlockPool(BlockPool):
             rc = _free(self._cl, 0, mine, len(mine), self._caching)
             self.num_free = self._nfree[0]
             if rc:
-                raise make_error(rc, f"freeing blocks {mine[:8]}")
+                raise _lib.fail(rc, f"freeing blocks {mine[:8]}")
         for pool, blocks in other_pools.items():
             pool.free_blocks(blocks)
         self._n_free += len(mine)

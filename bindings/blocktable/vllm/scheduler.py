@@ -45,10 +45,11 @@ class SchedulerRows:
     RuntimeError when the segment's rows run out (naming the sizes)."""
 
     def __init__(self, client, manager, stats):
-        from blocktable import lib
+        from blocktable import _lib
         self.cl = client
-        self._clp = client._cl                  # the hot append goes to libbt directly
-        self._append = lib.bt_row_append
+        self._clp = _lib.client_handle(client)  # the hot append: bt_row_append, bare
+        self._append = _lib.row_append
+        self._fail = _lib.fail
         self.mgr = manager                      # the single-type manager of group 0
         self.stats = stats
         self.rows = {}
@@ -71,8 +72,7 @@ class SchedulerRows:
             ids = [b.block_id for b in blocks[st[1]:]]
             rc = self._append(self._clp, st[0], ids, len(ids))
             if rc:
-                from blocktable._errors import make_error
-                raise make_error(rc, f"appending {ids[:8]} to row {st[0]} of {rid!r}")
+                raise self._fail(rc, f"appending {ids[:8]} to row {st[0]} of {rid!r}")
         elif n < st[1]:                         # never for full attention; stay right anyway
             self.cl.set_row(st[0], [b.block_id for b in blocks])
         else:
