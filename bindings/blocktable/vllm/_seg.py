@@ -32,6 +32,12 @@ _lock = threading.Lock()
 _client = None
 
 
+
+# The engine's sizes, stashed by the patched Scheduler.__init__ (scheduler.py)
+# for the BlockPool that KVCacheManager builds inside it (pool.py): only
+# Scheduler.__init__ knows max_num_seqs and max_model_len.
+engine_sizes = {}
+
 def segment_config(num_blocks, block_size, max_num_seqs, max_model_len, cache_pools=1):
     """The segment an engine needs, as a dict of bt_config fields.
     Rows: each live request holds one, and a freed request's row is kept

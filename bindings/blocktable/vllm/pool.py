@@ -38,7 +38,6 @@ from vllm.v1.core.kv_cache_utils import (BlockHashWithGroupId, KVCacheBlock,
 from blocktable import _lib
 
 from . import _seg
-from .scheduler import _engine
 
 __all__ = ["SharedBlockPool", "SharedKVCacheBlock"]
 
@@ -131,10 +130,10 @@ class SharedBlockPool(BlockPool):
         # queue, the hash map, a ref count per object) is what the segment
         # replaces. The attributes vLLM's inherited methods read are set here.
         assert isinstance(num_gpu_blocks, int) and num_gpu_blocks > 0
-        if not _engine:
+        if not _seg.engine_sizes:
             raise RuntimeError("blocktable.vllm: a BlockPool was built outside the scheduler")
-        need = _seg.segment_config(num_gpu_blocks, hash_block_size, _engine["max_num_seqs"],
-                                   _engine["max_model_len"], cache_pools=1)
+        need = _seg.segment_config(num_gpu_blocks, hash_block_size, _seg.engine_sizes["max_num_seqs"],
+                                   _seg.engine_sizes["max_model_len"], cache_pools=1)
         self.bt_client = _seg.connect(create=need)
         self.bt_cp = cp = self.bt_client.cache_pool(0)
         self._pin_excess(num_gpu_blocks)

@@ -31,12 +31,12 @@ uses); anything else is refused at engine start (RuntimeError).
 """
 import collections
 
+from . import _seg
 from .keys import request_key
 
 __all__ = ["install", "SchedulerRows"]
 
 _installed = False
-_engine = {}          # sizes stashed by Scheduler.__init__ for the BlockPool
 
 
 class SchedulerRows:
@@ -144,8 +144,8 @@ def install():
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
             raise RuntimeError("blocktable.vllm supports one KV-cache group of full attention; "
                                f"this model has {[type(g.kv_cache_spec).__name__ for g in groups]}")
-        _engine.clear()
-        _engine.update(_sizes_from(vllm_config))
+        _seg.engine_sizes.clear()
+        _seg.engine_sizes.update(_sizes_from(vllm_config))
         orig_init(self, vllm_config, kv_cache_config, *args, **kwargs)
         bp = self.kv_cache_manager.block_pool
         if not isinstance(bp, pool.SharedBlockPool):
