@@ -240,9 +240,13 @@ def device_info(cpu):
         return {"name": "cpu-protocol (no GPU)", "uuid": None}
     import cupy as cp
     p = cp.cuda.runtime.getDeviceProperties(0)
-    return {"name": p["name"].decode(), "uuid": gpu.device_uuid(0).hex(),
-            "pci_bus_id": cp.cuda.runtime.deviceGetPCIBusId(0),
+    info = {"name": p["name"].decode(), "uuid": gpu.device_uuid(0).hex(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        info["pci_bus_id"] = cp.cuda.runtime.deviceGetPCIBusId(0)
+    except Exception as e:          # a name only: not worth failing the run over
+        info["pci_bus_id"] = f"? ({type(e).__name__})"
+    return info
 
 
 def decode_slot_inputs(seg, rng):
