@@ -13,16 +13,20 @@ Processes (spawned; nothing forked after CUDA starts):
 
 Checks, all exact:
 
-  A. paused rounds: the editor makes one decode step (every row +1 block,
-     ~3% of rows replaced, ~2% truncated), then waits until every worker
-     has synced and checked. With the editor paused the segment cannot
-     change, so the whole mirror (table and counts) must equal the
+  A. paused rounds: the editor makes one step, then waits until the
+     workers have synced and checked. With the editor paused the segment
+     cannot change, so the whole mirror (table and counts) must equal the
      segment's, and the slot-mapping kernel on the mirror must give what
      libbt's bt_slots_qsl gives on the CPU (2 tokens per row: the last
      token and a random position, some past the row: -1 on both sides).
-     Sync time = wall clock from a cudaDeviceSynchronize before the call
-     to one after it (what torch.cuda.synchronize does), median of the
-     rounds; both GPUs sync the same step at the same time.
+     Steps: 500 pure decode steps (every row +1 block: the issue's
+     "256 rows +1 block, 256x2048"), alternately synced by every GPU at
+     once ("decode_both") and one GPU after the other ("decode_solo",
+     order rotating), then 300 mixed steps ("mixed_both": +1 block per
+     row, ~1% of rows replaced by set_row, ~2% finished and re-admitted,
+     ~2% truncated). Sync time = wall clock from a cudaDeviceSynchronize
+     before the call to one after it (what torch.cuda.synchronize does),
+     median per kind of step, the first 5 of each dropped.
   B. concurrent: the editor edits rows at full speed. It brackets every
      row write with a per-row sequence number in a shared side table
      (odd while writing, even after). A worker reads the side table,
@@ -39,13 +43,13 @@ Checks, all exact:
      At a final barrier: the whole mirror equals the segment on each GPU,
      and no block of one GPU's pool appears in the other's rows.
 
-Slot mapping per GPU (after A/B, editor stopped): the SlotMapper launch
+Slot mapping per GPU (after A/B, editor stopped; one GPU at a time): the SlotMapper launch
 (host wall clock and device time, cupyx.profiler.benchmark) and the
 kernel's device time alone (50 launches replayed from a CUDA graph), at
 T = 256 (decode, 1 token x 256 rows), 8,192 and 65,536 tokens.
 
     python bench/bench_gpu2.py [--json out.json] [--log out.txt] [--gpus N]
-                               [--rounds 300] [--steps 400]
+                               [--pure-rounds 500] [--rounds 300] [--steps 400]
 
 Without a GPU it says so and exits 0 (--cpu-protocol runs the same
 processes and checks with the segment standing in for each mirror: the
@@ -103,7 +107,7 @@ class Editor:
         for r in range(R):
             self.cl.claim_row(key=self.key, row=r)
             self.key += 1
-            self.cl.alloc_append(r, int(self.rng.integers(64, 512)))
+            self.cl.alloc_append(r, int(self.rng.integers(64, 256)))
 
     def edit(self, r, op):
         cl, side = self.cl, self.side
@@ -124,9 +128,9 @@ class Editor:
         side[r] += 1                                  # even: done
         self.ops[op] += 1
 
-    def decode_round(self):
+    def decode_round(self, mixed=True):
         for r in range(R):
-            u = self.rng.random()
+            u = self.rng.random() if mixed else 1.0
             op = "readmit" if u < 0.02 else "set" if u < 0.03 else \
                 "truncate" if u < 0.05 else "append"
             self.edit(r, op)
@@ -138,25 +142,42 @@ class Editor:
                   "truncate" if u < 0.10 else "append")
 
 
-def editor_main(name, side, to_workers, from_workers, n_workers, rounds, stop, res_q):
+def _ack(from_workers):
+    msg = from_workers.get(timeout=Q_TIMEOUT)
+    if msg[0] != "ack":
+        raise RuntimeError(f"worker said {msg!r}")
+
+
+def editor_main(name, side, to_workers, from_workers, n_workers, rounds, stop, res_q,
+                pure_rounds):
     try:
         seg = bt.Segment.attach(name)
         ed = Editor(seg, side, seed=11)
         ed.setup()
         for q in to_workers:
             q.put(("ready",))
-        # A: paused rounds.
+        # A: paused rounds. First pure decode steps (every row +1 block),
+        # alternately synced by every GPU at once ("both") and by one GPU
+        # at a time ("solo", the order rotating); then mixed steps.
         t_edit = []
-        for k in range(rounds):
+        for k in range(pure_rounds + rounds):
             t0 = time.perf_counter()
-            ed.decode_round()
+            if k < pure_rounds:
+                ed.decode_round(mixed=False)
+                tag = "decode_solo" if k % 2 else "decode_both"
+            else:
+                ed.decode_round()
+                tag = "mixed_both"
             t_edit.append(time.perf_counter() - t0)
-            for q in to_workers:
-                q.put(("round", k))
-            for _ in range(n_workers):
-                msg = from_workers.get(timeout=Q_TIMEOUT)
-                if msg[0] != "ack":
-                    raise RuntimeError(f"worker said {msg!r}")
+            if tag.endswith("solo"):
+                for i in range(n_workers):
+                    to_workers[(i + k // 2) % n_workers].put(("round", k, tag))
+                    _ack(from_workers)
+            else:
+                for q in to_workers:
+                    q.put(("round", k, tag))
+                for _ in range(n_workers):
+                    _ack(from_workers)
         for q in to_workers:
             q.put(("concurrent",))
         # B: at full speed until every worker has finished its steps.
@@ -262,7 +283,7 @@ def decode_slot_inputs(seg, rng):
 
 def phase_a(seg, view, inq, ackq, wid, rng, log):
     """Paused rounds: exact whole-table checks and decode-sync timing."""
-    ts, moved = [], []
+    ts, moved = {}, {}
     mism = {"table_rows": 0, "counts": 0, "slots": 0, "rounds_bad": 0}
     first_bad = None
     k = 0
@@ -270,11 +291,10 @@ def phase_a(seg, view, inq, ackq, wid, rng, log):
         msg = inq.get(timeout=Q_TIMEOUT)
         if msg[0] == "concurrent":
             break
-        k = msg[1]
+        k, tag = msg[1], msg[2]
         dt, n = view.timed_sync()
-        if k >= 5:                                   # the first rounds warm up
-            ts.append(dt)
-            moved.append(n)
+        ts.setdefault(tag, []).append(dt)
+        moved.setdefault(tag, []).append(n)
         tab, cnt = view.read()
         bad_rows = np.flatnonzero((tab != seg.table).any(1))
         bad_cnt = int(np.count_nonzero(cnt != seg.num_blocks))
@@ -292,10 +312,13 @@ def phase_a(seg, view, inq, ackq, wid, rng, log):
         mism["counts"] += bad_cnt
         mism["slots"] += bad_slots
         ackq.put(("ack", wid, k))
-    return {"rounds": k + 1, "timed_rounds": len(ts), "sync_us": _med_us(ts),
-            "sync_p90_us": _p90_us(ts), "sync_min_us": float(np.min(ts) * 1e6) if ts else None,
-            "entries_moved_median": float(np.median(moved)) if moved else None,
-            "mismatches": mism, "first_mismatch": first_bad}
+    sync = {}
+    for tag, xs in ts.items():                       # the first 5 of a kind warm up
+        xs, mv = xs[5:], moved[tag][5:]
+        sync[tag] = {"samples": len(xs), "us": _med_us(xs), "p90_us": _p90_us(xs),
+                     "min_us": float(np.min(xs) * 1e6) if xs else None,
+                     "entries_moved_median": float(np.median(mv)) if mv else None}
+    return {"rounds": k + 1, "sync": sync, "mismatches": mism, "first_mismatch": first_bad}
 
 
 def phase_b(seg, view, side, steps, wid, log):
@@ -380,7 +403,7 @@ def slot_bench(seg, view, rng):
     return out
 
 
-def worker_main(wid, cpu, name, side, inq, ackq, steps, res_q):
+def worker_main(wid, cpu, name, side, inq, ackq, steps, res_q, turn):
     if not cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(wid)   # before cupy starts CUDA
     logs = []
@@ -399,8 +422,9 @@ def worker_main(wid, cpu, name, side, inq, ackq, steps, res_q):
         assert msg[0] == "ready", msg
         view.timed_sync()                                # the first, full sync
         a = phase_a(seg, view, inq, ackq, wid, rng, log)
-        log(f"worker {wid}: A {a['rounds']} rounds, decode sync median {a['sync_us']} us, "
-            f"mismatches {a['mismatches']}")
+        log(f"worker {wid}: A {a['rounds']} rounds, sync medians " + ", ".join(
+            f"{t} {v['us']:.1f} us ({v['entries_moved_median']:.0f} entries)"
+            for t, v in a["sync"].items()) + f", mismatches {a['mismatches']}")
         b = phase_b(seg, view, side, steps, wid, log)
         log(f"worker {wid}: B {b['steps']} steps, sync median {b['sync_us']} us, "
             f"{b['rows_checked']} rows checked, {b['rows_in_flux_skipped']} in flux, "
@@ -411,7 +435,8 @@ def worker_main(wid, cpu, name, side, inq, ackq, steps, res_q):
         view.timed_sync()
         tab, cnt = view.read()
         final_bad = int(((tab != seg.table).any(1) | (cnt != seg.num_blocks)).sum())
-        slots = None if cpu else slot_bench(seg, view, rng)
+        with turn:                   # one GPU at a time: no host contention in the timings
+            slots = None if cpu else slot_bench(seg, view, rng)
         if slots:
             log(f"worker {wid}: slots " + ", ".join(
                 f"T={k}: {v['kernel_device_us']:.2f} us device, {v['launch_host_us']:.2f} us "
@@ -541,7 +566,7 @@ def _end(procs):
             p.join(5)
 
 
-def run_mirrors(ctx, n, cpu, rounds, steps, log):
+def run_mirrors(ctx, n, cpu, rounds, steps, log, pure_rounds):
     name = f"bench-gpu2-{os.getpid()}"
     seg = bt.Segment.create(name, bt.SegmentConfig(
         block_size=BS, num_pools=1, blocks_per_pool=BLOCKS, num_rows=R, row_width=W,
@@ -551,12 +576,13 @@ def run_mirrors(ctx, n, cpu, rounds, steps, log):
         side = ctx.Array("q", R, lock=False)
         to_w = [ctx.Queue() for _ in range(n)]
         acks, res_q = ctx.Queue(), ctx.Queue()
-        stop = ctx.Event()
+        stop, turn = ctx.Event(), ctx.Lock()
         procs = [ctx.Process(target=worker_main, name=f"gpu-worker-{i}",
-                             args=(i, cpu, name, side, to_w[i], acks, steps, res_q))
+                             args=(i, cpu, name, side, to_w[i], acks, steps, res_q, turn))
                  for i in range(n)]
         procs.append(ctx.Process(target=editor_main, name="editor",
-                                 args=(name, side, to_w, acks, n, rounds, stop, res_q)))
+                                 args=(name, side, to_w, acks, n, rounds, stop, res_q,
+                                       pure_rounds)))
         for p in procs:
             p.start()
         pump = Pump(res_q, procs)
@@ -612,7 +638,9 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--log")
     ap.add_argument("--gpus", type=int, default=0, help="workers (default: every GPU, max 8)")
-    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=300, help="mixed decode rounds")
+    ap.add_argument("--pure-rounds", type=int, default=500,
+                    help="pure decode rounds, half synced by all GPUs at once, half one by one")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--dbt-steps", type=int, default=200)
     ap.add_argument("--cpu-protocol", action="store_true",
@@ -643,7 +671,8 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     res = {"machine": platform.node(), "gpus_used": n, "cpu_protocol": cpu,
            "shape": {"rows": R, "row_width": W, "block_size": BS, "blocks": BLOCKS,
-                     "rounds": a.rounds, "concurrent_steps": a.steps,
+                     "pure_decode_rounds": a.pure_rounds, "mixed_rounds": a.rounds,
+                     "concurrent_steps": a.steps,
                      "slot_sizes": list(SLOT_SIZES)},
            "mirror_api": "each GPU worker exports its own mirror: blocktable.gpu.MirrorExporter"
                          "(segment) on its device (CUDA_VISIBLE_DEVICES=i); the daemon has no "
@@ -659,7 +688,7 @@ def main(argv=None):
             log(res["nvidia_topo"].strip())
         except (OSError, subprocess.SubprocessError) as e:
             log(f"nvidia-smi: {e}")
-    res["mirrors"] = run_mirrors(ctx, n, cpu, a.rounds, a.steps, log)
+    res["mirrors"] = run_mirrors(ctx, n, cpu, a.rounds, a.steps, log, a.pure_rounds)
     res["dbt"] = run_dbt(ctx, n, cpu, a.dbt_steps)
     m, d = res["mirrors"], res["dbt"]
     total = 0
@@ -669,9 +698,11 @@ def main(argv=None):
         total += mm["table_rows"] + mm["counts"] + mm["slots"] + pb["mismatched_rows"] + \
             r["final_still_mismatched_rows"]
         total += sum(v["mismatches"] for v in (r["slot_mapping"] or {}).values())
-        log(f"GPU {w} ({r['device']['name']}): decode sync (256 rows +1 block, 256x2048) median "
-            f"{pa['sync_us']} us (p90 {pa['sync_p90_us']}), {pa['entries_moved_median']} "
-            f"entries; concurrent sync median {pb['sync_us']} us; mismatches A {mm}, "
+        for tag, v in pa["sync"].items():
+            log(f"GPU {w} ({r['device']['name']}): sync {tag} (256x2048 table): median "
+                f"{v['us']:.1f} us, p90 {v['p90_us']:.1f} us, {v['samples']} samples, "
+                f"{v['entries_moved_median']:.0f} entries moved")
+        log(f"GPU {w}: concurrent-edit sync median {pb['sync_us']:.1f} us; mismatches A {mm}, "
             f"B {pb['mismatched_rows']} of {pb['rows_checked']} rows checked "
             f"({pb['rows_in_flux_skipped']} in flux), final {r['final_still_mismatched_rows']}")
         for k, v in (r["slot_mapping"] or {}).items():
