@@ -150,6 +150,10 @@ bench-vllm: venv-vllm
 	@test ! -f $(VLLM_VENV)/UNAVAILABLE || { cat $(VLLM_VENV)/UNAVAILABLE; exit 1; }
 	$(VLLM_PY) bench/bench_vllm.py --json bench/vllm_results.json
 
+# Two GPUs (needs cupy and >= 2 GPUs; says "skipped" and writes nothing without them; not in `test`).
+bench-gpu2: venv
+	$(VPY) bench/bench_gpu2.py --json bench/gpu2_results.json --log bench/gpu_logs/gpu2.txt
+
 test: ctest pytest test-vllm check-systemd fuzz-brief
 
 FUZZ_SECONDS  ?= 60
