@@ -16,7 +16,7 @@ two threads would measure the machine's load, not the code.
 
 Timing: in one process, each figure's candidates (blocktable and each peer)
 take turns, the order rotated every round; a sample is k calls, k sized so
-that a sample lasts ~3 ms; the figure is the median sample. Ratios survive a
+that a sample lasts ~1 ms; the figure is the median sample. Ratios survive a
 noisy machine; absolute times do not.
 
 Rows are (what, figure, unit, baseline name, baseline figure, target); the
@@ -41,7 +41,7 @@ sys.path.insert(0, HERE)
 
 import baselines  # noqa: E402
 
-SAMPLE_NS = 3e6
+SAMPLE_NS = 1e6
 MISSING = {}          # peer -> why it could not be loaded (printed, and in the JSON)
 _PEERS = {}
 
@@ -100,7 +100,7 @@ def bench_alloc(quick):
     vl, sg = peer("vllm"), peer("sglang")
     if vl is None and sg is None:
         return f"no peer loaded: vllm: {MISSING['vllm']}; sglang: {MISSING['sglang']}"
-    rounds = 7 if quick else 21
+    rounds = 9 if quick else 41
     nblocks, page = 65536, 16
     seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=nblocks, num_rows=256, row_width=16))
     cl = seg.client()
@@ -169,7 +169,7 @@ def bench_step(quick):
     vl, sg = peer("vllm"), peer("sglang")
     if vl is None and sg is None:
         return f"no peer loaded: vllm: {MISSING['vllm']}; sglang: {MISSING['sglang']}"
-    rounds = 7 if quick else 21
+    rounds = 9 if quick else 41
     page, nblocks = 16, 65536
     rows = []
     for B in ((1, 256) if quick else (1, 16, 256, 4096)):
@@ -256,7 +256,7 @@ def bench_slots(quick):
     if vl is None:
         return f"no peer loaded: vllm: {MISSING['vllm']}"
     torch = vl.torch
-    rounds = 7 if quick else 21
+    rounds = 9 if quick else 41
     R, W, B = 65536, 8, 16
     seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=R * W, num_rows=R, row_width=W))
     cl = seg.client()
