@@ -2,22 +2,29 @@
 
 The pool's state (reference counts, the LRU free queue, the block-hash ->
 block map) lives in one of the segment's cache pools (libbt bt_cache_*,
-through blocktable.CachePool): allocation, freeing, touching, eviction and
-lookups are libbt calls, one per vLLM call, with vLLM's exact semantics
-(the same ids come out, the same blocks are evicted first). What stays in
-Python is what vLLM builds around that state: the KVCacheBlock objects
-vLLM's managers hold (SharedKVCacheBlock: ref_cnt, block_hash and
-block_hash_num_tokens read and write the segment), the KV-cache events
-(vLLM's own code, inherited: cache_full_blocks, cache_partial_block,
+called through blocktable._lib): allocation, freeing, touching, eviction and
+lookups are libbt calls, one per vLLM call (caching a request's newly full
+blocks is one bt_cache_insert_many), with vLLM's exact semantics (the same ids
+come out, the same blocks are evicted first). What stays in Python is what
+vLLM builds around that state: the KVCacheBlock objects vLLM's managers hold
+(SharedKVCacheBlock: ref_cnt, block_hash and block_hash_num_tokens read and
+write the segment), the KV-cache events (vLLM's own code, inherited:
+cache_full_blocks when events are on, cache_partial_block,
 emit_cached_block_events, _emit_block_removed_events, evict_blocks and
 move_block_hashes run unchanged over the overridden primitives, so events
-have the same content), the metrics collector hooks and the reuse
-watchers of unpin_blocks.
+have the same content), the metrics collector hooks and the reuse watchers
+of unpin_blocks.
 
 Overridden (each a primitive vLLM's other methods are built on):
 __init__ (no Python queue or map), get_cached_block, get_new_blocks, touch,
 free_blocks, unpin_blocks, _insert_block_hash, _remove_cached_block_hashes,
-reset_prefix_cache, get_num_free_blocks.
+reset_prefix_cache, get_num_free_blocks; and cache_full_blocks, which without
+events, block masks or partial blocks caches the new full blocks in one call
+(else vLLM's own loop runs over the primitives).
+
+get_num_free_blocks (vLLM asks once per request per step) returns the count
+as this process last read it after its own calls: the pool's owner is its
+only writer.
 
 A segment's cache pool larger than num_gpu_blocks (made by an earlier,
 larger engine) is used with its ids past num_gpu_blocks held for good (they
@@ -32,8 +39,7 @@ from vllm.distributed.kv_events import MEDIUM_GPU, AllBlocksCleared
 from vllm.logger import init_logger
 from vllm.v1.core import block_pool as _vllm_block_pool
 from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.core.kv_cache_utils import (BlockHashWithGroupId, KVCacheBlock,
-                                         make_block_hash_with_group_id)
+from vllm.v1.core.kv_cache_utils import BlockHashWithGroupId, KVCacheBlock
 
 from blocktable import _lib
 
