@@ -485,6 +485,16 @@ def mirror_stage(h, index, num_rows, flags, idx_c, val_c, cap, n, dirty, last):
     return True
 
 
+# bt_mirror_sync_begin, bare: Syncer's hot path calls it with C buffers it keeps
+# and turns its result code into an error itself (mirror_begin_failed).
+mirror_sync_begin = lib.bt_mirror_sync_begin
+
+
+def mirror_begin_failed(rc, index, num_rows):
+    """The BtError of a bt_mirror_sync_begin result code other than 0 / EBUSY."""
+    return make_error(rc, f"bt_mirror_sync_begin(mirror {index}, num_rows={num_rows})")
+
+
 def mirror_sync_done(h, index, rec):
     check(lib.bt_mirror_sync_done(h, index, rec), f"bt_mirror_sync_done(mirror {index})")
 
