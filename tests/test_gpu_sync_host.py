@@ -451,3 +451,90 @@ def test_embedded_segment_records_without_ipc(rt):
         lib.bt_mirror_sync_get(seg._seg, i[0], rec)
         assert rec.pid == os.getpid() and rec.seq == 1
         cl.close()
+
+
+# ---- the hot path: bt_mirror_sync_begin + one prepared launch ----------------------------
+def _warm(s):
+    """Syncs until both staging slots have their prepared launch (the first
+    launch of a thread goes through cupy; the hot path follows)."""
+    s.syncer.sync(1)
+    for _ in range(3):
+        s.decode()
+        s.syncer.sync(1)
+    assert all(sl.launch is not None for sl in s.syncer._ring)
+
+
+def test_hot_path_is_one_launch_and_stays_exact(setup, rt):
+    s = setup
+    _warm(s)
+    for step in range(6):
+        s.decode()
+        if step == 3:
+            s.cl.set_row(2, [5, 6])                   # a rewrite among the appends
+        n = s.syncer.sync(1)
+        assert s.syncer.last_mode == "zerocopy" and s.syncer.last_calls == 1
+        assert s.syncer.last_bytes == 12 * n and s.syncer.last_waited == "self"
+        s.device_ok()
+    assert rt.waits() == []
+    s.decode()
+    s.syncer.sync(5)                                  # another stream waits for our last copy
+    assert rt.waits() == [("wait", 5, s.syncer._done)]
+    assert s.record()[:2] == (os.getpid(), 1) and lock_is_free(s)
+
+
+def test_hot_path_failure_invalidates_and_unlocks(setup, rt):
+    s = setup
+    _warm(s)
+    s.decode()
+    k = s.syncer._k
+    launch = s.syncer._ring[k].launch
+
+    def boom(*a, **kw):
+        raise RuntimeError("launch failed")
+
+    s.syncer._ring[k].launch = boom
+    with pytest.raises(RuntimeError, match="launch failed"):
+        s.syncer.sync(1)
+    assert lock_is_free(s)
+    s.syncer._ring[k].launch = launch
+    assert s.syncer.sync(1) == R * (W + 1)            # full: nothing trusted
+    s.device_ok()
+
+
+def test_sync_begin_plans_the_order(setup):
+    """bt_mirror_sync_begin's order: NONE before any record, SELF when the
+    record names this process and the event given, PEER for another
+    process's record; n is written where the launch reads it."""
+    s = setup
+    seg, i = s.seg._seg, s.index
+    cap = R * (W + 1)
+    idx, val = ffi.new("int64_t[]", cap), ffi.new("int32_t[]", cap)
+    n_arg, plan = ffi.new("int64_t *"), ffi.new("bt_mirror_plan *")
+    mine = _handle(b"mine")
+    ev = ffi.new("uint8_t[]", list(mine))
+
+    def begin():
+        rc = lib.bt_mirror_sync_begin(seg, i, R, idx, val, cap, ev, 256, 1024, n_arg, plan)
+        assert rc == 0
+        return plan.order
+
+    assert begin() == lib.BT_ORDER_NONE and plan.n == cap == n_arg[0]
+    assert plan.grid == (cap + 255) // 256 and plan.rows_dirty == R
+    rec = ffi.new("bt_mirror_sync *")
+    ffi.memmove(rec.event, mine, 64)
+    assert lib.bt_mirror_sync_done(seg, i, rec) == 0
+    s.decode()
+    assert begin() == lib.BT_ORDER_SELF and plan.n == n_arg[0] == 2 * R
+    assert lib.bt_mirror_unlock(seg, i) == 0
+    ev2 = ffi.new("uint8_t[]", list(_handle(b"other-of-mine")))
+    assert lib.bt_mirror_sync_begin(seg, i, R, idx, val, cap, ev2, 256, 1, n_arg, plan) == 0
+    assert plan.order == lib.BT_ORDER_NONE and plan.n == 0 and plan.grid == 0
+    assert lib.bt_mirror_unlock(seg, i) == 0
+    with peer(s, _handle(b"peer-b")) as (p, conn):
+        assert conn.recv() == ("staged", 0) and conn.recv() == ("done", 0)
+        assert begin() == lib.BT_ORDER_PEER and bytes(ffi.buffer(plan.last.event)) == \
+            _handle(b"peer-b")
+        assert lib.bt_mirror_unlock(seg, i) == 0
+    assert lib.bt_mirror_sync_begin(seg, i, R, idx, val, cap, ffi.NULL, 256, 1024, n_arg,
+                                    plan) == lib.BT_EINVAL
+    assert lock_is_free(s)

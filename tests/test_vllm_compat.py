@@ -468,3 +468,19 @@ def test_vllm_032_calls_on_the_mirror():
             t.append_row([40 + r], r), host.append_row([40 + r], r)
     check(R)
     t.close()
+
+
+def test_one_cpu_gpu_buffer_class():
+    """compat.vllm hands out blocktable's one CpuGpuBuffer: vLLM's attributes
+    and the seed's methods on the same object, over the segment's memory."""
+    import blocktable as bt
+    from blocktable.gpu.buffer import CpuGpuBuffer as G
+    assert CpuGpuBuffer is G is bt.CpuGpuBuffer
+    t = BlockTable(16, 4, 8, 32, False, "cpu", 1)
+    buf = t.block_table
+    buf.set_row(1, [5, 9])                         # the seed's method: the segment's row
+    t.num_blocks_per_row[1] = 2
+    assert t.segment.read_row(1)[0].tolist() == [5, 9] and buf.get(1, 1) == 9
+    assert buf.get_gpu().data_ptr() == buf.cpu.data_ptr()       # no device: gpu is cpu
+    assert buf._sync_to_gpu() == 0
+    assert buf.get_cpu() is buf.np

@@ -471,18 +471,14 @@ def mirror_unlock(h, index):
     lib.bt_mirror_unlock(h, index)
 
 
-def mirror_stage(h, index, num_rows, flags, idx_c, val_c, cap, n, dirty, last):
-    """bt_mirror_stage_ex: True when staged, False when Busy (the caller
-    retries); other errors raise."""
-    try:
-        rc = lib.bt_mirror_stage_ex(h, index, num_rows, flags, idx_c, val_c, cap, n, dirty, last)
-    except OverflowError as e:
-        raise make_error(ERANGE, f"sync(num_rows={num_rows}): {e}") from None
-    if rc == EBUSY:
-        return False
-    if rc:
-        raise make_error(rc, f"bt_mirror_stage_ex(mirror {index}, num_rows={num_rows})")
-    return True
+# bt_mirror_sync_begin, bare: Syncer's hot path calls it with C buffers it keeps
+# and turns its result code into an error itself (mirror_begin_failed).
+mirror_sync_begin = lib.bt_mirror_sync_begin
+
+
+def mirror_begin_failed(rc, index, num_rows):
+    """The BtError of a bt_mirror_sync_begin result code other than 0 / EBUSY."""
+    return make_error(rc, f"bt_mirror_sync_begin(mirror {index}, num_rows={num_rows})")
 
 
 def mirror_sync_done(h, index, rec):

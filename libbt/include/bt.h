@@ -705,6 +705,34 @@ int bt_mirror_unlock(bt_seg *seg, uint32_t idx);
 /* The last sync's record (a plain snapshot). */
 int bt_mirror_sync_get(const bt_seg *seg, uint32_t idx, bt_mirror_sync *out);
 
+/* What bt_mirror_sync_begin found: the staged pairs, whose copy the stream
+ * must follow, and the scatter launch that uploads the pairs. */
+typedef struct bt_mirror_plan {
+    uint64_t n;                 /* pairs staged (0: nothing changed) */
+    uint32_t rows_dirty;        /* rows with changes */
+    int32_t  order;             /* BT_ORDER_*, from `last` against the caller */
+    uint32_t grid;              /* blocks of `block` threads for n pairs, <= max_grid */
+    uint32_t _pad;
+    bt_mirror_sync last;        /* the previous sync's record */
+} bt_mirror_plan;
+
+#define BT_ORDER_NONE 0         /* nobody synced yet, or a syncer of ours with another event */
+#define BT_ORDER_SELF 1         /* the record names this process and self_event */
+#define BT_ORDER_PEER 2         /* the record names another process (alive or dead) */
+
+/* A GPU sync's host side in one call: bt_mirror_stage_ex(..., KEEP_LOCK)
+ * into idx_out/val_out, then the plan: n, the rows, the order (the record
+ * compared with this process and its 64-byte IPC event handle self_event)
+ * and the grid; n is also stored at *n_arg (may be NULL: e.g. the launch's
+ * argument slot). On success the lock is held: release it with
+ * bt_mirror_sync_done or bt_mirror_unlock. Errors: bt_mirror_stage_ex's,
+ * and BT_EINVAL (out or self_event NULL, block or max_grid 0); on an error
+ * the lock is not held. Any thread or process (one syncer at a time). */
+int bt_mirror_sync_begin(bt_seg *seg, uint32_t idx, uint32_t num_rows,
+                         int64_t *idx_out, int32_t *val_out, uint64_t cap,
+                         const uint8_t *self_event, uint32_t block, uint32_t max_grid,
+                         int64_t *n_arg, bt_mirror_plan *out);
+
 /* ---- 10. The prefix cache: vLLM's BlockPool in the segment ---------------- */
 /* A cache pool (pool < cfg.cache_pools) is vLLM 0.32's BlockPool (block_pool.py
  * with FreeKVCacheBlockQueue) kept in shared memory: reference counts (the

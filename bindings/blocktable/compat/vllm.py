@@ -75,6 +75,7 @@ from .._errors import make_error
 from .. import _lib
 from .._lib import ID_LIMIT as _ID_LIMIT
 from .._types import I32, I64, SegmentConfig, as_array, c_array
+from ..gpu.buffer import CpuGpuBuffer
 
 __all__ = ["BlockTable", "MultiGroupBlockTable", "CpuGpuBuffer", "SlotMappingMode",
            "get_block_table_width", "SUPPORTED_VLLM"]
@@ -171,100 +172,6 @@ def _host(x, dtype, what):
     return as_array(x, dtype, what)
 
 
-class CpuGpuBuffer:
-    """vLLM's CpuGpuBuffer (vllm/v1/utils.py) over memory we own: ``np`` (a
-    writable numpy view), ``cpu`` (a torch view of the same memory) and
-    ``gpu`` (a device copy, the GPU mirror's view, or ``cpu`` itself when
-    there is no device). ``gpu`` is assignable, as vLLM's CPU runner does
-    (``buf.gpu = buf.cpu``); assigning it detaches a mirror. ``np`` and
-    ``cpu`` are not: they are the segment's memory, which must stay the
-    truth. copy_to_gpu(n) / copy_to_cpu(n) copy the first n rows (all with
-    None) and return the destination's rows. With ``mirror``, copy_to_gpu
-    syncs the mirror (only what changed, unless the host was written behind
-    libbt's back: see the module doc). torch is imported on first use.
-
-    Thread safety: one thread at a time (as vLLM's). Errors: torch's for
-    the copies; blocktable.gpu's (MirrorGone, ...) for a mirror's sync."""
-
-    def __init__(self, np_view, device, pin_memory=False, mirror=None):
-        self._np = np_view
-        self._device = device
-        self.pin_memory = pin_memory
-        self._mirror = mirror
-        self._cpu = self._gpu = None
-        self._stale = False   # the host was (maybe) written behind the mirror's back
-
-    def mark_dirty(self):
-        """The host copy was written directly: the next copy_to_gpu to a
-        mirror re-stages the rows it covers whole."""
-        if self._mirror is not None:
-            self._stale = True
-
-    @property
-    def np(self):
-        if self._mirror is not None:
-            self._stale = True
-        return self._np
-
-    def _cpu_tensor(self):
-        if self._cpu is None:
-            self._cpu = _torch().from_numpy(self._np)
-        return self._cpu
-
-    @property
-    def cpu(self):
-        if self._mirror is not None:
-            self._stale = True
-        return self._cpu_tensor()
-
-    @property
-    def gpu(self):
-        if self._gpu is not None:
-            return self._gpu
-        if self._mirror is not None:
-            return self._mirror.tensor()
-        dev = _device(self._device)
-        self._gpu = self._cpu_tensor() if dev is None else \
-            _torch().zeros_like(self._cpu_tensor(), device=dev)
-        return self._gpu
-
-    @gpu.setter
-    def gpu(self, value):
-        self._gpu = value
-        self._mirror = None
-
-    def _distinct_gpu(self):
-        """The device tensor where it is not the host memory itself, else None."""
-        if self._mirror is not None:
-            return self._mirror.tensor()
-        g = self.gpu
-        cpu = self._cpu_tensor()
-        if g is cpu or (g.device.type == "cpu" and g.data_ptr() == cpu.data_ptr()):
-            return None
-        return g
-
-    def copy_to_gpu(self, n=None):
-        if self._mirror is not None:
-            if self._stale:
-                self._mirror.invalidate()
-                self._stale = False
-            self._mirror.sync(num_rows=n)
-            return self._mirror.tensor(n)
-        gpu = self._distinct_gpu()
-        if gpu is None:
-            return self._cpu_tensor()[:n]
-        return gpu[:n].copy_(self._cpu_tensor()[:n], non_blocking=True)
-
-    def copy_to_cpu(self, n=None):
-        """NOTE (vLLM's): non-blocking; synchronize before reading."""
-        gpu = self._distinct_gpu()
-        cpu = self._cpu_tensor()
-        if gpu is None:
-            return cpu[:n]
-        self.mark_dirty()
-        return cpu[:n].copy_(gpu[:n], non_blocking=True)
-
-
 class _Counts(np.ndarray):
     """num_blocks_per_row: the segment's int32 counts. A write through it
     (``n[row] = k``, ``n[row] += k``, as vLLM's code writes them) marks the
@@ -327,7 +234,7 @@ class BlockTable:
         self._slot_params()          # libbt checks them at each call: fail now if bad
         slots = np.zeros(max_num_batched_tokens, I64)
         self._slot_buf = _lib.from_buffer("int64_t[]", slots)
-        self.slot_mapping = CpuGpuBuffer(slots, device, pin_memory)
+        self.slot_mapping = CpuGpuBuffer(cpu=slots, device=device, pin_memory=pin_memory)
         self._host_only = device is None or str(device) == "cpu"
 
     def _open_segment(self, block_size, kernel_block_size):
@@ -341,8 +248,8 @@ class BlockTable:
             self._client.claim_row(key=row, row=row, raw=True)
         self._table_w, self._nb_w, _ = self.segment.views(writable=True)
         self.mirror = _mirror_for(self.segment, self.device)
-        self.block_table = CpuGpuBuffer(self._table_w, self.device, self.pin_memory,
-                                        self.mirror)
+        self.block_table = CpuGpuBuffer(cpu=self._table_w, device=self.device,
+                                        pin_memory=self.pin_memory, mirror=self.mirror)
         self._seg = self.segment._s()
         counts = self._nb_w.view(_Counts)
         counts._buf = self.block_table
@@ -407,8 +314,7 @@ class BlockTable:
     def clear(self):
         """Zero the device and host tables (vLLM's clear: the counts stay, so
         a table copied back afterwards appends where it left off)."""
-        gpu = self.block_table._distinct_gpu() if (self.block_table._gpu is not None or
-                                                   self.mirror is not None) else None
+        gpu = self.block_table._distinct_gpu()
         if gpu is not None:
             gpu.fill_(0)
         self._table_w.fill(0)

@@ -1,21 +1,38 @@
-"""CpuGpuBuffer: a host array in shared memory, page-locked, and its device copy.
+"""CpuGpuBuffer: a host array and its device copy -- the one class of the package.
 
 Both the seed's API (get_cpu, get_gpu, set, get, set_row, _sync_to_gpu) and
-vLLM v1's (np, cpu, gpu, copy_to_gpu(n), copy_to_cpu(n)), on the machinery
-of the mirrors: the host side is shared memory registered with
-cudaHostRegister (pinned.py), so copies go straight from it, asynchronously;
+vLLM v1's (np, cpu, gpu, copy_to_gpu(n), copy_to_cpu(n)); blocktable.compat.vllm
+hands it out for its tables (``blocktable.CpuGpuBuffer`` is this class too).
+
+Where the host memory comes from: an anonymous shared mapping (shared with
+forked children), a named one (``name=``: /dev/shm/bt-buf.<name>, opened by
+any process that names it; ``CpuGpuBuffer.unlink(name)`` removes it), or an
+array you pass (``cpu=``, e.g. a segment's table view: it stays the truth).
+
+Where the device copy lives, first match wins:
+  * ``gpu`` assigned (vLLM's CPU runner does ``buf.gpu = buf.cpu``): that
+    tensor; copies are torch copies into it, none when it is the host memory.
+  * ``mirror=`` (a blocktable.gpu MirrorExporter of the segment the host
+    array belongs to): the mirror's zero-copy torch view; copy_to_gpu(n)
+    syncs rows [0, n), moving only what changed (see mirror.py). A write
+    through ``np`` / ``cpu`` / set / set_row / copy_to_cpu is a write behind
+    libbt's back: handing out those views marks the buffer, and the next
+    copy_to_gpu re-stages the rows it covers whole.
+  * cupy and a CUDA device (``device`` None or CUDA): a cupy array; copies
+    are cudaMemcpyAsync straight from the host memory, page-locked with
+    cudaHostRegister (pinned.py) when ``pin_memory``, on `stream` (default:
+    torch's current stream once torch has CUDA up, else cupy's).
+  * no cupy, a CUDA ``device`` torch can use: a torch tensor, torch copies.
+  * otherwise (``device="cpu"``, or no GPU): ``gpu`` is the CPU tensor
+    itself and the copies do nothing.
 ``set``/``set_row`` mark rows dirty and ``_sync_to_gpu`` moves only the dirty
-rows, one copy per run of consecutive dirty rows. ``copy_to_gpu(n)`` keeps
+rows, one copy per run of consecutive dirty rows; ``copy_to_gpu(n)`` keeps
 vLLM's meaning: the first n rows whole, whatever changed.
 
-The host memory: an anonymous shared mapping (shared with forked children),
-a named one (``name=``: /dev/shm/bt-buf.<name>, opened by any process that
-names it; ``CpuGpuBuffer.unlink(name)`` removes it), or an array you pass
-(``cpu=``, e.g. a segment's table view). Without a GPU (no cupy, no device)
-``gpu`` is the CPU tensor itself and the copies do nothing, as in
-blocktable.compat.vllm.
-
-Thread safety: none (like vLLM's); one writer at a time.
+torch is imported on first use of a tensor attribute. Errors: InvalidArgument
+(``cpu`` not a C-contiguous numpy array), RowFull (set_row past the row);
+torch's / cupy's for the copies; blocktable.gpu's (MirrorGone, ...) for a
+mirror's sync. Thread safety: none (like vLLM's): one thread at a time.
 """
 import mmap
 import os
@@ -39,51 +56,75 @@ def _np_dtype(dtype):
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is in the test extra
+        raise ImportError("CpuGpuBuffer: the tensor attributes need torch") from e
+    return torch
+
+
+def _is_cpu(device):
+    return device is not None and str(device).split(":", 1)[0] == "cpu"
+
+
+def _torch_cuda_device(device):
+    """The torch CUDA device to allocate on without cupy, or None (CPU, or
+    CUDA asked for where torch has none)."""
+    if device is None or _is_cpu(device):
+        return None
+    torch = _torch()
+    d = torch.device(device)
+    if d.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return d
+
+
 class CpuGpuBuffer:
     """CpuGpuBuffer(*size, dtype=np.int32, device=None, pin_memory=True,
-    with_numpy=True, name=None, cpu=None); size may also be one tuple (the
-    seed's CpuGpuBuffer(shape, dtype))."""
+    with_numpy=True, name=None, cpu=None, mirror=None); size may also be one
+    tuple (the seed's CpuGpuBuffer(shape, dtype)). See the module's text for
+    where the device copy lives. Errors: InvalidArgument (``cpu`` not a
+    C-contiguous numpy array), RowFull (set_row); the copies raise torch's,
+    cupy's or the mirror's errors. Thread safety: one thread at a time."""
 
     def __init__(self, *size, dtype=np.int32, device=None, pin_memory=True, with_numpy=True,
-                 name=None, cpu=None):
+                 name=None, cpu=None, mirror=None):
         if len(size) == 1 and isinstance(size[0], (tuple, list)):
             size = tuple(size[0])
         if len(size) == 2 and not isinstance(size[1], (int, np.integer)) and cpu is None:
             size, dtype = tuple(size[0]) if isinstance(size[0], (tuple, list)) else (size[0],), \
                 size[1]
-        self.dtype = _np_dtype(dtype)
         self._mm = None
         if cpu is not None:
             if not isinstance(cpu, np.ndarray) or not cpu.flags.c_contiguous:
                 raise make_error(_lib.BT_EINVAL, "cpu must be a C-contiguous numpy array")
             arr = cpu
         else:
-            shape = tuple(int(s) for s in size)
-            nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize)
-            if name is None:
-                self._mm = mmap.mmap(-1, nbytes, mmap.MAP_SHARED)
-            else:
-                fd = os.open(f"/dev/shm/bt-buf.{name}", os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    if os.fstat(fd).st_size < nbytes:
-                        os.ftruncate(fd, nbytes)
-                    self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED)
-                finally:
-                    os.close(fd)
-            arr = np.frombuffer(self._mm, self.dtype, int(np.prod(shape, dtype=np.int64)))
-            arr = arr.reshape(shape)
-        self.np = arr
+            arr = self._host_array(size, _np_dtype(dtype), name)
+        self.dtype = arr.dtype
+        self._np = arr
         self.shape = arr.shape
         self.name = name
+        self.pin_memory = pin_memory
+        self._device = device
         self._row_bytes = (arr.strides[0] if arr.ndim else arr.itemsize) if arr.size else 0
         self._dirty = np.zeros(arr.shape[0] if arr.ndim else 1, bool)
-        self._cpu = self._gpu_t = None
+        self._cpu = None
+        self._gpu = None          # a tensor assigned to .gpu (vLLM's CPU runner)
+        self._gpu_t = None        # our device tensor (a view of gpu_array, or torch's)
+        self._mirror = mirror
+        self._stale = False       # with a mirror: the host was (maybe) written behind it
         self.pinned = False
-        try:
-            cp = cupy()
-        except GpuUnavailable:
-            cp = None
-        if cp is not None and (device is None or str(device) != "cpu"):
+        self.gpu_array = None
+        self.device = None
+        cp = None
+        if mirror is None and not _is_cpu(device):
+            try:
+                cp = cupy()
+            except GpuUnavailable:
+                cp = None
+        if cp is not None:
             dev = _device_index(device, cp)
             with cp.cuda.Device(dev):
                 self.gpu_array = cp.zeros(arr.shape, self.dtype)
@@ -91,9 +132,24 @@ class CpuGpuBuffer:
             if pin_memory and arr.nbytes:
                 self.pinned = pinned.register(arr.ctypes.data, arr.nbytes,
                                               keepalive=self._mm if self._mm is not None else arr)
+        elif mirror is not None:
+            self.device = mirror.device
+
+    def _host_array(self, size, dtype, name):
+        shape = tuple(int(s) for s in size)
+        count = int(np.prod(shape, dtype=np.int64))
+        nbytes = max(1, count * dtype.itemsize)
+        if name is None:
+            self._mm = mmap.mmap(-1, nbytes, mmap.MAP_SHARED)
         else:
-            self.gpu_array = None
-            self.device = None
+            fd = os.open(f"/dev/shm/bt-buf.{name}", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < nbytes:
+                    os.ftruncate(fd, nbytes)
+                self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        return np.frombuffer(self._mm, dtype, count).reshape(shape)
 
     @staticmethod
     def unlink(name):
@@ -101,45 +157,102 @@ class CpuGpuBuffer:
 
     # ---- vLLM's attributes ----------------------------------------------------------
     @property
+    def np(self):
+        """The host array (numpy, writable, zero copy). With a mirror, handing
+        it out marks the buffer (see mark_dirty)."""
+        if self._mirror is not None:
+            self._stale = True
+        return self._np
+
+    @property
     def cpu(self):
-        """torch view of the host memory (zero copy)."""
+        """torch view of the host memory (zero copy); marks like ``np``."""
+        if self._mirror is not None:
+            self._stale = True
+        return self._cpu_tensor()
+
+    def _cpu_tensor(self):
         if self._cpu is None:
-            import torch
-            self._cpu = torch.from_numpy(self.np)
+            self._cpu = _torch().from_numpy(self._np)
         return self._cpu
 
     @property
     def gpu(self):
-        """torch view of the device copy (DLPack), or ``cpu`` without a GPU."""
-        if self.gpu_array is None:
-            return self.cpu
+        """The device copy as a torch tensor: an assigned one, the mirror's
+        view, a view of gpu_array (DLPack), a torch CUDA tensor, or ``cpu``
+        itself without a device."""
+        if self._gpu is not None:
+            return self._gpu
+        if self._mirror is not None:
+            return self._mirror.tensor()
         if self._gpu_t is None:
-            import torch
-            self._gpu_t = torch.from_dlpack(self.gpu_array)
+            if self.gpu_array is not None:
+                self._gpu_t = _torch().from_dlpack(self.gpu_array)
+            else:
+                dev = _torch_cuda_device(self._device)
+                self._gpu_t = self._cpu_tensor() if dev is None else \
+                    _torch().zeros_like(self._cpu_tensor(), device=dev)
         return self._gpu_t
+
+    @gpu.setter
+    def gpu(self, value):
+        """vLLM's CPU runner assigns ``buf.gpu = buf.cpu``: from then on the
+        copies go to `value` (none when it is the host memory itself); a
+        mirror or device array is detached."""
+        self._gpu = value
+        self._mirror = None
+        self.gpu_array = None
+        self._gpu_t = None
+
+    def _distinct_gpu(self):
+        """The device tensor where it is not the host memory itself, else None."""
+        g = self.gpu
+        cpu = self._cpu_tensor()
+        if g is cpu or (g.device.type == "cpu" and g.data_ptr() == cpu.data_ptr()):
+            return None
+        return g
 
     def copy_to_gpu(self, n=None, stream=None):
         """Copy the first n rows (all: None) to the device, asynchronously on
-        `stream`; returns gpu[:n]."""
+        `stream` (torch copies: torch's current stream); returns gpu[:n]. A
+        mirror syncs rows [0, n), moving only what changed."""
+        m = self._mirror
+        if m is not None:
+            if self._stale:
+                m.invalidate()
+                self._stale = False
+            m.sync(stream=stream, num_rows=n)
+            self._dirty[:] = False
+            return m.tensor(n)
         if self.gpu_array is not None:
             rows = self.shape[0] if n is None else n
             if rows:
-                cp = cupy()
-                cp.cuda.runtime.memcpyAsync(self.gpu_array.data.ptr, self.np.ctypes.data,
-                                            rows * self._row_bytes, _H2D, stream_ptr(stream))
+                cupy().cuda.runtime.memcpyAsync(self.gpu_array.data.ptr, self._np.ctypes.data,
+                                                rows * self._row_bytes, _H2D, stream_ptr(stream))
                 self._dirty[:rows] = False
-        return self.gpu[:n]
+            return self.gpu[:n]
+        gpu = self._distinct_gpu()
+        if gpu is None:
+            return self._cpu_tensor()[:n]
+        self._dirty[:self.shape[0] if n is None else n] = False
+        return gpu[:n].copy_(self._cpu_tensor()[:n], non_blocking=True)
 
     def copy_to_cpu(self, n=None, stream=None):
-        """Copy the first n rows back to the host, asynchronously on `stream`
-        (synchronise it before reading); returns cpu[:n]."""
-        if self.gpu_array is not None:
+        """Copy the first n rows back to the host, asynchronously (synchronise
+        `stream` / torch's current stream before reading); returns cpu[:n]."""
+        cpu = self._cpu_tensor()
+        if self.gpu_array is not None and self._gpu is None:
             rows = self.shape[0] if n is None else n
             if rows:
-                cupy().cuda.runtime.memcpyAsync(self.np.ctypes.data, self.gpu_array.data.ptr,
+                cupy().cuda.runtime.memcpyAsync(self._np.ctypes.data, self.gpu_array.data.ptr,
                                                 rows * self._row_bytes, _D2H,
                                                 stream_ptr(stream))
-        return self.cpu[:n]
+            return cpu[:n]
+        gpu = self._distinct_gpu()
+        if gpu is None:
+            return cpu[:n]
+        self.mark_dirty()
+        return cpu[:n].copy_(gpu[:n], non_blocking=True)
 
     # ---- the seed's methods -----------------------------------------------------------
     def get_cpu(self):
@@ -152,47 +265,63 @@ class CpuGpuBuffer:
         return self.gpu
 
     def set(self, row, col, value):
-        self.np[row, col] = value
-        self._dirty[row] = True
+        self._np[row, col] = value
+        self.mark_dirty(row)
 
     def get(self, row, col):
-        return self.np[row, col].item()
+        return self._np[row, col].item()
 
     def set_row(self, row, values):
         """Row `row` = values, the rest of the row zeroed (no stale tail)."""
-        if self.np.ndim == 1:
-            self.np[row] = values
+        a = self._np
+        if a.ndim == 1:
+            a[row] = values
         else:
             v = np.asarray(values, self.dtype).ravel()
-            if v.shape[0] > self.np.shape[1]:
+            if v.shape[0] > a.shape[1]:
                 raise make_error(_lib.BT_EROWFULL, f"{v.shape[0]} values for a row of "
-                                                  f"{self.np.shape[1]}")
-            self.np[row, :v.shape[0]] = v
-            self.np[row, v.shape[0]:] = 0
-        self._dirty[row] = True
+                                                  f"{a.shape[1]}")
+            a[row, :v.shape[0]] = v
+            a[row, v.shape[0]:] = 0
+        self.mark_dirty(row)
 
     def mark_dirty(self, rows=None):
-        """Say rows changed behind set/set_row (writes through .np)."""
+        """Say rows (all: None) changed behind set/set_row (writes through
+        ``np``): _sync_to_gpu moves them; with a mirror, the next copy_to_gpu
+        re-stages the rows it covers whole."""
         if rows is None:
             self._dirty[:] = True
         else:
             self._dirty[rows] = True
+        if self._mirror is not None:
+            self._stale = True
 
     def _sync_to_gpu(self, stream=None):
         """Copy the dirty rows (one copy per run of consecutive ones);
-        returns the bytes moved."""
-        if self.gpu_array is None or not self._dirty.any():
+        returns the bytes moved (a mirror: what its sync moved)."""
+        if self._mirror is not None:
+            self.copy_to_gpu(stream=stream)
+            return self._mirror.last_sync[2]
+        gpu = None if self.gpu_array is not None else self._distinct_gpu()
+        if (self.gpu_array is None and gpu is None) or not self._dirty.any():
             self._dirty[:] = False
             return 0
         d = np.flatnonzero(self._dirty)
         cut = np.flatnonzero(np.diff(d) != 1) + 1
         starts = np.concatenate(([0], cut))
         ends = np.concatenate((cut, [d.shape[0]]))
-        rt, s = cupy().cuda.runtime, stream_ptr(stream)
-        rb, hb, gb = self._row_bytes, self.np.ctypes.data, self.gpu_array.data.ptr
+        rb = self._row_bytes
         moved = 0
+        if self.gpu_array is not None:
+            rt, s = cupy().cuda.runtime, stream_ptr(stream)
+            hb, gb = self._np.ctypes.data, self.gpu_array.data.ptr
+        else:
+            cpu = self._cpu_tensor()
         for a, b in zip(d[starts].tolist(), (d[ends - 1] + 1).tolist()):
-            rt.memcpyAsync(gb + a * rb, hb + a * rb, (b - a) * rb, _H2D, s)
+            if gpu is None:
+                rt.memcpyAsync(gb + a * rb, hb + a * rb, (b - a) * rb, _H2D, s)
+            else:
+                gpu[a:b].copy_(cpu[a:b], non_blocking=True)
             moved += (b - a) * rb
         self._dirty[:] = False
         return moved
@@ -200,8 +329,8 @@ class CpuGpuBuffer:
     sync = _sync_to_gpu
 
     def __repr__(self):
-        return (f"<CpuGpuBuffer {self.shape} {self.dtype} device={self.device} "
-                f"pinned={self.pinned}>")
+        where = "mirror" if self._mirror is not None else f"device={self.device}"
+        return f"<CpuGpuBuffer {self.shape} {self.dtype} {where} pinned={self.pinned}>"
 
 
 def _device_index(device, cp):

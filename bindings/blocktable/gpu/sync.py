@@ -21,11 +21,13 @@ buffer is reused only after the copy that last read it completed (an event).
 Syncs of one mirror, from any thread of any process, are ordered through the
 segment itself:
 
-  1. bt_mirror_stage_ex(..., BT_STAGE_KEEP_LOCK) stages and keeps the
-     mirror's lock (a word holding the syncer's pid; BT_EBUSY while another
-     live process holds it: retried for up to LOCK_WAIT_S). It also returns
-     the last sync's record: the process (pid, start time) that made the
-     last copy and the CUDA IPC event it recorded after it.
+  1. bt_mirror_sync_begin (bt_mirror_stage_ex with BT_STAGE_KEEP_LOCK, and
+     the plan) stages and keeps the mirror's lock (a word holding the
+     syncer's pid; BT_EBUSY while another live process holds it: retried
+     for up to LOCK_WAIT_S). It also returns the last sync's record: the
+     process (pid, start time) that made the last copy and the CUDA IPC
+     event it recorded after it, already compared with this syncer
+     (order: none, self or peer).
   2. The stream waits for that event (opened once per peer with
      cudaIpcOpenEventHandle). Our own record needs no IPC: the stream waits
      on our event only if it differs from the stream of our last copy. If
@@ -39,6 +41,16 @@ segment itself:
      lock was released) and the call is cheaper.
   On any failure in between: bt_mirror_invalidate (the records may be ahead
   of the device: the next stage is a full one), then bt_mirror_unlock.
+
+The hot path (a zero-copy upload, the record ours or nobody's, the slot's
+launch prepared): one C call (bt_mirror_sync_begin writes n into the
+slot's prepared kernel arguments and returns the grid), one cuLaunchKernel,
+two event records, bt_mirror_unlock or bt_mirror_sync_done; nothing
+allocated per sync but the numbers. Measured on an H100 host for a decode
+step (256 rows + 1 block; bench/gpu_logs/sync_profile.txt): ~25 us of host
+time either way, before and after this path -- the staging itself (~8 us
+after an edit, cache misses over 256 rows), cuLaunchKernel (~5 us) and the
+two event records (~2.4 us) are most of it, the Python around them ~1 us.
 
 So copies of one mirror land in the order their stages were taken. The lock
 word belongs to a process, not a thread (libbt lets a process take its own
@@ -81,8 +93,9 @@ _HOST_ALLOC_FLAGS = 1 | 2     # cudaHostAllocPortable | cudaHostAllocMapped
 # cupy.cuda.Event(block=False, disable_timing=True, interprocess=True) makes.
 _EV_FLAGS_IPC = 2 | 4
 _EV_FLAGS = 2
-_KEEP_LOCK = _lib.BT_STAGE_KEEP_LOCK
 _MAX_PEERS = 32               # opened peer events kept before the dead are pruned
+_MAX_GRID = 1024              # scatter blocks at most (a grid-stride loop does the rest)
+_ORDER_SELF, _ORDER_PEER = _lib.BT_ORDER_SELF, _lib.BT_ORDER_PEER
 
 _orphans = []                 # events of closed Syncers that a record still names
 _tlocks = {}                  # (segment, mirror index) -> threading.Lock of this process
@@ -122,6 +135,10 @@ class _Slot:
         self.dmem = None
         self.event = rt.eventCreateWithFlags(_EV_FLAGS)
         self.used = False
+        # The zero-copy scatter of this slot's pairs, its arguments set once
+        # (Syncer._prepare); bt_mirror_sync_begin writes n into n_arg.
+        self.launch = None
+        self.n_arg = _lib.NULL
 
     def wait(self):
         if self.used:
@@ -178,8 +195,8 @@ class Syncer:
         self._contig = counts_ptr == table_ptr + 4 * self.T
         self._ring = [None, None]
         self._k = 0
-        self._n, self._dirty = _lib.new("uint64_t *"), _lib.new("uint32_t *")
-        self._last = _lib.new("bt_mirror_sync *")     # the record stage_ex hands back
+        self._plan = _lib.new("bt_mirror_plan *")     # what bt_mirror_sync_begin found
+        self._last = self._plan.last                  # the record it hands back
         self._rec = _lib.new("bt_mirror_sync *")      # ours, for bt_mirror_sync_done
         self._lock = _thread_lock(seg, index)
         self._pid = os.getpid()
@@ -192,6 +209,7 @@ class Syncer:
         self._done_handle = bytes(rt.ipcGetEventHandle(self._done))[:64].ljust(64, b"\0") \
             if ipc else bytes(64)
         _lib.memmove(self._rec.event, self._done_handle, 64)
+        self._self_ev = _lib.new("uint8_t[]", list(self._done_handle))
         self._done_stream = None          # stream of the last recorded _done, None: never
         self._peers = {}                  # (pid, start, handle) -> (ProcWatch, event ptr)
         self._launch = None               # kernels.Launch of bt_scatter
@@ -216,17 +234,31 @@ class Syncer:
                     return self._sync(s, nr, mode or DEFAULT_MODE)
             return self._sync(s, nr, mode or DEFAULT_MODE)
 
-    def _stage(self, slot, num_rows):
-        """bt_mirror_stage_ex keeping the lock; BT_EBUSY (another live
-        process holds it) is retried for LOCK_WAIT_S."""
+    def _begin(self, slot, num_rows):
+        """bt_mirror_sync_begin: stage into `slot`, keep the lock, fill the
+        plan (n, rows, order, grid; n also into the slot's launch). The
+        result code; callers retry BT_EBUSY through _stage."""
+        try:
+            return _lib.mirror_sync_begin(self._raw, self.index, num_rows, slot.idx_c,
+                                          slot.val_c, slot.cap, self._self_ev,
+                                          kernels.SCATTER_BLOCK, _MAX_GRID, slot.n_arg,
+                                          self._plan)
+        except OverflowError as e:
+            raise make_error(_lib.BT_ERANGE, f"sync(num_rows={num_rows}): {e}") from None
+
+    def _stage(self, slot, num_rows, rc=None):
+        """_begin until it stages; BT_EBUSY (another live process holds the
+        lock) is retried for LOCK_WAIT_S. `rc`: a first try's result."""
         t0 = None
         tries = 0
         while True:
-            staged = _lib.mirror_stage(self._raw, self.index, num_rows, _KEEP_LOCK,
-                                       slot.idx_c, slot.val_c, slot.cap, self._n,
-                                       self._dirty, self._last)
-            if staged:
+            if rc is None:
+                rc = self._begin(slot, num_rows)
+            if rc == 0:
                 return
+            if rc != _lib.EBUSY:
+                raise _lib.mirror_begin_failed(rc, self.index, num_rows)
+            rc = None
             now = time.monotonic()
             if t0 is None:
                 t0 = now
@@ -241,6 +273,16 @@ class Syncer:
                                         f"num_rows={num_rows}): another process held the "
                                         "mirror's sync lock, or a row stayed mid-write")
 
+    def _prepare(self, slot):
+        """The slot's own zero-copy launch, every argument but n set once."""
+        ln = kernels.Launch("bt_scatter", kernels.SCATTER_ARGS, self.device)
+        a = ln.args
+        a[0].value, a[1].value = slot.dev_host, slot.dev_host + 8 * slot.cap
+        a[3].value, a[4].value, a[5].value, a[6].value = \
+            self.table_ptr, self.T, self.counts_ptr, self.R
+        slot.n_arg = _lib.cast("int64_t *", ctypes.addressof(a[2]))
+        slot.launch = ln
+
     def _sync(self, s, num_rows, mode):
         rt = self._rt
         k = self._k
@@ -248,15 +290,72 @@ class Syncer:
         if slot is None:
             slot = self._ring[k] = _Slot(self.cap)
         slot.wait()
-        if self._launch is None:
-            # Compile (or load) the scatter kernel before taking the lock,
-            # which other processes wait for.
-            kernels.get_kernel("bt_scatter", self.device)
-        self._stage(slot, num_rows)                 # the mirror's lock is ours from here
+        if slot.launch is None:
+            if self._launch is None:
+                # Compile (or load) the scatter kernel before taking the
+                # lock, which other processes wait for.
+                kernels.get_kernel("bt_scatter", self.device)
+            elif threading.get_ident() in self._threads:
+                self._prepare(slot)
+        rc = self._begin(slot, num_rows)
+        if rc:
+            self._stage(slot, num_rows, rc)          # retries while another holds the lock
+        # The mirror's lock is ours from here.
+        plan = self._plan
+        n = plan.n
+        if (n and plan.order != _ORDER_PEER and slot.launch is not None
+                and (mode == "zerocopy" or (mode == "auto" and n != self.cap
+                                            and plan.rows_dirty > AUTO_RANGES_MAX_ROWS
+                                            and n <= AUTO_ZEROCOPY_MAX))
+                and threading.get_ident() in self._threads):
+            return self._fast(s, slot, k, plan, n, rt)
+        return self._general(s, slot, k, num_rows, mode, rt)
+
+    def _fast(self, s, slot, k, plan, n, rt):
+        """The common sync: a zero-copy scatter of what was staged, after our
+        own last copy or nobody's. One launch, two event records, the
+        unlock; no Python objects made but the numbers."""
+        ours = plan.order == _ORDER_SELF
+        try:
+            if ours and self._done_stream != s and self._done_stream is not None:
+                rt.streamWaitEvent(s, self._done, 0)
+            slot.launch(plan.grid, kernels.SCATTER_BLOCK, s)
+            rt.eventRecord(slot.event, s)
+            slot.used = True
+            self._k = k ^ 1
+            rt.eventRecord(self._done, s)
+            self._done_stream = s
+            if ours:
+                _lib.mirror_unlock(self._raw, self.index)
+            else:
+                _lib.mirror_sync_done(self._raw, self.index, self._rec)
+        except BaseException:
+            self._failed(s, True)
+            raise
+        self.last_waited = "self" if ours else None
+        self.last_entries, self.last_rows, self.last_bytes = n, plan.rows_dirty, 12 * n
+        self.last_calls, self.last_mode = 1, "zerocopy"
+        self.syncs += 1
+        self.entries_total += n
+        self.bytes_total += 12 * n
+        return n
+
+    def _failed(self, s, enqueued):
+        _lib.mirror_invalidate(self._raw, self.index)   # the records ran ahead
+        if enqueued:
+            # A copy may be queued; let it land before another syncer,
+            # which will not wait for it, starts the full one.
+            try:
+                self._rt.streamSynchronize(s)
+            except Exception:
+                pass
+        _lib.mirror_unlock(self._raw, self.index)
+
+    def _general(self, s, slot, k, num_rows, mode, rt):
         enqueued = False
         try:
             ours = self._order(s, slot, num_rows, rt)
-            n, rows = self._n[0], self._dirty[0]
+            n, rows = self._plan.n, self._plan.rows_dirty
             nbytes = calls = 0
             used = mode
             if n:
@@ -275,15 +374,7 @@ class Syncer:
                 # event, whose latest record is the one just made.
                 _lib.mirror_unlock(self._raw, self.index)
         except BaseException:
-            _lib.mirror_invalidate(self._raw, self.index)   # the records ran ahead
-            if enqueued:
-                # A copy may be queued; let it land before another syncer,
-                # which will not wait for it, starts the full one.
-                try:
-                    rt.streamSynchronize(s)
-                except Exception:
-                    pass
-            _lib.mirror_unlock(self._raw, self.index)
+            self._failed(s, enqueued)
             raise
         self.last_entries, self.last_rows, self.last_bytes = n, rows, nbytes
         self.last_calls, self.last_mode = calls, used
