@@ -7,6 +7,8 @@ inherits it too, so `except IndexError` works as Python users expect.
 OS errors (-errno) become subclasses of both BtError and the builtin OSError
 subclass for that errno (FileNotFoundError for -ENOENT, ...).
 """
+from __future__ import annotations
+
 from ._ffi import ffi, lib
 
 __all__ = ["BtError", "BtOSError", "error_class", "make_error", "check", "CODES"]
@@ -24,7 +26,7 @@ class BtError(Exception):
     detail = ""
 
     @property
-    def name(self):
+    def name(self) -> str:
         return errname(self.code)
 
 
@@ -60,11 +62,11 @@ _NAMES = {
 CODES = {}
 
 
-def _camel(symbol):
+def _camel(symbol: str) -> str:
     return "".join(p.capitalize() for p in symbol[4:].split("_")) or symbol
 
 
-def _library_classes():
+def _library_classes() -> dict[str, type[BtError]]:
     out = {}
     for sym in sorted(dir(lib)):
         if not sym.startswith("BT_E") or sym in ("BT_ERR_FIRST", "BT_ERR_LAST"):
@@ -85,11 +87,11 @@ globals().update(_library_classes())
 __all__ += [c.__name__ for c in CODES.values()]
 
 
-def errname(code):
+def errname(code: int) -> str:
     return ffi.string(lib.bt_errname(code)).decode()
 
 
-def _os_class(err):
+def _os_class(err: int) -> type[BtError]:
     """BtError + the builtin OSError subclass Python uses for this errno."""
     cls = CODES.get(-err)
     if cls is None:
@@ -103,7 +105,7 @@ def _os_class(err):
     return cls
 
 
-def error_class(code):
+def error_class(code: int) -> type[BtError]:
     """The exception class for result `code` (< 0)."""
     cls = CODES.get(code)
     if cls is None:
@@ -111,7 +113,7 @@ def error_class(code):
     return cls
 
 
-def make_error(code, detail="", filename=None):
+def make_error(code: int, detail: str = "", filename: str | None = None) -> BtError:
     """An exception instance for `code`: bt_strerror's text, then `detail`."""
     cls = error_class(code)
     msg = ffi.string(lib.bt_strerror(code)).decode()
@@ -126,7 +128,7 @@ def make_error(code, detail="", filename=None):
     return exc
 
 
-def check(rc, detail=""):
+def check(rc: int, detail: str = "") -> int:
     """Raise for a negative result; return rc otherwise (the cold path helper:
     hot methods test `if rc:` inline and only then build a message)."""
     if rc < 0:

@@ -23,7 +23,10 @@ each below that raises BtError itself.
 Thread and process safety: what libbt says for each call (bt.h); nothing here
 keeps state except the constants.
 """
+from __future__ import annotations
+
 from operator import index as _index
+from typing import Any, Callable
 
 from ._errors import BtError, make_error
 from ._ffi import ffi, lib
@@ -197,7 +200,8 @@ def call(h, what, fn, *args, detail=None):
 # three ``type(x) is int`` tests cost twice as much.
 
 
-def int_method(name, fn, params, doc):
+def int_method(name: str, fn: Callable[..., int], params: list[tuple[str, str, Any]],
+               doc: str) -> Callable[..., None]:
     """A Client method calling fn(client handle, ints...) and returning
     nothing: params are (name, C type, default or ...) in call order. The
     fast path is the INTS_ONLY test and the C call; a closed client, a
@@ -223,6 +227,7 @@ def int_method(name, fn, params, doc):
     exec(src, ns)
     f = ns[name]
     f.__doc__ = doc
+    f.__annotations__ = {**{p: "int" for p in names}, "return": "None"}
     return f
 
 
