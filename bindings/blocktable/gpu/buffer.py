@@ -17,10 +17,14 @@ blocktable.compat.vllm.
 
 Thread safety: none (like vLLM's); one writer at a time.
 """
+from __future__ import annotations
+
 import mmap
 import os
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .._errors import make_error
 from .. import _lib
@@ -29,10 +33,19 @@ from ._cuda import GpuUnavailable, cupy, stream_ptr
 
 __all__ = ["CpuGpuBuffer"]
 
+if TYPE_CHECKING:
+    import torch
+
+#: a CUDA stream: a cupy Stream, a torch Stream, an int (cudaStream_t), or None
+#: for the current stream (see _cuda.stream_ptr)
+StreamLike = Any
+#: a row selection of mark_dirty: an index, a slice, indices or a boolean mask
+Rows = Union[int, slice, Sequence[int], npt.NDArray[Any]]
+
 _H2D, _D2H = 1, 2
 
 
-def _np_dtype(dtype):
+def _np_dtype(dtype: npt.DTypeLike | torch.dtype) -> np.dtype[Any]:
     if isinstance(dtype, np.dtype) or isinstance(dtype, type) or isinstance(dtype, str):
         return np.dtype(dtype)
     import torch   # a torch dtype (vLLM passes those)
@@ -44,8 +57,10 @@ class CpuGpuBuffer:
     with_numpy=True, name=None, cpu=None); size may also be one tuple (the
     seed's CpuGpuBuffer(shape, dtype))."""
 
-    def __init__(self, *size, dtype=np.int32, device=None, pin_memory=True, with_numpy=True,
-                 name=None, cpu=None):
+    def __init__(self, *size: int | Sequence[int], dtype: npt.DTypeLike | torch.dtype = np.int32,
+                 device: str | int | torch.device | None = None, pin_memory: bool = True,
+                 with_numpy: bool = True, name: str | None = None,
+                 cpu: npt.NDArray[Any] | None = None) -> None:
         if len(size) == 1 and isinstance(size[0], (tuple, list)):
             size = tuple(size[0])
         if len(size) == 2 and not isinstance(size[1], (int, np.integer)) and cpu is None:
@@ -96,12 +111,12 @@ class CpuGpuBuffer:
             self.device = None
 
     @staticmethod
-    def unlink(name):
+    def unlink(name: str) -> None:
         os.unlink(f"/dev/shm/bt-buf.{name}")
 
     # ---- vLLM's attributes ----------------------------------------------------------
     @property
-    def cpu(self):
+    def cpu(self) -> torch.Tensor:
         """torch view of the host memory (zero copy)."""
         if self._cpu is None:
             import torch
@@ -109,7 +124,7 @@ class CpuGpuBuffer:
         return self._cpu
 
     @property
-    def gpu(self):
+    def gpu(self) -> torch.Tensor:
         """torch view of the device copy (DLPack), or ``cpu`` without a GPU."""
         if self.gpu_array is None:
             return self.cpu
@@ -118,7 +133,7 @@ class CpuGpuBuffer:
             self._gpu_t = torch.from_dlpack(self.gpu_array)
         return self._gpu_t
 
-    def copy_to_gpu(self, n=None, stream=None):
+    def copy_to_gpu(self, n: int | None = None, stream: StreamLike = None) -> torch.Tensor:
         """Copy the first n rows (all: None) to the device, asynchronously on
         `stream`; returns gpu[:n]."""
         if self.gpu_array is not None:
@@ -130,7 +145,7 @@ class CpuGpuBuffer:
                 self._dirty[:rows] = False
         return self.gpu[:n]
 
-    def copy_to_cpu(self, n=None, stream=None):
+    def copy_to_cpu(self, n: int | None = None, stream: StreamLike = None) -> torch.Tensor:
         """Copy the first n rows back to the host, asynchronously on `stream`
         (synchronise it before reading); returns cpu[:n]."""
         if self.gpu_array is not None:
@@ -142,23 +157,23 @@ class CpuGpuBuffer:
         return self.cpu[:n]
 
     # ---- the seed's methods -----------------------------------------------------------
-    def get_cpu(self):
+    def get_cpu(self) -> npt.NDArray[Any]:
         """The host array (numpy, writable, zero copy)."""
         return self.np
 
-    def get_gpu(self):
+    def get_gpu(self) -> torch.Tensor:
         """The device copy, first brought up to date (dirty rows only)."""
         self._sync_to_gpu()
         return self.gpu
 
-    def set(self, row, col, value):
+    def set(self, row: int, col: int, value: int | float) -> None:
         self.np[row, col] = value
         self._dirty[row] = True
 
-    def get(self, row, col):
+    def get(self, row: int, col: int) -> int | float:
         return self.np[row, col].item()
 
-    def set_row(self, row, values):
+    def set_row(self, row: int, values: npt.ArrayLike) -> None:
         """Row `row` = values, the rest of the row zeroed (no stale tail)."""
         if self.np.ndim == 1:
             self.np[row] = values
@@ -171,14 +186,14 @@ class CpuGpuBuffer:
             self.np[row, v.shape[0]:] = 0
         self._dirty[row] = True
 
-    def mark_dirty(self, rows=None):
+    def mark_dirty(self, rows: Rows | None = None) -> None:
         """Say rows changed behind set/set_row (writes through .np)."""
         if rows is None:
             self._dirty[:] = True
         else:
             self._dirty[rows] = True
 
-    def _sync_to_gpu(self, stream=None):
+    def _sync_to_gpu(self, stream: StreamLike = None) -> int:
         """Copy the dirty rows (one copy per run of consecutive ones);
         returns the bytes moved."""
         if self.gpu_array is None or not self._dirty.any():
@@ -199,12 +214,12 @@ class CpuGpuBuffer:
 
     sync = _sync_to_gpu
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<CpuGpuBuffer {self.shape} {self.dtype} device={self.device} "
                 f"pinned={self.pinned}>")
 
 
-def _device_index(device, cp):
+def _device_index(device: str | int | torch.device | None, cp: Any) -> int:
     if device is None:
         return cp.cuda.runtime.getDevice()
     if isinstance(device, int):
