@@ -59,7 +59,7 @@ lib: Any = _ffi.lib
 """The compiled libbt (the CFFI lib): every bt_* function and BT_* constant of
 bt.h. Calls return 0 or a negative code (see CODES); nothing is checked for
 you: prefer Segment and Client, which raise BtError."""
-CODES: dict[int, type[BtError]] = errors.CODES
+CODES: dict[int, type[BtError]] = errors.CODES  # type: ignore[no-redef]  # (the star import's)
 """Result code (a negative int: BT_E* of bt.h, or -errno) -> the BtError
 subclass raised for it. Holds every library code; an OS code is added the
 first time it is seen (error_class(code) looks a code up, adding it)."""

@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["Segment", "Client", "StepPlan", "SlotParams", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
            "BtTypeError"]
 
-ROW_MANAGED = _lib.BT_ROW_MANAGED
-ROW_RAW = _lib.BT_ROW_RAW
-ROW_PAGED = _lib.BT_ROW_PAGED
+ROW_MANAGED: int = _lib.BT_ROW_MANAGED
+ROW_RAW: int = _lib.BT_ROW_RAW
+ROW_PAGED: int = _lib.BT_ROW_PAGED
 _EINVAL, _ERANGE, _ECLIENT = _lib.BT_EINVAL, _lib.BT_ERANGE, _lib.BT_ECLIENT
 _NO_ROWS = np.empty(0, U32)
 _NO_ROWS_C = _lib.from_buffer("uint32_t[]", _NO_ROWS)
@@ -198,7 +198,7 @@ class Segment:
         self._seg = self._base = None
         self._outc = (_NONE, None, 0)
         self.table, self.num_blocks, self.num_tokens = \
-            _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")
+            _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")  # type: ignore[assignment]
 
     @property
     def closed(self) -> bool:
@@ -382,7 +382,7 @@ class Segment:
             else:
                 if rc:
                     raise _fail(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
-                return out
+                return out  # type: ignore[return-value]
         seg = self._s()
         if type(row) is not int or type(start) is not int or type(n) is not int:
             row, start, n = _int(row, "row"), _int(start, "start"), _int(n, "n")
@@ -542,6 +542,7 @@ class Client:
 
     __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_args", "_nmax",
                  "_oa", "_ob", "_olen", "_ia", "_ib", "_ilen", "_u32", "__weakref__")
+    _gone_why: str | None
 
     def __init__(self, seg: Segment, raw: Any) -> None:
         """Private: use Segment.client()."""
@@ -663,7 +664,7 @@ class Client:
             else:
                 if rc:
                     raise _fail(rc, f"alloc(n={n}, pool={pool})")
-                return out
+                return out  # type: ignore[return-value]
         cl = self._h()
         if type(n) is not int:
             n = _int(n, "n")
@@ -780,7 +781,7 @@ class Client:
             else:
                 if rc:
                     raise _fail(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
-                return out
+                return out  # type: ignore[return-value]
         cl = self._h()
         if type(n) is not int:
             n = _int(n, "n")
@@ -894,13 +895,13 @@ class Client:
                 if not mine:
                     raise make_error(rc, f"out has {out.shape[0]} entries, the step makes {a.ids_total}")
                 self._scratch = np.empty(a.ids_total, I32)  # grow and go again
-                return self.step(rows, n_new, free_rows, pool, None, arrive, arrive_n, arrive_rows)
+                return self.step(rows, n_new, free_rows, pool, None, arrive, arrive_n, arrive_rows)  # type: ignore[call-overload, arg-type, misc]
             more = "" if arrive is None else f", arrive={preview(arrive)}"
             raise make_error(rc, f"step(rows={preview(rows)}, n_new={preview(n_new)}, "
                                  f"free_rows={preview(free_rows)}{more}, pool={pool})")
         total = a.ids_total
         ids = out[:total].copy() if mine else out[:total]
-        return ids if arrive is None else (ids, arrive_rows)
+        return ids if arrive is None else (ids, arrive_rows)  # type: ignore[return-value]
 
     # ---- slot mapping (delegated: it needs no client) -----------------------------
     def slots_row(self, row: int, start: int, n: int, out: I64Array | None = None,

@@ -122,7 +122,7 @@ def make_error(code: int, detail: str = "", filename: str | None = None) -> BtEr
     if issubclass(cls, OSError):
         exc = cls(-code, msg, filename) if filename else cls(-code, msg)
     else:
-        exc = cls(msg)
+        exc = cls(msg)  # type: ignore[assignment]  # (mypy narrowed cls to the OSError branch's)
     exc.code = code
     exc.detail = detail
     return exc

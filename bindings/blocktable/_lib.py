@@ -26,7 +26,7 @@ keeps state except the constants.
 from __future__ import annotations
 
 from operator import index as _index
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._errors import BtError, make_error
 from ._ffi import ffi, lib
@@ -36,6 +36,12 @@ globals().update({k: getattr(lib, k) for k in dir(lib)
                   if k.startswith("BT_") and isinstance(getattr(lib, k), int)})
 EINVAL, ERANGE, ECLIENT, EBUSY = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ECLIENT, lib.BT_EBUSY
 NULL = ffi.NULL
+
+if TYPE_CHECKING:
+    # The BT_* constants above are set from bt.h at import: to a type checker,
+    # any attribute this module does not define is one of them (or a cffi
+    # object): Any.
+    def __getattr__(name: str) -> Any: ...
 
 # ---- the per-call functions, bare (see the module docstring) ----------------------
 blocks_alloc = lib.bt_blocks_alloc
@@ -223,7 +229,7 @@ def int_method(name: str, fn: Callable[..., int], params: list[tuple[str, str, A
            f"            raise _fail(rc, f\"{name}({shown})\")\n"
            f"        return\n"
            f"    _call(_handle(self), {name!r}, _fn, {specs})\n")
-    ns = {"_fn": fn, "_fail": fail, "_call": call, "_handle": client_handle}
+    ns: dict[str, Any] = {"_fn": fn, "_fail": fail, "_call": call, "_handle": client_handle}
     exec(src, ns)
     f = ns[name]
     f.__doc__ = doc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, fields, make_dataclass
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +47,7 @@ def from_struct(cls, cdata):
 
 
 class _ConfigMethods:
-    def to_c(self) -> Any:
+    def to_c(self: Any) -> Any:
         c = _lib.config_new()
         for f in fields(self):
             v = getattr(self, f.name)
@@ -85,7 +85,25 @@ def _config_class():
     return cls
 
 
-SegmentConfig = _config_class()
+if TYPE_CHECKING:
+    # What a type checker sees of the classes made from bt.h's structs at import
+    # (their fields follow bt.h, so they are not spelled out here): int fields.
+    class SegmentConfig(_ConfigMethods):
+        def __init__(self, **fields: int) -> None: ...
+        def __getattr__(self, name: str) -> int: ...
+
+    class _Struct:
+        def __init__(self, **fields: int) -> None: ...
+        def __getattr__(self, name: str) -> int: ...
+
+    class RowInfo(_Struct): ...
+    class ClientSlotInfo(_Struct): ...
+
+    class CheckReport(_Struct):
+        @property
+        def clean(self) -> bool: ...
+else:
+    SegmentConfig = _config_class()
 
 
 @dataclass(frozen=True)
@@ -119,12 +137,13 @@ def _struct_class(name, ctype, doc, namespace=None):
     return cls
 
 
-RowInfo = _struct_class("RowInfo", "bt_row_info", """bt_row_info: a consistent
-    snapshot of one row's metadata (owner client id, flags, key, num_blocks,
-    generation, num_tokens, and the seqlock values it was read at).""")
+if not TYPE_CHECKING:   # (the type checker's view: the stubs above)
+    RowInfo = _struct_class("RowInfo", "bt_row_info", """bt_row_info: a consistent
+        snapshot of one row's metadata (owner client id, flags, key, num_blocks,
+        generation, num_tokens, and the seqlock values it was read at).""")
 
-ClientSlotInfo = _struct_class("ClientSlotInfo", "bt_client_slot_info", """bt_client_slot_info:
-    a racy snapshot of one client slot (state, pid, hand_count, rows, ops...).""")
+    ClientSlotInfo = _struct_class("ClientSlotInfo", "bt_client_slot_info", """bt_client_slot_info:
+        a racy snapshot of one client slot (state, pid, hand_count, rows, ops...).""")
 
 
 def _clean(self: Any) -> bool:
@@ -134,10 +153,11 @@ def _clean(self: Any) -> bool:
     return not any(getattr(self, f, 0) for f in bad)
 
 
-CheckReport = _struct_class("CheckReport", "bt_check_report", """bt_check_report: what
-    bt_seg_check / bt_seg_recover_client found (blocks_free, blocks_held,
-    leaked, double_free, ...); ``clean`` says all is well.""",
-                            {"clean": property(_clean)})
+if not TYPE_CHECKING:
+    CheckReport = _struct_class("CheckReport", "bt_check_report", """bt_check_report: what
+        bt_seg_check / bt_seg_recover_client found (blocks_free, blocks_held,
+        leaked, double_free, ...); ``clean`` says all is well.""",
+                                {"clean": property(_clean)})
 
 
 @dataclass

@@ -298,16 +298,16 @@ class CachePool:
             return done
         try:
             nt = _lib.NULL if ntokens == 0 and type(ntokens) is int else \
-                _lib.new("uint32_t[]", [ntokens] * n if type(ntokens) is int else list(ntokens))
+                _lib.new("uint32_t[]", [ntokens] * n if type(ntokens) is int else list(ntokens))  # type: ignore[arg-type]
         except (OverflowError, TypeError) as e:
             raise make_error(_lib.BT_ERANGE, f"ntokens: {e}") from None
         if nt != _lib.NULL and len(nt) != n:
             raise make_error(_EINVAL, f"{n} blocks for {len(nt)} ntokens")
         rc = _lib.cache_insert_many(cl, self.pool, b, n, b"".join(keys), klen, nt, self._n)
         if rc:
-            e = make_error(rc, f"insert_many({n} keys) in cache pool {self.pool}")
-            e.inserted = self._n[0]
-            raise e
+            e = make_error(rc, f"insert_many({n} keys) in cache pool {self.pool}")  # type: ignore[misc]
+            e.inserted = self._n[0]  # type: ignore[misc, attr-defined]
+            raise e  # type: ignore[misc]
         return self._n[0]
 
     def remove(self, block: int) -> list[Removed]:

@@ -35,7 +35,7 @@ from . import _lib
 from ._types import I32, I64, as_array
 from ._lib import count
 from .tables.paged import read_row
-from ._types import I32Array, I64Array, IntsLike
+from ._types import I32Array, I64Array, IntArray, IntsLike
 
 if TYPE_CHECKING:
     from ._core import Segment, SlotParams
@@ -108,7 +108,7 @@ class RunLengthSlots:
                 "ratio": self.ratio}
 
 
-def _runs(first: I64Array, length: IntsLike) -> RunLengthSlots:
+def _runs(first: I64Array, length: IntArray) -> RunLengthSlots:
     """Merge segments (first, length) that continue each other: a valid
     segment whose first is the previous one's first + length, or two
     invalid (-1) ones in a row."""

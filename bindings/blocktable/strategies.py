@@ -40,7 +40,7 @@ import math
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Any, Hashable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, TypeVar
 
 import numpy as np
 
@@ -107,6 +107,7 @@ class BlockSource:
     or nothing, and may override _give_back(ids) (default: one release)."""
 
     strategy: BlockAllocationStrategy | None = None
+    _take: Callable[[Hashable, int], list[int]]    # the strategy's (a subclass's method)
 
     def __init__(self, client: Client, pool: int = 0) -> None:
         cfg = client.segment.config
@@ -345,8 +346,8 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _cpu_list(text: str) -> list[int]:
-    cpus = set()
+def _cpu_list(text: str | None) -> set[int]:
+    cpus: set[int] = set()
     for part in (text or "").split(","):
         if "-" in part:
             a, b = part.split("-")
@@ -406,6 +407,7 @@ def numa_node_of(device: str | int | torch.device | None = None, sysfs_root: str
             if cpus and cpus[0] in _cpu_list(_read(os.path.join(nodes_dir, name, "cpulist"))):
                 return int(name[4:]), f"{nodes_dir}/{name}/cpulist (cpu {cpus[0]})"
         return fallback(f"cpu {cpus[0] if cpus else '?'} is in no node of {nodes_dir}")
+    bdf: str | None
     if isinstance(device, str) and _BDF.match(device):
         bdf, how = device.lower(), "given"
     else:

@@ -30,7 +30,7 @@ def expand_kernel_blocks(ids: I32Array, ratio: int) -> I32Array:
     if ids.shape[0] and int(ids.max()) >= _ID_LIMIT // ratio:
         raise make_error(_lib.BT_ERANGE, f"block id {int(ids.max())} times {ratio} kernel "
                                         f"blocks does not fit int32")
-    return (ids.reshape(-1, 1) * ratio + np.arange(ratio, dtype=I32)).reshape(-1)
+    return (ids.reshape(-1, 1) * ratio + np.arange(ratio, dtype=I32)).reshape(-1)  # type: ignore[return-value]  # int32: numpy's stubs say float
 
 
 class BlockTable(TableBase):

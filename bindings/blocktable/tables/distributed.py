@@ -91,7 +91,7 @@ class DistributedBlockTable(TableBase):
                 segment.close()
             raise
         self._params = SlotParams(block_size=config.block_size)
-        self._s = {"calls": 0, "blocks": 0, "local_blocks": 0, "spilled_blocks": 0,
+        self._s: dict[str, Any] = {"calls": 0, "blocks": 0, "local_blocks": 0, "spilled_blocks": 0,
                    "spilled_to": {}, "failures": 0, "shared_pops": 0}
 
     @staticmethod
