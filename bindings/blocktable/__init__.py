@@ -22,7 +22,7 @@ py.typed); the array types are numpy.typing.NDArray of the C type
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import BtError, BtOSError, error_class
 from ._errors import *  # noqa: F401,F403 - one class per code
@@ -89,13 +89,18 @@ __all__ = [
 __all__ = list(dict.fromkeys(__all__))
 
 
-def __getattr__(name: str) -> Any:
-    """blocktable.CpuGpuBuffer: vLLM's CpuGpuBuffer(*size, dtype, device,
-    pin_memory, with_numpy) (also the seed's CpuGpuBuffer(shape, dtype)),
-    from blocktable.gpu.buffer; imported on first use so that importing
-    blocktable pulls in no GPU code."""
-    if name == "CpuGpuBuffer":
-        from .gpu.buffer import CpuGpuBuffer
-        globals()["CpuGpuBuffer"] = CpuGpuBuffer
-        return CpuGpuBuffer
-    raise AttributeError(f"module 'blocktable' has no attribute {name!r}")
+if TYPE_CHECKING:
+    # A type checker sees CpuGpuBuffer directly, and no module __getattr__ (which
+    # would make every misspelt blocktable.X pass as Any).
+    from .gpu.buffer import CpuGpuBuffer
+else:
+    def __getattr__(name: str) -> Any:
+        """blocktable.CpuGpuBuffer: vLLM's CpuGpuBuffer(*size, dtype, device,
+        pin_memory, with_numpy) (also the seed's CpuGpuBuffer(shape, dtype)),
+        from blocktable.gpu.buffer; imported on first use so that importing
+        blocktable pulls in no GPU code."""
+        if name == "CpuGpuBuffer":
+            from .gpu.buffer import CpuGpuBuffer
+            globals()["CpuGpuBuffer"] = CpuGpuBuffer
+            return CpuGpuBuffer
+        raise AttributeError(f"module 'blocktable' has no attribute {name!r}")
