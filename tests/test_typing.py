@@ -118,6 +118,19 @@ def test_error_classes_seen_by_type_checkers_are_the_real_ones():
     assert declared == real
 
 
+def test_segment_config_seen_by_type_checkers_has_bt_configs_fields():
+    """SegmentConfig is made from bt_config at import; _types spells its fields out
+    under TYPE_CHECKING: the same names, in the same order."""
+    import dataclasses
+    from blocktable import _types
+    tree = ast.parse(inspect.getsource(_types))
+    declared = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "SegmentConfig":
+            declared = [a.target.id for a in node.body if isinstance(a, ast.AnnAssign)]
+    assert declared == [f.name for f in dataclasses.fields(bt.SegmentConfig)]
+
+
 def test_annotations_import_nothing():
     """`from __future__ import annotations`: importing blocktable does not import
     torch or cupy (the GPU and vLLM signatures name them only for type checkers)."""
@@ -167,11 +180,16 @@ def test_mypy_catches_misuse(mypy_cache, tmp_path):
         "bt.Segmnet\n"                                     # line 8
         "x: NDArray[np.int64] = cl.alloc(1)\n"             # line 9: int32, not int64
         "r: tuple[object, object] = cl.step([0], [1])\n"  # line 10: no arrivals: one array
-        "bt.connect(create={'block_size': '16'})\n")       # line 11
+        "bt.connect(create={'block_size': '16'})\n"       # line 11
+        "bt.SegmentConfig(num_row=8)\n"                    # line 12: misspelt field
+        "try:\n"
+        "    pass\n"
+        "except bt.NotHeld as e:\n"
+        "    e.code + ''\n")                               # line 16: code is an int
     rc, out = mypy(str(prog), cache=mypy_cache)
     assert rc == 1, out
     lines = {int(ln.split(":")[1]) for ln in out.splitlines() if ": error:" in ln}
-    assert lines == {6, 7, 8, 9, 10, 11}, out
+    assert lines == {6, 7, 8, 9, 10, 11, 12, 16}, out
 
 
 def test_the_typed_user_program_runs():

@@ -86,12 +86,31 @@ def _config_class():
 
 
 if TYPE_CHECKING:
-    # What a type checker sees of the classes made from bt.h's structs at import
-    # (their fields follow bt.h, so they are not spelled out here): int fields.
-    class SegmentConfig(_ConfigMethods):
-        def __init__(self, **fields: int) -> None: ...
-        def __getattr__(self, name: str) -> int: ...
+    # What a type checker sees of the classes made from bt.h's structs at import.
+    # SegmentConfig's fields are spelled out (a misspelt field is an error where a
+    # config is written; tests/test_typing.py checks they are bt_config's); the
+    # defaults are bt_config_default()'s, not the placeholder below. The snapshots
+    # (RowInfo, ...) are only read: any field is an int.
+    _DEFAULT = 0
 
+    @dataclass(frozen=True)
+    class SegmentConfig(_ConfigMethods):
+        block_size: int = _DEFAULT
+        kernel_block_size: int = _DEFAULT
+        num_pools: int = _DEFAULT
+        blocks_per_pool: int = _DEFAULT
+        num_rows: int = _DEFAULT
+        row_width: int = _DEFAULT
+        max_clients: int = _DEFAULT
+        hand_size: int = _DEFAULT
+        max_mirrors: int = _DEFAULT
+        chunk_size: int = _DEFAULT
+        num_chunks: int = _DEFAULT
+        dir_width: int = _DEFAULT
+        cache_pools: int = _DEFAULT
+        cache_keys: int = _DEFAULT
+
+    @dataclass(frozen=True)
     class _Struct:
         def __init__(self, **fields: int) -> None: ...
         def __getattr__(self, name: str) -> int: ...
