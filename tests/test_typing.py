@@ -95,11 +95,29 @@ def test_every_public_callable_is_annotated():
 
 def test_generated_client_methods_are_annotated():
     """release_row, truncate, set_block, ... are made by _lib.int_method, append /
-    append_shared / set_row by _ids_method: their annotations are set there."""
+    append_shared / set_row by _ids_method: their annotations are set there, and
+    Client declares the same signatures for type checkers under TYPE_CHECKING."""
     hints = typing.get_type_hints(bt.Client.set_block)
     assert hints == {"row": int, "index": int, "block_id": int, "return": type(None)}
     hints = typing.get_type_hints(bt.Client.append, localns=namespace(bt.Client.append))
     assert set(hints) == {"self", "row", "ids", "return"}
+    from blocktable import _core
+    tree = ast.parse(inspect.getsource(_core.Client))
+    stubs = {}
+    for node in tree.body[0].body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for f in node.body:
+                if isinstance(f, ast.FunctionDef):
+                    args = f.args.args[1:]
+                    defaults = [None] * (len(args) - len(f.args.defaults)) + \
+                        [ast.literal_eval(d) for d in f.args.defaults]
+                    stubs[f.name] = [(a.arg, d) for a, d in zip(args, defaults)]
+    assert len(stubs) == 10, stubs
+    for name, params in stubs.items():
+        sig = inspect.signature(getattr(bt.Client, name))
+        real = [(p.name, None if p.default is p.empty else p.default)
+                for p in list(sig.parameters.values())[1:]]
+        assert real == params, name
 
 
 def test_error_classes_seen_by_type_checkers_are_the_real_ones():
@@ -182,14 +200,15 @@ def test_mypy_catches_misuse(mypy_cache, tmp_path):
         "r: tuple[object, object] = cl.step([0], [1])\n"  # line 10: no arrivals: one array
         "bt.connect(create={'block_size': '16'})\n"       # line 11
         "bt.SegmentConfig(num_row=8)\n"                    # line 12: misspelt field
+        "cl.truncate(0, keep='1')\n"                       # line 13: a made method
         "try:\n"
         "    pass\n"
         "except bt.NotHeld as e:\n"
-        "    e.code + ''\n")                               # line 16: code is an int
+        "    e.code + ''\n")                               # line 17: code is an int
     rc, out = mypy(str(prog), cache=mypy_cache)
     assert rc == 1, out
     lines = {int(ln.split(":")[1]) for ln in out.splitlines() if ": error:" in ln}
-    assert lines == {6, 7, 8, 9, 10, 11, 12, 16}, out
+    assert lines == {6, 7, 8, 9, 10, 11, 12, 13, 17}, out
 
 
 def test_the_typed_user_program_runs():
