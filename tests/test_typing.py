@@ -1,5 +1,6 @@
 """The package is typed (PEP 561, py.typed): every public callable reachable from
-blocktable.__all__ (the public classes' methods and properties included) has
+blocktable.__all__ and blocktable.compat.vllm.__all__ (the public classes' methods
+and properties included) has
 annotations for each parameter and its return, the names in them resolve, and
 mypy passes on the package (the [tool.mypy] section of pyproject.toml) and on a
 typed user program, tests/typing_sample.py, written the way README.md uses the
@@ -20,14 +21,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "typing_sample.py")
 
 
+def public_objects():
+    """(name, object) of blocktable.__all__, and of blocktable.compat.vllm.__all__ (the
+    vLLM drop-in: MultiGroupBlockTable[i] hands out its BlockTable)."""
+    import blocktable.compat.vllm as compat
+    return [(n, getattr(bt, n)) for n in bt.__all__] + \
+        [(f"compat.vllm.{n}", getattr(compat, n)) for n in compat.__all__]
+
+
 def public_callables():
-    """(qualified name, function) of every public function of blocktable.__all__ and
+    """(qualified name, function) of every public function of public_objects() and
     every public method, classmethod, staticmethod and property (its getter) of its
     classes, inherited ones included, as long as blocktable defines them (not
     Exception's or Enum's own). __init__ counts: it is the constructor's signature."""
     out, seen = [], set()
-    for name in bt.__all__:
-        obj = getattr(bt, name)
+    for name, obj in public_objects():
         if inspect.isfunction(obj):
             out.append((name, obj))
         if not inspect.isclass(obj):
@@ -50,10 +58,13 @@ def public_callables():
 
 def namespace(fn):
     """Where an annotation's names are looked up: the function's module, then
-    blocktable's public names (a class named only under TYPE_CHECKING to break an
-    import cycle, e.g. cache.Client), and torch (imported only for type checking in
+    blocktable's and blocktable.gpu's public names (a class named only under
+    TYPE_CHECKING, to break an import cycle (cache.Client) or to import no GPU code
+    (compat.vllm's MirrorExporter)), and torch (imported only for type checking in
     the GPU and vLLM signatures)."""
-    ns = dict(vars(bt))
+    import blocktable.gpu as gpu
+    ns = {n: getattr(gpu, n) for n in gpu.__all__}
+    ns.update(vars(bt))
     try:
         import torch
         ns["torch"] = torch
@@ -81,7 +92,7 @@ def test_every_public_callable_is_annotated():
     names = {n for n, _ in found}
     assert {"Segment.create", "Client.alloc", "StepPlan.run", "CachePool.alloc", "connect",
             "BlockTable.compute_slot_mapping", "CpuGpuBuffer.copy_to_gpu",
-            "BtError.name", "make_error"} <= names
+            "BtError.name", "make_error", "compat.vllm.BlockTable.commit_block_table"} <= names
     bad = {}
     for name, fn in found:
         try:
