@@ -104,6 +104,30 @@ def test_every_public_callable_is_annotated():
     assert not bad, f"{len(bad)} of {len(found)} public callables lack annotations: {bad}"
 
 
+DAEMON_TYPED = ("procfs", "protocol", "sdnotify", "clib", "config", "orphans", "ctl")
+
+
+@pytest.mark.parametrize("modname", DAEMON_TYPED)
+def test_daemon_public_functions_are_annotated(modname):
+    """The daemon's modules of plain functions (what bt-ctl, tests and tools call;
+    [tool.mypy] files checks them): every public function, and every public method of
+    their classes, annotated."""
+    import importlib
+    mod = importlib.import_module(f"blocktable_daemon.{modname}")
+    found = []
+    for name, obj in vars(mod).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+            continue
+        if inspect.isfunction(obj):
+            found.append((name, obj))
+        elif inspect.isclass(obj):
+            found += [(f"{name}.{a}", f) for a, f in vars(obj).items()
+                      if inspect.isfunction(f) and (not a.startswith("_") or a == "__init__")]
+    assert found
+    bad = {n: m for n, f in found if (m := missing_annotations(f))}
+    assert not bad, bad
+
+
 def test_generated_client_methods_are_annotated():
     """release_row, truncate, set_block, ... are made by _lib.int_method, append /
     append_shared / set_row by _ids_method: their annotations are set there, and
