@@ -104,7 +104,8 @@ def test_every_public_callable_is_annotated():
     assert not bad, f"{len(bad)} of {len(found)} public callables lack annotations: {bad}"
 
 
-DAEMON_TYPED = ("procfs", "protocol", "sdnotify", "clib", "config", "orphans", "ctl")
+DAEMON_TYPED = ("procfs", "protocol", "sdnotify", "clib", "config", "orphans", "ctl", "logs",
+                "testing")
 
 
 @pytest.mark.parametrize("modname", DAEMON_TYPED)
