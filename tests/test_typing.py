@@ -1,10 +1,10 @@
 """The package is typed (PEP 561, py.typed): every public callable reachable from
 blocktable.__all__ and blocktable.compat.vllm.__all__ (the public classes' methods
-and properties included) has
-annotations for each parameter and its return, the names in them resolve, and
-mypy passes on the package (the [tool.mypy] section of pyproject.toml) and on a
-typed user program, tests/typing_sample.py, written the way README.md uses the
-package."""
+and properties included), and every public function of the daemon's plain-function
+modules, has annotations for each parameter and its return, the names in them
+resolve, and mypy passes on the package (the [tool.mypy] section of pyproject.toml)
+and on a typed user program, tests/typing_sample.py, written the way README.md uses
+the package."""
 import ast
 import inspect
 import os
