@@ -9,8 +9,11 @@ checked path, which names the argument at fault. Array arguments go to C
 through a C view without a copy when they already are contiguous arrays of
 the C type (see _types.c_array), lists through array.array.
 """
+from __future__ import annotations
+
 import os
 import weakref
+from typing import TYPE_CHECKING, Any, Callable, overload
 
 import numpy as np
 
@@ -22,13 +25,17 @@ from ._lib import BtTypeError, as_int as _int, arg_error as _arg_error, \
 from ._types import (I32, I64, U32, U64, BlockInfo, CheckReport, ClientSlotInfo,
                      RowInfo, SegmentInfo, SegmentConfig, as_array, c_array, c_out, cbuf,
                      from_struct, out_array, preview)
+from ._types import I32Array, I64Array, IntsLike, U32Array, U64Array
+
+if TYPE_CHECKING:
+    from .cache import CachePool
 
 __all__ = ["Segment", "Client", "StepPlan", "SlotParams", "ROW_MANAGED", "ROW_RAW", "ROW_PAGED",
            "BtTypeError"]
 
-ROW_MANAGED = _lib.BT_ROW_MANAGED
-ROW_RAW = _lib.BT_ROW_RAW
-ROW_PAGED = _lib.BT_ROW_PAGED
+ROW_MANAGED: int = _lib.BT_ROW_MANAGED
+ROW_RAW: int = _lib.BT_ROW_RAW
+ROW_PAGED: int = _lib.BT_ROW_PAGED
 _EINVAL, _ERANGE, _ECLIENT = _lib.BT_EINVAL, _lib.BT_ERANGE, _lib.BT_ECLIENT
 _NO_ROWS = np.empty(0, U32)
 _NO_ROWS_C = _lib.from_buffer("uint32_t[]", _NO_ROWS)
@@ -96,7 +103,8 @@ class SlotParams:
     rank's map to -1. Checked by libbt at each call (InvalidArgument)."""
     __slots__ = ("c", "block_size", "cp_world", "cp_rank", "cp_interleave")
 
-    def __init__(self, block_size=0, cp_world=1, cp_rank=0, cp_interleave=1):
+    def __init__(self, block_size: int = 0, cp_world: int = 1, cp_rank: int = 0,
+                 cp_interleave: int = 1) -> None:
         self.c = _lib.new("bt_slot_params *")
         block_size, cp_world, cp_rank, cp_interleave = _lib.ints(
             "SlotParams", ("block_size", block_size, "u32"), ("cp_world", cp_world, "u32"),
@@ -106,7 +114,7 @@ class SlotParams:
         self.block_size, self.cp_world = block_size, cp_world
         self.cp_rank, self.cp_interleave = cp_rank, cp_interleave
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"SlotParams(block_size={self.block_size}, cp_world={self.cp_world}, "
                 f"cp_rank={self.cp_rank}, cp_interleave={self.cp_interleave})")
 
@@ -139,7 +147,7 @@ class Segment:
     __slots__ = ("_seg", "_base", "name", "info", "config", "table", "num_blocks",
                  "num_tokens", "_clients", "_params", "_outc", "__weakref__")
 
-    def __init__(self, raw, name):
+    def __init__(self, raw: Any, name: str | None) -> None:
         """Private: use create() or attach()."""
         # The mapping is owned by this gc'd pointer; every view made with
         # _lib.buffer keeps it alive, and bt_seg_close runs after the last.
@@ -155,7 +163,8 @@ class Segment:
 
     # ---- life cycle ---------------------------------------------------------
     @classmethod
-    def create(cls, name=None, config=None, group=False, exclusive=True):
+    def create(cls, name: str | None = None, config: SegmentConfig | None = None,
+               group: bool = False, exclusive: bool = True) -> Segment:
         """Create a segment. name None: embedded (private). config: a
         SegmentConfig (default: SegmentConfig()). group: mode 0660 instead of
         0600. exclusive False: an existing segment of that name is attached
@@ -166,19 +175,19 @@ class Segment:
         return cls(_lib.seg_create(name, cfg, flags), name)
 
     @classmethod
-    def attach(cls, name):
+    def attach(cls, name: str) -> Segment:
         """Attach to a named segment, validating its header.
         Errors: BadName, FileNotFoundError, PermissionError, BadMagic,
         VersionMismatch, Corrupt."""
         return cls(_lib.seg_attach(name), name)
 
     @staticmethod
-    def unlink(name):
+    def unlink(name: str) -> None:
         """Remove a segment's name; mappings stay valid until closed.
         Errors: FileNotFoundError, BadName."""
         _lib.seg_unlink(name)
 
-    def close(self):
+    def close(self) -> None:
         """Close this segment's clients (releasing what they hold) and the
         handle. Idempotent. The mapping goes when the last view does."""
         if self._seg is None:
@@ -189,19 +198,19 @@ class Segment:
         self._seg = self._base = None
         self._outc = (_NONE, None, 0)
         self.table, self.num_blocks, self.num_tokens = \
-            _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")
+            _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")  # type: ignore[assignment]
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._seg is None
 
-    def __enter__(self):
+    def __enter__(self) -> Segment:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._seg is None else f"{self.info.size} bytes"
         return f"<blocktable.Segment {self.name or '(embedded)'} {state}>"
 
@@ -210,12 +219,12 @@ class Segment:
         return _seg_handle(self)
 
     @property
-    def address(self):
+    def address(self) -> int:
         """The address of this process's mapping (pinning, mirror keys)."""
         self._s()
         return _lib.address(self._base)
 
-    def views(self, writable=False):
+    def views(self, writable: bool = False) -> tuple[I32Array, I32Array, I64Array]:
         """(table, num_blocks, num_tokens) as numpy views over the mapping.
         writable=True lets you write behind libbt's back: only for code that
         knows it keeps the invariants (e.g. a tensor handed to torch)."""
@@ -231,23 +240,23 @@ class Segment:
         return views
 
     # ---- clients ------------------------------------------------------------
-    def client(self):
+    def client(self) -> Client:
         """Register this process as a new client (bt_client_open).
         Errors: OutOfClients, Frozen."""
         return Client(self, _lib.client_open(self._s()))
 
-    def reserve_client(self, pid, start_time=0):
+    def reserve_client(self, pid: int, start_time: int = 0) -> int:
         """Reserve a slot for process pid (the daemon's half of registration);
         returns the slot id for adopt_client."""
         return _lib.client_reserve(self._s(), pid, start_time)
 
-    def unreserve_client(self, slot, pid):
+    def unreserve_client(self, slot: int, pid: int) -> None:
         """Free a slot reserved for pid that nobody adopted (the daemon's
         undo of reserve_client). Errors: ClientGone (adopted meanwhile, or
         not pid's), OutOfRange."""
         _lib.client_unreserve(self._s(), slot, pid)
 
-    def adopt_client(self, slot):
+    def adopt_client(self, slot: int) -> Client:
         """Take over a slot reserved for this process. Errors: ClientGone
         when the slot is not reserved for it (a slot a live client of this
         process holds is left untouched), OutOfRange."""
@@ -256,27 +265,28 @@ class Segment:
                                 "a slot a client of this process holds is left untouched")
         return Client(self, raw)
 
-    def client_slot(self, client_id):
+    def client_slot(self, client_id: int) -> ClientSlotInfo:
         """ClientSlotInfo of slot client_id (a racy snapshot)."""
         return from_struct(ClientSlotInfo, _lib.client_slot_get(self._s(), client_id))
 
     # ---- blocks -------------------------------------------------------------
-    def free_blocks(self, pool=0):
+    def free_blocks(self, pool: int = 0) -> int:
         """Free blocks in `pool` (a racy snapshot while others allocate)."""
         return _lib.pool_free_count(self._s(), pool)
 
-    def free_chunks(self):
+    def free_chunks(self) -> int:
         """Free chunks in the paged rows' chunk pool (snapshot)."""
         return _lib.chunks_free(self._s())
 
-    def block(self, block_id):
+    def block(self, block_id: int) -> BlockInfo:
         """BlockInfo snapshot (reference count, owner stamp) of one block."""
         if type(block_id) is not int:
             block_id = _int(block_id, "block_id")
         ref, owner = _lib.block_get(self._s(), block_id)
         return BlockInfo(block_id, ref, owner)
 
-    def pool_pop(self, pool, n, stamp=0, out=None):
+    def pool_pop(self, pool: int, n: int, stamp: int = 0,
+                 out: I32Array | None = None) -> I32Array:
         """Raw pool pop (no client protocol; see bt.h): benchmarks and tests."""
         pool, n, stamp = _int(pool, "pool"), _int(n, "n"), _int(stamp, "stamp")
         seg = self._s()
@@ -287,16 +297,17 @@ class Segment:
         _lib.pool_pop(seg, pool, n, stamp, ob)
         return out[:n]
 
-    def pool_push(self, ids):
+    def pool_push(self, ids: IntsLike) -> None:
         a = as_array(ids, I32, "ids")
         _lib.pool_push(self._s(), cbuf(a), a.shape[0], f"pool_push(ids={preview(a)})")
 
     # ---- rows -----------------------------------------------------------------
-    def find_row(self, key):
+    def find_row(self, key: int) -> int:
         """The claimed row holding `key` (bt_row_find); FileNotFoundError if none."""
         return _lib.row_find(self._s(), key)
 
-    def gather_rows(self, keys, hints, out, nblocks=None):
+    def gather_rows(self, keys: U64Array, hints: U64Array, out: I32Array,
+                    nblocks: I32Array | None = None) -> I32Array:
         """bt_rows_gather: out[i, :] <- the row claimed with keys[i] (zeros past
         its count); returns nblocks (int32, -1 where no row holds the key).
         keys, hints: uint64 arrays of n; hints are read and rewritten (0 =
@@ -317,7 +328,7 @@ class Segment:
             raise _fail(rc, f"gather_rows(n={n})")
         return nblocks[:n]
 
-    def read_row(self, row, out=None):
+    def read_row(self, row: int, out: I32Array | None = None) -> tuple[I32Array, RowInfo]:
         """A consistent copy of one row (seqlock): (ids, RowInfo); ids is
         `out[:num_blocks]`. out: an int32 array (InvalidArgument if the row
         holds more than it can take), or None: sized for the row, paged rows
@@ -340,7 +351,7 @@ class Segment:
             raise _fail(rc, f"row={row}")
         return buf[:info.num_blocks], from_struct(RowInfo, info)
 
-    def row_info(self, row):
+    def row_info(self, row: int) -> RowInfo:
         info = _lib.new("bt_row_info *")
         if type(row) is not int:
             row = _int(row, "row")
@@ -353,10 +364,12 @@ class Segment:
         return from_struct(RowInfo, info)
 
     # ---- slot mapping ---------------------------------------------------------
-    def slot_params(self, block_size=0, cp_world=1, cp_rank=0, cp_interleave=1):
+    def slot_params(self, block_size: int = 0, cp_world: int = 1, cp_rank: int = 0,
+                    cp_interleave: int = 1) -> SlotParams:
         return SlotParams(block_size, cp_world, cp_rank, cp_interleave)
 
-    def slots_row(self, row, start, n, out=None, params=None):
+    def slots_row(self, row: int, start: int, n: int, out: I64Array | None = None,
+                  params: SlotParams | None = None) -> I64Array:
         """Form 1: slots of positions start..start+n-1 of `row` (int64, -1
         where no block backs the position). Returns out[:n]."""
         kept = self._outc               # (array, C view, length): one read, thread-safe
@@ -369,7 +382,7 @@ class Segment:
             else:
                 if rc:
                     raise _fail(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
-                return out
+                return out  # type: ignore[return-value]
         seg = self._s()
         if type(row) is not int or type(start) is not int or type(n) is not int:
             row, start, n = _int(row, "row"), _int(start, "start"), _int(n, "n")
@@ -388,7 +401,8 @@ class Segment:
             raise _fail(rc, f"slots_row(row={row}, start={start}, n={n}, {params or ''})")
         return out if out.shape[0] == n else out[:n]
 
-    def slots_req(self, rows, positions, out=None, params=None):
+    def slots_req(self, rows: IntsLike, positions: IntsLike, out: I64Array | None = None,
+                  params: SlotParams | None = None) -> I64Array:
         """Form 2 (vLLM v1): token i is at positions[i] of rows[i].
         Returns out[:len(positions)]. int32 rows and int64 positions as
         numpy arrays pass without a copy."""
@@ -405,8 +419,9 @@ class Segment:
             raise _fail(rc, f"slots_req(n={n}, {params or ''})")
         return out if out.shape[0] == n else out[:n]
 
-    def slots_qsl(self, query_start_loc, positions, rows=None, out=None, out_len=None,
-                  params=None):
+    def slots_qsl(self, query_start_loc: IntsLike, positions: IntsLike,
+                  rows: IntsLike | None = None, out: I64Array | None = None,
+                  out_len: int | None = None, params: SlotParams | None = None) -> I64Array:
         """Form 3: request i covers tokens [qsl[i], qsl[i+1]) and lives in
         rows[i] (rows None: row i); entries from qsl[-1] to out_len are -1
         (CUDA-graph padding). Returns out[:out_len] (default qsl[-1])."""
@@ -441,7 +456,8 @@ class Segment:
         return out[:out_len]
 
     # ---- checking and recovery ----------------------------------------------
-    def check(self, repair=False, frozen=False, wait_ms=1000):
+    def check(self, repair: bool = False, frozen: bool = False,
+              wait_ms: int = 1000) -> CheckReport:
         """bt_seg_check. Default: a read-only scan (racy under load, exact when
         quiet). frozen: exact under load (a short pause, nothing changed).
         repair: freeze, recompute counts and free lists from the rows and the
@@ -453,7 +469,7 @@ class Segment:
             raise _fail(rc, f"check(repair={repair}): stuck client {rep.stuck_client}")
         return from_struct(CheckReport, rep)
 
-    def recover_client(self, client_id, wait_ms=1000):
+    def recover_client(self, client_id: int, wait_ms: int = 1000) -> CheckReport:
         """Declare client `client_id` dead and recover what it held (its
         process must be gone). Returns a CheckReport. Errors: Busy."""
         rc, rep = _lib.seg_recover_client(self._s(), client_id, wait_ms)
@@ -462,11 +478,11 @@ class Segment:
                             f"(stuck client {rep.stuck_client})")
         return from_struct(CheckReport, rep)
 
-    def set_owner(self, pid, start_time=0):
+    def set_owner(self, pid: int, start_time: int = 0) -> None:
         _lib.seg_set_owner(self._s(), pid, start_time)
 
     # ---- cache pools (read side; the writer is a CachePool) --------------------
-    def cache_stats(self, pool=0):
+    def cache_stats(self, pool: int = 0) -> dict[str, int]:
         """A cache pool's statistics as a dict (owner, owner_pid, num_blocks,
         free, cached_free, in_use, keys, key_cap, queries, hits, stored,
         evicted, blocks_evicted, resets): a lock-free consistent snapshot,
@@ -475,18 +491,18 @@ class Segment:
         from .cache import cache_stats
         return cache_stats(self._s(), pool)
 
-    def cache_lookup(self, pool, key):
+    def cache_lookup(self, pool: int, key: bytes) -> int | None:
         """The oldest block a cache pool maps `key` (bytes, 1..64) to, or
         None: lock-free, from any process. Counts a query (and a hit)."""
         from .cache import cache_lookup
         return cache_lookup(self._s(), pool, key)
 
 
-def _ids_method(name, fn, doc):
+def _ids_method(name: str, fn: Callable[..., int], doc: str) -> Callable[..., None]:
     """A Client method fn(handle, row, ids, n) (append, append_shared,
     set_row): the kept C view of ids (or of the last `out`), the INTS_ONLY
     row test and the bare call; anything unusual goes to _ids_slow."""
-    def method(self, row, ids):
+    def method(self: Client, row: int, ids: IntsLike) -> None:
         if ids is self._oa:
             buf, n = self._ob, self._olen
         elif ids is self._ia:
@@ -526,8 +542,9 @@ class Client:
 
     __slots__ = ("_cl", "_segobj", "_pid", "_gone_why", "id", "_scratch", "_args", "_nmax",
                  "_oa", "_ob", "_olen", "_ia", "_ib", "_ilen", "_u32", "__weakref__")
+    _gone_why: str | None
 
-    def __init__(self, seg, raw):
+    def __init__(self, seg: Segment, raw: Any) -> None:
         """Private: use Segment.client()."""
         # The destructor's closure holds the mapping, so bt_client_close can
         # never run after bt_seg_close, whatever order the collector picks.
@@ -548,7 +565,7 @@ class Client:
         seg._clients.add(self)
         _live_clients.add(self)
 
-    def close(self):
+    def close(self) -> None:
         """Release the client's rows and blocks and its slot. Idempotent."""
         if self._cl is not None:
             cl, self._cl = self._cl, None
@@ -568,20 +585,20 @@ class Client:
         self._oa, self._ob, self._ia, self._ib = _NONE, None, _NONE, None
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._cl is None
 
     @property
-    def segment(self):
+    def segment(self) -> Segment:
         return self._segobj
 
-    def __enter__(self):
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<blocktable.Client id={self.id} {'closed' if self._cl is None else 'open'}>"
 
     def _h(self):
@@ -591,7 +608,7 @@ class Client:
     def _gone(self):
         self._h()
 
-    def slot(self):
+    def slot(self) -> ClientSlotInfo:
         """ClientSlotInfo of this client (hand count, rows, ops)."""
         return self._segobj.client_slot(self.id)
 
@@ -625,7 +642,7 @@ class Client:
         return buf, n
 
     # ---- cache pools ------------------------------------------------------------
-    def cache_pool(self, pool=0):
+    def cache_pool(self, pool: int = 0) -> CachePool:
         """Open cache pool `pool` for writing (bt_cache_open): a CachePool,
         vLLM's BlockPool in the segment, reset to its initial state. Errors:
         Busy (a live client owns it), InvalidArgument (not a cache pool)."""
@@ -633,7 +650,7 @@ class Client:
         return CachePool(self, pool)
 
     # ---- blocks ---------------------------------------------------------------
-    def alloc(self, n, pool=0, out=None):
+    def alloc(self, n: int, pool: int = 0, out: I32Array | None = None) -> I32Array:
         """Allocate n blocks (reference count 1, held loose by this client).
         Returns out[:n] (int32). All or nothing. Errors: OutOfBlocks,
         HandFull, OutOfRange (pool)."""
@@ -647,7 +664,7 @@ class Client:
             else:
                 if rc:
                     raise _fail(rc, f"alloc(n={n}, pool={pool})")
-                return out
+                return out  # type: ignore[return-value]
         cl = self._h()
         if type(n) is not int:
             n = _int(n, "n")
@@ -660,7 +677,7 @@ class Client:
             raise _fail(rc, f"alloc(n={n}, pool={pool})")
         return out if len(ob) == n else out[:n]
 
-    def release(self, ids):
+    def release(self, ids: IntsLike) -> None:
         """Drop loose references this client holds (freed at zero).
         Errors: NotHeld, OutOfRange; nothing changes then."""
         if ids is self._oa:
@@ -677,7 +694,7 @@ class Client:
         if rc:
             raise _fail(rc, f"release(ids={preview(ids)})")
 
-    def share(self, ids):
+    def share(self, ids: IntsLike) -> None:
         """Take an extra loose reference on allocated blocks (prefix sharing).
         Errors: NotHeld (a free block), OutOfRange, HandFull."""
         if ids is self._ia:
@@ -693,7 +710,8 @@ class Client:
             raise _fail(rc, f"share(ids={preview(ids)})")
 
     # ---- rows -------------------------------------------------------------------
-    def claim_row(self, key=0, row=-1, raw=False, paged=False):
+    def claim_row(self, key: int = 0, row: int = -1, raw: bool = False,
+                  paged: bool = False) -> int:
         """Claim a free row for request `key` (row -1: any free row) and
         return its index. raw=True: entries are ids you manage yourself
         (BT_ROW_RAW), not references to this segment's blocks. paged=True:
@@ -716,7 +734,8 @@ class Client:
             raise _fail(rc, f"claim_row(key={key}, row={row}, raw={raw}){why}")
         return out[0]
 
-    def claim_rows(self, keys, raw=False, paged=False, out=None):
+    def claim_rows(self, keys: IntsLike, raw: bool = False, paged: bool = False,
+                   out: U32Array | None = None) -> U32Array:
         """Claim one free row per key in one call (requests arriving in one
         step); returns the rows (uint32, out[:len(keys)]). All or nothing:
         OutOfRows and no row claimed."""
@@ -728,6 +747,21 @@ class Client:
         if rc:
             raise _fail(rc, f"claim_rows(n={n}, raw={raw}, paged={paged})")
         return out if out.shape[0] == n else out[:n]
+
+    if TYPE_CHECKING:
+        # The signatures of the methods made below by _lib.int_method and
+        # _ids_method, for type checkers (at run time those carry the same
+        # annotations, set where they are made).
+        def release_row(self, row: int) -> None: ...
+        def append(self, row: int, ids: IntsLike) -> None: ...
+        def append_shared(self, row: int, ids: IntsLike) -> None: ...
+        def set_row(self, row: int, ids: IntsLike) -> None: ...
+        def truncate(self, row: int, keep: int = 0) -> None: ...
+        def set_block(self, row: int, index: int, block_id: int) -> None: ...
+        def punch(self, row: int, start: int, stop: int) -> None: ...
+        def set_tokens(self, row: int, num_tokens: int) -> None: ...
+        def move(self, src: int, dst: int) -> None: ...
+        def swap(self, a: int, b: int) -> None: ...
 
     release_row = _lib.int_method("release_row", _release_row_c, [("row", "u32", ...)],
         """Release a claimed row: its blocks are decref'd, entries zeroed.""")
@@ -749,7 +783,8 @@ class Client:
         reference on allocated blocks and append them (prefix sharing in one
         step; MANAGED rows only).""")
 
-    def alloc_append(self, row, n, pool=0, out=None):
+    def alloc_append(self, row: int, n: int, pool: int = 0,
+                     out: I32Array | None = None) -> I32Array:
         """Allocate n blocks from `pool` straight into `row`; returns their
         ids (out[:n]). Errors: OutOfBlocks, RowFull, NotOwner."""
         if out is self._oa and n == self._olen:     # as in alloc
@@ -761,7 +796,7 @@ class Client:
             else:
                 if rc:
                     raise _fail(rc, f"alloc_append(row={row}, n={n}, pool={pool})")
-                return out
+                return out  # type: ignore[return-value]
         cl = self._h()
         if type(n) is not int:
             n = _int(n, "n")
@@ -804,17 +839,29 @@ class Client:
     swap = _lib.int_method("swap", _swap_c, [("a", "u32", ...), ("b", "u32", ...)],
         """Swap two claimed rows' contents.""")
 
-    def read_row(self, row, out=None):
+    def read_row(self, row: int, out: I32Array | None = None) -> tuple[I32Array, RowInfo]:
         """Same as Segment.read_row."""
         return self._segobj.read_row(row, out)
 
     # ---- the scheduler step -----------------------------------------------------
-    def step_plan(self, max_free=256, max_rows=256, max_arrive=256, max_ids=None, pool=0):
+    def step_plan(self, max_free: int = 256, max_rows: int = 256, max_arrive: int = 256,
+                  max_ids: int | None = None, pool: int = 0) -> StepPlan:
         """Persistent buffers for stepping in a loop: see StepPlan."""
         return StepPlan(self, max_free, max_rows, max_arrive, max_ids, pool)
 
-    def step(self, rows, n_new, free_rows=_NO_ROWS, pool=0, out=None,
-             arrive=None, arrive_n=None, arrive_rows=None):
+    @overload
+    def step(self, rows: IntsLike, n_new: IntsLike, free_rows: IntsLike = ..., pool: int = ...,
+             out: I32Array | None = ..., arrive: None = ..., arrive_n: None = ...,
+             arrive_rows: None = ...) -> I32Array: ...
+    @overload
+    def step(self, rows: IntsLike, n_new: IntsLike, free_rows: IntsLike = ..., pool: int = ...,
+             out: I32Array | None = ..., *, arrive: IntsLike, arrive_n: IntsLike,
+             arrive_rows: U32Array | None = ...) -> tuple[I32Array, U32Array]: ...
+
+    def step(self, rows: IntsLike, n_new: IntsLike, free_rows: IntsLike = _NO_ROWS, pool: int = 0,
+             out: I32Array | None = None, arrive: IntsLike | None = None,
+             arrive_n: IntsLike | None = None, arrive_rows: U32Array | None = None
+             ) -> I32Array | tuple[I32Array, U32Array]:
         """One scheduler step in one call (bt_step_ex): release `free_rows`
         (ending requests; their blocks serve this step), claim a row for each
         key in `arrive` with arrive_n[i] blocks, and grow rows[i] by n_new[i]
@@ -863,23 +910,26 @@ class Client:
                 if not mine:
                     raise make_error(rc, f"out has {out.shape[0]} entries, the step makes {a.ids_total}")
                 self._scratch = np.empty(a.ids_total, I32)  # grow and go again
-                return self.step(rows, n_new, free_rows, pool, None, arrive, arrive_n, arrive_rows)
+                return self.step(rows, n_new, free_rows, pool, None, arrive, arrive_n, arrive_rows)  # type: ignore[call-overload, arg-type, misc]
             more = "" if arrive is None else f", arrive={preview(arrive)}"
             raise make_error(rc, f"step(rows={preview(rows)}, n_new={preview(n_new)}, "
                                  f"free_rows={preview(free_rows)}{more}, pool={pool})")
         total = a.ids_total
         ids = out[:total].copy() if mine else out[:total]
-        return ids if arrive is None else (ids, arrive_rows)
+        return ids if arrive is None else (ids, arrive_rows)  # type: ignore[return-value]
 
     # ---- slot mapping (delegated: it needs no client) -----------------------------
-    def slots_row(self, row, start, n, out=None, params=None):
+    def slots_row(self, row: int, start: int, n: int, out: I64Array | None = None,
+                  params: SlotParams | None = None) -> I64Array:
         return self._segobj.slots_row(row, start, n, out, params)
 
-    def slots_req(self, rows, positions, out=None, params=None):
+    def slots_req(self, rows: IntsLike, positions: IntsLike, out: I64Array | None = None,
+                  params: SlotParams | None = None) -> I64Array:
         return self._segobj.slots_req(rows, positions, out, params)
 
-    def slots_qsl(self, query_start_loc, positions, rows=None, out=None, out_len=None,
-                  params=None):
+    def slots_qsl(self, query_start_loc: IntsLike, positions: IntsLike,
+                  rows: IntsLike | None = None, out: I64Array | None = None,
+                  out_len: int | None = None, params: SlotParams | None = None) -> I64Array:
         return self._segobj.slots_qsl(query_start_loc, positions, rows, out, out_len, params)
 
 
@@ -898,7 +948,8 @@ class StepPlan:
     __slots__ = ("client", "free_rows", "rows", "n_new", "arrive_keys", "arrive_n",
                  "arrive_rows", "ids", "_args", "_keep", "_caps", "_counts")
 
-    def __init__(self, client, max_free=256, max_rows=256, max_arrive=256, max_ids=None, pool=0):
+    def __init__(self, client: Client, max_free: int = 256, max_rows: int = 256,
+                 max_arrive: int = 256, max_ids: int | None = None, pool: int = 0) -> None:
         c = client.segment.config
         max_free, max_rows = _int(max_free, "max_free"), _int(max_rows, "max_rows")
         max_arrive, pool = _int(max_arrive, "max_arrive"), _int(pool, "pool")
@@ -930,7 +981,7 @@ class StepPlan:
         self._caps = (max_free, max_rows, max_arrive)
         self._counts = (0, 0, 0)           # what _args holds now
 
-    def run(self, n_free=0, n_rows=0, n_arrive=0):
+    def run(self, n_free: int = 0, n_rows: int = 0, n_arrive: int = 0) -> int:
         """One step over the first n_free / n_rows / n_arrive entries of the
         buffers; returns the number of new ids in ``ids``."""
         try:
@@ -958,7 +1009,8 @@ class StepPlan:
                             f"{len(self.ids)} room")
         return a.ids_total
 
-    def fill(self, free_rows=(), rows=(), n_new=(), arrive_keys=(), arrive_n=()):
+    def fill(self, free_rows: IntsLike = (), rows: IntsLike = (), n_new: IntsLike = (),
+             arrive_keys: IntsLike = (), arrive_n: IntsLike = ()) -> tuple[int, int, int]:
         """Copy Python sequences (lists of ints, or arrays) into the plan's
         buffers; returns (n_free, n_rows, n_arrive) for ``run``. Lists go
         through array.array (operator.index semantics, a C loop), several

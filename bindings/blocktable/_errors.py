@@ -7,6 +7,10 @@ inherits it too, so `except IndexError` works as Python users expect.
 OS errors (-errno) become subclasses of both BtError and the builtin OSError
 subclass for that errno (FileNotFoundError for -ENOENT, ...).
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ._ffi import ffi, lib
 
 __all__ = ["BtError", "BtOSError", "error_class", "make_error", "check", "CODES"]
@@ -24,7 +28,7 @@ class BtError(Exception):
     detail = ""
 
     @property
-    def name(self):
+    def name(self) -> str:
         return errname(self.code)
 
 
@@ -57,14 +61,14 @@ _NAMES = {
 }
 
 # code -> class, for library codes and the OS errors seen so far.
-CODES = {}
+CODES: dict[int, type[BtError]] = {}
 
 
-def _camel(symbol):
+def _camel(symbol: str) -> str:
     return "".join(p.capitalize() for p in symbol[4:].split("_")) or symbol
 
 
-def _library_classes():
+def _library_classes() -> dict[str, type[BtError]]:
     out = {}
     for sym in sorted(dir(lib)):
         if not sym.startswith("BT_E") or sym in ("BT_ERR_FIRST", "BT_ERR_LAST"):
@@ -84,12 +88,41 @@ def _library_classes():
 globals().update(_library_classes())
 __all__ += [c.__name__ for c in CODES.values()]
 
+if TYPE_CHECKING:
+    # What a type checker sees of the classes made above from bt.h's codes and _NAMES
+    # (tests/test_typing.py checks that the two lists agree).
+    class InvalidArgument(BtError, ValueError): ...
+    class OutOfRange(BtError, IndexError): ...
+    class OutOfBlocks(BtError, MemoryError): ...
+    class RowFull(BtError, ValueError): ...
+    class OutOfRows(BtError): ...
+    class OutOfClients(BtError): ...
+    class HandFull(BtError): ...
+    class NotHeld(BtError, ValueError): ...
+    class NotOwner(BtError): ...
+    class RowStateError(BtError, ValueError): ...
+    class BadMagic(BtError): ...
+    class VersionMismatch(BtError): ...
+    class Corrupt(BtError): ...
+    class Busy(BtError): ...
+    class Frozen(BtError): ...
+    class BadName(BtError, ValueError): ...
+    class ConfigError(BtError, ValueError): ...
+    class ClientGone(BtError): ...
+    class OutOfChunks(BtError, MemoryError): ...
+    class OutOfKeys(BtError, MemoryError): ...
 
-def errname(code):
+    __all__ += ["InvalidArgument", "OutOfRange", "OutOfBlocks", "RowFull", "OutOfRows",
+                "OutOfClients", "HandFull", "NotHeld", "NotOwner", "RowStateError",
+                "BadMagic", "VersionMismatch", "Corrupt", "Busy", "Frozen", "BadName",
+                "ConfigError", "ClientGone", "OutOfChunks", "OutOfKeys"]
+
+
+def errname(code: int) -> str:
     return ffi.string(lib.bt_errname(code)).decode()
 
 
-def _os_class(err):
+def _os_class(err: int) -> type[BtError]:
     """BtError + the builtin OSError subclass Python uses for this errno."""
     cls = CODES.get(-err)
     if cls is None:
@@ -103,7 +136,7 @@ def _os_class(err):
     return cls
 
 
-def error_class(code):
+def error_class(code: int) -> type[BtError]:
     """The exception class for result `code` (< 0)."""
     cls = CODES.get(code)
     if cls is None:
@@ -111,7 +144,7 @@ def error_class(code):
     return cls
 
 
-def make_error(code, detail="", filename=None):
+def make_error(code: int, detail: str = "", filename: str | None = None) -> BtError:
     """An exception instance for `code`: bt_strerror's text, then `detail`."""
     cls = error_class(code)
     msg = ffi.string(lib.bt_strerror(code)).decode()
@@ -120,13 +153,13 @@ def make_error(code, detail="", filename=None):
     if issubclass(cls, OSError):
         exc = cls(-code, msg, filename) if filename else cls(-code, msg)
     else:
-        exc = cls(msg)
+        exc = cls(msg)  # type: ignore[assignment]  # (mypy narrowed cls to the OSError branch's)
     exc.code = code
     exc.detail = detail
     return exc
 
 
-def check(rc, detail=""):
+def check(rc: int, detail: str = "") -> int:
     """Raise for a negative result; return rc otherwise (the cold path helper:
     hot methods test `if rc:` inline and only then build a message)."""
     if rc < 0:

@@ -23,7 +23,10 @@ each below that raises BtError itself.
 Thread and process safety: what libbt says for each call (bt.h); nothing here
 keeps state except the constants.
 """
+from __future__ import annotations
+
 from operator import index as _index
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._errors import BtError, make_error
 from ._ffi import ffi, lib
@@ -33,6 +36,12 @@ globals().update({k: getattr(lib, k) for k in dir(lib)
                   if k.startswith("BT_") and isinstance(getattr(lib, k), int)})
 EINVAL, ERANGE, ECLIENT, EBUSY = lib.BT_EINVAL, lib.BT_ERANGE, lib.BT_ECLIENT, lib.BT_EBUSY
 NULL = ffi.NULL
+
+if TYPE_CHECKING:
+    # The BT_* constants above are set from bt.h at import: to a type checker,
+    # any attribute this module does not define is one of them (or a cffi
+    # object): Any.
+    def __getattr__(name: str) -> Any: ...
 
 # ---- the per-call functions, bare (see the module docstring) ----------------------
 blocks_alloc = lib.bt_blocks_alloc
@@ -197,7 +206,8 @@ def call(h, what, fn, *args, detail=None):
 # three ``type(x) is int`` tests cost twice as much.
 
 
-def int_method(name, fn, params, doc):
+def int_method(name: str, fn: Callable[..., int], params: list[tuple[str, str, Any]],
+               doc: str) -> Callable[..., None]:
     """A Client method calling fn(client handle, ints...) and returning
     nothing: params are (name, C type, default or ...) in call order. The
     fast path is the INTS_ONLY test and the C call; a closed client, a
@@ -219,10 +229,11 @@ def int_method(name, fn, params, doc):
            f"            raise _fail(rc, f\"{name}({shown})\")\n"
            f"        return\n"
            f"    _call(_handle(self), {name!r}, _fn, {specs})\n")
-    ns = {"_fn": fn, "_fail": fail, "_call": call, "_handle": client_handle}
+    ns: dict[str, Any] = {"_fn": fn, "_fail": fail, "_call": call, "_handle": client_handle}
     exec(src, ns)
     f = ns[name]
     f.__doc__ = doc
+    f.__annotations__ = {**{p: "int" for p in names}, "return": "None"}
     return f
 
 

@@ -1,9 +1,13 @@
 """Plain value types copied out of libbt's structs (snapshots, not live views),
 and the array-argument helpers every wrapper uses."""
+from __future__ import annotations
+
 from array import array
 from dataclasses import dataclass, fields, make_dataclass
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from ._errors import make_error
 from . import _lib
@@ -25,6 +29,17 @@ _ACODE = {d: c for d, c in ((I32, "i"), (U32, "I"), (I64, "q"), (U64, "Q"))
 
 _D = _lib.config_default()
 
+# The array types of the public signatures. What C fills comes back as numpy
+# arrays of the C type; what it reads may be a list/tuple of ints or any
+# integer array (converted and range-checked, see as_array).
+I32Array = npt.NDArray[np.int32]      #: block ids, row counts (int32)
+I64Array = npt.NDArray[np.int64]      #: slots, positions, token counts (int64)
+U32Array = npt.NDArray[np.uint32]     #: row indices, counts (uint32)
+U64Array = npt.NDArray[np.uint64]     #: request keys, row hints (uint64)
+IntArray = npt.NDArray[np.integer[Any]]
+#: an integer sequence argument: a list or tuple of ints, or an integer array
+IntsLike = Union[Sequence[int], IntArray]
+
 
 def from_struct(cls, cdata):
     """A dataclass instance from a C struct with the same field names."""
@@ -32,7 +47,7 @@ def from_struct(cls, cdata):
 
 
 class _ConfigMethods:
-    def to_c(self):
+    def to_c(self: Any) -> Any:
         c = _lib.config_new()
         for f in fields(self):
             v = getattr(self, f.name)
@@ -41,7 +56,7 @@ class _ConfigMethods:
             setattr(c, f.name, v)
         return c
 
-    def check(self):
+    def check(self) -> Any:
         """The C struct, or ConfigError naming the first impossible field."""
         c = self.to_c()
         why = _lib.config_explain(c)
@@ -50,7 +65,7 @@ class _ConfigMethods:
         return c
 
     @property
-    def size(self):
+    def size(self) -> int:
         """Bytes a segment of this config maps."""
         return _lib.config_size(self.check())
 
@@ -70,7 +85,44 @@ def _config_class():
     return cls
 
 
-SegmentConfig = _config_class()
+if TYPE_CHECKING:
+    # What a type checker sees of the classes made from bt.h's structs at import.
+    # SegmentConfig's fields are spelled out (a misspelt field is an error where a
+    # config is written; tests/test_typing.py checks they are bt_config's); the
+    # defaults are bt_config_default()'s, not the placeholder below. The snapshots
+    # (RowInfo, ...) are only read: any field is an int.
+    _DEFAULT = 0
+
+    @dataclass(frozen=True)
+    class SegmentConfig(_ConfigMethods):
+        block_size: int = _DEFAULT
+        kernel_block_size: int = _DEFAULT
+        num_pools: int = _DEFAULT
+        blocks_per_pool: int = _DEFAULT
+        num_rows: int = _DEFAULT
+        row_width: int = _DEFAULT
+        max_clients: int = _DEFAULT
+        hand_size: int = _DEFAULT
+        max_mirrors: int = _DEFAULT
+        chunk_size: int = _DEFAULT
+        num_chunks: int = _DEFAULT
+        dir_width: int = _DEFAULT
+        cache_pools: int = _DEFAULT
+        cache_keys: int = _DEFAULT
+
+    @dataclass(frozen=True)
+    class _Struct:
+        def __init__(self, **fields: int) -> None: ...
+        def __getattr__(self, name: str) -> int: ...
+
+    class RowInfo(_Struct): ...
+    class ClientSlotInfo(_Struct): ...
+
+    class CheckReport(_Struct):
+        @property
+        def clean(self) -> bool: ...
+else:
+    SegmentConfig = _config_class()
 
 
 @dataclass(frozen=True)
@@ -89,7 +141,7 @@ class SegmentInfo:
     owner_start_time: int
 
     @classmethod
-    def _from_c(cls, c):
+    def _from_c(cls, c: Any) -> SegmentInfo:
         vals = {f.name: getattr(c, f.name) for f in fields(cls) if f.name != "config"}
         return cls(config=from_struct(SegmentConfig, c.config), **vals)
 
@@ -104,25 +156,27 @@ def _struct_class(name, ctype, doc, namespace=None):
     return cls
 
 
-RowInfo = _struct_class("RowInfo", "bt_row_info", """bt_row_info: a consistent
-    snapshot of one row's metadata (owner client id, flags, key, num_blocks,
-    generation, num_tokens, and the seqlock values it was read at).""")
+if not TYPE_CHECKING:   # (the type checker's view: the stubs above)
+    RowInfo = _struct_class("RowInfo", "bt_row_info", """bt_row_info: a consistent
+        snapshot of one row's metadata (owner client id, flags, key, num_blocks,
+        generation, num_tokens, and the seqlock values it was read at).""")
 
-ClientSlotInfo = _struct_class("ClientSlotInfo", "bt_client_slot_info", """bt_client_slot_info:
-    a racy snapshot of one client slot (state, pid, hand_count, rows, ops...).""")
+    ClientSlotInfo = _struct_class("ClientSlotInfo", "bt_client_slot_info", """bt_client_slot_info:
+        a racy snapshot of one client slot (state, pid, hand_count, rows, ops...).""")
 
 
-def _clean(self):
+def _clean(self: Any) -> bool:
     """No leak, no double free, nothing fixed, nothing out of range."""
     bad = ("leaked", "double_free", "refcnt_fixed", "rows_fixed", "bad_entries",
            "chunks_leaked", "cache_bad")
     return not any(getattr(self, f, 0) for f in bad)
 
 
-CheckReport = _struct_class("CheckReport", "bt_check_report", """bt_check_report: what
-    bt_seg_check / bt_seg_recover_client found (blocks_free, blocks_held,
-    leaked, double_free, ...); ``clean`` says all is well.""",
-                            {"clean": property(_clean)})
+if not TYPE_CHECKING:
+    CheckReport = _struct_class("CheckReport", "bt_check_report", """bt_check_report: what
+        bt_seg_check / bt_seg_recover_client found (blocks_free, blocks_held,
+        leaked, double_free, ...); ``clean`` says all is well.""",
+                                {"clean": property(_clean)})
 
 
 @dataclass
@@ -141,18 +195,18 @@ class BlockInfo:
     ref_count: int = 0
     owner: int = 0
 
-    def increment_ref(self):
+    def increment_ref(self) -> int:
         self.ref_count += 1
         return self.ref_count
 
-    def decrement_ref(self):
+    def decrement_ref(self) -> int:
         if self.ref_count <= 0:
             raise make_error(_lib.BT_ENOTHELD,
                              f"block {self.block_id}: reference count is already 0")
         self.ref_count -= 1
         return self.ref_count
 
-    def can_free(self):
+    def can_free(self) -> bool:
         return self.ref_count == 0 and self.block_id > 0
 
 

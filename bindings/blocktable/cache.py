@@ -25,11 +25,22 @@ pool lock-free: ``Segment.cache_lookup`` and ``Segment.cache_stats``. When the
 owning client closes, or its process dies and is recovered, the pool is reset
 (every block free, every key gone).
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Sequence, overload
+
 import numpy as np
 
 from ._errors import make_error
 from . import _lib
 from ._types import I32, c_array, preview
+from ._types import I32Array, IntsLike
+
+if TYPE_CHECKING:
+    from ._core import Client
+
+#: a key the cache removed: (block, key, ntokens)
+Removed = tuple[int, bytes, int]
 
 __all__ = ["CachePool", "cache_stats", "cache_lookup"]
 
@@ -38,7 +49,7 @@ _KEY_MAX = _lib.BT_CACHE_KEY_MAX
 _STATS_FIELDS = _lib.struct_fields("bt_cache_stats")
 
 
-def _ids(values, what="ids"):
+def _ids(values: IntsLike, what: str = "ids") -> tuple[Any, int]:
     """(C int32 array, length) of block ids: an int32 numpy array without a
     copy, a list or tuple of ints through cffi's own conversion (several
     times cheaper than numpy for the few ids a request holds), anything else
@@ -52,11 +63,11 @@ def _ids(values, what="ids"):
     return c_array(values, I32, "int32_t[]", what)
 
 
-def _stats_dict(st):
+def _stats_dict(st: Any) -> dict[str, int]:
     return {n: getattr(st, n) for n in _STATS_FIELDS}
 
 
-def cache_stats(seg, pool):
+def cache_stats(seg: Any, pool: int) -> dict[str, int]:
     """bt_cache_stats_get on a raw bt_seg *: a dict (lock-free snapshot)."""
     st = _lib.new("bt_cache_stats *")
     rc = _lib.cache_stats_get(seg, pool, st)
@@ -65,7 +76,7 @@ def cache_stats(seg, pool):
     return _stats_dict(st)
 
 
-def cache_lookup(seg, pool, key):
+def cache_lookup(seg: Any, pool: int, key: bytes) -> int | None:
     """bt_cache_lookup on a raw bt_seg *: the oldest block mapped from key,
     or None."""
     out = _lib.new("int32_t *")
@@ -93,7 +104,7 @@ class CachePool:
                  "_nfree", "_rm", "_rm_cap", "_n", "_ins", "_b", "_key", "_hits", "_closed",
                  "__weakref__")
 
-    def __init__(self, client, pool=0):
+    def __init__(self, client: Client, pool: int = 0) -> None:
         """Private: use Client.cache_pool(pool). Errors: Busy (a live client
         owns it), InvalidArgument (not a cache pool), OutOfRange."""
         cl = client._cl
@@ -119,7 +130,7 @@ class CachePool:
         self._closed = False
 
     # ---- life cycle ---------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Reset the pool (every block free, every key gone) and give it up.
         Idempotent; a no-op once the client is closed (that reset it)."""
         if self._closed:
@@ -131,36 +142,41 @@ class CachePool:
         _lib.cache_close(cl, self.pool)
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self):
+    def __enter__(self) -> CachePool:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<blocktable.CachePool pool={self.pool} free={self.num_free}/"
                 f"{self.num_blocks} {'closed' if self._closed else 'open'}>")
 
-    def _cl(self):
+    def _cl(self) -> Any:
         cl = self._client._cl
         if cl is None:
             raise make_error(_ECLIENT, f"cache pool {self.pool}: the client is closed")
         return cl
 
-    def _grow(self, n):
+    def _grow(self, n: int) -> None:
         self._rm_cap = max(n, 2 * self._rm_cap)
         self._rm = _lib.new("bt_cache_key[]", self._rm_cap)
 
-    def _removed(self, n):
+    def _removed(self, n: int) -> list[Removed]:
         rm = self._rm
         return [(rm[i].block, bytes(_lib.buffer(rm[i].key, rm[i].len)), rm[i].ntokens)
                 for i in range(n)]
 
     # ---- allocation and references ---------------------------------------------
-    def alloc(self, n, removed=False):
+    @overload
+    def alloc(self, n: int, removed: Literal[False] = ...) -> I32Array: ...
+    @overload
+    def alloc(self, n: int, removed: Literal[True]) -> tuple[I32Array, list[Removed]]: ...
+
+    def alloc(self, n: int, removed: bool = False) -> I32Array | tuple[I32Array, list[Removed]]:
         """vLLM get_new_blocks(n): the first n blocks of the free queue, each
         with count 1; blocks that had keys lose them (an eviction). Returns an
         int32 array of ids, or with removed=True (ids, [(block, key,
@@ -185,7 +201,7 @@ class CachePool:
             return out, self._removed(self._n[0])
         return out
 
-    def touch(self, ids):
+    def touch(self, ids: IntsLike) -> None:
         """vLLM touch(blocks): each block with count 0 leaves the free queue
         (a prefix-cache hit on an eviction candidate); count += 1. The null
         block is accepted and ignored. Errors: OutOfRange."""
@@ -197,7 +213,7 @@ class CachePool:
         if rc:
             raise make_error(rc, f"touch({preview(ids)}) in cache pool {self.pool}")
 
-    def free(self, ids, caching=True):
+    def free(self, ids: IntsLike, caching: bool = True) -> None:
         """vLLM free_blocks(ordered_blocks): count -= 1 each, in order; the
         blocks reaching 0 without keys (all of them when caching is False)
         go to the front of the queue in list order, those with keys to the
@@ -211,7 +227,7 @@ class CachePool:
         if rc:
             raise make_error(rc, f"free({preview(ids)}) in cache pool {self.pool}")
 
-    def unpin(self, ids):
+    def unpin(self, ids: IntsLike) -> None:
         """vLLM unpin_blocks(blocks, on_reuse) (the reuse callbacks are the
         caller's): count -= 1; blocks reaching 0 go to the tail of the queue,
         with or without keys. Errors: NotHeld, InvalidArgument (null block)."""
@@ -223,14 +239,14 @@ class CachePool:
         if rc:
             raise make_error(rc, f"unpin({preview(ids)}) in cache pool {self.pool}")
 
-    def refcnt(self, block):
+    def refcnt(self, block: int) -> int:
         """The block's reference count (vLLM ref_cnt; the null block's is 0)."""
         rc, ref = _lib.block_ref(self._seg, block)
         if rc:
             raise make_error(rc, f"refcnt({block})")
         return ref
 
-    def set_ref(self, block, n):
+    def set_ref(self, block: int, n: int) -> None:
         """Set a held block's count (vLLM's copy-on-write writes ref_cnt):
         only from >= 1 to >= 1, else InvalidArgument."""
         rc = _lib.cache_set_ref(self._cl(), self.pool, block, n)
@@ -238,13 +254,13 @@ class CachePool:
             raise make_error(rc, f"set_ref({block}, {n}) in cache pool {self.pool}")
 
     @property
-    def num_free(self):
+    def num_free(self) -> int:
         """Blocks in the free queue (vLLM get_num_free_blocks), read from the
         segment without a call."""
         return self._nfree[0]
 
     # ---- the map ----------------------------------------------------------------
-    def insert(self, block, key, ntokens=0):
+    def insert(self, block: int, key: bytes, ntokens: int = 0) -> bool:
         """vLLM _insert_block_hash(key, block, num_tokens): False if key
         already maps to block (nothing changes); else True: key becomes the
         block's primary key (with ntokens) if it had none, an extra key
@@ -259,7 +275,8 @@ class CachePool:
                                  f"in cache pool {self.pool}")
         return self._ins[0] == 1
 
-    def insert_many(self, blocks, keys, ntokens=0):
+    def insert_many(self, blocks: IntsLike, keys: Sequence[bytes],
+                    ntokens: int | Sequence[int] = 0) -> int:
         """insert() for each (block, key) pair (vLLM cache_full_blocks);
         ntokens: one int for all, or one per block. Returns how many were
         inserted. On OutOfKeys the earlier inserts stand (the exception's
@@ -281,19 +298,19 @@ class CachePool:
             return done
         try:
             nt = _lib.NULL if ntokens == 0 and type(ntokens) is int else \
-                _lib.new("uint32_t[]", [ntokens] * n if type(ntokens) is int else list(ntokens))
+                _lib.new("uint32_t[]", [ntokens] * n if type(ntokens) is int else list(ntokens))  # type: ignore[arg-type]
         except (OverflowError, TypeError) as e:
             raise make_error(_lib.BT_ERANGE, f"ntokens: {e}") from None
         if nt != _lib.NULL and len(nt) != n:
             raise make_error(_EINVAL, f"{n} blocks for {len(nt)} ntokens")
         rc = _lib.cache_insert_many(cl, self.pool, b, n, b"".join(keys), klen, nt, self._n)
         if rc:
-            e = make_error(rc, f"insert_many({n} keys) in cache pool {self.pool}")
-            e.inserted = self._n[0]
-            raise e
+            e = make_error(rc, f"insert_many({n} keys) in cache pool {self.pool}")  # type: ignore[misc]
+            e.inserted = self._n[0]  # type: ignore[misc, attr-defined]
+            raise e  # type: ignore[misc]
         return self._n[0]
 
-    def remove(self, block):
+    def remove(self, block: int) -> list[Removed]:
         """vLLM _remove_cached_block_hashes(block): every key of the block
         leaves the map. Returns [(block, key, ntokens), ...], primary first
         (vLLM's extra keys are a set: their order there is unspecified)."""
@@ -308,7 +325,7 @@ class CachePool:
             raise make_error(rc, f"remove({block}) in cache pool {self.pool}")
         return self._removed(self._n[0]) if self._n[0] else []
 
-    def lookup(self, key):
+    def lookup(self, key: bytes) -> int | None:
         """vLLM get_one_block(key): the oldest block mapped from key, or None.
         Counts a query (and a hit) in the pool's statistics."""
         rc = _lib.cache_lookup(self._seg, self.pool, key, len(key), self._b)
@@ -316,7 +333,7 @@ class CachePool:
             raise make_error(rc, f"lookup(key of {len(key)} bytes) in cache pool {self.pool}")
         return self._b[0] or None
 
-    def lookup_many(self, keys):
+    def lookup_many(self, keys: Sequence[bytes]) -> list[int]:
         """Look keys up in order, stopping at the first miss (vLLM's
         find_longest_cache_hit loop): the list of blocks hit."""
         n = len(keys)
@@ -337,7 +354,7 @@ class CachePool:
             raise make_error(rc, f"lookup_many({n} keys) in cache pool {self.pool}")
         return list(blocks[0:self._n[0]])
 
-    def block_key(self, block):
+    def block_key(self, block: int) -> tuple[bytes, int] | None:
         """The block's primary key (vLLM block.block_hash) and its ntokens
         (block_hash_num_tokens): (key, ntokens), or None without one."""
         rc = _lib.cache_block_key(self._seg, block, self._key, self._n)
@@ -346,14 +363,14 @@ class CachePool:
         k = self._key
         return (bytes(_lib.buffer(k.key, k.len)), k.ntokens) if k.len else None
 
-    def num_extra_keys(self, block):
+    def num_extra_keys(self, block: int) -> int:
         """How many keys the block has besides its primary one."""
         rc = _lib.cache_block_key(self._seg, block, self._key, self._n)
         if rc:
             raise make_error(rc, f"block_key({block})")
         return self._n[0]
 
-    def reset(self):
+    def reset(self) -> bool:
         """vLLM reset_prefix_cache(): True and every key removed (queue order
         and counts kept) when no block but the null block is in use; False
         otherwise, nothing changed."""
@@ -365,12 +382,12 @@ class CachePool:
         return True
 
     # ---- observation -----------------------------------------------------------------
-    def stats(self):
+    def stats(self) -> dict[str, int]:
         """A dict: owner, owner_pid, num_blocks, free, cached_free, in_use,
         keys, key_cap, queries, hits, stored, evicted, blocks_evicted, resets."""
         return cache_stats(self._seg, self.pool)
 
-    def queue(self):
+    def queue(self) -> list[int]:
         """The free queue in order (first = next allocated), as a list."""
         cap = self.num_blocks
         out = _lib.new("int32_t[]", cap)

@@ -23,7 +23,10 @@ kernels (issue 4) and is not in this module. ``offsets`` is provided for it.
 Errors: InvalidArgument (slots below -1, context parallelism in
 compress_row, lengths that disagree), OutOfRange.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +35,10 @@ from . import _lib
 from ._types import I32, I64, as_array
 from ._lib import count
 from .tables.paged import read_row
+from ._types import I32Array, I64Array, IntArray, IntsLike
+
+if TYPE_CHECKING:
+    from ._core import Segment, SlotParams
 
 __all__ = ["RunLengthSlots", "compress_slots", "compress_row", "compress_rows"]
 
@@ -43,19 +50,19 @@ SLOT_BYTES = 8      # one int64 slot per token
 class RunLengthSlots:
     """A slot mapping as runs: token offsets[i] + j (j < length[i]) has slot
     first[i] + j, or -1 where first[i] is -1."""
-    first: np.ndarray       # int64 [runs]
-    length: np.ndarray      # int32 [runs]
+    first: I64Array         # int64 [runs]
+    length: I32Array        # int32 [runs]
 
     @property
-    def num_runs(self):
+    def num_runs(self) -> int:
         return int(self.first.shape[0])
 
     @property
-    def num_tokens(self):
+    def num_tokens(self) -> int:
         return int(self.length.sum(dtype=np.int64))
 
     @property
-    def offsets(self):
+    def offsets(self) -> I64Array:
         """Exclusive prefix sum of the lengths: the token where each run
         starts (int64 [runs])."""
         o = np.zeros(self.num_runs, I64)
@@ -63,24 +70,24 @@ class RunLengthSlots:
         return o
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.num_runs * RUN_BYTES
 
     @property
-    def raw_nbytes(self):
+    def raw_nbytes(self) -> int:
         return self.num_tokens * SLOT_BYTES
 
     @property
-    def bytes_saved(self):
+    def bytes_saved(self) -> int:
         """raw_nbytes - nbytes: negative where runs are shorter than 1.5
         tokens on average (a scattered row), where the plain form wins."""
         return self.raw_nbytes - self.nbytes
 
     @property
-    def ratio(self):
+    def ratio(self) -> float:
         return self.raw_nbytes / self.nbytes if self.nbytes else 1.0
 
-    def expand(self, out=None):
+    def expand(self, out: I64Array | None = None) -> I64Array:
         """The int64 slot mapping these runs stand for (CPU)."""
         n = self.num_tokens
         if out is None:
@@ -95,13 +102,13 @@ class RunLengthSlots:
         out[:n] = np.where(first < 0, -1, first + t - self.offsets[run])
         return out[:n]
 
-    def stats(self):
+    def stats(self) -> dict[str, float]:
         return {"tokens": self.num_tokens, "runs": self.num_runs, "bytes": self.nbytes,
                 "raw_bytes": self.raw_nbytes, "bytes_saved": self.bytes_saved,
                 "ratio": self.ratio}
 
 
-def _runs(first, length):
+def _runs(first: I64Array, length: IntArray) -> RunLengthSlots:
     """Merge segments (first, length) that continue each other: a valid
     segment whose first is the previous one's first + length, or two
     invalid (-1) ones in a row."""
@@ -118,7 +125,7 @@ def _runs(first, length):
                           total.astype(I32))
 
 
-def compress_slots(slots):
+def compress_slots(slots: IntsLike) -> RunLengthSlots:
     """Runs of a slot mapping (int64 array, -1 where no block). Slots below
     -1 are refused (InvalidArgument)."""
     s = as_array(slots, I64, "slots")
@@ -127,7 +134,8 @@ def compress_slots(slots):
     return _runs(s, np.ones(s.shape[0], I64))
 
 
-def _row_segments(segment, row, start, n, bs):
+def _row_segments(segment: Segment, row: int, start: int, n: int,
+                  bs: int) -> tuple[I64Array, I64Array]:
     """(first, length) per block touched by tokens [start, start + n)."""
     ids, info = read_row(segment, row)
     paged = bool(info.flags & _lib.BT_ROW_PAGED)
@@ -153,7 +161,7 @@ def _row_segments(segment, row, start, n, bs):
     return np.concatenate(firsts), np.concatenate(lens)
 
 
-def _block_size(segment, params):
+def _block_size(segment: Segment, params: SlotParams | None) -> int:
     if params is not None and params.cp_world > 1:
         raise make_error(_lib.BT_EINVAL, "compress_row does not do context parallelism: "
                                         "compress_slots(slots_row(...)) does")
@@ -161,7 +169,8 @@ def _block_size(segment, params):
             else segment.config.block_size)
 
 
-def compress_row(segment, row, start, num_tokens, params=None):
+def compress_row(segment: Segment, row: int, start: int, num_tokens: int,
+                 params: SlotParams | None = None) -> RunLengthSlots:
     """Runs of the slots of tokens start .. start+num_tokens-1 of `row`,
     computed per block. Equal to compress_slots(segment.slots_row(row,
     start, num_tokens, params=params)); params.block_size (the unit of the
@@ -171,7 +180,8 @@ def compress_row(segment, row, start, num_tokens, params=None):
     return _runs(*_row_segments(segment, row, int(start), n, bs))
 
 
-def compress_rows(segment, rows, starts, num_tokens, params=None):
+def compress_rows(segment: Segment, rows: IntsLike, starts: IntsLike, num_tokens: IntsLike,
+                  params: SlotParams | None = None) -> RunLengthSlots:
     """Runs of a batch: request i's num_tokens[i] tokens from starts[i] in
     rows[i], one after another (the token order of vLLM's query_start_loc
     form). Runs continue across requests when their slots do."""

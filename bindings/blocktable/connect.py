@@ -12,14 +12,17 @@ The socket protocol (newline-delimited JSON) is spoken here in a few lines
 so that a client needs nothing but this package; blocktable_daemon.protocol is the server
 side and bt-ctl's client.
 """
+from __future__ import annotations
+
 import errno
 import grp
 import json
 import os
 import socket as _socket
 import stat as _stat
+from typing import Any, Mapping
 
-from ._core import Segment
+from ._core import Client, Segment
 
 __all__ = ["connect", "request", "default_socket_path", "socket_candidates",
            "DaemonNotRunning", "DaemonDisconnected", "DaemonError", "SOCKET_ENV", "SOCKET_NAME"]
@@ -42,12 +45,12 @@ class DaemonDisconnected(ConnectionError):
 class DaemonError(RuntimeError):
     """The daemon answered with an error: ``code``, ``name``, ``message``."""
 
-    def __init__(self, code, name, message):
+    def __init__(self, code: int, name: str, message: str) -> None:
         super().__init__(f"{name}: {message}")
         self.code, self.name, self.message = code, name, message
 
 
-def socket_candidates():
+def socket_candidates() -> list[str]:
     """Where a daemon's socket may be, most specific first: systemd's
     RuntimeDirectory (/run/blocktable), then the user's runtime dir, then a
     per-uid folder in /tmp (btd picks the first it can create)."""
@@ -63,7 +66,7 @@ def socket_candidates():
     return list(dict.fromkeys(out))
 
 
-def default_socket_path():
+def default_socket_path() -> str:
     """$BT_SOCKET, else the first candidate that exists, else the first one."""
     env = os.environ.get(SOCKET_ENV)
     if env:
@@ -72,7 +75,8 @@ def default_socket_path():
     return next((p for p in cands if os.path.exists(p)), cands[0])
 
 
-def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
+def request(cmd: str, args: Mapping[str, Any] | None = None, socket: str | None = None,
+            timeout: float = 10.0, req_id: int = 1) -> Any:
     """Send one request and return its result; raise DaemonError for an
     error reply (EBUSY: btd is at a limit, try again later),
     DaemonNotRunning when nobody listens, DaemonDisconnected when btd
@@ -127,7 +131,7 @@ def request(cmd, args=None, socket=None, timeout=10.0, req_id=1):
     return reply.get("result")
 
 
-def _permission_hint(path):
+def _permission_hint(path: str) -> str:
     """The message of a refused connect: the path, and what lets us in."""
     msg = f"permission denied connecting to btd's socket {path}"
     try:
@@ -144,7 +148,8 @@ def _permission_hint(path):
     return msg
 
 
-def connect(name="default", socket=None, timeout=10.0, create=None):
+def connect(name: str = "default", socket: str | None = None, timeout: float = 10.0,
+            create: Mapping[str, int] | None = None) -> Client:
     """Register with btd for segment `name` and return an attached Client
     (its Segment is ``client.segment``). Closing the client releases what it
     holds; if the process dies instead, the daemon recovers it.

@@ -16,11 +16,19 @@ row is copied under its seqlock). One RowGather per thread.
 Errors: InvalidArgument (bad shapes), Busy (a row stayed mid-write), and
 FileNotFoundError from find_row for a key no claimed row holds.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ._errors import make_error
 from . import _lib
 from ._types import I32, U64
+from ._types import I32Array
+
+if TYPE_CHECKING:
+    from ._core import Segment
 
 __all__ = ["RowGather"]
 
@@ -33,7 +41,7 @@ class RowGather:
     found through its hint (no search). See the module docstring for
     errors and thread safety."""
 
-    def __init__(self, seg, max_rows):
+    def __init__(self, seg: Segment, max_rows: int) -> None:
         self.seg = seg
         self.keys = np.zeros(max_rows, U64)
         self.hints = np.zeros(max_rows, U64)
@@ -43,12 +51,12 @@ class RowGather:
         self._hints_c = _lib.from_buffer("uint64_t[]", self.hints)
         self._nb_c = _lib.from_buffer("int32_t[]", self.nblocks)
 
-    def set_key(self, slot, key):
+    def set_key(self, slot: int, key: int) -> None:
         """Batch slot `slot` now holds request `key` (its hint is dropped)."""
         self.keys[slot] = key
         self.hints[slot] = 0
 
-    def gather(self, n, out):
+    def gather(self, n: int, out: I32Array) -> I32Array:
         """Gather slots [0, n) into out[:n] (C-contiguous int32, width =
         out.shape[1]); returns self.nblocks[:n] (-1: no row for that key)."""
         # C writes n rows of out.shape[1] entries: check before it does.

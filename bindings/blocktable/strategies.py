@@ -32,12 +32,15 @@ shared operations (pops and pushes on the shared free lists).
 Thread safety: one thread at a time. Errors: BtError subclasses; a call
 that raised changed nothing.
 """
+from __future__ import annotations
+
 import bisect
 import enum
 import math
 import os
 import re
 import sys
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, TypeVar
 
 import numpy as np
 
@@ -46,6 +49,14 @@ from ._core import Segment
 from ._errors import error_class, make_error
 from ._lib import count
 from ._types import I32, SegmentConfig, preview
+from ._types import I32Array, IntsLike
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._core import Client
+
+_B = TypeVar("_B", bound="BlockSource")
 
 __all__ = ["BlockAllocationStrategy", "BlockSource", "ScatteredAllocator",
            "ContiguousAllocator", "NumaAwareAllocator", "PredictiveBlockAllocator",
@@ -69,19 +80,19 @@ class BlockAllocationStrategy(enum.Enum):
 HandFull = error_class(_lib.BT_EHANDFULL)
 
 
-def count_runs(ids):
+def count_runs(ids: IntsLike) -> int:
     """Runs of consecutive ids (b, b+1, ...) in a sequence (0 for empty)."""
     a = np.asarray(ids, dtype=np.int64)
     return int(a.size and 1 + np.count_nonzero(np.diff(a) != 1))
 
 
-class UnknownRequest(error_class(_EINVAL), KeyError):
+class UnknownRequest(error_class(_EINVAL), KeyError):  # type: ignore[misc]
     """A request id the allocator has never seen, or one that has ended."""
     code = _EINVAL
     __str__ = Exception.__str__    # not KeyError's repr-quoting
 
 
-def unknown_request(rid):
+def unknown_request(rid: Hashable) -> UnknownRequest:
     e = UnknownRequest(f"BT_EINVAL: unknown request {rid!r} (never allocated for, or ended)")
     e.code, e.detail = _EINVAL, f"unknown request {rid!r}"
     return e
@@ -95,9 +106,10 @@ class BlockSource:
     Subclasses implement _take(request_id, n) -> list of n loose ids, all
     or nothing, and may override _give_back(ids) (default: one release)."""
 
-    strategy = None
+    strategy: BlockAllocationStrategy | None = None
+    _take: Callable[[Hashable, int], list[int]]    # the strategy's (a subclass's method)
 
-    def __init__(self, client, pool=0):
+    def __init__(self, client: Client, pool: int = 0) -> None:
         cfg = client.segment.config
         if not 0 <= count(pool, "pool") < cfg.num_pools:
             raise make_error(_ERANGE, f"pool {pool} not in [0, {cfg.num_pools})")
@@ -109,7 +121,7 @@ class BlockSource:
                                  "requests_ended"), 0)
 
     # ---- allocation -----------------------------------------------------------
-    def allocate(self, request_id, num_blocks):
+    def allocate(self, request_id: Hashable, num_blocks: int) -> I32Array:
         """num_blocks loose blocks (int32) for request_id (None: anonymous,
         no run continuity). Errors: OutOfBlocks, HandFull, OutOfRange."""
         n = count(num_blocks, "num_blocks")
@@ -117,7 +129,7 @@ class BlockSource:
         self._record(request_id, ids)
         return np.array(ids, I32)
 
-    def _record(self, rid, ids):
+    def _record(self, rid: Hashable, ids: list[int]) -> None:
         s = self._s
         s["allocations"] += 1
         s["blocks_allocated"] += len(ids)
@@ -132,7 +144,7 @@ class BlockSource:
             self._last.setdefault(rid, None)
         self._out.update(ids)
 
-    def _pop(self, n, pool=None):
+    def _pop(self, n: int, pool: int | None = None) -> list[int] | None:
         """n fresh ids in one shared pop, or None if the pool or hand can't."""
         try:
             ids = self.client.alloc(n, self.pool if pool is None else pool)
@@ -143,12 +155,12 @@ class BlockSource:
         self._s["pool_blocks"] += n
         return ids.tolist()
 
-    def _fail(self, detail):
+    def _fail(self, detail: str) -> Exception:
         self._s["failures"] += 1
         return make_error(_lib.BT_ENOBLOCKS, detail)
 
     # ---- giving back ------------------------------------------------------------
-    def check_out(self, block_ids, what):
+    def check_out(self, block_ids: IntsLike, what: str) -> list[int]:
         """block_ids as a list, if each was handed out by this allocator and
         is still loose (once); else NotHeld naming `what`."""
         a = np.asarray(block_ids).ravel()
@@ -163,12 +175,12 @@ class BlockSource:
             seen.add(b)
         return ids
 
-    def _give_back(self, ids):
+    def _give_back(self, ids: list[int]) -> None:
         if ids:
             self.client.release(ids)
             self._s["shared_pushes"] += 1
 
-    def free(self, block_ids):
+    def free(self, block_ids: IntsLike) -> None:
         """Give back blocks allocate() handed out. Errors: NotHeld (an id not
         handed out, already freed or detached, or listed twice); nothing is
         freed then."""
@@ -176,15 +188,15 @@ class BlockSource:
         self._give_back(ids)
         self._out.difference_update(ids)
 
-    def detach(self, block_ids):
+    def detach(self, block_ids: IntsLike) -> None:
         """Forget blocks the caller moved into a row of this client (the row
         holds their references now). Errors: NotHeld, as free()."""
         self._out.difference_update(self.check_out(block_ids, "detach"))
 
-    def knows(self, request_id):
+    def knows(self, request_id: Hashable) -> bool:
         return request_id in self._last
 
-    def end_request(self, request_id, block_ids=()):
+    def end_request(self, request_id: Hashable, block_ids: IntsLike = ()) -> None:
         """The request is done: block_ids (loose blocks it still holds) go
         back, and what the strategy kept for it is dropped.
         Errors: UnknownRequest, NotHeld."""
@@ -196,22 +208,22 @@ class BlockSource:
         del self._last[request_id]
         self._s["requests_ended"] += 1
 
-    def close(self):
+    def close(self) -> None:
         """Give back what the strategy keeps for itself (not handed-out blocks)."""
 
-    def __enter__(self):
+    def __enter__(self: _B) -> _B:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- questions ----------------------------------------------------------------
-    def get_num_free(self):
+    def get_num_free(self) -> int:
         """Free blocks in the pool (snapshot)."""
         return self.segment.free_blocks(self.pool)
 
-    def get_stats(self):
-        s = dict(self._s)
+    def get_stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = dict(self._s)
         s["strategy"] = self.strategy.name if self.strategy else None
         s["pool"] = self.pool
         s["shared_ops"] = s["shared_pops"] + s["shared_pushes"]
@@ -226,7 +238,7 @@ class ScatteredAllocator(BlockSource):
 
     strategy = BlockAllocationStrategy.SCATTERED
 
-    def _take(self, rid, n):
+    def _take(self, rid: Hashable, n: int) -> list[int]:
         if n == 0:
             return []
         ids = self._pop(n)
@@ -248,7 +260,8 @@ class ContiguousAllocator(BlockSource):
 
     strategy = BlockAllocationStrategy.CONTIGUOUS
 
-    def __init__(self, client, pool=0, batch=256, cache_limit=None, run_target=16):
+    def __init__(self, client: Client, pool: int = 0, batch: int = 256,
+                 cache_limit: int | None = None, run_target: int = 16) -> None:
         super().__init__(client, pool)
         self.batch = max(1, count(batch, "batch"))
         self.run_target = count(run_target, "run_target")
@@ -257,7 +270,7 @@ class ContiguousAllocator(BlockSource):
         self._mag = []              # sorted free ids held loose
         self._s["refills"] = 0
 
-    def _take(self, rid, n):
+    def _take(self, rid: Hashable, n: int) -> list[int]:
         short = n - len(self._mag)
         if short > 0:
             got = self._pop(max(short, self.batch, self.run_target * len(self._last)))
@@ -280,11 +293,11 @@ class ContiguousAllocator(BlockSource):
             nxt = b + 1
         return out
 
-    def _find(self, b):
+    def _find(self, b: int) -> int:
         i = bisect.bisect_left(self._mag, b)
         return i if i < len(self._mag) and self._mag[i] == b else -1
 
-    def _new_run_start(self):
+    def _new_run_start(self) -> int:
         """Index in the magazine where a new run starts: the largest free
         gap, at its start unless that is another request's continuation
         (then in its middle, leaving both room to grow)."""
@@ -297,7 +310,7 @@ class ContiguousAllocator(BlockSource):
         taken = {b + 1 for b in self._last.values() if b is not None}
         return s + length // 2 if self._mag[s] in taken else s
 
-    def _give_back(self, ids):
+    def _give_back(self, ids: list[int]) -> None:
         room = max(0, self.cache_limit - len(self._mag))
         keep, back = ids[:room], ids[room:]
         if keep:
@@ -306,7 +319,7 @@ class ContiguousAllocator(BlockSource):
             self.client.release(back)
             self._s["shared_pushes"] += 1
 
-    def trim(self):
+    def trim(self) -> None:
         """Give the magazine back to the pool (one shared operation)."""
         if self._mag and not self.client.closed:
             self.client.release(self._mag)
@@ -315,7 +328,7 @@ class ContiguousAllocator(BlockSource):
 
     close = trim
 
-    def get_stats(self):
+    def get_stats(self) -> dict[str, Any]:
         s = super().get_stats()
         s["cached"] = len(self._mag)
         return s
@@ -325,7 +338,7 @@ class ContiguousAllocator(BlockSource):
 _BDF = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 
-def _read(path):
+def _read(path: str) -> str | None:
     try:
         with open(path) as f:
             return f.read().strip()
@@ -333,8 +346,8 @@ def _read(path):
         return None
 
 
-def _cpu_list(text):
-    cpus = set()
+def _cpu_list(text: str | None) -> set[int]:
+    cpus: set[int] = set()
     for part in (text or "").split(","):
         if "-" in part:
             a, b = part.split("-")
@@ -344,7 +357,7 @@ def _cpu_list(text):
     return cpus
 
 
-def _gpu_bdf(index, sysfs_root, proc_root):
+def _gpu_bdf(index: int, sysfs_root: str, proc_root: str) -> tuple[str | None, str]:
     """PCI address of CUDA device `index`: from torch when it is already
     imported and knows it, else the index-th NVIDIA GPU in PCI order (what
     CUDA numbers with CUDA_DEVICE_ORDER=PCI_BUS_ID; with the default
@@ -373,13 +386,14 @@ def _gpu_bdf(index, sysfs_root, proc_root):
     return gpus[index].lower(), "/proc/driver/nvidia/gpus (PCI order)"
 
 
-def numa_node_of(device=None, sysfs_root="/sys", proc_root="/proc"):
+def numa_node_of(device: str | int | torch.device | None = None, sysfs_root: str = "/sys",
+                 proc_root: str = "/proc") -> tuple[int, str]:
     """(node, source): the NUMA node of `device` and where that came from.
 
     device: None or "cpu" (the node of the first CPU this process may run
     on), "cuda:N" / N (an NVIDIA GPU), or a PCI address "0000:3b:00.0".
     Where nothing says, node 0 with source "fallback: <why>"."""
-    def fallback(why):
+    def fallback(why: str) -> tuple[int, str]:
         return 0, f"fallback: {why}"
 
     if device is None or device == "cpu":
@@ -393,6 +407,7 @@ def numa_node_of(device=None, sysfs_root="/sys", proc_root="/proc"):
             if cpus and cpus[0] in _cpu_list(_read(os.path.join(nodes_dir, name, "cpulist"))):
                 return int(name[4:]), f"{nodes_dir}/{name}/cpulist (cpu {cpus[0]})"
         return fallback(f"cpu {cpus[0] if cpus else '?'} is in no node of {nodes_dir}")
+    bdf: str | None
     if isinstance(device, str) and _BDF.match(device):
         bdf, how = device.lower(), "given"
     else:
@@ -425,8 +440,9 @@ class NumaAwareAllocator(BlockSource):
 
     strategy = BlockAllocationStrategy.NUMA_AWARE
 
-    def __init__(self, client, device=None, node_to_pool=None, sysfs_root="/sys",
-                 proc_root="/proc"):
+    def __init__(self, client: Client, device: str | int | torch.device | None = None,
+                 node_to_pool: Mapping[int, int] | None = None, sysfs_root: str = "/sys",
+                 proc_root: str = "/proc") -> None:
         node, source = numa_node_of(device, sysfs_root, proc_root)
         npools = client.segment.config.num_pools
         pool = node_to_pool[node] if node_to_pool and node in node_to_pool else node % npools
@@ -434,7 +450,7 @@ class NumaAwareAllocator(BlockSource):
         self.numa_node, self.numa_source, self.device = node, source, device
         self._s["spilled_blocks"] = 0
 
-    def _take(self, rid, n):
+    def _take(self, rid: Hashable, n: int) -> list[int]:
         if n == 0:
             return []
         ids = self._pop(n)
@@ -457,7 +473,7 @@ class NumaAwareAllocator(BlockSource):
             self._s["shared_pushes"] += 1
         raise self._fail(f"{n} blocks asked, only {len(got)} free in all pools")
 
-    def get_stats(self):
+    def get_stats(self) -> dict[str, Any]:
         s = super().get_stats()
         s.update(numa_node=self.numa_node, numa_source=self.numa_source)
         return s
@@ -523,8 +539,9 @@ class PredictiveBlockAllocator(BlockSource):
 
     strategy = BlockAllocationStrategy.PREDICTIVE
 
-    def __init__(self, total_blocks=None, block_size=16, prediction_horizon=4, *,
-                 client=None, pool=0, alpha=0.5, max_reserve=None):
+    def __init__(self, total_blocks: int | None = None, block_size: int = 16,
+                 prediction_horizon: int = 4, *, client: Client | None = None, pool: int = 0,
+                 alpha: float = 0.5, max_reserve: int | None = None) -> None:
         self.block_size = count(block_size, "block_size")
         self.prediction_horizon = count(prediction_horizon, "prediction_horizon")
         if self.block_size == 0:
@@ -555,7 +572,8 @@ class PredictiveBlockAllocator(BlockSource):
                                       "reserved_released"), 0))
 
     # ---- allocation -----------------------------------------------------------
-    def allocate(self, request_id, num_blocks, predict_future=True):
+    def allocate(self, request_id: Hashable, num_blocks: int,  # type: ignore[override]
+                 predict_future: bool = True) -> I32Array:
         """num_blocks blocks for request_id (int32 array): from its
         reservation first, then from the pool, topping the reservation up to
         ceil(rate x horizon) in the same pop (predict_future=False: no top
@@ -595,7 +613,7 @@ class PredictiveBlockAllocator(BlockSource):
         self._s["call_hits"] += need == 0
         return np.array(ids, I32)
 
-    def _obtain(self, rid, need, extra):
+    def _obtain(self, rid: Hashable, need: int, extra: int) -> tuple[list[int], Any]:
         """(need ids + whatever of extra the pool gave, [(victim, k)]): the
         reclaim plan takes each victim's last k reserved ids; the caller
         applies it. Raises OutOfBlocks with nothing changed."""
@@ -631,12 +649,12 @@ class PredictiveBlockAllocator(BlockSource):
         raise self._fail(f"request {rid!r} needs {need} more blocks: the pool has {free} free "
                          f"and other requests reserve {reclaimable}")
 
-    def blocks_for_tokens(self, num_tokens):
+    def blocks_for_tokens(self, num_tokens: int) -> int:
         """Blocks that num_tokens tokens fill (ceil(num_tokens / block_size))."""
         return -(-count(num_tokens, "num_tokens") // self.block_size)
 
     # ---- giving back ------------------------------------------------------------
-    def end_request(self, request_id, block_ids=()):
+    def end_request(self, request_id: Hashable, block_ids: IntsLike = ()) -> None:
         """The request is done: its reservation and block_ids (blocks it was
         handed and still holds loose) go back to the pool in one shared
         operation, and its rate is forgotten. Errors: UnknownRequest,
@@ -652,7 +670,7 @@ class PredictiveBlockAllocator(BlockSource):
         del self._last[request_id]
         self._rate.pop(request_id, None)
 
-    def release_reservations(self):
+    def release_reservations(self) -> None:
         """Give every reservation back (one shared operation); the requests
         stay known."""
         res = [b for r in self._reserve.values() for b in r]
@@ -661,7 +679,7 @@ class PredictiveBlockAllocator(BlockSource):
         for r in self._reserve.values():
             r.clear()
 
-    def close(self):
+    def close(self) -> None:
         """Release the reservations; close the segment if this allocator
         made it (blocks still handed out go with it)."""
         if self._own_segment is not None:
@@ -671,22 +689,22 @@ class PredictiveBlockAllocator(BlockSource):
             self.release_reservations()
 
     # ---- questions ----------------------------------------------------------------
-    def get_num_reserved(self):
+    def get_num_reserved(self) -> int:
         return sum(len(r) for r in self._reserve.values())
 
-    def reserved_for(self, request_id):
+    def reserved_for(self, request_id: Hashable) -> int:
         """Blocks reserved for a request (0 for a known one without)."""
         if not self.knows(request_id):
             raise unknown_request(request_id)
         return len(self._reserve.get(request_id, ()))
 
-    def predicted_rate(self, request_id):
+    def predicted_rate(self, request_id: Hashable) -> float | None:
         """The request's EWMA of blocks per call (None until its second call)."""
         if not self.knows(request_id):
             raise unknown_request(request_id)
         return self._rate[request_id]
 
-    def get_stats(self):
+    def get_stats(self) -> dict[str, Any]:
         """BlockSource's counters plus: hits (blocks served from a
         reservation), hit_rate (hits / blocks_allocated), call_hit_rate
         (calls that needed no shared operation), reserved, reclaims
@@ -701,7 +719,8 @@ class PredictiveBlockAllocator(BlockSource):
         return s
 
 
-def make_allocator(strategy, client, pool=0, **kw):
+def make_allocator(strategy: BlockAllocationStrategy | str, client: Client, pool: int = 0,
+                   **kw: Any) -> BlockSource:
     """A BlockSource for `strategy` (a BlockAllocationStrategy or its name)
     on `client`. Keywords go to the strategy's class (batch, device,
     prediction_horizon, ...)."""

@@ -25,9 +25,13 @@ reloads: allow_uids, allow_groups, log_level, metrics, tick_ms,
 recovery_wait_ms, and new segments; the socket and existing segments' sizes
 need a restart.
 """
+from __future__ import annotations
+
+import argparse
 import grp
 import os
 import tomllib
+from typing import Any, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 
 from blocktable import SegmentConfig
@@ -58,7 +62,7 @@ class Config:
     recovery_wait_ms: int = 50
     path: str = ""                                  # the TOML file, if any
 
-    def summary(self):
+    def summary(self) -> dict[str, Any]:
         """A JSON-able view (status, --print-config)."""
         return {"socket": self.socket, "socket_mode": f"{self.socket_mode:04o}",
                 "allow_uids": list(self.allow_uids), "allow_gids": list(self.allow_groups),
@@ -71,7 +75,7 @@ class Config:
                              for n, c in self.segments.items()}}
 
 
-def check_name(name):
+def check_name(name: str) -> str:
     """A segment name libbt accepts: 1..48 printable ASCII bytes, no '/'."""
     if not isinstance(name, str) or not name:
         raise ConfigError("a segment name must be a non-empty string")
@@ -83,13 +87,14 @@ def check_name(name):
     return name
 
 
-def _int(v, what, lo=0, hi=2**32 - 1):
+def _int(v: Any, what: str, lo: int = 0, hi: int = 2**32 - 1) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise ConfigError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
     return v
 
 
-def segment_config(name, table, base=None):
+def segment_config(name: str, table: Mapping[str, int],
+                   base: SegmentConfig | None = None) -> SegmentConfig:
     """A checked SegmentConfig from a TOML table (or flag values)."""
     unknown = set(table) - set(SEG_FIELDS)
     if unknown:
@@ -104,7 +109,7 @@ def segment_config(name, table, base=None):
     return cfg
 
 
-def _mode(v):
+def _mode(v: int | str) -> int:
     if isinstance(v, str):
         try:
             v = int(v, 8)
@@ -116,7 +121,7 @@ def _mode(v):
     return v
 
 
-def _gids(groups):
+def _gids(groups: Iterable[int | str]) -> tuple[int, ...]:
     out = []
     for g in groups:
         if isinstance(g, int) and not isinstance(g, bool):
@@ -129,7 +134,7 @@ def _gids(groups):
     return tuple(out)
 
 
-def parse_metrics(addr):
+def parse_metrics(addr: str) -> tuple[str, int]:
     """"host:port", "[v6]:port", ":port" or "port" (host 127.0.0.1) ->
     (host, port). Raises ConfigError."""
     addr = str(addr).strip()
@@ -143,7 +148,7 @@ def parse_metrics(addr):
         raise ConfigError(f"metrics {addr!r}: expected HOST:PORT") from None
 
 
-def _apply_file(cfg, data):
+def _apply_file(cfg: Config, data: Mapping[str, Any]) -> None:
     data = dict(data)
     segs = data.pop("segments", {})
     if not isinstance(segs, dict):
@@ -171,13 +176,13 @@ def _apply_file(cfg, data):
             raise ConfigError(f"unknown key {key!r} in the config file")
 
 
-def _list(v, key):
+def _list(v: Any, key: str) -> list[Any]:
     if not isinstance(v, list):
         raise ConfigError(f"{key} must be a list")
     return v
 
 
-def load(args):
+def load(args: argparse.Namespace) -> Config:
     """The Config for parsed btd flags (see server.parse_args)."""
     cfg = Config()
     if args.config:
@@ -225,7 +230,7 @@ def load(args):
     return cfg
 
 
-def choose_socket_path(uid=None):
+def choose_socket_path(uid: int | None = None) -> str:
     """Where btd listens when not told: the first candidate folder that
     exists or can be made (0750) and is writable."""
     for path in socket_candidates():

@@ -24,6 +24,8 @@ Thread safety: logging's handler lock serialises emit; the socket is made
 once and kept (as sdnotify does), so btd can still log when out of
 descriptors.
 """
+from __future__ import annotations
+
 import errno
 import fcntl
 import logging
@@ -32,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+from typing import Any, Hashable, Iterable
 
 TARGETS = ("auto", "journal", "stderr")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -41,7 +44,7 @@ _FIELDS = {"segment": "SEGMENT", "client_id": "CLIENT_ID", "peer_pid": "PEER_PID
            "peer_uid": "PEER_UID", "event": "BT_EVENT"}
 
 
-def fields(**kw):
+def fields(**kw: object) -> dict[str, dict[str, str]]:
     """`extra=` for a log call: journal fields of an event, by their short names
     (segment, client_id, peer_pid, peer_uid, event); None values are left out."""
     return {"journal": {_FIELDS[k]: str(v) for k, v in kw.items() if v is not None}}
@@ -52,11 +55,11 @@ class RateLimit:
     this one is not to be logged, else how many of the key's were not logged
     since the last one that was. Not thread-safe."""
 
-    def __init__(self, n, period):
+    def __init__(self, n: int, period: float) -> None:
         self.n, self.period = n, period
         self.windows = {}               # key -> [window start, logged, dropped]
 
-    def hit(self, key, now=None):
+    def hit(self, key: Hashable, now: float | None = None) -> int | None:
         now = time.monotonic() if now is None else now
         w = self.windows.get(key)
         if w is None or now - w[0] >= self.period:
@@ -75,17 +78,17 @@ class RateLimit:
         return dropped
 
 
-def _prio(record):
+def _prio(record: logging.LogRecord) -> int:
     return _PRIO.get(record.levelno, 6)
 
 
 class JournalFormatter(logging.Formatter):
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         prio = _prio(record)
         return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 
-def encode(pairs):
+def encode(pairs: Iterable[tuple[str, str | bytes]]) -> bytes:
     """journald's native datagram for (KEY, value) pairs: KEY=value lines; a
     value holding a newline as KEY, newline, its length (64-bit little
     endian), the bytes, newline."""
@@ -102,19 +105,21 @@ def encode(pairs):
 class JournalHandler(logging.Handler):
     """Sends each record to journald's socket; stderr (fallback) if it can't."""
 
-    def __init__(self, path, fallback):
+    sock: socket.socket | None      # made on the first record
+
+    def __init__(self, path: str, fallback: logging.Handler) -> None:
         super().__init__()
         self.path, self.fallback = path, fallback
         self.sock = None
 
-    def record_fields(self, record):
+    def record_fields(self, record: logging.LogRecord) -> list[tuple[str, str]]:
         pairs = [("MESSAGE", self.format(record)), ("PRIORITY", str(_prio(record))),
                  ("SYSLOG_IDENTIFIER", "btd"), ("SYSLOG_PID", str(os.getpid())),
                  ("CODE_FILE", record.pathname), ("CODE_LINE", str(record.lineno)),
                  ("CODE_FUNC", record.funcName), ("LOGGER", record.name)]
         return pairs + sorted(getattr(record, "journal", {}).items())
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         try:
             self.send(encode(self.record_fields(record)))
         except OSError:
@@ -122,7 +127,7 @@ class JournalHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging must never take btd down
             self.handleError(record)
 
-    def send(self, data):
+    def send(self, data: bytes) -> None:
         if self.sock is None:
             # Non-blocking: a journald that reads nothing must not stall btd's loop.
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC |
@@ -134,7 +139,7 @@ class JournalHandler(logging.Handler):
                 raise
             self.send_memfd(data)
 
-    def send_memfd(self, data):
+    def send_memfd(self, data: bytes) -> None:
         """A record larger than a datagram: in a sealed memfd, passed over the
         socket (the protocol's way for large entries)."""
         fd = os.memfd_create("btd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -142,19 +147,19 @@ class JournalHandler(logging.Handler):
             os.write(fd, data)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
                         fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-            self.sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+            self.sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,  # type: ignore[union-attr]
                                     struct.pack("i", fd))], 0, self.path)
         finally:
             os.close(fd)
 
-    def close(self):
+    def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         super().close()
 
 
-def _stderr_is_journal():
+def _stderr_is_journal() -> bool:
     js = os.environ.get("JOURNAL_STREAM")
     if not js:
         return False
@@ -166,11 +171,11 @@ def _stderr_is_journal():
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-def journal_socket():
+def journal_socket() -> str:
     return os.environ.get("BT_JOURNAL_SOCKET") or JOURNAL_SOCKET
 
 
-def _stderr_handler():
+def _stderr_handler() -> logging.Handler:
     h = logging.StreamHandler(sys.stderr)
     if _stderr_is_journal():
         h.setFormatter(JournalFormatter("%(message)s"))
@@ -180,7 +185,7 @@ def _stderr_handler():
     return h
 
 
-def setup(level="info", target="auto"):
+def setup(level: str | int = "info", target: str = "auto") -> logging.Logger:
     """Configure the "btd" logger; returns it. Safe to call again (reload: the
     level changes; the target stays what it was first set to)."""
     log = logging.getLogger("btd")
@@ -197,7 +202,7 @@ def setup(level="info", target="auto"):
     return log
 
 
-def parse_level(level):
+def parse_level(level: str | int) -> int:
     if isinstance(level, int):
         return level
     v = logging.getLevelName(str(level).upper())

@@ -4,10 +4,12 @@ A process's start time is libbt's (bt_proc_start_time, through clib), so that
 a slot's recorded start time compares equal and a zombie counts as dead in
 both. Nothing here raises: a process that is gone reads as gone.
 """
+from __future__ import annotations
+
 import selectors
 
 
-def proc_stat(pid):
+def proc_stat(pid: int) -> list[bytes] | None:
     """Fields of /proc/<pid>/stat from field 3 (state) on, or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -20,19 +22,19 @@ def proc_stat(pid):
 from .clib import proc_start_time  # noqa: E402,F401  (re-exported: btd's callers import it here)
 
 
-def proc_state(pid):
+def proc_state(pid: int) -> str:
     """The one-letter state (R, S, T, Z...), or "gone"."""
     st = proc_stat(pid)
     return st[0].decode() if st else "gone"
 
 
-def proc_alive(pid):
+def proc_alive(pid: int) -> bool:
     """True if pid runs (not gone, not a zombie)."""
     st = proc_stat(pid)
-    return bool(st) and st[0] not in (b"Z", b"X")
+    return bool(st) and st[0] not in (b"Z", b"X")  # type: ignore[index]  # (st is set)
 
 
-def proc_groups(pid):
+def proc_groups(pid: int) -> set[int]:
     """Supplementary group ids of pid (empty if gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -44,7 +46,7 @@ def proc_groups(pid):
     return set()
 
 
-def proc_comm(pid):
+def proc_comm(pid: int) -> str:
     """The command name of pid, or "?"."""
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -53,7 +55,7 @@ def proc_comm(pid):
         return "?"
 
 
-def proc_title(pid):
+def proc_title(pid: int) -> str | None:
     """What a process calls itself (vLLM sets titles: VLLM::EngineCore, VLLM::Worker_TP0),
     else its command name; None if it is gone."""
     try:
@@ -68,7 +70,7 @@ def proc_title(pid):
         return None
 
 
-def pidfd_exited(fd):
+def pidfd_exited(fd: int) -> bool:
     """True if the process behind pidfd fd has exited (the fd is readable)."""
     sel = selectors.DefaultSelector()
     try:

@@ -10,8 +10,11 @@ MAX_LINE gets an ETOOBIG reply and the connection is closed (the rest of the
 line cannot be told from the next request); everything else is answered and
 the connection stays open. No pickle, nothing evaluated.
 """
+from __future__ import annotations
+
 import errno
 import json
+from typing import Any
 
 MAX_LINE = 64 * 1024
 
@@ -32,27 +35,29 @@ CODES = {
 class RequestError(Exception):
     """An error to send back: name from CODES (or libbt's), message."""
 
-    def __init__(self, name, message, code=None):
+    req_id: Any     # set by parse_request when the line had one
+
+    def __init__(self, name: str, message: str, code: int | None = None) -> None:
         super().__init__(message)
         self.name = name
         self.code = CODES.get(name, -1) if code is None else code
         self.message = message
 
 
-def encode(obj):
+def encode(obj: Any) -> bytes:
     return (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
-def ok(req_id, result):
+def ok(req_id: Any, result: Any) -> bytes:
     return encode({"id": req_id, "status": "ok", "result": result})
 
 
-def error(req_id, err):
+def error(req_id: Any, err: RequestError) -> bytes:
     return encode({"id": req_id, "status": "error",
                    "error": {"code": err.code, "name": err.name, "message": err.message}})
 
 
-def parse_request(line):
+def parse_request(line: bytes | str) -> tuple[Any, str, dict[str, Any]]:
     """(id, cmd, args) from one line; RequestError otherwise. The id is
     recovered whenever the line is an object, so that even a bad request's
     reply can be matched."""
@@ -77,7 +82,7 @@ def parse_request(line):
     return req_id, cmd, args
 
 
-def _with_id(err, req_id):
+def _with_id(err: RequestError, req_id: Any) -> RequestError:
     err.req_id = req_id
     return err
 
@@ -85,11 +90,11 @@ def _with_id(err, req_id):
 class LineBuffer:
     """Splits a byte stream into lines of at most `limit` bytes."""
 
-    def __init__(self, limit=MAX_LINE):
+    def __init__(self, limit: int = MAX_LINE) -> None:
         self.limit = limit
         self.buf = bytearray()
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> list[bytes]:
         """The complete lines in data (without newlines); RequestError
         ETOOBIG once a line grows past the limit."""
         self.buf += data

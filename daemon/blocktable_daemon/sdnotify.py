@@ -5,6 +5,8 @@ A name starting with '@' is in the abstract namespace. Without the variable
 WATCHDOG=1 at least that often; watchdog_interval() says how often to send
 it (half the period, as sd_watchdog_enabled(3) advises), or None.
 """
+from __future__ import annotations
+
 import os
 import socket
 
@@ -12,7 +14,7 @@ import socket
 _sock = None
 
 
-def notify(*lines):
+def notify(*lines: str) -> bool:
     """Send "KEY=value" lines; True if a datagram went out. Never raises:
     the socket is made once and kept, so that status and watchdog pings
     still go out while btd is out of file descriptors (a socket made per
@@ -34,7 +36,7 @@ def notify(*lines):
     return True
 
 
-def watchdog_interval():
+def watchdog_interval() -> float | None:
     """Seconds between WATCHDOG=1 pings, or None when none is asked for."""
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):

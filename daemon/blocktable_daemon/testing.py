@@ -3,6 +3,8 @@ segment and a NOTIFY_SOCKET of ours, so that "started" means READY=1 was
 sent -- the same signal systemd waits for. Used by the tests and by
 bench/bench_recovery.py. Every wait is bounded and names what it waited for.
 """
+from __future__ import annotations
+
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import blocktable
 
@@ -18,8 +21,11 @@ import blocktable_daemon
 
 from blocktable.connect import request
 
+_T = TypeVar("_T")
 
-def wait_for(cond, timeout=10.0, what="condition", interval=0.002):
+
+def wait_for(cond: Callable[[], _T | None], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.002) -> _T:
     """Poll cond() until truthy (returned) or raise TimeoutError after timeout s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -31,7 +37,7 @@ def wait_for(cond, timeout=10.0, what="condition", interval=0.002):
         time.sleep(interval)
 
 
-def stack_of(pid):
+def stack_of(pid: int) -> str:
     """The C and Python stacks of a live process, for a failure message: gdb
     when it is installed, else /proc's kernel stack and wait channel."""
     import shutil
@@ -49,11 +55,11 @@ def stack_of(pid):
     return "\n".join(out)
 
 
-def unique_name(prefix="t"):
+def unique_name(prefix: str = "t") -> str:
     return f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def child_env(extra=None):
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ, with the folders of blocktable and btd on PYTHONPATH (so a
     source checkout works without an install)."""
     env = dict(os.environ)
@@ -71,7 +77,9 @@ class DaemonProcess:
     """btd in a subprocess. `segment` is unique per instance unless given;
     the segment is unlinked by cleanup()."""
 
-    def __init__(self, workdir, segment=None, args=(), sizes=None, nofile=None):
+    def __init__(self, workdir: str | os.PathLike[str], segment: str | None = None,
+                 args: Sequence[str] = (), sizes: Mapping[str, int] | None = None,
+                 nofile: int | None = None) -> None:
         self.dir = str(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.segment = segment or unique_name()
@@ -85,7 +93,8 @@ class DaemonProcess:
         self.proc = None
         self.notices = []
 
-    def start(self, timeout=30.0, extra_env=None, ready=True):
+    def start(self, timeout: float = 30.0, extra_env: Mapping[str, str] | None = None,
+              ready: bool = True) -> DaemonProcess:
         """Start (or restart, after stop/kill) and wait for READY=1."""
         self._close_files()
         if os.path.exists(self.notify_path):
@@ -110,7 +119,7 @@ class DaemonProcess:
             self.wait_notice("READY=1", timeout)
         return self
 
-    def wait_notice(self, line, timeout=30.0):
+    def wait_notice(self, line: str, timeout: float = 30.0) -> str:
         """Wait for a sd_notify datagram holding `line`; returns the datagram."""
         def got():
             for n in self.notices:
@@ -128,31 +137,33 @@ class DaemonProcess:
         return wait_for(got, timeout, f"btd to send {line}", interval=0)
 
     @property
-    def pid(self):
+    def pid(self) -> int:
         return self.proc.pid
 
-    def log(self):
+    def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
                 return f.read()
         except OSError:
             return ""
 
-    def request(self, cmd, args=None, timeout=10.0):
+    def request(self, cmd: str, args: Mapping[str, Any] | None = None,
+                timeout: float = 10.0) -> Any:
         return request(cmd, args, socket=self.socket, timeout=timeout)
 
-    def ctl(self, *argv, timeout=60.0, env=None):
+    def ctl(self, *argv: str, timeout: float = 60.0,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run bt-ctl against this daemon; a CompletedProcess (text)."""
         return subprocess.run([sys.executable, "-m", "blocktable_daemon.ctl", "--socket", self.socket, *argv],
                               env=child_env(env), capture_output=True, text=True,
                               timeout=timeout)
 
-    def ctl_json(self, *argv):
+    def ctl_json(self, *argv: str) -> Any:
         r = self.ctl("--json", *argv)
         assert r.returncode == 0, (r.returncode, r.stderr)
         return json.loads(r.stdout)
 
-    def stop(self, sig=signal.SIGTERM, timeout=20.0):
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         """Signal btd and wait; its exit code."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
@@ -164,16 +175,16 @@ class DaemonProcess:
             self.proc.wait()
             raise
 
-    def kill(self):
+    def kill(self) -> int | None:
         return self.stop(signal.SIGKILL)
 
-    def _close_files(self):
+    def _close_files(self) -> None:
         for f in (getattr(self, "_log", None), getattr(self, "_notify", None)):
             if f is not None:
                 f.close()
         self.notices = []
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         try:
             self.stop()
         finally:

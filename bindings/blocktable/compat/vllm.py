@@ -64,9 +64,12 @@ Thread safety: like vLLM's, one thread at a time. Errors: BtError
 subclasses (RowFull, OutOfRange, InvalidArgument, ConfigError; ValueError /
 IndexError subclasses); a row method that raised changed nothing.
 """
+from __future__ import annotations
+
 import enum
 import math
 import sys
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -76,6 +79,12 @@ from .. import _lib
 from .._lib import ID_LIMIT as _ID_LIMIT
 from .._types import I32, I64, SegmentConfig, as_array, c_array
 from ..gpu.buffer import CpuGpuBuffer
+from .._types import I32Array, I64Array, IntsLike
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..gpu import MirrorExporter
 
 __all__ = ["BlockTable", "MultiGroupBlockTable", "CpuGpuBuffer", "SlotMappingMode",
            "get_block_table_width", "SUPPORTED_VLLM"]
@@ -90,14 +99,15 @@ class SlotMappingMode(enum.Enum):
     NONE = "none"
 
 
-def _mode_value(mode):
+def _mode_value(mode: SlotMappingMode | str) -> str:
     v = getattr(mode, "value", mode)
     if v not in ("token_to_kv_slot", "none"):
         raise make_error(_lib.BT_EINVAL, f"unknown slot_mapping_mode {mode!r}")
     return v
 
 
-def get_block_table_width(max_num_blocks, block_size, *, token_alignment=128):
+def get_block_table_width(max_num_blocks: int, block_size: int, *,
+                          token_alignment: int | None = 128) -> int:
     """vLLM's: max_num_blocks rounded up so a row spans a multiple of
     token_alignment tokens (None: no rounding)."""
     if token_alignment is not None:
@@ -108,7 +118,7 @@ def get_block_table_width(max_num_blocks, block_size, *, token_alignment=128):
     return max_num_blocks
 
 
-def _torch():
+def _torch() -> Any:
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is in the test extra
@@ -116,7 +126,7 @@ def _torch():
     return torch
 
 
-def _device(device):
+def _device(device: str | torch.device | None) -> torch.device | None:
     """The torch device to mirror to, or None to stay on the CPU (device
     "cpu", or CUDA asked for where there is none)."""
     torch = _torch()
@@ -128,7 +138,7 @@ def _device(device):
     return d
 
 
-def _mirror_for(segment, device):
+def _mirror_for(segment: Segment, device: str | torch.device | None) -> MirrorExporter | None:
     """A MirrorExporter of `segment` on CUDA device `device`, or None where
     there is no GPU mirror to be had (CPU, no CUDA, no cupy)."""
     if device is None or str(device) == "cpu":
@@ -144,7 +154,7 @@ def _mirror_for(segment, device):
     return gpu.MirrorExporter(segment, index)
 
 
-def _vllm_cp_state():
+def _vllm_cp_state() -> list[tuple[int, int]]:
     """((pcp world, rank), (dcp world, rank)) from vLLM's parallel state when
     vLLM is running in this process, as vLLM's BlockTable reads them at
     construction; (1, 0) where a group is not initialised (vLLM's fallback)."""
@@ -159,16 +169,16 @@ def _vllm_cp_state():
     return out
 
 
-def _is_cuda(x):
+def _is_cuda(x: object) -> bool:
     dev = getattr(x, "device", None)
     return dev is not None and getattr(dev, "type", None) == "cuda"
 
 
-def _host(x, dtype, what):
+def _host(x: IntsLike | torch.Tensor, dtype: np.dtype[Any], what: str) -> Any:
     """A 1-d host numpy array of dtype from a numpy array, list or torch
     tensor (CPU tensors without a copy)."""
     if type(x) is not np.ndarray and hasattr(x, "numpy") and hasattr(x, "device"):
-        x = (x.cpu() if _is_cuda(x) else x).numpy()
+        x = (x.cpu() if _is_cuda(x) else x).numpy()  # type: ignore[union-attr]  # a tensor
     return as_array(x, dtype, what)
 
 
@@ -177,10 +187,10 @@ class _Counts(np.ndarray):
     (``n[row] = k``, ``n[row] += k``, as vLLM's code writes them) marks the
     table for the GPU mirror; reads cost nothing extra."""
 
-    def __array_finalize__(self, obj):
+    def __array_finalize__(self, obj: Any) -> None:
         self._buf = getattr(obj, "_buf", None)
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Any, value: Any) -> None:
         np.ndarray.__setitem__(self, key, value)
         if self._buf is not None:
             self._buf.mark_dirty()
@@ -201,12 +211,16 @@ class BlockTable:
     vLLM's; the segment is private to this object (embedded).
     """
 
-    def __init__(self, block_size, max_num_reqs, max_num_blocks_per_req,
-                 max_num_batched_tokens, pin_memory=False, device="cpu",
-                 cp_kv_cache_interleave_size=1,
-                 slot_mapping_mode=SlotMappingMode.TOKEN_TO_KV_SLOT, *,
-                 kernel_block_size=None, dcp_world_size=None, dcp_rank=None,
-                 pcp_world_size=None, pcp_rank=None):
+    _params_key: tuple[int, int, int] | None
+
+    def __init__(self, block_size: int, max_num_reqs: int, max_num_blocks_per_req: int,
+                 max_num_batched_tokens: int, pin_memory: bool = False,
+                 device: str | torch.device | None = "cpu",
+                 cp_kv_cache_interleave_size: int = 1,
+                 slot_mapping_mode: SlotMappingMode | str = SlotMappingMode.TOKEN_TO_KV_SLOT, *,
+                 kernel_block_size: int | None = None, dcp_world_size: int | None = None,
+                 dcp_rank: int | None = None, pcp_world_size: int | None = None,
+                 pcp_rank: int | None = None) -> None:
         kernel_block_size = kernel_block_size or block_size
         if block_size % kernel_block_size:
             raise make_error(_lib.BT_ECONFIG, f"kernel_block_size {kernel_block_size} must "
@@ -237,7 +251,7 @@ class BlockTable:
         self.slot_mapping = CpuGpuBuffer(cpu=slots, device=device, pin_memory=pin_memory)
         self._host_only = device is None or str(device) == "cpu"
 
-    def _open_segment(self, block_size, kernel_block_size):
+    def _open_segment(self, block_size: int, kernel_block_size: int) -> None:
         # RAW rows hold vLLM's own block ids: the segment's pool is unused.
         self.segment = Segment.create(None, SegmentConfig(
             block_size=block_size, kernel_block_size=kernel_block_size, num_pools=1,
@@ -256,16 +270,16 @@ class BlockTable:
         self._counts = counts
 
     @property
-    def num_blocks_per_row(self):
+    def num_blocks_per_row(self) -> I32Array:
         """The segment's per-row block counts (int32, writable, as vLLM's)."""
         return self._counts
 
-    def mark_dirty(self):
+    def mark_dirty(self) -> None:
         """The host table or counts were written directly after the last
         access to a view: the next commit re-stages the committed rows."""
         self.block_table.mark_dirty()
 
-    def _slot_params(self):
+    def _slot_params(self) -> SlotParams:
         """SlotParams from the attributes as they are now (vLLM reads
         dcp_world_size / dcp_rank / cp_kv_cache_interleave_size at each
         compute_slot_mapping); rebuilt and checked only when they change."""
@@ -279,7 +293,7 @@ class BlockTable:
         return self._params
 
     # ---- rows ---------------------------------------------------------------
-    def _kernel_ids(self, block_ids):
+    def _kernel_ids(self, block_ids: IntsLike) -> I32Array:
         ids = as_array(block_ids, I32, "block_ids")
         if self.use_hybrid_blocks and ids.shape[0]:
             if int(ids.max()) >= _ID_LIMIT // self.blocks_per_kv_block:
@@ -289,18 +303,18 @@ class BlockTable:
                                             self._kernel_block_arange)
         return ids
 
-    def append_row(self, block_ids, row_idx):
+    def append_row(self, block_ids: IntsLike, row_idx: int) -> None:
         if len(block_ids) == 0:
             return
         self._client.append(row_idx, self._kernel_ids(block_ids))
 
-    def add_row(self, block_ids, row_idx):
+    def add_row(self, block_ids: IntsLike, row_idx: int) -> None:
         self._client.set_row(row_idx, self._kernel_ids(block_ids))
 
-    def clear_row(self, row_idx):
+    def clear_row(self, row_idx: int) -> None:
         self._client.truncate(row_idx, 0)
 
-    def move_row(self, src, tgt):
+    def move_row(self, src: int, tgt: int) -> None:
         """tgt gets src's blocks; src ends empty and zeroed (vLLM 0.32 too,
         which also empties the row when src == tgt)."""
         if src == tgt:
@@ -308,10 +322,10 @@ class BlockTable:
         else:
             self._client.move(src, tgt)
 
-    def swap_row(self, src, tgt):
+    def swap_row(self, src: int, tgt: int) -> None:
         self._client.swap(src, tgt)
 
-    def clear(self):
+    def clear(self) -> None:
         """Zero the device and host tables (vLLM's clear: the counts stay, so
         a table copied back afterwards appends where it left off)."""
         gpu = self.block_table._distinct_gpu()
@@ -321,7 +335,8 @@ class BlockTable:
         self.block_table.mark_dirty()
 
     # ---- slot mapping -------------------------------------------------------
-    def compute_slot_mapping(self, num_reqs, query_start_loc, positions):
+    def compute_slot_mapping(self, num_reqs: int, query_start_loc: IntsLike | torch.Tensor,
+                             positions: IntsLike | torch.Tensor) -> None:
         """vLLM's: request i (row i) covers tokens [qsl[i], qsl[i+1]) at
         positions[t]; slot_mapping gets each token's slot (-1 where another
         DCP rank holds it or no block backs it) and -1 from the last token up
@@ -359,17 +374,18 @@ class BlockTable:
         if not self._host_only or self.slot_mapping._gpu is not None:
             self.slot_mapping.copy_to_gpu()  # vLLM's result lives in slot_mapping.gpu
 
-    def _slots_on_mirror(self, num_reqs, query_start_loc, positions, params):
+    def _slots_on_mirror(self, num_reqs: int, query_start_loc: torch.Tensor,
+                         positions: torch.Tensor, params: SlotParams) -> None:
         from ..gpu._cuda import cupy
         cp = cupy()
         torch = _torch()
         out = cp.asarray(self.slot_mapping.gpu)
-        self.block_table._mirror.slot_mapping(
+        self.block_table._mirror.slot_mapping(  # type: ignore[union-attr]  # (caller: a mirror)
             query_start_loc[:num_reqs + 1], positions, out=out,
             out_len=self.max_num_batched_tokens, params=params,
             stream=torch.cuda.current_stream())
 
-    def compute_slot_mapping_tokens(self, req_indices, positions):
+    def compute_slot_mapping_tokens(self, req_indices: IntsLike, positions: IntsLike) -> None:
         """vLLM < 0.32's form: slot_mapping.np[:n] = the slot of token i at
         positions[i] of row req_indices[i] (-1 where no block backs it or
         another DCP rank holds it). No padding."""
@@ -382,37 +398,38 @@ class BlockTable:
         if rc:
             raise make_error(rc, f"compute_slot_mapping_tokens(n={n})")
 
-    def commit_block_table(self, num_reqs):
+    def commit_block_table(self, num_reqs: int | None) -> None:
         """Bring the device table's rows [0, num_reqs) up to date (a GPU
         mirror: only what changed moves), on torch's current stream."""
         self.block_table.copy_to_gpu(num_reqs)
 
-    def commit_slot_mapping(self, num_tokens):
+    def commit_slot_mapping(self, num_tokens: int | None) -> None:
         self.slot_mapping.copy_to_gpu(num_tokens)
 
     # ---- views ----------------------------------------------------------------
     @staticmethod
-    def map_to_kernel_blocks(kv_manager_block_ids, blocks_per_kv_block, kernel_block_arange):
+    def map_to_kernel_blocks(kv_manager_block_ids: IntsLike, blocks_per_kv_block: int,
+                             kernel_block_arange: I32Array | None) -> Any:
         """KV-manager block ids -> kernel block ids (b -> b*ratio + j)."""
         if blocks_per_kv_block == 1:
             return kv_manager_block_ids
         ids = np.asarray(kv_manager_block_ids)
         return (ids.reshape(-1, 1) * blocks_per_kv_block + kernel_block_arange).reshape(-1)
 
-    def get_device_tensor(self, num_reqs=None):
+    def get_device_tensor(self, num_reqs: int | None = None) -> torch.Tensor:
         """The device table ([:num_reqs]): the GPU mirror's torch view (zero
         copy) where there is one; the CPU tensor when there is no GPU."""
         return self.block_table.gpu[:num_reqs]
 
-    def get_cpu_tensor(self):
+    def get_cpu_tensor(self) -> torch.Tensor:
         """torch view of the segment's table (zero copy, writable)."""
         return self.block_table.cpu
 
-    def get_numpy_array(self):
+    def get_numpy_array(self) -> I32Array:
         """numpy view of the segment's table (zero copy, writable)."""
         return self.block_table.np
 
-    def close(self):
+    def close(self) -> None:
         """Retire the GPU mirror (if any) and free its device memory. The
         table stays usable on the CPU; idempotent."""
         m, self.mirror = self.mirror, None
@@ -423,19 +440,19 @@ class BlockTable:
 
     # Older vLLM v1 spelled the buffers as attributes.
     @property
-    def block_table_np(self):
+    def block_table_np(self) -> I32Array:
         return self.block_table.np
 
     @property
-    def block_table_cpu(self):
+    def block_table_cpu(self) -> torch.Tensor:
         return self.block_table.cpu
 
     @property
-    def slot_mapping_np(self):
+    def slot_mapping_np(self) -> I64Array:
         return self.slot_mapping.np
 
     @property
-    def slot_mapping_cpu(self):
+    def slot_mapping_cpu(self) -> torch.Tensor:
         return self.slot_mapping.cpu
 
 
@@ -455,9 +472,11 @@ class MultiGroupBlockTable:
     Thread safety: one thread at a time.
     """
 
-    def __init__(self, max_num_reqs, max_num_batched_tokens, pin_memory, device,
-                 block_sizes, max_num_blocks, cp_kv_cache_interleave_size=1,
-                 slot_mapping_modes=None, **cp):
+    def __init__(self, max_num_reqs: int, max_num_batched_tokens: int, pin_memory: bool,
+                 device: str | torch.device | None, block_sizes: Sequence[int],
+                 max_num_blocks: Sequence[int], cp_kv_cache_interleave_size: int = 1,
+                 slot_mapping_modes: Sequence[SlotMappingMode | str] | None = None,
+                 **cp: int) -> None:
         if slot_mapping_modes is None:
             slot_mapping_modes = [SlotMappingMode.TOKEN_TO_KV_SLOT] * len(block_sizes)
         if len(slot_mapping_modes) != len(block_sizes):
@@ -474,42 +493,43 @@ class MultiGroupBlockTable:
                        cp_kv_cache_interleave_size, slot_mapping_mode=m, **cp)
             for bs, w, m in zip(block_sizes, widths, slot_mapping_modes)]
 
-    def append_row(self, block_ids, row_idx):
+    def append_row(self, block_ids: Sequence[IntsLike], row_idx: int) -> None:
         for i, t in enumerate(self.block_tables):
             t.append_row(block_ids[i], row_idx)
 
-    def add_row(self, block_ids, row_idx):
+    def add_row(self, block_ids: Sequence[IntsLike], row_idx: int) -> None:
         for i, t in enumerate(self.block_tables):
             t.add_row(block_ids[i], row_idx)
 
-    def clear_row(self, row_idx):
+    def clear_row(self, row_idx: int) -> None:
         for t in self.block_tables:
             t.clear_row(row_idx)
 
-    def move_row(self, src, tgt):
+    def move_row(self, src: int, tgt: int) -> None:
         for t in self.block_tables:
             t.move_row(src, tgt)
 
-    def swap_row(self, src, tgt):
+    def swap_row(self, src: int, tgt: int) -> None:
         for t in self.block_tables:
             t.swap_row(src, tgt)
 
-    def compute_slot_mapping(self, num_reqs, query_start_loc, positions):
+    def compute_slot_mapping(self, num_reqs: int, query_start_loc: IntsLike | torch.Tensor,
+                             positions: IntsLike | torch.Tensor) -> None:
         for t in self.block_tables:
             t.compute_slot_mapping(num_reqs, query_start_loc, positions)
 
-    def commit_block_table(self, num_reqs):
+    def commit_block_table(self, num_reqs: int | None) -> None:
         for t in self.block_tables:
             t.commit_block_table(num_reqs)
 
-    def clear(self):
+    def clear(self) -> None:
         for t in self.block_tables:
             t.clear()
 
-    def __getitem__(self, idx):
+    def __getitem__(self, idx: int) -> BlockTable:
         return self.block_tables[idx]
 
-    def close(self):
+    def close(self) -> None:
         for t in self.block_tables:
             t.close()
             t.segment.close()

@@ -34,15 +34,25 @@ torch is imported on first use of a tensor attribute. Errors: InvalidArgument
 torch's / cupy's for the copies; blocktable.gpu's (MirrorGone, ...) for a
 mirror's sync. Thread safety: none (like vLLM's): one thread at a time.
 """
+from __future__ import annotations
+
 import mmap
 import os
 
+from typing import TYPE_CHECKING, Any, Sequence
+
 import numpy as np
+from numpy.typing import NDArray
 
 from .._errors import make_error
 from .. import _lib
 from . import pinned
 from ._cuda import GpuUnavailable, cupy, stream_ptr
+
+if TYPE_CHECKING:
+    import torch
+
+    from .mirror import MirrorExporter
 
 __all__ = ["CpuGpuBuffer"]
 
@@ -88,8 +98,10 @@ class CpuGpuBuffer:
     C-contiguous numpy array), RowFull (set_row); the copies raise torch's,
     cupy's or the mirror's errors. Thread safety: one thread at a time."""
 
-    def __init__(self, *size, dtype=np.int32, device=None, pin_memory=True, with_numpy=True,
-                 name=None, cpu=None, mirror=None):
+    def __init__(self, *size: Any, dtype: Any = np.int32, device: Any = None,
+                 pin_memory: bool = True, with_numpy: bool = True, name: str | None = None,
+                 cpu: NDArray[Any] | None = None,
+                 mirror: MirrorExporter | None = None) -> None:
         if len(size) == 1 and isinstance(size[0], (tuple, list)):
             size = tuple(size[0])
         if len(size) == 2 and not isinstance(size[1], (int, np.integer)) and cpu is None:
@@ -152,12 +164,12 @@ class CpuGpuBuffer:
         return np.frombuffer(self._mm, dtype, count).reshape(shape)
 
     @staticmethod
-    def unlink(name):
+    def unlink(name: str) -> None:
         os.unlink(f"/dev/shm/bt-buf.{name}")
 
     # ---- vLLM's attributes ----------------------------------------------------------
     @property
-    def np(self):
+    def np(self) -> NDArray[Any]:
         """The host array (numpy, writable, zero copy). With a mirror, handing
         it out marks the buffer (see mark_dirty)."""
         if self._mirror is not None:
@@ -165,7 +177,7 @@ class CpuGpuBuffer:
         return self._np
 
     @property
-    def cpu(self):
+    def cpu(self) -> torch.Tensor:
         """torch view of the host memory (zero copy); marks like ``np``."""
         if self._mirror is not None:
             self._stale = True
@@ -177,7 +189,7 @@ class CpuGpuBuffer:
         return self._cpu
 
     @property
-    def gpu(self):
+    def gpu(self) -> Any:
         """The device copy as a torch tensor: an assigned one, the mirror's
         view, a view of gpu_array (DLPack), a torch CUDA tensor, or ``cpu``
         itself without a device."""
@@ -195,7 +207,7 @@ class CpuGpuBuffer:
         return self._gpu_t
 
     @gpu.setter
-    def gpu(self, value):
+    def gpu(self, value: Any) -> None:
         """vLLM's CPU runner assigns ``buf.gpu = buf.cpu``: from then on the
         copies go to `value` (none when it is the host memory itself); a
         mirror or device array is detached."""
@@ -212,7 +224,7 @@ class CpuGpuBuffer:
             return None
         return g
 
-    def copy_to_gpu(self, n=None, stream=None):
+    def copy_to_gpu(self, n: int | None = None, stream: Any = None) -> Any:
         """Copy the first n rows (all: None) to the device, asynchronously on
         `stream` (torch copies: torch's current stream); returns gpu[:n]. A
         mirror syncs rows [0, n), moving only what changed."""
@@ -237,7 +249,7 @@ class CpuGpuBuffer:
         self._dirty[:self.shape[0] if n is None else n] = False
         return gpu[:n].copy_(self._cpu_tensor()[:n], non_blocking=True)
 
-    def copy_to_cpu(self, n=None, stream=None):
+    def copy_to_cpu(self, n: int | None = None, stream: Any = None) -> Any:
         """Copy the first n rows back to the host, asynchronously (synchronise
         `stream` / torch's current stream before reading); returns cpu[:n]."""
         cpu = self._cpu_tensor()
@@ -255,23 +267,23 @@ class CpuGpuBuffer:
         return cpu[:n].copy_(gpu[:n], non_blocking=True)
 
     # ---- the seed's methods -----------------------------------------------------------
-    def get_cpu(self):
+    def get_cpu(self) -> NDArray[Any]:
         """The host array (numpy, writable, zero copy)."""
         return self.np
 
-    def get_gpu(self):
+    def get_gpu(self) -> Any:
         """The device copy, first brought up to date (dirty rows only)."""
         self._sync_to_gpu()
         return self.gpu
 
-    def set(self, row, col, value):
+    def set(self, row: int, col: int, value: int) -> None:
         self._np[row, col] = value
         self.mark_dirty(row)
 
-    def get(self, row, col):
+    def get(self, row: int, col: int) -> Any:
         return self._np[row, col].item()
 
-    def set_row(self, row, values):
+    def set_row(self, row: int, values: Sequence[int] | NDArray[Any]) -> None:
         """Row `row` = values, the rest of the row zeroed (no stale tail)."""
         a = self._np
         if a.ndim == 1:
@@ -285,7 +297,7 @@ class CpuGpuBuffer:
             a[row, v.shape[0]:] = 0
         self.mark_dirty(row)
 
-    def mark_dirty(self, rows=None):
+    def mark_dirty(self, rows: Any = None) -> None:
         """Say rows (all: None) changed behind set/set_row (writes through
         ``np``): _sync_to_gpu moves them; with a mirror, the next copy_to_gpu
         re-stages the rows it covers whole."""
@@ -296,7 +308,7 @@ class CpuGpuBuffer:
         if self._mirror is not None:
             self._stale = True
 
-    def _sync_to_gpu(self, stream=None):
+    def _sync_to_gpu(self, stream: Any = None) -> Any:
         """Copy the dirty rows (one copy per run of consecutive ones);
         returns the bytes moved (a mirror: what its sync moved)."""
         if self._mirror is not None:

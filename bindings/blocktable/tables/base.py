@@ -6,12 +6,21 @@ the end of a with-block, and looks rows up by index the same way.
 Thread safety: a table is one client of its segment: one thread at a time.
 Errors: BtError subclasses; a call that raised changed nothing.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._core import Segment, SlotParams
 from .._errors import make_error
 from .. import _lib
 from .._lib import count
+
+if TYPE_CHECKING:
+    from .._core import Client
+    from .._types import SegmentConfig
+
+_T = TypeVar("_T", bound="TableBase")
 
 __all__ = ["BlockTableConfig", "TableBase"]
 
@@ -34,7 +43,7 @@ class BlockTableConfig:
     device: str = "cuda"
     cp_kv_cache_interleave_size: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in ("block_size", "kernel_block_size", "max_num_reqs",
                   "max_num_blocks_per_req", "max_num_batched_tokens",
                   "cp_kv_cache_interleave_size"):
@@ -46,12 +55,12 @@ class BlockTableConfig:
                                              f"does not divide block_size {self.block_size}")
 
     @property
-    def blocks_per_kv_block(self):
+    def blocks_per_kv_block(self) -> int:
         """Kernel blocks per KV block (B / K)."""
         return self.block_size // self.kernel_block_size
 
     @property
-    def row_width(self):
+    def row_width(self) -> int:
         """Entries per row: max_num_blocks_per_req kernel-expanded."""
         return self.max_num_blocks_per_req * self.blocks_per_kv_block
 
@@ -64,11 +73,13 @@ class TableBase:
     ``_row``. ``close()`` closes the client, and the segment if the table
     opened it; idempotent."""
 
-    segment = None
-    _client = None
+    segment: Segment = None  # type: ignore[assignment]  # set by _open or the subclass
+    _client: Client = None  # type: ignore[assignment]
     _own_segment = False
+    max_num_reqs: int
 
-    def _open(self, cfg, *, raw=False, paged=False, slot_block_size=None):
+    def _open(self, cfg: SegmentConfig, *, raw: bool = False, paged: bool = False,
+              slot_block_size: int | None = None) -> None:
         """An embedded segment with SegmentConfig cfg, this table's client,
         and every row claimed (key = row index); views num_blocks /
         num_tokens; slot parameters for slot_block_size (default cfg's)."""
@@ -84,7 +95,7 @@ class TableBase:
         self.num_blocks, self.num_tokens = self.segment.num_blocks, self.segment.num_tokens
         self._params = SlotParams(block_size=slot_block_size or cfg.block_size)
 
-    def close(self):
+    def close(self) -> None:
         """Close the client (its rows and blocks go back) and the segment if
         this table opened it (views made from it stay valid). Idempotent."""
         if self._client is not None:
@@ -92,13 +103,13 @@ class TableBase:
         if self._own_segment and self.segment is not None:
             self.segment.close()
 
-    def __enter__(self):
+    def __enter__(self: _T) -> _T:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _row(self, row_idx):
+    def _row(self, row_idx: int) -> int:
         """row_idx as an int in [0, max_num_reqs): InvalidArgument for a
         non-integer, OutOfRange outside."""
         r = count(row_idx, "row_idx")

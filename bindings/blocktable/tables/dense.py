@@ -5,19 +5,24 @@ segment (a private mapping, no daemon) whose rows are claimed RAW by index at
 construction: the caller manages the block ids (as vLLM's BlockPool does) and
 libbt keeps the dense table, the counts and the zeroed tails.
 """
+from __future__ import annotations
+
+from typing import Sequence
+
 import numpy as np
 
 from .._errors import make_error
 from .. import _lib
 from .._lib import ID_LIMIT as _ID_LIMIT  # RAW entries are ids in [0, 2^31)
 from .._types import I32, I64, BlockInfo, SegmentConfig, as_array, out_array
+from .._types import I32Array, I64Array, IntArray, IntsLike
 from .base import BlockTableConfig, TableBase
 
 __all__ = ["BlockTable", "expand_kernel_blocks"]
 
 
 
-def expand_kernel_blocks(ids, ratio):
+def expand_kernel_blocks(ids: I32Array, ratio: int) -> I32Array:
     """KV-block ids -> kernel-block ids: b -> b*ratio + j for j < ratio
     (vLLM's map_to_kernel_blocks). ratio 1 returns ids unchanged."""
     if ratio == 1:
@@ -25,7 +30,7 @@ def expand_kernel_blocks(ids, ratio):
     if ids.shape[0] and int(ids.max()) >= _ID_LIMIT // ratio:
         raise make_error(_lib.BT_ERANGE, f"block id {int(ids.max())} times {ratio} kernel "
                                         f"blocks does not fit int32")
-    return (ids.reshape(-1, 1) * ratio + np.arange(ratio, dtype=I32)).reshape(-1)
+    return (ids.reshape(-1, 1) * ratio + np.arange(ratio, dtype=I32)).reshape(-1)  # type: ignore[return-value]  # int32: numpy's stubs say float
 
 
 class BlockTable(TableBase):
@@ -58,7 +63,7 @@ class BlockTable(TableBase):
     writing. Errors: BtError subclasses; a call that raised changed nothing.
     """
 
-    def __init__(self, config=None):
+    def __init__(self, config: BlockTableConfig | None = None) -> None:
         self.config = config = config or BlockTableConfig()
         self.block_size = config.block_size
         self.kernel_block_size = config.kernel_block_size
@@ -73,7 +78,7 @@ class BlockTable(TableBase):
             raw=True, slot_block_size=config.kernel_block_size)
         self.table = self.segment.table
 
-    def append_row(self, row_idx, block_ids, num_tokens=0):
+    def append_row(self, row_idx: int, block_ids: IntsLike, num_tokens: int = 0) -> None:
         """Append KV blocks to a row and add num_tokens to its token count.
         Errors: RowFull (no room: nothing appended), OutOfRange (row, or an
         id outside [0, 2^31 / (B/K))), InvalidArgument (num_tokens < 0)."""
@@ -85,31 +90,33 @@ class BlockTable(TableBase):
         if num_tokens:
             self._client.set_tokens(row_idx, int(self.num_tokens[row_idx]) + num_tokens)
 
-    def get_row(self, row_idx):
+    def get_row(self, row_idx: int) -> I32Array:
         """The row's stored ids: kernel block ids, as vLLM's table holds
         them (the KV ids themselves when K == B), read under the seqlock."""
         return self.segment.read_row(self._row(row_idx))[0]
 
     get_kernel_row = get_row
 
-    def get_kv_row(self, row_idx):
+    def get_kv_row(self, row_idx: int) -> I32Array:
         """The row's KV block ids (what append_row was given)."""
         ids = self.get_row(row_idx)
         return ids[::self.blocks_per_kv_block] // self.blocks_per_kv_block
 
-    def clear_row(self, row_idx):
+    def clear_row(self, row_idx: int) -> None:
         """Empty a row (entries zeroed, token count 0); it stays usable."""
         row_idx = self._row(row_idx)
         self._client.truncate(row_idx, 0)
         self._client.set_tokens(row_idx, 0)
 
-    def compute_slot_mapping(self, row_idx, num_tokens, start_position=0, out=None):
+    def compute_slot_mapping(self, row_idx: int, num_tokens: int, start_position: int = 0,
+                             out: I64Array | None = None) -> I64Array:
         """Slots (int64) of positions start_position .. +num_tokens-1 of the
         row; -1 where the row has no block. out: an int64 buffer to fill."""
         return self.segment.slots_row(self._row(row_idx), start_position, num_tokens,
                                       out, self._params)
 
-    def update_slot_mapping(self, token_positions, out=None):
+    def update_slot_mapping(self, token_positions: Sequence[tuple[int, int]] | IntArray,
+                            out: I64Array | None = None) -> I64Array:
         """Slots for arbitrary tokens: `token_positions` is a sequence of
         (row_idx, position) pairs, or an int array of shape (n, 2) holding
         them. Returns int64 [n] (-1 where no block backs the position).
@@ -124,13 +131,13 @@ class BlockTable(TableBase):
         pos = as_array(np.ascontiguousarray(tp[:, 1]), I64, "positions")
         return self.segment.slots_req(rows, pos, out, self._params)
 
-    def get_num_blocks(self, row_idx):
+    def get_num_blocks(self, row_idx: int) -> int:
         """Entries (kernel blocks) in the row, vLLM's num_blocks_per_row."""
         return int(self.num_blocks[self._row(row_idx)])
 
-    def get_total_blocks(self):
+    def get_total_blocks(self) -> int:
         """Entries (kernel blocks) held by all rows together."""
         return int(self.num_blocks.sum(dtype=np.int64))
 
-    def get_num_tokens(self, row_idx):
+    def get_num_tokens(self, row_idx: int) -> int:
         return int(self.num_tokens[self._row(row_idx)])

@@ -22,7 +22,10 @@ Thread safety: one thread per table. Errors: BtError subclasses; a call
 that raised changed nothing (a spill that could not be completed gives
 back what it took).
 """
+from __future__ import annotations
+
 import time
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +36,7 @@ from .._types import SegmentConfig
 from .._lib import count
 from .base import BlockTableConfig, TableBase
 from .paged import read_row
+from .._types import I32Array, I64Array
 
 __all__ = ["DistributedBlockTable"]
 
@@ -53,8 +57,9 @@ class DistributedBlockTable(TableBase):
     block), attach_timeout (seconds to wait for a creator still formatting).
     """
 
-    def __init__(self, config=None, num_workers=1, worker_id=0, *, name=None, segment=None,
-                 blocks_per_worker=None, attach_timeout=5.0):
+    def __init__(self, config: BlockTableConfig | None = None, num_workers: int = 1,
+                 worker_id: int = 0, *, name: str | None = None, segment: Segment | None = None,
+                 blocks_per_worker: int | None = None, attach_timeout: float = 5.0) -> None:
         self.config = config = config or BlockTableConfig()
         self.num_workers = count(num_workers, "num_workers")
         self.worker_id = count(worker_id, "worker_id")
@@ -86,11 +91,12 @@ class DistributedBlockTable(TableBase):
                 segment.close()
             raise
         self._params = SlotParams(block_size=config.block_size)
-        self._s = {"calls": 0, "blocks": 0, "local_blocks": 0, "spilled_blocks": 0,
+        self._s: dict[str, Any] = {"calls": 0, "blocks": 0, "local_blocks": 0, "spilled_blocks": 0,
                    "spilled_to": {}, "failures": 0, "shared_pops": 0}
 
     @staticmethod
-    def _open(name, cfg, timeout):
+    def _open(name: str | None, cfg: SegmentConfig,  # type: ignore[override]
+              timeout: float) -> Segment:
         if name is None:
             return Segment.create(None, cfg)
         try:
@@ -106,7 +112,7 @@ class DistributedBlockTable(TableBase):
                     raise
                 time.sleep(0.005)
 
-    def _check_shape(self, want):
+    def _check_shape(self, want: SegmentConfig) -> None:
         have = self.segment.config
         bad = [f"{f}={getattr(have, f)} (want {getattr(want, f)})"
                for f in ("block_size", "num_pools", "num_rows", "row_width")
@@ -115,7 +121,7 @@ class DistributedBlockTable(TableBase):
             raise make_error(_ECONFIG, f"segment {self.segment.name!r} does not fit this "
                                        f"table: {', '.join(bad)}")
 
-    def _claim_rows(self):
+    def _claim_rows(self) -> None:
         RowStateError = error_class(_lib.BT_EROWSTATE)
         for i in range(self.max_num_reqs):
             try:
@@ -131,15 +137,16 @@ class DistributedBlockTable(TableBase):
     # does not unlink.
 
     @staticmethod
-    def unlink(name):
+    def unlink(name: str) -> None:
         Segment.unlink(name)
 
     # ---- rows -------------------------------------------------------------------
-    def _row(self, row_idx):
+    def _row(self, row_idx: int) -> int:
         """The segment row of this worker's row row_idx."""
         return self._base + super()._row(row_idx)
 
-    def allocate_blocks(self, row_idx, num_blocks, prefer_local=True):
+    def allocate_blocks(self, row_idx: int, num_blocks: int,
+                        prefer_local: bool = True) -> I32Array:
         """Allocate num_blocks blocks and append them to the row; returns
         their ids. prefer_local: this worker's pool first, then spill to the
         least-loaded other pools; otherwise the least-loaded pool first.
@@ -192,7 +199,7 @@ class DistributedBlockTable(TableBase):
         self._tally(ids, n)
         return ids
 
-    def _tally(self, ids, n):
+    def _tally(self, ids: I32Array, n: int) -> None:
         s = self._s
         s["blocks"] += n
         pools = ids // self.blocks_per_pool
@@ -203,7 +210,7 @@ class DistributedBlockTable(TableBase):
             for p, k in zip(*np.unique(pools[pools != self.worker_id], return_counts=True)):
                 s["spilled_to"][int(p)] = s["spilled_to"].get(int(p), 0) + int(k)
 
-    def clear_row(self, row_idx):
+    def clear_row(self, row_idx: int) -> None:
         """Empty the row; each block returns to its own pool."""
         r = self._row(row_idx)
         self._client.truncate(r, 0)
@@ -211,13 +218,14 @@ class DistributedBlockTable(TableBase):
 
     free_row = clear_row
 
-    def get_row(self, row_idx):
+    def get_row(self, row_idx: int) -> I32Array:
         return read_row(self.segment, self._row(row_idx))[0]
 
-    def get_num_blocks(self, row_idx):
+    def get_num_blocks(self, row_idx: int) -> int:
         return int(self.segment.num_blocks[self._row(row_idx)])
 
-    def compute_slot_mapping(self, row_idx, num_tokens, start_position=0, out=None):
+    def compute_slot_mapping(self, row_idx: int, num_tokens: int, start_position: int = 0,
+                             out: I64Array | None = None) -> I64Array:
         """Slots of tokens start_position .. +num_tokens-1 (int64, -1 past
         the row). A slot is global: slot // (block_size * blocks_per_pool)
         is the worker holding it."""
@@ -225,7 +233,7 @@ class DistributedBlockTable(TableBase):
                                       self._params)
 
     # ---- where blocks live ----------------------------------------------------
-    def get_block_location(self, block_id):
+    def get_block_location(self, block_id: int) -> int:
         """The worker (pool) holding block_id. Errors: OutOfRange (0, the
         null block, lives nowhere; negative or past the last pool)."""
         b = count(block_id, "block_id")
@@ -234,10 +242,10 @@ class DistributedBlockTable(TableBase):
                                       + (" (0 is the null block)" if b == 0 else ""))
         return b // self.blocks_per_pool
 
-    def is_local(self, block_id):
+    def is_local(self, block_id: int) -> bool:
         return self.get_block_location(block_id) == self.worker_id
 
-    def get_stats(self):
+    def get_stats(self) -> dict[str, Any]:
         """This worker's counters (calls, blocks, local_blocks,
         spilled_blocks, spilled_to {pool: blocks}, failures, shared_pops,
         local_ratio) and the segment's state seen from here: pool_free and

@@ -21,6 +21,10 @@ The GPU paths (commit_* copies, device tensors) are compat.vllm.BlockTable's.
 Thread safety: one thread at a time. Errors: BtError subclasses (RowFull,
 OutOfRange, InvalidArgument, ConfigError); a call that raised changed nothing.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
 import numpy as np
 
 from .._errors import make_error
@@ -28,11 +32,15 @@ from .. import _lib
 from .._lib import ID_LIMIT as _ID_LIMIT, count
 from .._types import I32, as_array
 from ..compat.vllm import BlockTable
+from .._types import I32Array, IntsLike
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MultiGroupBlockTable"]
 
 
-def _cdiv(a, b):
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -47,10 +55,11 @@ class MultiGroupBlockTable:
     num_speculative_tokens) KV blocks.
     """
 
-    def __init__(self, max_num_reqs, max_model_len, max_num_batched_tokens, pin_memory,
-                 device, block_sizes, kernel_block_sizes, num_speculative_tokens=0,
-                 cp_kv_cache_interleave_size=1, *, dcp_world_size=1, dcp_rank=0,
-                 pcp_world_size=1, pcp_rank=0):
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_num_batched_tokens: int,
+                 pin_memory: bool, device: str | torch.device, block_sizes: Sequence[int],
+                 kernel_block_sizes: Sequence[int], num_speculative_tokens: int = 0,
+                 cp_kv_cache_interleave_size: int = 1, *, dcp_world_size: int = 1,
+                 dcp_rank: int = 0, pcp_world_size: int = 1, pcp_rank: int = 0) -> None:
         block_sizes, kernel_block_sizes = list(block_sizes), list(kernel_block_sizes)
         if len(kernel_block_sizes) != len(block_sizes):
             raise make_error(_lib.BT_ECONFIG, f"kernel_block_sizes length "
@@ -73,14 +82,14 @@ class MultiGroupBlockTable:
         self.block_sizes, self.kernel_block_sizes = block_sizes, kernel_block_sizes
         self.max_num_reqs = max_num_reqs
 
-    def __getitem__(self, idx):
+    def __getitem__(self, idx: int) -> BlockTable:
         return self.block_tables[idx]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.block_tables)
 
     # ---- checks shared by the row operations --------------------------------
-    def _groups(self, block_ids):
+    def _groups(self, block_ids: Sequence[IntsLike]) -> list[I32Array]:
         if len(block_ids) != len(self.block_tables):
             raise make_error(_lib.BT_EINVAL, f"{len(block_ids)} id lists for "
                                             f"{len(self.block_tables)} KV-cache groups")
@@ -94,14 +103,14 @@ class MultiGroupBlockTable:
             out.append(a)
         return out
 
-    def _row(self, row_idx):
+    def _row(self, row_idx: int) -> int:
         row_idx = count(row_idx, "row_idx")
         if row_idx >= self.max_num_reqs:
             raise make_error(_lib.BT_ERANGE, f"row_idx {row_idx} not in [0, {self.max_num_reqs})")
         return row_idx
 
     # ---- rows -------------------------------------------------------------------
-    def append_row(self, block_ids, row_idx):
+    def append_row(self, block_ids: Sequence[IntsLike], row_idx: int) -> None:
         """Append block_ids[g] to row row_idx of group g, for every group, or
         to none (RowFull, OutOfRange)."""
         ids, r = self._groups(block_ids), self._row(row_idx)
@@ -122,7 +131,7 @@ class MultiGroupBlockTable:
                 t._client.truncate(r, keep)
             raise
 
-    def add_row(self, block_ids, row_idx):
+    def add_row(self, block_ids: Sequence[IntsLike], row_idx: int) -> None:
         """Replace row row_idx of every group (vLLM's add_row), or none."""
         ids, r = self._groups(block_ids), self._row(row_idx)
         for g, (t, a) in enumerate(zip(self.block_tables, ids)):
@@ -141,22 +150,22 @@ class MultiGroupBlockTable:
                 t._client.set_row(r, old)
             raise
 
-    def clear_row(self, row_idx):
+    def clear_row(self, row_idx: int) -> None:
         r = self._row(row_idx)
         for t in self.block_tables:
             t.clear_row(r)
 
-    def move_row(self, src, tgt):
+    def move_row(self, src: int, tgt: int) -> None:
         self._row(src), self._row(tgt)
         for t in self.block_tables:
             t.move_row(src, tgt)
 
-    def swap_row(self, src, tgt):
+    def swap_row(self, src: int, tgt: int) -> None:
         self._row(src), self._row(tgt)
         for t in self.block_tables:
             t.swap_row(src, tgt)
 
-    def clear(self):
+    def clear(self) -> None:
         """Empty every row of every group (entries and counts). compat.vllm's
         clear() follows vLLM 0.32 and keeps the counts; this API empties."""
         for t in self.block_tables:
@@ -165,7 +174,7 @@ class MultiGroupBlockTable:
                 t.clear_row(int(r))
 
     # ---- slot mapping and the GPU copies ------------------------------------------
-    def compute_slot_mapping(self, req_indices, positions):
+    def compute_slot_mapping(self, req_indices: IntsLike, positions: IntsLike) -> None:
         """Each group's slot_mapping.np[:n] for the tokens (row
         req_indices[i], position positions[i]); checked once for all groups."""
         r = as_array(req_indices, I32, "req_indices")
@@ -175,20 +184,20 @@ class MultiGroupBlockTable:
         for t in self.block_tables:
             t.compute_slot_mapping_tokens(r, p)
 
-    def commit_block_table(self, num_reqs):
+    def commit_block_table(self, num_reqs: int) -> None:
         for t in self.block_tables:
             t.commit_block_table(num_reqs)
 
-    def commit_slot_mapping(self, num_tokens):
+    def commit_slot_mapping(self, num_tokens: int) -> None:
         for t in self.block_tables:
             t.commit_slot_mapping(num_tokens)
 
-    def close(self):
+    def close(self) -> None:
         for t in self.block_tables:
             t.segment.close()
 
-    def __enter__(self):
+    def __enter__(self) -> MultiGroupBlockTable:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -28,11 +28,16 @@ and the gather over it, issue 4); dense rows mirror as any segment does.
 Thread safety: one thread at a time. Errors: BtError subclasses; a call
 that raised changed nothing.
 """
+from __future__ import annotations
+
+from typing import Any, Hashable
+
 import numpy as np
 
 from .._errors import make_error
 from .. import _lib
 from .._types import I32, SegmentConfig, as_array
+from .._types import I32Array, I64Array, IntsLike
 from . import paged as _paged
 from .._lib import count
 from ..strategies import BlockAllocationStrategy, make_allocator
@@ -54,9 +59,12 @@ class BlockTableV2(TableBase):
     Row ids are KV blocks of config.block_size tokens.
     """
 
-    def __init__(self, config=None, use_sparse=False, use_prediction=False, *, strategy=None,
-                 total_blocks=None, prediction_horizon=4, chunk_size=None, num_chunks=None,
-                 strategy_options=None):
+    def __init__(self, config: BlockTableConfig | None = None, use_sparse: bool = False,
+                 use_prediction: bool = False, *,
+                 strategy: BlockAllocationStrategy | str | None = None,
+                 total_blocks: int | None = None, prediction_horizon: int = 4,
+                 chunk_size: int | None = None, num_chunks: int | None = None,
+                 strategy_options: dict[str, Any] | None = None) -> None:
         self.config = config = config or BlockTableConfig()
         R, W = config.max_num_reqs, config.max_num_blocks_per_req
         self.max_num_reqs, self.max_blocks = R, W
@@ -91,19 +99,19 @@ class BlockTableV2(TableBase):
         self._row_req, self._req_row = {}, {}
         self._allocations = self._frees = 0
 
-    def close(self):
+    def close(self) -> None:
         self.allocator.close()
         super().close()
 
     # ---- checks -----------------------------------------------------------------
 
-    def _room(self, r, n):
+    def _room(self, r: int, n: int) -> None:
         have = int(self.num_blocks[r])
         if have + n > self.max_blocks:
             raise make_error(_lib.BT_EROWFULL, f"row {r} holds {have} blocks, {n} more exceed "
                                               f"max_num_blocks_per_req {self.max_blocks}")
 
-    def _bind(self, request_id, r):
+    def _bind(self, request_id: Hashable, r: int) -> bool:
         """Check that request_id may use row r: (is it new?)."""
         bound = self._row_req.get(r)
         if bound is not None and bound != request_id:
@@ -116,15 +124,16 @@ class BlockTableV2(TableBase):
         return bound is None
 
     # ---- blocks -----------------------------------------------------------------
-    def allocate(self, request_id, num_blocks):
+    def allocate(self, request_id: Hashable, num_blocks: int) -> I32Array:
         """Loose blocks for a later append_row / set_block (the strategy's
         allocate). free() gives back those never appended."""
         return self.allocator.allocate(request_id, num_blocks)
 
-    def free(self, block_ids):
+    def free(self, block_ids: IntsLike) -> None:
         self.allocator.free(block_ids)
 
-    def allocate_for_request(self, request_id, row_idx, num_blocks):
+    def allocate_for_request(self, request_id: Hashable, row_idx: int,
+                             num_blocks: int) -> I32Array:
         """Allocate num_blocks blocks for the request and append them to its
         row; returns their ids. The first call binds the request to the row.
         Errors: RowFull, OutOfBlocks, RowStateError (the row belongs to
@@ -149,7 +158,8 @@ class BlockTableV2(TableBase):
     allocate_req_blocks = allocate_for_request      # the seed's other name
 
     # ---- rows -------------------------------------------------------------------
-    def append_row(self, row_idx, block_ids, num_tokens=0, *, shared=False):
+    def append_row(self, row_idx: int, block_ids: IntsLike, num_tokens: int = 0, *,
+                   shared: bool = False) -> None:
         """Append blocks to a row and add num_tokens to its token count.
         The ids must be loose blocks from allocate() (they move into the
         row); shared=True appends allocated blocks held elsewhere (prefix
@@ -170,14 +180,14 @@ class BlockTableV2(TableBase):
             self._client.set_tokens(r, int(self.num_tokens[r]) + num_tokens)
         self._allocations += ids.shape[0]
 
-    def get_row(self, row_idx):
+    def get_row(self, row_idx: int) -> I32Array:
         """The row's block ids (int32; holes 0 in sparse rows)."""
         return _paged.read_row(self.segment, self._row(row_idx))[0]
 
-    def get_num_blocks(self, row_idx):
+    def get_num_blocks(self, row_idx: int) -> int:
         return int(self.num_blocks[self._row(row_idx)])
 
-    def clear_row(self, row_idx):
+    def clear_row(self, row_idx: int) -> int:
         """Empty the row: its blocks go back to the pool (those shared with
         another row stay allocated), the request bound to it ends (its
         reservation goes back). Returns the number of blocks released."""
@@ -193,18 +203,19 @@ class BlockTableV2(TableBase):
         self._frees += n
         return n
 
-    def compute_slot_mapping(self, row_idx, num_tokens, start_position=0, out=None):
+    def compute_slot_mapping(self, row_idx: int, num_tokens: int, start_position: int = 0,
+                             out: I64Array | None = None) -> I64Array:
         """Slots (int64) of tokens start_position .. +num_tokens-1 of the row
         (-1 past the row and in holes)."""
         return self.segment.slots_row(self._row(row_idx), start_position, num_tokens, out,
                                       self._params)
 
     # ---- sparse rows --------------------------------------------------------------
-    def _sparse(self, what):
+    def _sparse(self, what: str) -> None:
         if not self.use_sparse:
             raise make_error(_lib.BT_EROWSTATE, f"{what} needs use_sparse=True")
 
-    def set_block(self, row_idx, position, block_id):
+    def set_block(self, row_idx: int, position: int, block_id: int) -> None:
         """Sparse rows: entry `position` (a block index) := block_id, a loose
         block from allocate() (it moves into the row; the old entry's block
         is released). Errors: OutOfRange (position past the row's
@@ -221,7 +232,7 @@ class BlockTableV2(TableBase):
         self.allocator.detach([b])
         self._allocations += 1
 
-    def get_block(self, row_idx, position):
+    def get_block(self, row_idx: int, position: int) -> int | None:
         """The block at block index `position`, or None (a hole, or past the
         row). Errors: OutOfRange (past max_num_blocks_per_req)."""
         r, p = self._row(row_idx), count(position, "position")
@@ -229,7 +240,7 @@ class BlockTableV2(TableBase):
             raise make_error(_ERANGE, f"block position {p} not in [0, {self.max_blocks})")
         return _paged.block_at(self.segment, r, p, self._params, self._one)
 
-    def punch(self, row_idx, start, end):
+    def punch(self, row_idx: int, start: int, end: int) -> None:
         """Sparse rows: release the blocks at [start, end), leaving holes."""
         self._sparse("punch")
         r = self._row(row_idx)
@@ -242,7 +253,7 @@ class BlockTableV2(TableBase):
         self._frees += before - int(np.count_nonzero(self.get_row(r)))
 
     # ---- statistics ---------------------------------------------------------------
-    def get_stats(self):
+    def get_stats(self) -> dict[str, Any]:
         """The seed's keys (allocations: blocks put in rows; frees: blocks
         released by clear_row/punch; free_blocks: the pool's) and: strategy,
         sparse, total_blocks, rows_in_use, blocks_in_rows (allocated blocks

@@ -30,7 +30,10 @@ Thread safety: one writer at a time (a table is one client of its
 segment); reads may run alongside nothing else writing the same row.
 Errors: BtError subclasses; a call that raised changed nothing.
 """
+from __future__ import annotations
+
 import operator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +41,10 @@ from .._errors import error_class, make_error
 from .. import _lib
 from .._lib import ID_LIMIT as _ID_LIMIT, count, index_arg as _index
 from .._types import I32, SegmentConfig, out_array
+from .._types import I32Array, I64Array, RowInfo
+
+if TYPE_CHECKING:
+    from .._core import Segment, SlotParams
 from .base import BlockTableConfig, TableBase
 
 __all__ = ["SparseBlockTable", "read_row", "paged_memory", "block_at", "default_chunk_size"]
@@ -47,13 +54,13 @@ _InvalidArgument = error_class(_EINVAL)
 
 
 # ---- helpers over paged rows (also used by v2, distributed, compress) -------------
-def read_row(segment, row):
+def read_row(segment: Segment, row: int) -> tuple[I32Array, RowInfo]:
     """(ids, RowInfo): a consistent copy of a row of any length (paged rows
     too; holes read as 0): Segment.read_row, kept here for its callers."""
     return segment.read_row(row)
 
 
-def paged_memory(segment, capacity):
+def paged_memory(segment: Segment, capacity: int) -> dict[str, int]:
     """Bytes of a segment's paged-row storage: the directories (fixed:
     4 bytes per chunk of capacity per row), the chunks in use (what follows
     the blocks), their sum, and the dense table of the same capacity
@@ -68,14 +75,15 @@ def paged_memory(segment, capacity):
             "dense_bytes": c.num_rows * capacity * 4}
 
 
-def default_chunk_size(capacity):
+def default_chunk_size(capacity: int) -> int:
     """64 ids (256 bytes) per chunk for long rows, 16 for short ones: a
     chunk wastes at most chunk_size - 1 entries at the end of a row, a
     directory costs 4 bytes per chunk of capacity."""
     return 64 if capacity >= 512 else 16
 
 
-def block_at(segment, row, index, params, buf):
+def block_at(segment: Segment, row: int, index: int, params: SlotParams,
+             buf: I64Array | None) -> int | None:
     """The id at entry `index` of a row, None for a hole or past the row:
     one slot lookup in C (slot // B of the block's first token), where a
     read of the whole row would copy up to 256 KiB."""
@@ -104,7 +112,8 @@ class SparseBlockTable(TableBase):
     max_blocks_in_use (size the pool for that many blocks over all rows).
     """
 
-    def __init__(self, config=None, *, chunk_size=None, num_chunks=None, max_blocks_in_use=None):
+    def __init__(self, config: BlockTableConfig | None = None, *, chunk_size: int | None = None,
+                 num_chunks: int | None = None, max_blocks_in_use: int | None = None) -> None:
         self.config = config = config or BlockTableConfig()
         self.block_size = config.block_size
         self.max_num_reqs = config.max_num_reqs
@@ -125,7 +134,7 @@ class SparseBlockTable(TableBase):
 
     # ---- argument checks ------------------------------------------------------
 
-    def _pos(self, position):
+    def _pos(self, position: int) -> int:
         """The block index of token `position` (position // block_size)."""
         t = _index(position, "position")
         limit = self.capacity * self.block_size
@@ -135,7 +144,7 @@ class SparseBlockTable(TableBase):
         return t // self.block_size
 
     # ---- entries --------------------------------------------------------------
-    def set_block(self, row_idx, position, block_id):
+    def set_block(self, row_idx: int, position: int, block_id: int) -> None:
         """The block backing token `position` of the row (entry position //
         block_size) := block_id. Block 0 is the null block: setting it makes a
         hole (as clear_block does).
@@ -147,21 +156,21 @@ class SparseBlockTable(TableBase):
             raise make_error(_ERANGE, f"block_id {b} not in [0, 2^31)")
         self._client.set_block(r, p, b)
 
-    def clear_block(self, row_idx, position):
+    def clear_block(self, row_idx: int, position: int) -> None:
         """Make the block backing token `position` a hole (no error if it
         already is one)."""
         r, p = self._row(row_idx), self._pos(position)
         if p < self.num_blocks[r]:
             self._client.set_block(r, p, 0)
 
-    def get_block(self, row_idx, position):
+    def get_block(self, row_idx: int, position: int) -> int | None:
         """The block id backing token `position` (entry position //
         block_size), or None (a hole, or past the row's last block).
         Errors: OutOfRange (past the capacity in tokens)."""
         return block_at(self.segment, self._row(row_idx), self._pos(position), self._params,
                         self._one)
 
-    def get_slot(self, row_idx, position):
+    def get_slot(self, row_idx: int, position: int) -> int:
         """KV slot of token `position` of the row, or -1 where no block backs
         it. Errors: OutOfRange (a negative position, or one past the row's
         capacity in tokens)."""
@@ -170,7 +179,8 @@ class SparseBlockTable(TableBase):
         t = _index(position, "position")
         return int(self.segment.slots_row(r, t, 1, self._one, self._params)[0])
 
-    def compute_slot_mapping(self, row_idx, num_tokens, start_position=0, out=None):
+    def compute_slot_mapping(self, row_idx: int, num_tokens: int, start_position: int = 0,
+                             out: I64Array | None = None) -> I64Array:
         """Slots (int64) of tokens start_position .. +num_tokens-1 of the
         row, -1 in holes and past the row."""
         if _index(start_position, "start_position") < 0:
@@ -178,7 +188,7 @@ class SparseBlockTable(TableBase):
         return self.segment.slots_row(self._row(row_idx), start_position,
                                       _index(num_tokens, "num_tokens"), out, self._params)
 
-    def punch(self, row_idx, start, end):
+    def punch(self, row_idx: int, start: int, end: int) -> None:
         """Make holes of block indices [start, end) (a sliding window's past);
         chunks left holding only holes return to the pool.
         Errors: OutOfRange (end past the row's blocks, start > end)."""
@@ -189,26 +199,26 @@ class SparseBlockTable(TableBase):
                                       f"blocks")
         self._client.punch(r, s, e)
 
-    def clear_row(self, row_idx):
+    def clear_row(self, row_idx: int) -> None:
         """Empty the row; all its chunks go back to the pool."""
         r = self._row(row_idx)
         self._client.truncate(r, 0)
         self._client.set_tokens(r, 0)
 
     # ---- reading ----------------------------------------------------------------
-    def get_num_blocks(self, row_idx):
+    def get_num_blocks(self, row_idx: int) -> int:
         """Length of the row: its last block's index + 1 (holes included)."""
         return int(self.num_blocks[self._row(row_idx)])
 
-    def get_row(self, row_idx):
+    def get_row(self, row_idx: int) -> I32Array:
         """The row's entries (int32, holes 0), read under the seqlock."""
         return read_row(self.segment, self._row(row_idx))[0]
 
-    def count_blocks(self, row_idx):
+    def count_blocks(self, row_idx: int) -> int:
         """Blocks the row holds (holes not counted)."""
         return int(np.count_nonzero(self.get_row(row_idx)))
 
-    def to_dense(self, row_idx, max_blocks, out=None):
+    def to_dense(self, row_idx: int, max_blocks: int, out: I32Array | None = None) -> I32Array:
         """The row as a dense table row of max_blocks entries (int32, holes
         and the tail 0). Errors: RowFull if the row is longer than
         max_blocks (a silent cut would map tokens to the wrong KV)."""
@@ -223,14 +233,14 @@ class SparseBlockTable(TableBase):
         return out[:m]
 
     # ---- accounting -------------------------------------------------------------
-    def chunks_in_use(self):
+    def chunks_in_use(self) -> int:
         return self.num_chunks - self.segment.free_chunks()
 
-    def memory_stats(self):
+    def memory_stats(self) -> dict[str, int]:
         """Bytes of the row storage (see paged_memory)."""
         return paged_memory(self.segment, self.capacity)
 
-    def get_stats(self):
+    def get_stats(self) -> dict[str, int]:
         s = self.memory_stats()
         s["rows_in_use"] = int(np.count_nonzero(self.num_blocks))
         return s
