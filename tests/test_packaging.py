@@ -40,7 +40,7 @@ def test_wheel_metadata(wheel):
     assert "bt-ctl" in meta.get_payload()                   # the README is the description
     classifiers = meta.get_all("Classifier")
     assert "Typing :: Typed" in classifiers and "Operating System :: POSIX :: Linux" in classifiers
-    assert meta["Requires-Python"] == ">=3.10"
+    assert meta["Requires-Python"] == ">=3.11"
     assert "shtab>=1.7; extra == \"daemon\"" in meta.get_all("Requires-Dist")
     # URLs only where the project has a public one (none yet): never a placeholder.
     for url in meta.get_all("Project-URL") or []:
