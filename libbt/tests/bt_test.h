@@ -275,20 +275,27 @@ static T_UNUSED int t_done(void)
 }
 
 /* ---- segments ---------------------------------------------------------- */
-/* A small config: 1 pool of 64 blocks, 8 rows of 8, 4 clients, hand 64. */
-static T_UNUSED bt_config t_config_small(void)
+/* A small config with the shape a test asks for: `pools` pools of `blocks`
+ * blocks, `rows` rows of `width`; blocks of 16 tokens, 4 clients, hand 64. */
+static T_UNUSED bt_config t_config(uint32_t pools, uint32_t blocks, uint32_t rows, uint32_t width)
 {
     bt_config c;
     bt_config_default(&c);
     c.block_size = 16;
     c.kernel_block_size = 16;
-    c.num_pools = 1;
-    c.blocks_per_pool = 64;
-    c.num_rows = 8;
-    c.row_width = 8;
+    c.num_pools = pools;
+    c.blocks_per_pool = blocks;
+    c.num_rows = rows;
+    c.row_width = width;
     c.max_clients = 4;
     c.hand_size = 64;
     return c;
+}
+
+/* The default small config: 1 pool of 64 blocks, 8 rows of 8. */
+static T_UNUSED bt_config t_config_small(void)
+{
+    return t_config(1, 64, 8, 8);
 }
 
 /* An embedded segment (private mapping) or fail. */
@@ -467,6 +474,37 @@ static T_UNUSED bt_check_report t_check_quiet_at(bt_seg *seg, const char *file, 
                   rep.blocks_free, rep.blocks_held, fr, info.total_blocks);
     t_check_tails_at(seg, file, line);
     return rep;
+}
+
+/* ---- the setup and teardown most sub-tests share ------------------------ */
+/* t_seg_embedded / t_seg_shared of a config taken by value, so that a test
+ * that needs nothing more of its config writes t_seg_new(cfg()). */
+static T_UNUSED bt_seg *t_seg_new(bt_config c)
+{
+    return t_seg_embedded(&c);
+}
+static T_UNUSED bt_seg *t_seg_new_shared(bt_config c)
+{
+    return t_seg_shared(&c);
+}
+
+/* A sub-test's last words: T_END(seg, clients...) closes the clients named,
+ * requires the segment to be quiet (t_check_quiet), then closes it. T_END
+ * for t_seg_embedded / t_seg_new segments, T_END_SHARED for shared ones. */
+#define T_END(...) t_end_at(__FILE__, __LINE__, 0, __VA_ARGS__, (bt_client *)NULL)
+#define T_END_SHARED(...) t_end_at(__FILE__, __LINE__, 1, __VA_ARGS__, (bt_client *)NULL)
+static T_UNUSED void t_end_at(const char *file, int line, int shared, bt_seg *seg, ...)
+{
+    va_list ap;
+    va_start(ap, seg);
+    for (bt_client *cl = va_arg(ap, bt_client *); cl; cl = va_arg(ap, bt_client *))
+        bt_client_close(cl);
+    va_end(ap);
+    t_check_quiet_at(seg, file, line);
+    if (shared)
+        t_seg_shared_close(seg);
+    else
+        bt_seg_close(seg);
 }
 
 /* ---- snapshots: "a call that returns an error has changed nothing" ------- */

@@ -145,8 +145,7 @@ static void test_config(void)
 
 static void test_queue_order(void)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg(1, 0));
     bt_client *cl = t_client(seg);
     T_OK(bt_cache_open(cl, 0));
     int32_t a[8];
@@ -241,8 +240,7 @@ static void test_queue_order(void)
 
 static void test_map(void)
 {
-    bt_config c = cfg(2, 6);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg(2, 6));
     bt_client *cl = t_client(seg);
     T_OK(bt_cache_open(cl, 1));
     int32_t a[6];
@@ -342,8 +340,7 @@ static void test_map(void)
 
 static void test_refusals(void)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg(1, 0));
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t ids[4];
     /* the Treiber paths refuse a cache pool */
@@ -535,8 +532,7 @@ static uint32_t pick_held(uint64_t *rs, const struct model *m, uint32_t lo, int3
 
 static void differential(uint32_t pool, uint64_t seed, uint32_t steps)
 {
-    bt_config c = cfg(2, MK);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg(2, MK));
     bt_client *cl = t_client(seg);
     T_OK(bt_cache_open(cl, pool));
     uint32_t lo = pool * BPP, KS = 40;
@@ -724,8 +720,7 @@ static void test_differential_pool1(void)
  * repair instead of the lock-free release. */
 static void owner_dies(int via_check, int mid_op)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg(1, 0));
     int fd[2];
     T_ASSERT(pipe(fd) == 0);
     pid_t pid = fork();
@@ -796,8 +791,7 @@ static void test_owner_killed_mid_op(void) { owner_dies(0, 1); }
 /* A dead owner never recovered: the next bt_cache_open takes the pool over. */
 static void test_open_takes_dead_owner(void)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg(1, 0));
     pid_t pid = fork();
     T_ASSERT(pid >= 0);
     if (pid == 0) {
@@ -1007,8 +1001,7 @@ static void *reader(void *arg)
 
 static void test_readers_mt(void)
 {
-    bt_config c = cfg(1, 32);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg(1, 32));
     bt_client *cl = t_client(seg);
     T_OK(bt_cache_open(cl, 0));
     int stop = 0;

@@ -98,8 +98,7 @@ static void drain_pool_and_give_back(bt_seg *seg, const int32_t *held, int nheld
 /* ---- a quiet segment ---------------------------------------------------------- */
 static void test_quiet(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t ra, rb;
     int32_t x[3], loose[2];
@@ -148,8 +147,7 @@ static void test_quiet(void)
 /* ---- leaks through the raw pool ------------------------------------------------ */
 static void test_leak_repair(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t ra;
     int32_t x[2], lost[3];
@@ -180,9 +178,7 @@ static void test_leak_repair(void)
     T_EQ(t_row(seg, ra, NULL, 0).num_blocks, 2);
     t_check_quiet(seg);
     drain_pool_and_give_back(seg, x, 2);
-    bt_client_close(a);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* bt.h: blocks_free counts blocks "on free lists", blocks_held those "with a
@@ -190,8 +186,7 @@ static void test_leak_repair(void)
  * count 1: a read-only check must say free 60, held 3 (not free 63). */
 static void test_leak_counts(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     int32_t lost[3];
     T_OK(bt_pool_pop(seg, 0, 3, 999, lost));
     bt_check_report rep = check(seg, 0);
@@ -601,8 +596,7 @@ static void test_deferred_recovery_keeps_hand(void)
  * BT_EFROZEN, and a repairing check takes the freeze over and thaws. */
 static void test_dead_sweeper(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     bt_client *p = t_client(seg);
     pid_t pid = fork();
     T_ASSERT(pid >= 0);
@@ -619,9 +613,7 @@ static void test_dead_sweeper(void)
     check(seg, BT_CHECK_REPAIR);
     T_EQ(*freeze_word(seg), 0);
     T_OK(bt_blocks_alloc(p, 0, 1, &id));
-    bt_client_close(p);
-    t_check_quiet(seg);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, p);
 }
 
 /* Every data-path write honours the freeze word: while a (dead) sweeper
@@ -629,8 +621,7 @@ static void test_dead_sweeper(void)
  * under a repair (test_mt_stress sees such repairs find a row mid-write). */
 static void test_frozen_tokens(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     bt_client *p = t_client(seg);
     uint32_t row;
     T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &row));

@@ -19,8 +19,7 @@ static bt_config cfg(void)
 
 static void test_find_and_gather(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t r1, r2, row;
     T_OK(bt_row_claim(a, 0x1111, -1, BT_ROW_RAW, &r1));
@@ -67,8 +66,7 @@ static void test_find_and_gather(void)
 /* A hint is trusted only for the row and generation it names. */
 static void test_stale_hints(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t r1, r2;
     T_OK(bt_row_claim(a, 42, 0, BT_ROW_RAW, &r1));
@@ -136,8 +134,7 @@ static void *writer_main(void *arg)
 
 static void test_race(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     struct race rc = { .seg = seg };
     pthread_t tid;
     T_ASSERT(pthread_create(&tid, NULL, writer_main, &rc) == 0);
@@ -165,8 +162,7 @@ static void test_race(void)
     rc.stop = 1;
     T_ASSERT(pthread_join(tid, NULL) == 0);
     T_ASSERT(rc.found > 0);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 int main(int argc, char **argv)

@@ -71,8 +71,7 @@ static void *checker_main(void *p)
 static void test_clients_threads(void)
 {
     uint32_t n = nthreads();
-    bt_config c = st_config(n);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(st_config(n));
     struct st_shared *sh = st_shared_new(t_info(seg).total_blocks, n);
     struct st_worker *w = calloc(n, sizeof(*w));
     pthread_t *tid = calloc(n, sizeof(*tid)), ctid;
@@ -242,8 +241,7 @@ static void test_seqlock_readers(void)
     T_ASSERT(rd[0].n + rd[1].n > 0);
     bt_client_close(w[0].cl);
     bt_client_close(w[1].cl);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 struct churn { bt_seg *seg; uint32_t *slot_owner, *row_owner, me, *stop; uint64_t rnd, opens, claims; };

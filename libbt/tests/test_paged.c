@@ -118,8 +118,7 @@ static void test_basic(void)
 
 static void test_holes(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t row, raw;
     int32_t x[4], got[CAP];
@@ -201,8 +200,7 @@ static void test_holes(void)
     bt_client_close(a);
     bt_client_close(b);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* Found by tests/test_model.py: a truncate whose kept part of the boundary
@@ -212,8 +210,7 @@ static void test_holes(void)
  * follows the blocks used, as for set_block and punch. */
 static void test_truncate_to_holes(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t row;
     int32_t x[2], got[CAP];
@@ -251,8 +248,7 @@ static void test_truncate_to_holes(void)
 
 static void test_exhaust(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t ra, rb;
     int32_t x[2];
@@ -288,8 +284,7 @@ static void test_exhaust(void)
     T_OK(bt_row_alloc_append(a, rb, 0, 1, NULL));
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* ---- random operations against a model ------------------------------------ */
@@ -331,8 +326,7 @@ static void compare(bt_seg *seg, struct mrow *m, int it)
 
 static void test_model_raw(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     struct mrow m[2];
     uint64_t rnd = t_substream(7);
@@ -441,16 +435,14 @@ static void test_model_raw(void)
            counts[2]);
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* MANAGED paged rows: no model of contents, but the segment's own check
  * must agree with every count after every call. */
 static void test_managed_random(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t rows[3];
     uint64_t rnd = t_substream(8);
@@ -504,8 +496,7 @@ static void test_managed_random(void)
  * read-only check afterwards finds none leaked. (Found by test_scribble.) */
 static void test_repair_shortened(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t row;
     int32_t ids[3] = { 5, 6, 7 };
@@ -526,15 +517,13 @@ static void test_repair_shortened(void)
     T_ASSERT(chunks_free(seg) == NCH - in_dir || (in_dir == 0 && chunks_free(seg) >= NCH - 1));
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* A client dies holding paged rows: recovery gives every chunk back. */
 static void test_dead_client_chunks(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     int fd[2];
     T_ASSERT(pipe(fd) == 0);
     pid_t pid = fork();
@@ -581,8 +570,7 @@ static void test_dead_client_chunks(void)
     T_OK(bt_seg_check(seg, BT_CHECK_REPAIR, 1000, &rep));
     T_ASSERT(rep.clients_reaped >= 1);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg);
 }
 
 /* A dead client's paged row whose directory names a chunk of a live row
@@ -590,8 +578,7 @@ static void test_dead_client_chunks(void)
  * or take the live row's chunk. (Found by test_scribble, seed 11.) */
 static void test_repair_foreign_chunk(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     bt_client *a = t_client(seg);
     uint32_t ra;
     int32_t x[3], got[CAP];
@@ -633,8 +620,7 @@ static void test_repair_foreign_chunk(void)
     t_check_quiet(seg);
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg);
 }
 
 int main(int argc, char **argv)

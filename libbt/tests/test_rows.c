@@ -45,8 +45,7 @@ static uint32_t hand(bt_seg *seg, bt_client *cl)
 
 static void test_claim_release(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t row, r2, rows[4];
     t_snap *s;
@@ -115,14 +114,12 @@ static void test_claim_release(void)
     bt_client_close(b);
     for (uint32_t r = 0; r < 4; r++)
         T_EQ(t_row(seg, r, NULL, 0).owner, 0);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 static void test_append(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[8], y[2];
     uint32_t row, other;
@@ -201,8 +198,7 @@ static void test_append(void)
 
 static void test_append_shared(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3];
     uint32_t ra, rb, raw;
@@ -256,8 +252,7 @@ static void test_append_shared(void)
 
 static void test_alloc_append(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[8], hog[64];
     uint32_t row, raw;
@@ -296,14 +291,12 @@ static void test_alloc_append(void)
     bt_client_close(b);
     bt_client_close(a);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 static void test_set(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3], y[2], z[9];
     uint32_t row;
@@ -356,8 +349,7 @@ static void test_set(void)
 
 static void test_truncate(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[6];
     uint32_t row;
@@ -391,8 +383,7 @@ static void test_truncate(void)
 
 static void test_move(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3], y[1];
     uint32_t src, dst, full, theirs;
@@ -437,16 +428,14 @@ static void test_move(void)
     bt_client_close(a);
     bt_client_close(b);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* bt.h: moving onto a row that holds blocks releases what dst held (unlike
  * vLLM's move_row, which left dst's old ids unaccounted). */
 static void test_move_into_full(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[2], y[2];
     uint32_t src, dst, rb;
@@ -473,8 +462,7 @@ static void test_move_into_full(void)
 
 static void test_swap(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3], y[1];
     uint32_t ra, rb, theirs, raw;
@@ -523,14 +511,12 @@ static void test_swap(void)
     bt_client_close(a);
     bt_client_close(b);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 static void test_raw_rows(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t row;
     t_snap *s = t_snap_take(seg);
@@ -575,9 +561,7 @@ static void test_raw_rows(void)
     t_check_quiet(seg);
     bt_client_close(a);
     T_EQ(t_refcnt(seg, blk), 0);
-    bt_client_close(b);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, b);
 }
 
 /* Rows for a whole step's new requests at once: all or nothing. */
@@ -608,17 +592,13 @@ static void test_claim_many(void)
     bt_client_slot_info si;
     T_OK(bt_client_slot_get(seg, bt_client_id(a), &si));
     T_EQ(si.rows, 3);
-    bt_client_close(a);
-    bt_client_close(b);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 /* Every mutating call from a client that does not own the row. */
 static void test_ownership(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[2], y[2];
     uint32_t ra, ra2, rb;
@@ -646,17 +626,13 @@ static void test_ownership(void)
     T_RC(bt_step(b, 0, &ra, 1, NULL, NULL, 0, NULL), BT_ENOTOWNER);
     T_RC(bt_step(b, 0, NULL, 0, &ra, &one, 1, out), BT_ENOTOWNER);
     T_SAME(seg, s);
-    bt_client_close(a);
-    bt_client_close(b);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 /* Closing a client releases its rows and its loose blocks. */
 static void test_close_releases(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[4];
     uint32_t r1, r2, rb;
@@ -675,8 +651,7 @@ static void test_close_releases(void)
     t_check_quiet(seg);
     bt_client_close(b);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 int main(int argc, char **argv)

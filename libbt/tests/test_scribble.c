@@ -38,8 +38,7 @@ static uint64_t seg_size, hdr_size;
 /* A segment in use: two clients with rows, shares and loose blocks. */
 static void make_pristine(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t r;
     int32_t x[4], y[4];
