@@ -232,8 +232,7 @@ static void test_queue_order(void)
     int32_t big[BPP];
     T_RC(bt_cache_alloc(cl, 0, BPP, big, NULL, 0, NULL), BT_ENOBLOCKS);
     T_EQ(check(seg, 0).cache_bad, 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 /* ---- the map ----------------------------------------------------------------- */
@@ -332,8 +331,7 @@ static void test_map(void)
     T_RC(bt_cache_set_ref(cl, 1, a[0], 0), BT_EINVAL);
     T_RC(bt_cache_set_ref(cl, 1, qa[0] == a[0] ? qa[1] : qa[0], 2), BT_EINVAL);
     T_EQ(check(seg, 0).cache_bad, 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 /* ---- refusals and ownership -------------------------------------------------- */
@@ -402,8 +400,7 @@ static void test_refusals(void)
     T_EQ(st.keys, 0);
     T_EQ(lookup(seg, 0, 1), 0);
     T_OK(bt_cache_open(a, 0));
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* ---- the reference model (block_pool.py, transliterated) ------------------- */
@@ -696,8 +693,7 @@ static void differential(uint32_t pool, uint64_t seed, uint32_t steps)
                (unsigned long long)st.queries, (unsigned long long)st.hits,
                (unsigned long long)st.resets);
     T_ASSERT(st.stored > steps / 10 && st.evicted > 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static void test_differential_pool0(void)
@@ -780,8 +776,7 @@ static void owner_dies(int via_check, int mid_op)
     T_EQ(ids[0], 1);
     bt_check_report rep = check(seg, BT_CHECK_FROZEN);
     T_EQ(rep.cache_bad, 0);
-    bt_client_close(nc);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, nc);
 }
 
 static void test_owner_killed_recover(void) { owner_dies(0, 0); }
@@ -815,8 +810,7 @@ static void test_open_takes_dead_owner(void)
     T_EQ(rep.clients_reaped, 1);
     T_EQ(rep.cache_reset, 0);
     T_EQ(t_free(seg, 0), BPP - 4);
-    bt_client_close(nc);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, nc);
 }
 
 /* ---- scribbles ----------------------------------------------------------------- */
@@ -949,8 +943,7 @@ static void test_corrupt_detected(void)
     T_ASSERT(check(seg, 0).cache_bad > 0);
     T_EQ(check(seg, BT_CHECK_REPAIR).cache_reset, 1);
     T_EQ(lookup(seg, 0, 1), 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 /* ---- lock-free readers against a busy owner ----------------------------------- */
@@ -1045,8 +1038,7 @@ static void test_readers_mt(void)
         T_EQ(r[i].bad, 0);
         T_ASSERT(r[i].reads > 100 && r[i].hits > 0);
     }
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 int main(int argc, char **argv)

@@ -636,8 +636,7 @@ static void test_frozen_tokens(void)
     T_RC(bt_row_set_tokens(p, row, 20), BT_EFROZEN);
     T_EQ(t_row(seg, row, NULL, 0).num_tokens, 10);
     __atomic_store_n(freeze_word(seg), 0ull, __ATOMIC_SEQ_CST);
-    bt_client_close(p);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, p);
 }
 
 int main(int argc, char **argv)

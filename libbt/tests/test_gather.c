@@ -59,8 +59,7 @@ static void test_find_and_gather(void)
     T_RC(bt_rows_gather(seg, keys, 1, bad, out, 0, nb), BT_EINVAL);
     T_RC(bt_rows_gather(seg, keys, 1, NULL, out, 4, nb), BT_EINVAL);
     T_OK(bt_rows_gather(seg, NULL, 0, NULL, NULL, 4, NULL));
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* A hint is trusted only for the row and generation it names. */
@@ -103,8 +102,7 @@ static void test_stale_hints(void)
     T_OK(bt_rows_gather(seg, &key, 1, &hint, out, W, &nb));
     T_EQ(nb, 0);
     T_EQ((uint32_t)hint, r1 + 1);
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* A writer claims, appends and releases rows with entries derived from the

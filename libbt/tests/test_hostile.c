@@ -99,8 +99,7 @@ static void test_set_on_a_long_paged_row(void)
         T_EQ(ri.num_blocks, 1);
         T_EQ(got[0], 3);
     }
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static void test_release_of_a_long_sparse_row(void)
@@ -123,8 +122,7 @@ static void test_release_of_a_long_sparse_row(void)
     T_OK(bt_chunks_free(seg, &chunks));
     T_EQ(chunks, c.num_chunks);
     t_check_quiet(seg);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static bt_config paged_cfg(void)
@@ -162,8 +160,7 @@ static void chunk_kept(int shared)
     T_OK(bt_chunks_free(seg, &after));
     T_EQ(after, c.num_chunks);          /* a released row holds no chunk */
     t_check_quiet(seg);                 /* and fsck finds none leaked */
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static void test_failed_paged_append_shared_keeps_no_chunk(void) { chunk_kept(1); }

@@ -112,8 +112,7 @@ static void test_basic(void)
     seg = t_seg_embedded(&c);
     a = t_client(seg);
     T_ERR(bt_row_claim(a, 1, -1, BT_ROW_PAGED, &row));
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 static void test_holes(void)

@@ -191,9 +191,7 @@ static void test_append(void)
     T_EQ(t_free(seg, 0), 63 - 2);
     T_OK(bt_blocks_release(b, y, 2));
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_append_shared(void)
@@ -245,9 +243,7 @@ static void test_append_shared(void)
     T_OK(bt_row_release(b, rb));
     T_EQ(t_free(seg, 0), 63);
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_alloc_append(void)
@@ -342,9 +338,7 @@ static void test_set(void)
     T_OK(bt_blocks_release(a, &z[8], 1));
     T_EQ(t_free(seg, 0), 63);
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_truncate(void)
@@ -376,9 +370,7 @@ static void test_truncate(void)
     T_EQ(t_row(seg, row, NULL, 0).owner, bt_client_id(a));   /* still claimed */
     T_EQ(t_free(seg, 0), 63);
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_move(void)
