@@ -718,9 +718,7 @@ static void owner_dies(int via_check, int mid_op)
 {
     bt_seg *seg = t_seg_new_shared(cfg(1, 0));
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *cl = t_client(seg);
         int32_t ids[8];

@@ -376,9 +376,7 @@ static void test_broken_free_list(void)
 static uint32_t dead_child(const char *name, const int32_t *share, int in_op)
 {
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_seg *seg;
         uint32_t r1, r2;
@@ -414,11 +412,8 @@ static uint32_t dead_child(const char *name, const int32_t *share, int in_op)
 
 static void test_dead_client(void)
 {
-    t_need_shm();
-    bt_config c = cfg();
-    const char *name = t_name("chk");
-    bt_seg *seg;
-    T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
+    const char *name;
+    bt_seg *seg = t_seg_new_named(cfg(), "chk", &name);
     bt_client *p = t_client(seg);
     uint32_t rp;
     int32_t x[3];
@@ -442,7 +437,7 @@ static void test_dead_client(void)
     t_snap *s = t_snap_take(seg);
     T_RC(bt_seg_recover_client(seg, bt_client_id(p), 100, &rep), BT_EBUSY);
     T_RC(bt_seg_recover_client(seg, 0, 100, &rep), BT_ERANGE);
-    T_RC(bt_seg_recover_client(seg, c.max_clients + 1, 100, &rep), BT_ERANGE);
+    T_RC(bt_seg_recover_client(seg, t_info(seg).config.max_clients + 1, 100, &rep), BT_ERANGE);
     T_SAME(seg, s);
 
     T_OK(bt_seg_recover_client(seg, id, 1000, &rep));
@@ -476,10 +471,7 @@ static void test_dead_client(void)
     t_check_quiet(seg);
     drain_pool_and_give_back(seg, x, 3);
 
-    bt_client_close(p);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
-    T_OK(bt_seg_unlink(name));
+    T_END_NAMED(name, seg, p);
 }
 
 /* A live client that stays inside a call blocks a repair (BT_EBUSY, and it
@@ -487,11 +479,8 @@ static void test_dead_client(void)
  * deferred to the next successful repair. */
 static void test_stuck_client(void)
 {
-    t_need_shm();
-    bt_config c = cfg();
-    const char *name = t_name("stk");
-    bt_seg *seg;
-    T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
+    const char *name;
+    bt_seg *seg = t_seg_new_named(cfg(), "stk", &name);
     bt_client *p = t_client(seg);
     uint32_t rp;
     int32_t x[3];
@@ -522,10 +511,7 @@ static void test_stuck_client(void)
         T_ASSERT(rep.clients_reaped >= 1);
     }
     T_SAME(seg, before);
-    t_check_quiet(seg);
-    bt_client_close(p);
-    bt_seg_close(seg);
-    T_OK(bt_seg_unlink(name));
+    T_END_NAMED(name, seg, p);
 }
 
 /* A client died inside a call with a block named by both its row and its
@@ -535,16 +521,11 @@ static void test_stuck_client(void)
  * client has since been handed would be freed under it. */
 static void test_deferred_recovery_keeps_hand(void)
 {
-    t_need_shm();
-    bt_config c = cfg();
-    const char *name = t_name("dfr");
-    bt_seg *seg;
-    T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
+    const char *name;
+    bt_seg *seg = t_seg_new_named(cfg(), "dfr", &name);
     bt_client *p = t_client(seg);
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_seg *cs;
         uint32_t r;
@@ -557,7 +538,8 @@ static void test_deferred_recovery_keeps_hand(void)
         T_OK(bt_row_append(cl, r, &b, 1));
         uint32_t id = bt_client_id(cl);
         struct bt_cslot *sl = slot_ptr(cs, id);
-        uint32_t *hand = (uint32_t *)(base_of(cs) + region(cs, BT_R_HANDS)) + (uint64_t)(id - 1) * c.hand_size;
+        uint32_t *hand = (uint32_t *)(base_of(cs) + region(cs, BT_R_HANDS)) +
+                         (uint64_t)(id - 1) * t_info(cs).config.hand_size;
         hand[0] = (uint32_t)b;                      /* the hand still names it */
         __atomic_store_n(&sl->hand_count, 1u, __ATOMIC_SEQ_CST);
         __atomic_store_n(&sl->in_op, 1u, __ATOMIC_SEQ_CST);
@@ -586,10 +568,7 @@ static void test_deferred_recovery_keeps_hand(void)
         T_EQ(rc1, 1u);
     }
     T_OK(bt_blocks_release(p, mine, 8));
-    t_check_quiet(seg);
-    bt_client_close(p);
-    bt_seg_close(seg);
-    T_OK(bt_seg_unlink(name));
+    T_END_NAMED(name, seg, p);
 }
 
 /* The freeze word names a sweeper that died: calls fail fast with

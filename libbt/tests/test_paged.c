@@ -34,13 +34,6 @@ static uint32_t chunks_free(const bt_seg *seg)
     return n;
 }
 
-static uint32_t hand(bt_seg *seg, bt_client *cl)
-{
-    bt_client_slot_info si;
-    T_OK(bt_client_slot_get(seg, bt_client_id(cl), &si));
-    return si.hand_count;
-}
-
 static void test_basic(void)
 {
     bt_config c = cfg();
@@ -133,7 +126,7 @@ static void test_holes(void)
         T_EQ(got[i], 0);
     T_EQ(got[10], x[0]);
     T_EQ(chunks_free(seg), NCH - 1);                /* only chunk 2 */
-    T_EQ(hand(seg, a), 3);
+    T_EQ(t_hand(seg, a), 3);
     T_EQ(t_refcnt(seg, x[0]), 1);
     T_OK(bt_slots_row(seg, &sp, row, 0, 12 * 16, out));
     for (int p = 0; p < 12 * 16; p++)
@@ -145,7 +138,7 @@ static void test_holes(void)
     T_OK(bt_row_set_block(a, row, 2, x[2]));        /* replaces: x[1] dropped */
     T_EQ(t_refcnt(seg, x[1]), 0);
     T_EQ(t_refcnt(seg, x[2]), 1);
-    T_EQ(hand(seg, a), 1);
+    T_EQ(t_hand(seg, a), 1);
     T_OK(bt_row_set_block(a, row, 2, 0));           /* a hole: chunk 0 only holes */
     T_EQ(t_refcnt(seg, x[2]), 0);
     T_EQ(chunks_free(seg), NCH - 1);
@@ -524,9 +517,7 @@ static void test_dead_client_chunks(void)
 {
     bt_seg *seg = t_seg_new_shared(cfg());
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *cl = t_client(seg);
         uint32_t r1, r2, id = bt_client_id(cl);
@@ -552,9 +543,7 @@ static void test_dead_client_chunks(void)
     t_check_quiet(seg);
 
     /* the same death, found by a repair */
-    T_ASSERT(pipe(fd) == 0);
-    pid = fork();
-    T_ASSERT(pid >= 0);
+    pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *cl = t_client(seg);
         uint32_t r1;
@@ -584,9 +573,7 @@ static void test_repair_foreign_chunk(void)
     T_OK(bt_row_claim(a, 1, -1, BT_ROW_PAGED, &ra));
     T_OK(bt_row_alloc_append(a, ra, 0, 3, x));        /* chunk of entries 0..3 */
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *b = t_client(seg);
         uint32_t rb;

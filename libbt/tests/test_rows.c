@@ -36,13 +36,6 @@ static void t_row_is(bt_seg *seg, uint32_t row, const int32_t *want, uint32_t n,
     t_check_tails_at(seg, file, line);
 }
 
-static uint32_t hand(bt_seg *seg, bt_client *cl)
-{
-    bt_client_slot_info si;
-    T_OK(bt_client_slot_get(seg, bt_client_id(cl), &si));
-    return si.hand_count;
-}
-
 static void test_claim_release(void)
 {
     bt_seg *seg = t_seg_new(cfg());
@@ -129,7 +122,7 @@ static void test_append(void)
     T_OK(bt_blocks_alloc(a, 0, 8, x));
     T_OK(bt_row_append(a, row, x, 3));
     T_ROW(seg, row, x[0], x[1], x[2]);
-    T_EQ(hand(seg, a), 5);             /* the references moved into the row */
+    T_EQ(t_hand(seg, a), 5);             /* the references moved into the row */
     for (int i = 0; i < 3; i++)
         T_EQ(t_refcnt(seg, x[i]), 1);
 
@@ -160,7 +153,7 @@ static void test_append(void)
     T_OK(bt_row_append(a, row, x + 3, 0));
     T_OK(bt_row_append(a, row, x + 3, 5));                          /* exactly full */
     T_ROW(seg, row, x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]);
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
     s = t_snap_take(seg);
     T_OK(bt_blocks_alloc(a, 0, 1, x));
     T_RC(bt_row_append(a, row, x, 1), BT_EROWFULL);
@@ -211,7 +204,7 @@ static void test_append_shared(void)
     T_EQ(t_refcnt(seg, x[0]), 2);
     T_EQ(t_refcnt(seg, x[1]), 2);
     T_EQ(t_refcnt(seg, x[2]), 1);
-    T_EQ(hand(seg, b), 0);
+    T_EQ(t_hand(seg, b), 0);
     /* the same block twice in a row is two references */
     T_OK(bt_row_append_shared(a, ra, &x[2], 1));
     T_ROW(seg, ra, x[0], x[1], x[2], x[2]);
@@ -263,7 +256,7 @@ static void test_alloc_append(void)
         T_EQ(ref, 1);
         T_EQ(owner, bt_client_id(a));
     }
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
     T_EQ(t_free(seg, 0), 60);
     T_OK(bt_row_alloc_append(a, row, 0, 2, NULL));
     T_EQ(t_row(seg, row, x, W).num_blocks, 5);
@@ -306,7 +299,7 @@ static void test_set(void)
     for (int i = 0; i < 3; i++)
         T_EQ(t_refcnt(seg, x[i]), 0);
     T_EQ(t_refcnt(seg, y[0]), 1);
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
     T_EQ(t_free(seg, 0), 61);
 
     /* a block in both the old and the new list survives: share y[1] loose,
@@ -316,7 +309,7 @@ static void test_set(void)
     T_ROW(seg, row, y[1]);
     T_EQ(t_refcnt(seg, y[1]), 1);
     T_EQ(t_refcnt(seg, y[0]), 0);
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
 
     T_OK(bt_blocks_alloc(a, 0, 9, z));
     s = t_snap_take(seg);
@@ -334,7 +327,7 @@ static void test_set(void)
     T_EQ(t_refcnt(seg, y[1]), 0);
     T_OK(bt_row_set(a, row, NULL, 0));              /* set to nothing */
     T_ROW_EMPTY(seg, row);
-    T_EQ(hand(seg, a), 1);
+    T_EQ(t_hand(seg, a), 1);
     T_OK(bt_blocks_release(a, &z[8], 1));
     T_EQ(t_free(seg, 0), 63);
     t_check_quiet(seg);
@@ -547,7 +540,7 @@ static void test_raw_rows(void)
     T_OK(bt_row_claim(a, 2, -1, BT_ROW_RAW, &row));
     T_OK(bt_row_append(a, row, &blk, 1));
     T_EQ(t_refcnt(seg, blk), 1);
-    T_EQ(hand(seg, a), 1);
+    T_EQ(t_hand(seg, a), 1);
     T_OK(bt_row_release(a, row));
     T_EQ(t_refcnt(seg, blk), 1);
     t_check_quiet(seg);
