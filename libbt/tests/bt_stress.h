@@ -37,11 +37,8 @@
 
 static T_UNUSED bt_config st_config(uint32_t workers)
 {
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 128;
-    c.num_rows = workers * ST_MAXR > 4 ? workers * ST_MAXR - 2 : 2;   /* ENOROWS happens */
-    c.row_width = ST_W;
+    uint32_t rows = workers * ST_MAXR > 4 ? workers * ST_MAXR - 2 : 2;   /* ENOROWS happens */
+    bt_config c = t_config(2, 128, rows, ST_W);
     c.max_clients = workers + 4;
     c.hand_size = ST_HAND;
     return c;

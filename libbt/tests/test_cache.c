@@ -32,9 +32,7 @@ static uint32_t buckets_of(const bt_config *c)  /* white-box: bt_layout's rule *
 
 static bt_config cfg(uint32_t cache_pools, uint32_t keys)
 {
-    bt_config c = t_config_small();
-    c.num_pools = 3;
-    c.blocks_per_pool = BPP;
+    bt_config c = t_config(3, BPP, 8, 8);
     c.cache_pools = cache_pools;
     c.cache_keys = keys;
     return c;

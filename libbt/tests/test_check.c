@@ -17,10 +17,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();     /* 1 pool x 64 blocks */
-    c.num_rows = 6;
-    c.row_width = W;
-    return c;
+    return t_config(1, 64, 6, W);
 }
 
 /* ---- white-box access to the layout ---------------------------------------- */

@@ -170,9 +170,7 @@ static void test_raw_pool_processes(void)
 {
     t_need_shm();
     uint32_t n = nprocs();
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 96;
+    bt_config c = t_config(2, 96, 8, 8);
     const char *name = t_name("raw");
     bt_seg *seg;
     T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));

@@ -11,10 +11,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 6;
-    c.row_width = W;
-    return c;
+    return t_config(1, 64, 6, W);
 }
 
 static void test_find_and_gather(void)

@@ -77,8 +77,7 @@ static void cap_memory(void)
 
 static void test_set_on_a_long_paged_row(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 1;
+    bt_config c = t_config(1, 64, 1, 8);
     c.chunk_size = 4096;
     c.num_chunks = 2;
     c.dir_width = 1u << 18;             /* capacity 2^30 entries, directory 1 MiB */
@@ -104,8 +103,7 @@ static void test_set_on_a_long_paged_row(void)
 
 static void test_release_of_a_long_sparse_row(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 1;
+    bt_config c = t_config(1, 64, 1, 8);
     c.chunk_size = 4096;
     c.num_chunks = 2;
     c.dir_width = 1u << 18;
@@ -127,8 +125,7 @@ static void test_release_of_a_long_sparse_row(void)
 
 static bt_config paged_cfg(void)
 {
-    bt_config c = t_config_small();
-    c.blocks_per_pool = 8;
+    bt_config c = t_config(1, 8, 8, 8);
     c.chunk_size = 2;
     c.num_chunks = 4;
     c.dir_width = 4;

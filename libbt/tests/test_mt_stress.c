@@ -119,9 +119,7 @@ static void *raw_main(void *p)
 static void test_raw_pool_threads(void)
 {
     uint32_t n = nthreads();
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 64;              /* 127 blocks: 4 threads x 4 x 16 run it dry */
+    bt_config c = t_config(2, 64, 8, 8);  /* 127 blocks: 4 threads x 4 x 16 run it dry */
     bt_seg *seg = t_seg_embedded(&c);
     uint64_t total = t_info(seg).total_blocks;
     uint32_t *stamp = calloc(total, 4);
@@ -211,10 +209,7 @@ static void *sl_reader(void *p)
 
 static void test_seqlock_readers(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 4;
-    c.row_width = 8;
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(t_config(1, 64, 4, 8));
     uint32_t stop = 0, r;
     struct sl_arg w[2], rd[2];
     pthread_t tw[2], tr[2];
@@ -299,8 +294,7 @@ static void *churn_main(void *p)
 static void test_client_churn(void)
 {
     uint32_t n = nthreads();
-    bt_config c = t_config_small();
-    c.num_rows = 6;
+    bt_config c = t_config(1, 64, 6, 8);
     c.max_clients = n > 2 ? n - 1 : 2;  /* fewer slots than threads: BT_ENOCLIENTS */
     bt_seg *seg = t_seg_embedded(&c);
     uint32_t slot_owner[ST_MAXW + 1] = { 0 }, row_owner[6] = { 0 }, stop = 0;

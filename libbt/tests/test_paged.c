@@ -17,9 +17,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();     /* 1 pool x 64 blocks */
-    c.num_rows = 6;
-    c.row_width = 8;
+    bt_config c = t_config(1, 64, 6, 8);
     c.hand_size = 64;
     c.chunk_size = CS;
     c.num_chunks = NCH;

@@ -11,10 +11,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();     /* 1 pool x 64 blocks */
-    c.num_rows = 4;
-    c.row_width = W;
-    return c;
+    return t_config(1, 64, 4, W);
 }
 
 /* The row must hold exactly ids[0..n). */

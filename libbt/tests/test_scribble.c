@@ -18,11 +18,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 48;
-    c.num_rows = 8;
-    c.row_width = 8;
+    bt_config c = t_config(2, 48, 8, 8);
     c.max_clients = 6;
     c.hand_size = 16;
     c.chunk_size = 4;                   /* paged rows too */
