@@ -21,15 +21,13 @@ from blocktable_daemon import config as btd_config, protocol, sdnotify
 from blocktable_daemon.server import parse_args
 from blocktable_daemon.testing import DaemonProcess, child_env, unique_name, wait_for
 
+from conftest import socket_lines, unlink_quietly
+
 SMALL = {"blocks_per_pool": 1024, "num_rows": 32, "row_width": 16, "max_clients": 16,
          "hand_size": 64}
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProcess(tmp_path, sizes=SMALL).start()
-    yield d
-    d.cleanup()
+SIZES = SMALL                       # what conftest's `daemon` fixture serves
 
 
 def child(code, *args, env=None, timeout=60):
@@ -389,10 +387,7 @@ def test_hup_reloads_config(tmp_path):
         assert "error" in r and d.request("status")["pid"] == d.pid
     finally:
         d.cleanup()
-        try:
-            Segment.unlink(second)
-        except OSError:
-            pass
+        unlink_quietly(second)
 
 
 # ---- registration, several processes, recovery ------------------------------------------------
@@ -576,24 +571,10 @@ def test_other_uid_refused_unless_allowed(tmp_path):
 
 # ---- the socket survives anything ---------------------------------------------------------
 def raw(d, payload, read=True):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(d.socket)
-    s.sendall(payload)
-    out = b""
-    if read:
-        try:
-            while True:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                out += chunk
-                if out.count(b"\n") >= payload.count(b"\n") and payload.endswith(b"\n"):
-                    break
-        except (socket.timeout, ConnectionResetError):
-            pass
-    s.close()
-    return [json.loads(x) for x in out.splitlines()]
+    """Send payload to d's socket; its replies, one per line it ended with (read=False:
+    hang up without reading)."""
+    want = payload.count(b"\n") if payload.endswith(b"\n") else None
+    return socket_lines(d.socket, payload, want if read else 0)
 
 
 @pytest.mark.parametrize("line,name", [
@@ -806,10 +787,7 @@ def test_create_serves_a_new_segment_like_a_configured_one(daemon):
         assert name in {s["name"] for s in daemon.request("status")["segments"]}
         assert f"segments ['{name}'] stay served" not in daemon.log()
     finally:
-        try:
-            Segment.unlink(name)
-        except OSError:
-            pass
+        unlink_quietly(name)
 
 
 @pytest.mark.parametrize("ask, bad", [
@@ -838,10 +816,7 @@ def test_create_on_a_too_small_segment_names_both_sizes(daemon, ask, bad):
         assert daemon.request("create", {"segment": name, "config": base})["created"] is False
         assert daemon.request("clients", {"segment": name})["clients"] == []
     finally:
-        try:
-            Segment.unlink(name)
-        except OSError:
-            pass
+        unlink_quietly(name)
 
 
 @pytest.mark.parametrize("args, name", [
@@ -940,10 +915,7 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
         p.wait()
     finally:
         d.cleanup()
-        try:
-            Segment.unlink(name)
-        except OSError:
-            pass
+        unlink_quietly(name)
 
 
 def test_a_scribbled_client_state_is_reported_not_fatal(daemon):
