@@ -69,6 +69,15 @@ def daemon(request, tmp_path):
     d.cleanup()
 
 
+def free_port():
+    """A local TCP port nobody listens on right now (for btd's --metrics)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def socket_lines(path, payload, lines=None, timeout=10):
     """Send raw bytes to the daemon's socket at `path`; the JSON lines read back once
     `lines` whole lines came (None: until the daemon closes or `timeout` passes)."""

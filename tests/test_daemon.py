@@ -21,7 +21,7 @@ from blocktable_daemon import config as btd_config, protocol, sdnotify
 from blocktable_daemon.server import parse_args
 from blocktable_daemon.testing import DaemonProcess, child_env, unique_name, wait_for
 
-from conftest import socket_lines, unlink_quietly
+from conftest import free_port, socket_lines, unlink_quietly
 
 SMALL = {"blocks_per_pool": 1024, "num_rows": 32, "row_width": 16, "max_clients": 16,
          "hand_size": 64}
@@ -645,13 +645,15 @@ def test_fsck_repair_over_socket(daemon):
     assert r["ok"] and r["segments"][0]["report"]["blocks_free"] == SMALL["blocks_per_pool"] - 1
 
 
+def metrics_daemon(tmp_path):
+    """A started btd serving SMALL with its metrics on a free local port: (daemon, port)."""
+    port = free_port()
+    return DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start(), port
+
+
 def test_metrics_endpoint(tmp_path):
     import urllib.request
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start()
+    d, port = metrics_daemon(tmp_path)
     try:
         p, slot, _ = spawn_client(d, mode="hold")
         p.kill()
@@ -851,11 +853,7 @@ sys.stdin.readline()
 
 
 def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start()
+    d, port = metrics_daemon(tmp_path)
     name = unique_name("cp")
     ask = {"blocks_per_pool": 64, "num_rows": 8, "row_width": 8, "cache_pools": 1}
     try:

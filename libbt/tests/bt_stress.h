@@ -677,4 +677,18 @@ static T_UNUSED void st_raw_run(struct st_raw *r)
     }
 }
 
+/* After the raw workers are done: no block is stamped any more, the two pools
+ * hold free0 and free1 blocks again, and a check finds every block free. */
+static T_UNUSED void st_raw_check_end(bt_seg *seg, const uint32_t *stamp, uint32_t free0,
+                                      uint32_t free1)
+{
+    uint64_t total = t_info(seg).total_blocks;
+    for (uint64_t b = 0; b < total; b++)
+        T_EQ(stamp[b], 0);
+    T_EQ(t_free(seg, 0), free0);
+    T_EQ(t_free(seg, 1), free1);
+    bt_check_report rep = t_check_quiet(seg);
+    T_EQ(rep.blocks_free, total - 1);
+}
+
 #endif /* BT_STRESS_H */

@@ -38,6 +38,14 @@ static bt_config cfg(uint32_t cache_pools, uint32_t keys)
     return c;
 }
 
+/* A new client of seg that owns cache pool `pool` (bt_cache_open), or fail. */
+static bt_client *cache_owner(bt_seg *seg, uint32_t pool)
+{
+    bt_client *cl = t_client(seg);
+    T_OK(bt_cache_open(cl, pool));
+    return cl;
+}
+
 /* The queue of `pool`, as ids. */
 static uint32_t queue(bt_seg *seg, uint32_t pool, int32_t *out, uint32_t cap)
 {
@@ -144,8 +152,7 @@ static void test_config(void)
 static void test_queue_order(void)
 {
     bt_seg *seg = t_seg_new(cfg(1, 0));
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_client *cl = cache_owner(seg, 0);
     int32_t a[8];
     T_OK(bt_cache_alloc(cl, 0, 4, a, NULL, 0, NULL));
     T_EQ(a[0], 1); T_EQ(a[3], 4);
@@ -238,8 +245,7 @@ static void test_queue_order(void)
 static void test_map(void)
 {
     bt_seg *seg = t_seg_new(cfg(2, 6));
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 1));
+    bt_client *cl = cache_owner(seg, 1);
     int32_t a[6];
     T_OK(bt_cache_alloc(cl, 1, 4, a, NULL, 0, NULL));
     T_EQ(a[0], (int32_t)BPP);           /* pool 1: no null block */
@@ -528,8 +534,7 @@ static uint32_t pick_held(uint64_t *rs, const struct model *m, uint32_t lo, int3
 static void differential(uint32_t pool, uint64_t seed, uint32_t steps)
 {
     bt_seg *seg = t_seg_new(cfg(2, MK));
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, pool));
+    bt_client *cl = cache_owner(seg, pool);
     uint32_t lo = pool * BPP, KS = 40;
     struct model m;
     m_init(&m, lo);
@@ -815,8 +820,7 @@ static void scribble_round(uint64_t *rs, uint32_t nwrites)
 {
     bt_config c = cfg(2, 16);
     bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_client *cl = cache_owner(seg, 0);
     T_OK(bt_cache_open(cl, 1));
     int32_t ids[8];
     for (uint32_t p = 0; p < 2; p++) {  /* some state: held, cached-free, keys */
@@ -898,8 +902,7 @@ static void test_corrupt_detected(void)
 {
     bt_config c = cfg(1, 0);
     bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_client *cl = cache_owner(seg, 0);
     uint8_t *base = bt_seg_base(seg);
     const struct bt_header *h = (const struct bt_header *)base;
     struct bt_cblock *cb = (struct bt_cblock *)(base + h->off[BT_R_CBLOCKS]);
@@ -991,8 +994,7 @@ static void *reader(void *arg)
 static void test_readers_mt(void)
 {
     bt_seg *seg = t_seg_new(cfg(1, 32));
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_client *cl = cache_owner(seg, 0);
     int stop = 0;
     struct rd r[2] = { { seg, &stop, 0, 0, 0 }, { seg, &stop, 0, 0, 0 } };
     pthread_t th[2];
