@@ -312,16 +312,22 @@ def _adapter_decode(cp, iters):
     return out
 
 
-def _embedded_decode(cp, iters):
+def _raw_rows(seed, longest):
+    """An embedded R x W segment whose raw rows hold 64..longest random ids each: the
+    segment, its client, the generator (to go on drawing from) and a mirror exporter."""
     seg = bt.Segment.create(None, bt.SegmentConfig(
         block_size=BS, num_pools=1, blocks_per_pool=2, num_rows=R, row_width=W,
         max_clients=2, hand_size=1, max_mirrors=1))
     cl = seg.client()
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     for r in range(R):
         cl.claim_row(row=r, raw=True)
-        cl.append(r, rng.integers(1, 1 << 24, int(rng.integers(64, 1024))).astype(np.int32))
-    ex = gpu.MirrorExporter(seg)
+        cl.append(r, rng.integers(1, 1 << 24, int(rng.integers(64, longest))).astype(np.int32))
+    return seg, cl, rng, gpu.MirrorExporter(seg)
+
+
+def _embedded_decode(cp, iters):
+    seg, cl, rng, ex = _raw_rows(seed=2, longest=1024)
     s = cp.cuda.Stream(non_blocking=True)
     ex.sync(stream=s)
     ts = []
@@ -347,15 +353,7 @@ def _embedded_decode(cp, iters):
 def bench_slots(cp, n_tokens=8192, n_req=256):
     import torch
     from cupyx.profiler import benchmark
-    seg = bt.Segment.create(None, bt.SegmentConfig(
-        block_size=BS, num_pools=1, blocks_per_pool=2, num_rows=R, row_width=W,
-        max_clients=2, hand_size=1, max_mirrors=1))
-    cl = seg.client()
-    rng = np.random.default_rng(1)
-    for r in range(R):
-        cl.claim_row(row=r, raw=True)
-        cl.append(r, rng.integers(1, 1 << 24, int(rng.integers(64, 512))).astype(np.int32))
-    ex = gpu.MirrorExporter(seg)
+    seg, cl, rng, ex = _raw_rows(seed=1, longest=512)
     ex.sync()
     per = n_tokens // n_req
     rows = rng.permutation(R)[:n_req].astype(np.int32)

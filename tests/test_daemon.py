@@ -40,6 +40,13 @@ def slot_state(seg, slot):
     return seg.client_slot(slot).state
 
 
+def recovered_then_close(seg, slot, what):
+    """Wait (10 s at most) for `what`: slot freed and nothing held in seg; then close seg."""
+    wait_for(lambda: slot_state(seg, slot) == 0, 10, what)
+    assert seg.check().blocks_held == 0
+    seg.close()
+
+
 # ---- start, stop, signals ----------------------------------------------------------------
 def test_start_serves_socket_and_segment(daemon):
     st = os.stat(daemon.socket)
@@ -460,9 +467,7 @@ def test_unregistered_clients_are_watched_too(daemon):
     seg = Segment.attach(daemon.segment)
     p.kill()
     p.wait()
-    wait_for(lambda: slot_state(seg, slot) == 0, 10, "its slot to be freed")
-    assert seg.check().blocks_held == 0
-    seg.close()
+    recovered_then_close(seg, slot, "its slot to be freed")
 
 
 def test_zombie_is_recovered_without_waiting_for_the_reap(daemon):
@@ -494,9 +499,7 @@ def test_adopt_existing_segment_with_live_client(tmp_path):
                  "the new daemon to watch the old client")
         p.kill()
         p.wait()
-        wait_for(lambda: slot_state(seg, slot) == 0, 10, "recovery by the new daemon")
-        assert seg.check().blocks_held == 0
-        seg.close()
+        recovered_then_close(seg, slot, "recovery by the new daemon")
     finally:
         d.cleanup()
 
@@ -511,9 +514,7 @@ def test_client_dead_while_daemon_down_is_recovered_at_adoption(tmp_path):
         p.wait()
         assert slot_state(seg, slot) == lib_active()
         d.start()
-        wait_for(lambda: slot_state(seg, slot) == 0, 10, "recovery at adoption")
-        assert seg.check().blocks_held == 0
-        seg.close()
+        recovered_then_close(seg, slot, "recovery at adoption")
     finally:
         d.cleanup()
 
