@@ -47,6 +47,26 @@ def _median_us(xs):
     return float(np.median(xs) * 1e6)
 
 
+def _graph_device_us(cp, gs, launch, launches=50, reps=20):
+    """One launch's own time on the device (us, median of reps): `launches` calls of
+    launch(gs) captured in a graph on stream gs, replayed back to back (no host between)."""
+    gs.begin_capture()
+    for _ in range(launches):
+        launch(gs)
+    graph = gs.end_capture()
+    graph.launch(gs)
+    gs.synchronize()
+    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+    dts = []
+    for _ in range(reps):
+        e0.record(gs)
+        graph.launch(gs)
+        e1.record(gs)
+        e1.synchronize()
+        dts.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / launches)
+    return float(np.median(dts))
+
+
 def _gpu_name(cp):
     return cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"].decode()
 
@@ -190,21 +210,9 @@ def bench_sync(cp, iters=300):
         K.scatter(slot.dev_host, slot.dev_host + 8 * slot.cap, n, sy.table_ptr, sy.T,
                   sy.counts_ptr, sy.R, stream=gs)
         gs.synchronize()
-        gs.begin_capture()
-        for _ in range(50):
-            K.scatter(slot.dev_host, slot.dev_host + 8 * slot.cap, n, sy.table_ptr, sy.T,
-                      sy.counts_ptr, sy.R, stream=gs)
-        graph = gs.end_capture()
-        graph.launch(gs)
-        gs.synchronize()
-        dts = []
-        for _ in range(20):
-            ev0.record(gs)
-            graph.launch(gs)
-            ev1.record(gs)
-            ev1.synchronize()
-            dts.append(cp.cuda.get_elapsed_time(ev0, ev1) * 1e3 / 50)
-        results["decode_256x1"]["zerocopy"]["device_us"] = float(np.median(dts))
+        results["decode_256x1"]["zerocopy"]["device_us"] = _graph_device_us(
+            cp, gs, lambda st: K.scatter(slot.dev_host, slot.dev_host + 8 * slot.cap, n,
+                                         sy.table_ptr, sy.T, sy.counts_ptr, sy.R, stream=st))
         s.synchronize()
         np.testing.assert_array_equal(cp.asnumpy(ex.table), seg.table)
         # The host-side time of the call alone, then the same decode step
@@ -414,23 +422,10 @@ def bench_slots(cp, n_tokens=8192, n_req=256):
     r_m = benchmark(lambda: mp_(n_req, n_tokens, stream=cur), n_repeat=2000, n_warmup=50)
     # The kernel's own time on the device: 50 launches captured in a graph,
     # replayed back to back (no host in between).
-    gs = cp.cuda.Stream(non_blocking=True)
-    gs.begin_capture()
-    for _ in range(50):
-        mp_(n_req, n_tokens, stream=gs.ptr)
-    graph = gs.end_capture()
-    graph.launch(gs)
-    gs.synchronize()
-    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-    dts = []
-    for _ in range(20):
-        e0.record(gs)
-        graph.launch(gs)
-        e1.record(gs)
-        e1.synchronize()
-        dts.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 50)
+    kernel_us = _graph_device_us(cp, cp.cuda.Stream(non_blocking=True),
+                                 lambda st: mp_(n_req, n_tokens, stream=st.ptr))
     np.testing.assert_array_equal(cp.asnumpy(mp_.out), want)
-    res = {"kernel": stats(r_k), "mapper": stats(r_m), "kernel_device_us": float(np.median(dts)),
+    res = {"kernel": stats(r_k), "mapper": stats(r_m), "kernel_device_us": kernel_us,
            "torch_indexing": stats(r_t), "cpu_plus_upload": stats(r_c),
            "cpu_only_us": _median_us(ts), "tokens": n_tokens, "requests": n_req}
     ex.close()

@@ -36,6 +36,12 @@ def child(code, *args, env=None, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def python_child(code, *args, **popen):
+    """`python -c code args...` in the test environment, its stdin and stdout piped (text)."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=child_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen)
+
+
 def slot_state(seg, slot):
     return seg.client_slot(slot).state
 
@@ -415,9 +421,7 @@ if sys.argv[3] == "close":
 
 
 def spawn_client(d, mode="close"):
-    p = subprocess.Popen([sys.executable, "-c", CLIENT, d.segment, d.socket, mode],
-                         env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    p = python_child(CLIENT, d.segment, d.socket, mode)
     slot, row = map(int, p.stdout.readline().split())
     return p, slot, row
 
@@ -459,8 +463,7 @@ def test_unregistered_clients_are_watched_too(daemon):
     code = ("import sys,os; from blocktable import Segment; s=Segment.attach(sys.argv[1]);"
             "c=s.client(); r=c.claim_row(); c.alloc_append(r,5); print(c.id, flush=True);"
             "sys.stdin.readline()")
-    p = subprocess.Popen([sys.executable, "-c", code, daemon.segment], env=child_env(),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = python_child(code, daemon.segment)
     slot = int(p.stdout.readline())
     wait_for(lambda: any(c["slot"] == slot and c["watched"]
                          for c in daemon.request("clients")["clients"]), 10, "the scan to watch it")
@@ -755,9 +758,7 @@ def test_create_serves_a_new_segment_like_a_configured_one(daemon):
     name = unique_name("cr")
     ask = {"blocks_per_pool": 200, "num_rows": 8, "row_width": 8, "block_size": 32}
     try:
-        p = subprocess.Popen([sys.executable, "-c", CREATE_CLIENT, name, daemon.socket,
-                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        p = python_child(CREATE_CLIENT, name, daemon.socket, json.dumps(ask))
         slot, row, bpp = map(int, p.stdout.readline().split())
         assert bpp == 200
         st = {s["name"]: s for s in daemon.request("status")["segments"]}
@@ -858,9 +859,7 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
     name = unique_name("cp")
     ask = {"blocks_per_pool": 64, "num_rows": 8, "row_width": 8, "cache_pools": 1}
     try:
-        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
-                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        p = python_child(CACHE_CLIENT, name, d.socket, json.dumps(ask))
         slot = int(p.stdout.readline())
         [pool] = d.request("pools", {"segment": name})["pools"]
         # 63 blocks besides the null block: 2 held (6 - 4 freed), 4 cached, 57 free
@@ -903,9 +902,8 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
         assert pool["owner_pid"] is None
         assert d.ctl_json("fsck", "--segment", name)["ok"] is True
         # a new engine takes the pool at once
-        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
-                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = python_child(CACHE_CLIENT, name, d.socket, json.dumps(ask),
+                         stderr=subprocess.PIPE)
         line = p.stdout.readline()
         assert line.strip(), p.stderr.read()
         [pool] = d.request("pools", {"segment": name})["pools"]
