@@ -407,15 +407,23 @@ static uint32_t dead_child(const char *name, const int32_t *share, int in_op)
     return id;
 }
 
+/* The live client of the dead-client tests: it holds a managed row of three
+ * fresh blocks (their ids in x), which the dead children share. */
+static bt_client *holder_of_three(bt_seg *seg, int32_t x[3])
+{
+    bt_client *p = t_client(seg);
+    uint32_t row;
+    T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &row));
+    T_OK(bt_row_alloc_append(p, row, 0, 3, x));
+    return p;
+}
+
 static void test_dead_client(void)
 {
     const char *name;
     bt_seg *seg = t_seg_new_named(cfg(), "chk", &name);
-    bt_client *p = t_client(seg);
-    uint32_t rp;
     int32_t x[3];
-    T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &rp));
-    T_OK(bt_row_alloc_append(p, rp, 0, 3, x));
+    bt_client *p = holder_of_three(seg, x);
     t_snap *before = t_snap_take(seg);
 
     uint32_t id = dead_child(name, x, 0);
@@ -478,11 +486,8 @@ static void test_stuck_client(void)
 {
     const char *name;
     bt_seg *seg = t_seg_new_named(cfg(), "stk", &name);
-    bt_client *p = t_client(seg);
-    uint32_t rp;
     int32_t x[3];
-    T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &rp));
-    T_OK(bt_row_alloc_append(p, rp, 0, 3, x));
+    bt_client *p = holder_of_three(seg, x);
     t_snap *before = t_snap_take(seg);
     uint32_t dead = dead_child(name, x, 0);
 
