@@ -652,7 +652,8 @@ def test_fsck_repair_over_socket(daemon):
 def metrics_daemon(tmp_path):
     """A started btd serving SMALL with its metrics on a free local port: (daemon, port)."""
     port = free_port()
-    return DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start(), port
+    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL)
+    return d.start(), port
 
 
 def test_metrics_endpoint(tmp_path):
