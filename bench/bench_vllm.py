@@ -297,11 +297,7 @@ def print_table(results, sizes):
               f"{r('pool_ms_total')}  {v(s, 'tokens_per_s', '6.0f')} "
               f"{v(b, 'tokens_per_s', '6.0f'):>6}  {r('tokens_per_s')}")
     print("\nblock-pool us/step by kind (stock | blocktable):")
-    for n in sizes:
-        s = st["sizes"][str(n)]["pool_us_per_step_by_cat"]
-        b = bt["sizes"][str(n)]["pool_us_per_step_by_cat"] if bt else {}
-        print(f"{n:>8}  " + "  ".join(
-            f"{c} {s[c]:.1f}|{b[c]:.1f}" if bt else f"{c} {s[c]:.1f}" for c in CATS))
+    _print_by_kind(st, bt, sizes, "pool_us_per_step_by_cat", ".1f")
     print("\nScheduler.schedule() us/step, all of it (stock | blocktable; blocktable's rows are"
           " written there):")
     print("    " + "  ".join(
@@ -314,11 +310,16 @@ def print_table(results, sizes):
           + ", ".join(f"{m} {r['probe_ns_per_call']:.0f}" for m, r in results["modes"].items()
                       if r.get("probe_ns_per_call") is not None))
     print("\nblock-pool us per call by kind (stock | blocktable):")
+    _print_by_kind(st, bt, sizes, "us_per_call_by_cat", ".2f")
+
+
+def _print_by_kind(st, bt, sizes, key, fmt):
+    """One line per size: results[key][kind] of stock | blocktable (stock alone without bt)."""
     for n in sizes:
-        s = st["sizes"][str(n)]["us_per_call_by_cat"]
-        b = bt["sizes"][str(n)]["us_per_call_by_cat"] if bt else {}
+        s = st["sizes"][str(n)][key]
+        b = bt["sizes"][str(n)][key] if bt else {}
         print(f"{n:>8}  " + "  ".join(
-            f"{c} {s[c]:.2f}|{b[c]:.2f}" if bt else f"{c} {s[c]:.2f}" for c in CATS))
+            f"{c} {s[c]:{fmt}}|{b[c]:{fmt}}" if bt else f"{c} {s[c]:{fmt}}" for c in CATS))
 
 
 if __name__ == "__main__":

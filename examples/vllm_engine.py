@@ -21,6 +21,9 @@ import tempfile
 
 
 def tiny_llama(path):
+    """The tiny Llama with dummy weights: a directory holding only config.json
+    (tests/engine and bench/bench_vllm.py use this one too)."""
+    os.makedirs(path, exist_ok=True)
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
            "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 2048,

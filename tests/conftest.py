@@ -1,6 +1,8 @@
 """Fixtures and helpers shared by the Python tests."""
+import json
 import os
 import secrets
+import socket
 
 import numpy as np
 import pytest
@@ -49,6 +51,55 @@ def unique_name(tag="t"):
     return f"pytest-{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def unlink_quietly(name):
+    """Unlink segment `name` if it is still there (test clean-up)."""
+    try:
+        bt.Segment.unlink(name)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def daemon(request, tmp_path):
+    """A started btd serving the test module's SIZES (blocktable_daemon.testing's
+    DaemonProcess); stopped and cleaned up after the test."""
+    from blocktable_daemon.testing import DaemonProcess
+    d = DaemonProcess(tmp_path, sizes=request.module.SIZES).start()
+    yield d
+    d.cleanup()
+
+
+def free_port():
+    """A local TCP port nobody listens on right now (for btd's --metrics)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def socket_lines(path, payload, lines=None, timeout=10):
+    """Send raw bytes to the daemon's socket at `path`; the JSON lines read back once
+    `lines` whole lines came (None: until the daemon closes or `timeout` passes)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(payload)
+    out = b""
+    try:
+        while lines != 0:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            out += chunk
+            if lines is not None and out.endswith(b"\n") and out.count(b"\n") >= lines:
+                break
+    except (socket.timeout, ConnectionResetError):
+        pass
+    s.close()
+    return [json.loads(x) for x in out.splitlines()]
+
+
 @pytest.fixture
 def shm_name():
     """A fresh segment name, unlinked after the test whatever happened."""
@@ -58,6 +109,31 @@ def shm_name():
         bt.Segment.unlink(name)
     except FileNotFoundError:
         pass
+
+
+def gpu_exporter(name, ready, stop, device=0):
+    """A spawned child's body: export segment `name`'s GPU mirror on `device`, put
+    (index, generation, pid) on `ready`, serve until `stop` is set (60 s at most)."""
+    from blocktable import gpu
+    seg = bt.Segment.attach(name)
+    ex = gpu.MirrorExporter(seg, device)
+    ready.put((ex.index, ex.generation, os.getpid()))
+    stop.wait(60)
+    ex.close()
+
+
+def random_requests(rng, num_rows, max_reqs, max_len, max_spare):
+    """Random requests for the slot-mapping tests: (num_reqs, lens, qsl, total, out_len,
+    rows) with up to max_reqs requests of up to max_len tokens on rows below num_rows,
+    query_start_loc as int32 and an output up to max_spare entries longer than needed."""
+    num_reqs = int(rng.integers(0, max_reqs))
+    lens = rng.integers(0, max_len, num_reqs)
+    qsl = np.zeros(num_reqs + 1, np.int32)
+    qsl[1:] = np.cumsum(lens)
+    total = int(qsl[-1])
+    out_len = total + int(rng.integers(0, max_spare))
+    rows = rng.integers(0, num_rows, num_reqs).astype(np.int32)
+    return num_reqs, lens, qsl, total, out_len, rows
 
 
 def snapshot(seg, clients=()):

@@ -15,7 +15,7 @@ import blocktable as bt
 from blocktable.connect import DaemonNotRunning, connect, request
 from blocktable_daemon.testing import DaemonProcess, child_env, wait_for
 
-from conftest import assert_rejected, snapshot, assert_same
+from conftest import assert_rejected, snapshot, assert_same, gpu_exporter
 
 DSIZES = {"blocks_per_pool": 256, "num_rows": 8, "row_width": 16, "max_clients": 4,
           "hand_size": 64}
@@ -338,14 +338,14 @@ def test_gpu_mirror_reopen_waits_for_the_new_exporter(shm_name):
     c = mp.get_context("spawn")
     with bt.Segment.create(shm_name, cfg) as seg:
         ready, stop = c.Queue(), c.Event()
-        p = c.Process(target=_gpu_exporter, args=(shm_name, ready, stop))
+        p = c.Process(target=gpu_exporter, args=(shm_name, ready, stop))
         p.start()
         _, gen, pid = ready.get(timeout=60)
         m = gpu.Mirror.open(seg, wait=5)
         os.kill(pid, signal.SIGKILL)
         p.join(30)
         stop2 = c.Event()
-        p2 = c.Process(target=_gpu_exporter, args=(shm_name, ready, stop2))
+        p2 = c.Process(target=gpu_exporter, args=(shm_name, ready, stop2))
         threading.Timer(1.0, p2.start).start()   # publishes a moment after reopen starts
         try:
             m.reopen(wait=30)                    # raised MirrorGone at once before
@@ -353,12 +353,3 @@ def test_gpu_mirror_reopen_waits_for_the_new_exporter(shm_name):
         finally:
             stop2.set()
             p2.join(60)
-
-
-def _gpu_exporter(name, ready, stop, device=0):
-    from blocktable import gpu
-    seg = bt.Segment.attach(name)
-    ex = gpu.MirrorExporter(seg, device)
-    ready.put((ex.index, ex.generation, os.getpid()))
-    stop.wait(60)
-    ex.close()

@@ -31,9 +31,9 @@ def cseg():
 
 @pytest.fixture
 def cp(cseg):
-    with cseg.client() as c:
-        with c.cache_pool(0) as p:
-            yield p
+    """Cache pool 0 of cseg, through a client of its own."""
+    with cseg.client() as c, c.cache_pool(0) as p:
+        yield p
 
 
 def test_initial_state(cseg, cp):

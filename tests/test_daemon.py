@@ -21,15 +21,13 @@ from blocktable_daemon import config as btd_config, protocol, sdnotify
 from blocktable_daemon.server import parse_args
 from blocktable_daemon.testing import DaemonProcess, child_env, unique_name, wait_for
 
+from conftest import free_port, socket_lines, unlink_quietly
+
 SMALL = {"blocks_per_pool": 1024, "num_rows": 32, "row_width": 16, "max_clients": 16,
          "hand_size": 64}
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProcess(tmp_path, sizes=SMALL).start()
-    yield d
-    d.cleanup()
+SIZES = SMALL                       # what conftest's `daemon` fixture serves
 
 
 def child(code, *args, env=None, timeout=60):
@@ -38,8 +36,21 @@ def child(code, *args, env=None, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def python_child(code, *args, **popen):
+    """`python -c code args...` in the test environment, its stdin and stdout piped (text)."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=child_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen)
+
+
 def slot_state(seg, slot):
     return seg.client_slot(slot).state
+
+
+def recovered_then_close(seg, slot, what):
+    """Wait (10 s at most) for `what`: slot freed and nothing held in seg; then close seg."""
+    wait_for(lambda: slot_state(seg, slot) == 0, 10, what)
+    assert seg.check().blocks_held == 0
+    seg.close()
 
 
 # ---- start, stop, signals ----------------------------------------------------------------
@@ -389,10 +400,7 @@ def test_hup_reloads_config(tmp_path):
         assert "error" in r and d.request("status")["pid"] == d.pid
     finally:
         d.cleanup()
-        try:
-            Segment.unlink(second)
-        except OSError:
-            pass
+        unlink_quietly(second)
 
 
 # ---- registration, several processes, recovery ------------------------------------------------
@@ -413,9 +421,7 @@ if sys.argv[3] == "close":
 
 
 def spawn_client(d, mode="close"):
-    p = subprocess.Popen([sys.executable, "-c", CLIENT, d.segment, d.socket, mode],
-                         env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    p = python_child(CLIENT, d.segment, d.socket, mode)
     slot, row = map(int, p.stdout.readline().split())
     return p, slot, row
 
@@ -457,17 +463,14 @@ def test_unregistered_clients_are_watched_too(daemon):
     code = ("import sys,os; from blocktable import Segment; s=Segment.attach(sys.argv[1]);"
             "c=s.client(); r=c.claim_row(); c.alloc_append(r,5); print(c.id, flush=True);"
             "sys.stdin.readline()")
-    p = subprocess.Popen([sys.executable, "-c", code, daemon.segment], env=child_env(),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = python_child(code, daemon.segment)
     slot = int(p.stdout.readline())
     wait_for(lambda: any(c["slot"] == slot and c["watched"]
                          for c in daemon.request("clients")["clients"]), 10, "the scan to watch it")
     seg = Segment.attach(daemon.segment)
     p.kill()
     p.wait()
-    wait_for(lambda: slot_state(seg, slot) == 0, 10, "its slot to be freed")
-    assert seg.check().blocks_held == 0
-    seg.close()
+    recovered_then_close(seg, slot, "its slot to be freed")
 
 
 def test_zombie_is_recovered_without_waiting_for_the_reap(daemon):
@@ -499,9 +502,7 @@ def test_adopt_existing_segment_with_live_client(tmp_path):
                  "the new daemon to watch the old client")
         p.kill()
         p.wait()
-        wait_for(lambda: slot_state(seg, slot) == 0, 10, "recovery by the new daemon")
-        assert seg.check().blocks_held == 0
-        seg.close()
+        recovered_then_close(seg, slot, "recovery by the new daemon")
     finally:
         d.cleanup()
 
@@ -516,9 +517,7 @@ def test_client_dead_while_daemon_down_is_recovered_at_adoption(tmp_path):
         p.wait()
         assert slot_state(seg, slot) == lib_active()
         d.start()
-        wait_for(lambda: slot_state(seg, slot) == 0, 10, "recovery at adoption")
-        assert seg.check().blocks_held == 0
-        seg.close()
+        recovered_then_close(seg, slot, "recovery at adoption")
     finally:
         d.cleanup()
 
@@ -576,24 +575,10 @@ def test_other_uid_refused_unless_allowed(tmp_path):
 
 # ---- the socket survives anything ---------------------------------------------------------
 def raw(d, payload, read=True):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(d.socket)
-    s.sendall(payload)
-    out = b""
-    if read:
-        try:
-            while True:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                out += chunk
-                if out.count(b"\n") >= payload.count(b"\n") and payload.endswith(b"\n"):
-                    break
-        except (socket.timeout, ConnectionResetError):
-            pass
-    s.close()
-    return [json.loads(x) for x in out.splitlines()]
+    """Send payload to d's socket; its replies, one per line it ended with (read=False:
+    hang up without reading)."""
+    want = payload.count(b"\n") if payload.endswith(b"\n") else None
+    return socket_lines(d.socket, payload, want if read else 0)
 
 
 @pytest.mark.parametrize("line,name", [
@@ -664,13 +649,16 @@ def test_fsck_repair_over_socket(daemon):
     assert r["ok"] and r["segments"][0]["report"]["blocks_free"] == SMALL["blocks_per_pool"] - 1
 
 
+def metrics_daemon(tmp_path):
+    """A started btd serving SMALL with its metrics on a free local port: (daemon, port)."""
+    port = free_port()
+    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL)
+    return d.start(), port
+
+
 def test_metrics_endpoint(tmp_path):
     import urllib.request
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start()
+    d, port = metrics_daemon(tmp_path)
     try:
         p, slot, _ = spawn_client(d, mode="hold")
         p.kill()
@@ -771,9 +759,7 @@ def test_create_serves_a_new_segment_like_a_configured_one(daemon):
     name = unique_name("cr")
     ask = {"blocks_per_pool": 200, "num_rows": 8, "row_width": 8, "block_size": 32}
     try:
-        p = subprocess.Popen([sys.executable, "-c", CREATE_CLIENT, name, daemon.socket,
-                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        p = python_child(CREATE_CLIENT, name, daemon.socket, json.dumps(ask))
         slot, row, bpp = map(int, p.stdout.readline().split())
         assert bpp == 200
         st = {s["name"]: s for s in daemon.request("status")["segments"]}
@@ -806,10 +792,7 @@ def test_create_serves_a_new_segment_like_a_configured_one(daemon):
         assert name in {s["name"] for s in daemon.request("status")["segments"]}
         assert f"segments ['{name}'] stay served" not in daemon.log()
     finally:
-        try:
-            Segment.unlink(name)
-        except OSError:
-            pass
+        unlink_quietly(name)
 
 
 @pytest.mark.parametrize("ask, bad", [
@@ -838,10 +821,7 @@ def test_create_on_a_too_small_segment_names_both_sizes(daemon, ask, bad):
         assert daemon.request("create", {"segment": name, "config": base})["created"] is False
         assert daemon.request("clients", {"segment": name})["clients"] == []
     finally:
-        try:
-            Segment.unlink(name)
-        except OSError:
-            pass
+        unlink_quietly(name)
 
 
 @pytest.mark.parametrize("args, name", [
@@ -876,17 +856,11 @@ sys.stdin.readline()
 
 
 def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    d = DaemonProcess(tmp_path, args=["--metrics", f"127.0.0.1:{port}"], sizes=SMALL).start()
+    d, port = metrics_daemon(tmp_path)
     name = unique_name("cp")
     ask = {"blocks_per_pool": 64, "num_rows": 8, "row_width": 8, "cache_pools": 1}
     try:
-        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
-                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        p = python_child(CACHE_CLIENT, name, d.socket, json.dumps(ask))
         slot = int(p.stdout.readline())
         [pool] = d.request("pools", {"segment": name})["pools"]
         # 63 blocks besides the null block: 2 held (6 - 4 freed), 4 cached, 57 free
@@ -929,9 +903,8 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
         assert pool["owner_pid"] is None
         assert d.ctl_json("fsck", "--segment", name)["ok"] is True
         # a new engine takes the pool at once
-        p = subprocess.Popen([sys.executable, "-c", CACHE_CLIENT, name, d.socket,
-                              json.dumps(ask)], env=child_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = python_child(CACHE_CLIENT, name, d.socket, json.dumps(ask),
+                         stderr=subprocess.PIPE)
         line = p.stdout.readline()
         assert line.strip(), p.stderr.read()
         [pool] = d.request("pools", {"segment": name})["pools"]
@@ -940,10 +913,7 @@ def test_cache_pool_view_metrics_and_reset_when_its_engine_dies(tmp_path):
         p.wait()
     finally:
         d.cleanup()
-        try:
-            Segment.unlink(name)
-        except OSError:
-            pass
+        unlink_quietly(name)
 
 
 def test_a_scribbled_client_state_is_reported_not_fatal(daemon):

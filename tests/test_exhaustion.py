@@ -165,13 +165,6 @@ time.sleep(600)
 """
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProcess(tmp_path, sizes=SIZES).start()
-    yield d
-    d.cleanup()
-
-
 def test_all_client_slots_via_the_daemon(daemon):
     holders = []
     try:

@@ -16,6 +16,8 @@ import pytest
 import blocktable as bt
 from blocktable import gpu
 
+from conftest import gpu_exporter, random_requests
+
 OK, WHY = gpu.gpu_available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"needs a CUDA GPU and cupy: {WHY}")
 
@@ -54,14 +56,6 @@ def rand_row(rng, width, n=None):
 
 
 # ---- child processes (spawned) ---------------------------------------------------
-def _exporter(name, ready, stop, device=0):
-    seg = bt.Segment.attach(name)
-    ex = gpu.MirrorExporter(seg, device)
-    ready.put((ex.index, ex.generation, os.getpid()))
-    stop.wait(60)
-    ex.close()
-
-
 def _writer(name, seconds, seed, done):
     """Appends, rewrites, truncates and swaps rows as fast as it can."""
     seg = bt.Segment.attach(name)
@@ -154,7 +148,7 @@ def test_ipc_open_from_second_process_sees_synced_table(named):
     cp = cupy()
     c = ctx()
     ready, stop = c.Queue(), c.Event()
-    p = c.Process(target=_exporter, args=(named.name, ready, stop))
+    p = c.Process(target=gpu_exporter, args=(named.name, ready, stop))
     p.start()
     try:
         idx, gen, pid = ready.get(timeout=60)
@@ -195,7 +189,7 @@ def test_exporter_death_then_reopen(named):
     cp = cupy()
     c = ctx()
     ready, stop = c.Queue(), c.Event()
-    p = c.Process(target=_exporter, args=(named.name, ready, stop))
+    p = c.Process(target=gpu_exporter, args=(named.name, ready, stop))
     p.start()
     idx, gen, pid = ready.get(timeout=60)
     cl = named.client()
@@ -214,7 +208,7 @@ def test_exporter_death_then_reopen(named):
     # A new Event: the killed exporter died waiting on the first one, and a
     # multiprocessing Event's set() waits for every sleeper to wake.
     stop = c.Event()
-    p2 = c.Process(target=_exporter, args=(named.name, ready, stop))
+    p2 = c.Process(target=gpu_exporter, args=(named.name, ready, stop))
     p2.start()
     try:
         idx2, gen2, pid2 = ready.get(timeout=60)
@@ -469,13 +463,7 @@ def test_slot_mapping_kernels_bit_identical_to_cpu(bs, world, rank, il):
         sp = bt.SlotParams(block_size=bs, cp_world=world, cp_rank=rank, cp_interleave=il)
         R, W = seg.config.num_rows, seg.config.row_width
         for trial in range(20):
-            num_reqs = int(rng.integers(0, 40))
-            lens = rng.integers(0, 300, num_reqs)
-            qsl = np.zeros(num_reqs + 1, np.int32)
-            qsl[1:] = np.cumsum(lens)
-            total = int(qsl[-1])
-            out_len = total + int(rng.integers(0, 200))
-            rows = rng.integers(0, R, num_reqs).astype(np.int32)
+            num_reqs, lens, qsl, total, out_len, rows = random_requests(rng, R, 40, 300, 200)
             pos = rng.integers(-4, W * bs * world + 64, total).astype(np.int64)
             want = seg.slots_qsl(qsl, pos, rows=rows, out_len=out_len, params=sp)
             got = ex.slot_mapping(cp.asarray(qsl), positions=cp.asarray(pos),

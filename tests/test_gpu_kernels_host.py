@@ -18,6 +18,8 @@ import pytest
 import blocktable as bt
 from blocktable.gpu import kernels as K
 
+from conftest import random_requests
+
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler to emulate the kernels")
 
@@ -122,13 +124,7 @@ def test_qsl_and_row_forms_match_libbt(hk, bs, world, rank, il):
         counts = np.ascontiguousarray(seg.num_blocks)
         R, W = table.shape
         for trial in range(6):
-            num_reqs = int(rng.integers(0, 9))
-            lens = rng.integers(0, 40, num_reqs)
-            qsl = np.zeros(num_reqs + 1, np.int32)
-            qsl[1:] = np.cumsum(lens)
-            total = int(qsl[-1])
-            out_len = total + int(rng.integers(0, 50))
-            rows = rng.integers(0, R, num_reqs).astype(np.int32)
+            num_reqs, lens, qsl, total, out_len, rows = random_requests(rng, R, 9, 40, 50)
             pos = rng.integers(-5, W * bs * world + 40, max(total, 1)).astype(np.int64)
             want = seg.slots_qsl(qsl, pos, rows=rows, out_len=out_len, params=sp)
             out = np.full(out_len + 3, 777, np.int64)

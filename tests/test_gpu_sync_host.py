@@ -257,6 +257,17 @@ def _handle(tag):
     return (tag + bytes(64))[:64]
 
 
+@contextlib.contextmanager
+def peer_synced(s, handle):
+    """After a first sync of ours, a peer (as `peer`) whose own sync has staged and
+    finished, recording event `handle`: (its process, its pipe)."""
+    s.syncer.sync(1)
+    with peer(s, handle) as (p, conn):
+        assert conn.recv() == ("staged", 0)
+        assert conn.recv() == ("done", 0)
+        yield p, conn
+
+
 # ---- tests -----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["auto", "scatter", "zerocopy", "ranges"])
 def test_sync_moves_what_changed_and_leaves_a_record(setup, rt, mode):
@@ -306,11 +317,8 @@ def test_a_failed_copy_invalidates_and_unlocks(setup, rt):
 
 def test_live_peer_is_waited_for_then_the_record_is_ours(setup, rt):
     s = setup
-    s.syncer.sync(1)
     h = _handle(b"peer-a")
-    with peer(s, h) as (p, conn):
-        assert conn.recv() == ("staged", 0)
-        assert conn.recv() == ("done", 0)
+    with peer_synced(s, h) as (p, conn):
         pid, seq, ev = s.record()
         assert pid == p.pid and ev == h and seq == 2
         # Nothing changed: no copy, but the stream still waits for the
@@ -330,10 +338,7 @@ def test_live_peer_is_waited_for_then_the_record_is_ours(setup, rt):
 
 def test_dead_last_syncer_means_a_full_restage(setup, rt):
     s = setup
-    s.syncer.sync(1)
-    with peer(s, _handle(b"peer-b")) as (p, conn):
-        assert conn.recv() == ("staged", 0)
-        assert conn.recv() == ("done", 0)
+    with peer_synced(s, _handle(b"peer-b")) as (p, conn):
         conn.send("exit")
         p.join(10)
     assert s.record()[0] == p.pid
@@ -349,10 +354,7 @@ def test_dead_last_syncer_means_a_full_restage(setup, rt):
 
 def test_unopenable_peer_event_means_a_full_restage(setup, rt):
     s = setup
-    s.syncer.sync(1)
-    with peer(s, _handle(b"bad")) as (p, conn):
-        assert conn.recv() == ("staged", 0)
-        assert conn.recv() == ("done", 0)
+    with peer_synced(s, _handle(b"bad")) as (p, conn):
         assert s.syncer.sync(1) == R * (W + 1)
         assert s.syncer.last_waited == "dead"
         s.device_ok()

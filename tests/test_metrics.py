@@ -4,7 +4,6 @@ segment label on every blocktable series (btd serves several segments),
 prometheus_client's own histograms with no pause recorded for a recovery
 that froze nothing; and --metrics without prometheus-client refuses to start."""
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,6 +13,8 @@ import pytest
 import blocktable
 
 from blocktable_daemon.testing import DaemonProcess, child_env, unique_name, wait_for
+
+from conftest import free_port
 
 SMALL = {"blocks_per_pool": 1024, "num_rows": 32, "row_width": 16, "max_clients": 16,
          "hand_size": 64}
@@ -27,14 +28,6 @@ c.alloc_append(row, 3)
 print(c.id, flush=True)
 sys.stdin.readline()
 """
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def scrape(port):

@@ -35,6 +35,8 @@ import blocktable as bt
 from blocktable_daemon import protocol
 from blocktable_daemon.testing import DaemonProcess, child_env, unique_name
 
+from conftest import socket_lines
+
 CFG = bt.SegmentConfig(num_pools=1, blocks_per_pool=64, num_rows=4, row_width=4,
                        max_clients=8, hand_size=16)
 SIZES = {"blocks_per_pool": 64, "num_rows": 4, "row_width": 4, "max_clients": 8,
@@ -295,30 +297,8 @@ def test_btd_refuses_a_socket_path_too_long(daemon_dir):
 
 # ---- the daemon's request size limit -------------------------------------------------------
 def raw_lines(sock_path, payload, timeout=10):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(sock_path)
-    s.sendall(payload)
-    out = b""
-    try:
-        while True:
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
-            out += chunk
-            if out.endswith(b"\n") and out.count(b"\n") >= max(payload.count(b"\n"), 1):
-                break
-    except (socket.timeout, ConnectionResetError):
-        pass
-    s.close()
-    return [json.loads(x) for x in out.splitlines()]
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProcess(tmp_path, sizes=SIZES).start()
-    yield d
-    d.cleanup()
+    """The replies to payload, read until as many whole lines as it has (at least one)."""
+    return socket_lines(sock_path, payload, max(payload.count(b"\n"), 1), timeout)
 
 
 def test_request_size_limit_is_exact(daemon):

@@ -161,6 +161,17 @@ class CachePool:
             raise make_error(_ECLIENT, f"cache pool {self.pool}: the client is closed")
         return cl
 
+    def _ids_call(self, what, fn, ids, *extra):
+        """fn(client, pool, ids, n, *extra) for the C calls that take a list
+        of block ids; the error names `what` and the ids."""
+        cl = self._client._cl
+        if cl is None:
+            self._cl()
+        b, n = _ids(ids)
+        rc = fn(cl, self.pool, b, n, *extra)
+        if rc:
+            raise make_error(rc, f"{what}({preview(ids)}) in cache pool {self.pool}")
+
     def _grow(self, n: int) -> None:
         self._rm_cap = max(n, 2 * self._rm_cap)
         self._rm = _lib.new("bt_cache_key[]", self._rm_cap)
@@ -205,13 +216,7 @@ class CachePool:
         """vLLM touch(blocks): each block with count 0 leaves the free queue
         (a prefix-cache hit on an eviction candidate); count += 1. The null
         block is accepted and ignored. Errors: OutOfRange."""
-        cl = self._client._cl
-        if cl is None:
-            self._cl()
-        b, n = _ids(ids)
-        rc = _lib.cache_touch(cl, self.pool, b, n)
-        if rc:
-            raise make_error(rc, f"touch({preview(ids)}) in cache pool {self.pool}")
+        self._ids_call("touch", _lib.cache_touch, ids)
 
     def free(self, ids: IntsLike, caching: bool = True) -> None:
         """vLLM free_blocks(ordered_blocks): count -= 1 each, in order; the
@@ -219,25 +224,13 @@ class CachePool:
         go to the front of the queue in list order, those with keys to the
         tail in list order. The null block is skipped. Errors: NotHeld (a
         count would go below 0; duplicates count), OutOfRange."""
-        cl = self._client._cl
-        if cl is None:
-            self._cl()
-        b, n = _ids(ids)
-        rc = _lib.cache_free(cl, self.pool, b, n, 1 if caching else 0)
-        if rc:
-            raise make_error(rc, f"free({preview(ids)}) in cache pool {self.pool}")
+        self._ids_call("free", _lib.cache_free, ids, 1 if caching else 0)
 
     def unpin(self, ids: IntsLike) -> None:
         """vLLM unpin_blocks(blocks, on_reuse) (the reuse callbacks are the
         caller's): count -= 1; blocks reaching 0 go to the tail of the queue,
         with or without keys. Errors: NotHeld, InvalidArgument (null block)."""
-        cl = self._client._cl
-        if cl is None:
-            self._cl()
-        b, n = _ids(ids)
-        rc = _lib.cache_unpin(cl, self.pool, b, n)
-        if rc:
-            raise make_error(rc, f"unpin({preview(ids)}) in cache pool {self.pool}")
+        self._ids_call("unpin", _lib.cache_unpin, ids)
 
     def refcnt(self, block: int) -> int:
         """The block's reference count (vLLM ref_cnt; the null block's is 0)."""

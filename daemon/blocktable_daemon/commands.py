@@ -73,6 +73,18 @@ def _seg_arg(parser):
     parser.add_argument("--segment", "-S", help="only this segment")
 
 
+class SegmentCommand(Command):
+    """A bt-ctl command about one served segment (--segment) or all of them; subclasses
+    add their own arguments after these."""
+    args: dict[str, tuple[type, object]] = {"segment": (str, None)}
+
+    def add_arguments(self, p):
+        _seg_arg(p)
+
+    def request_args(self, ns):
+        return {"segment": ns.segment}
+
+
 # ---- rendering helpers ----------------------------------------------------------------
 def table(headers, rows):
     """Aligned columns; numbers right-aligned."""
@@ -242,16 +254,9 @@ class Status(Command):
 
 
 @command
-class Clients(Command):
+class Clients(SegmentCommand):
     name = "clients"
     help = "client slots in use"
-    args = {"segment": (str, None)}
-
-    def add_arguments(self, p):
-        _seg_arg(p)
-
-    def request_args(self, ns):
-        return {"segment": ns.segment}
 
     def execute(self, daemon, conn, args):
         return {"clients": [c for m in daemon.served(args["segment"]) for c in daemon.clients(m)]}
@@ -265,16 +270,9 @@ class Clients(Command):
 
 
 @command
-class Pools(Command):
+class Pools(SegmentCommand):
     name = "pools"
     help = "blocks per pool: used, cached (free, holding a prefix) and free"
-    args = {"segment": (str, None)}
-
-    def add_arguments(self, p):
-        _seg_arg(p)
-
-    def request_args(self, ns):
-        return {"segment": ns.segment}
 
     def execute(self, daemon, conn, args):
         out = []
@@ -306,19 +304,19 @@ class Pools(Command):
 
 
 @command
-class Rows(Command):
+class Rows(SegmentCommand):
     name = "rows"
     help = "claimed rows"
-    args = {"segment": (str, None), "owner": (int, None), "limit": (int, 10000)}
+    args = {**SegmentCommand.args, "owner": (int, None), "limit": (int, 10000)}
 
     def add_arguments(self, p):
-        _seg_arg(p)
+        super().add_arguments(p)
         p.add_argument("--owner", type=int, metavar="PID", help="only rows of this process")
         p.add_argument("--limit", type=number(int, 1, True), default=10000,
                        help="at most this many (10000)")
 
     def request_args(self, ns):
-        return {"segment": ns.segment, "owner": ns.owner, "limit": ns.limit}
+        return {**super().request_args(ns), "owner": ns.owner, "limit": ns.limit}
 
     def execute(self, daemon, conn, args):
         out, truncated, titles = [], False, {}
@@ -351,17 +349,17 @@ class Rows(Command):
 
 
 @command
-class Row(Command):
+class Row(SegmentCommand):
     name = "row"
     help = "one row and its block ids"
-    args = {"segment": (str, None), "row": (int, REQUIRED)}
+    args = {**SegmentCommand.args, "row": (int, REQUIRED)}
 
     def add_arguments(self, p):
-        _seg_arg(p)
+        super().add_arguments(p)
         p.add_argument("row", type=int, metavar="N")
 
     def request_args(self, ns):
-        return {"segment": ns.segment, "row": ns.row}
+        return {**super().request_args(ns), "row": ns.row}
 
     def execute(self, daemon, conn, args):
         m = daemon.segment(args["segment"])
@@ -416,20 +414,20 @@ class Stats(Command):
 
 
 @command
-class Fsck(Command):
+class Fsck(SegmentCommand):
     name = "fsck"
     help = "check a segment exactly (a short freeze); --repair rebuilds counts and lists"
-    args = {"segment": (str, None), "repair": (bool, False), "wait_ms": (int, 1000)}
+    args = {**SegmentCommand.args, "repair": (bool, False), "wait_ms": (int, 1000)}
 
     def add_arguments(self, p):
-        _seg_arg(p)
+        super().add_arguments(p)
         p.add_argument("--repair", action="store_true",
                        help="rebuild counts and free lists, reap dead clients")
         p.add_argument("--wait-ms", type=int, default=1000,
                        help="how long to wait for clients inside a call (1000)")
 
     def request_args(self, ns):
-        return {"segment": ns.segment, "repair": ns.repair, "wait_ms": ns.wait_ms}
+        return {**super().request_args(ns), "repair": ns.repair, "wait_ms": ns.wait_ms}
 
     def execute(self, daemon, conn, args):
         out = []

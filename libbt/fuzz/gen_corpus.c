@@ -35,6 +35,19 @@ static void put(const char *dir, const char *name, const uint8_t *a, size_t na,
     fclose(f);
 }
 
+/* Seed file <dir>/<prefix>-<v>: the first len bytes of buf, whose bytes from
+ * `keep` on (up to cap) are drawn first, all of them, so that every file after
+ * it gets the same bytes whatever len is. */
+static void put_random(const char *dir, const char *prefix, int v, uint8_t *buf, size_t cap,
+                       size_t keep, unsigned len)
+{
+    for (size_t k = keep; k < cap; k++)
+        buf[k] = rnd8();
+    char name[64];
+    snprintf(name, sizeof(name), "%s-%d", prefix, v);
+    put(dir, name, buf, len, NULL, 0);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3) {
@@ -85,22 +98,13 @@ int main(int argc, char **argv)
         free(mem);
     }
     for (int v = 0; v < 8; v++) {       /* config + patches + ops */
-        uint8_t buf[256];
-        buf[0] = 1;
-        for (size_t k = 1; k < sizeof(buf); k++)
-            buf[k] = rnd8();
-        char name[64];
-        snprintf(name, sizeof(name), "patched-%d", v);
-        put(argv[1], name, buf, 32u + 28u * (unsigned)v, NULL, 0);
+        uint8_t buf[256] = { 1 };
+        put_random(argv[1], "patched", v, buf, sizeof(buf), 1, 32u + 28u * (unsigned)v);
         files++;
     }
     for (int v = 0; v < 16; v++) {
         uint8_t buf[1024];
-        for (size_t k = 0; k < sizeof(buf); k++)
-            buf[k] = rnd8();
-        char name[64];
-        snprintf(name, sizeof(name), "ops-%d", v);
-        put(argv[2], name, buf, 16u + 63u * (unsigned)v, NULL, 0);
+        put_random(argv[2], "ops", v, buf, sizeof(buf), 0, 16u + 63u * (unsigned)v);
         files++;
     }
     printf("gen_corpus: %d seed files\n", files);

@@ -402,6 +402,14 @@ static int cp_begin(bt_client *cl, uint32_t pool, struct cp *c)
     return BT_OK;
 }
 
+/* cp_begin for the calls that take a list of ids: BT_EINVAL if n ids are
+ * promised and none given, before anything else. */
+static int cp_begin_ids(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n,
+                        struct cp *c)
+{
+    return !ids && n ? BT_EINVAL : cp_begin(cl, pool, c);
+}
+
 int bt_cache_close(bt_client *cl, uint32_t pool)
 {
     struct cp c;
@@ -489,9 +497,7 @@ out:
 int bt_cache_touch(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n)
 {
     struct cp c;
-    if (!ids && n)
-        return BT_EINVAL;
-    int rc = cp_begin(cl, pool, &c);
+    int rc = cp_begin_ids(cl, pool, ids, n, &c);
     if (rc)
         return rc;
     for (uint32_t i = 0; i < n && !rc; i++) {
@@ -577,25 +583,30 @@ static int check_ids(const struct cp *c, const int32_t *ids, uint32_t n, int nul
     return BT_OK;
 }
 
-int bt_cache_free(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n, int caching)
+/* bt_cache_free and bt_cache_unpin: the same checks and decrements; only
+ * null blocks (unpin refuses them) and where the blocks that reach 0 go differ. */
+enum { REL_FREE, REL_FREE_CACHING, REL_UNPIN };
+
+static int cache_release(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n, int how)
 {
     struct cp c;
-    if (!ids && n)
-        return BT_EINVAL;
-    int rc = cp_begin(cl, pool, &c);
+    int rc = cp_begin_ids(cl, pool, ids, n, &c);
     if (rc)
         return rc;
-    if ((rc = check_ids(&c, ids, n, 1)) || n == 0)
+    if ((rc = check_ids(&c, ids, n, how != REL_UNPIN)) || n == 0)
         goto out;
     if (!q_ends_ok(&c)) {
         rc = BT_ECORRUPT;
         goto out;
     }
     w_begin(c.h);
-    if (!(rc = decref_all(&c, ids, n))) {
+    rc = decref_all(&c, ids, n);
+    if (!rc && how == REL_UNPIN)
+        rc = queue_zeroed(&c, ids, n, L(&c.h->tail), 0);     /* every one to the tail */
+    else if (!rc) {
         /* vLLM: prepend_n(no hash, or caching off), then append_n(with hash) */
-        rc = queue_zeroed(&c, ids, n, BT_NIL, caching ? 1 : 0);
-        if (caching && !rc)
+        rc = queue_zeroed(&c, ids, n, BT_NIL, how == REL_FREE_CACHING ? 1 : 0);
+        if (how == REL_FREE_CACHING && !rc)
             rc = queue_zeroed(&c, ids, n, L(&c.h->tail), 2);
     }
     w_end(c.h);
@@ -604,27 +615,14 @@ out:
     return rc;
 }
 
+int bt_cache_free(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n, int caching)
+{
+    return cache_release(cl, pool, ids, n, caching ? REL_FREE_CACHING : REL_FREE);
+}
+
 int bt_cache_unpin(bt_client *cl, uint32_t pool, const int32_t *ids, uint32_t n)
 {
-    struct cp c;
-    if (!ids && n)
-        return BT_EINVAL;
-    int rc = cp_begin(cl, pool, &c);
-    if (rc)
-        return rc;
-    if ((rc = check_ids(&c, ids, n, 0)) || n == 0)
-        goto out;
-    if (!q_ends_ok(&c)) {
-        rc = BT_ECORRUPT;
-        goto out;
-    }
-    w_begin(c.h);
-    if (!(rc = decref_all(&c, ids, n)))
-        rc = queue_zeroed(&c, ids, n, L(&c.h->tail), 0);
-    w_end(c.h);
-out:
-    bt_op_end(cl);
-    return rc;
+    return cache_release(cl, pool, ids, n, REL_UNPIN);
 }
 
 int bt_cache_set_ref(bt_client *cl, uint32_t pool, int32_t block, uint32_t refcnt)

@@ -37,11 +37,8 @@
 
 static T_UNUSED bt_config st_config(uint32_t workers)
 {
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 128;
-    c.num_rows = workers * ST_MAXR > 4 ? workers * ST_MAXR - 2 : 2;   /* ENOROWS happens */
-    c.row_width = ST_W;
+    uint32_t rows = workers * ST_MAXR > 4 ? workers * ST_MAXR - 2 : 2;   /* ENOROWS happens */
+    bt_config c = t_config(2, 128, rows, ST_W);
     c.max_clients = workers + 4;
     c.hand_size = ST_HAND;
     return c;
@@ -678,6 +675,20 @@ static T_UNUSED void st_raw_run(struct st_raw *r)
             T_FAIL("raw worker %u: bt_pool_push returned %s", r->me, bt_errname(rc));
         r->pushes += n[nb];
     }
+}
+
+/* After the raw workers are done: no block is stamped any more, the two pools
+ * hold free0 and free1 blocks again, and a check finds every block free. */
+static T_UNUSED void st_raw_check_end(bt_seg *seg, const uint32_t *stamp, uint32_t free0,
+                                      uint32_t free1)
+{
+    uint64_t total = t_info(seg).total_blocks;
+    for (uint64_t b = 0; b < total; b++)
+        T_EQ(stamp[b], 0);
+    T_EQ(t_free(seg, 0), free0);
+    T_EQ(t_free(seg, 1), free1);
+    bt_check_report rep = t_check_quiet(seg);
+    T_EQ(rep.blocks_free, total - 1);
 }
 
 #endif /* BT_STRESS_H */

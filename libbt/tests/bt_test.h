@@ -275,20 +275,27 @@ static T_UNUSED int t_done(void)
 }
 
 /* ---- segments ---------------------------------------------------------- */
-/* A small config: 1 pool of 64 blocks, 8 rows of 8, 4 clients, hand 64. */
-static T_UNUSED bt_config t_config_small(void)
+/* A small config with the shape a test asks for: `pools` pools of `blocks`
+ * blocks, `rows` rows of `width`; blocks of 16 tokens, 4 clients, hand 64. */
+static T_UNUSED bt_config t_config(uint32_t pools, uint32_t blocks, uint32_t rows, uint32_t width)
 {
     bt_config c;
     bt_config_default(&c);
     c.block_size = 16;
     c.kernel_block_size = 16;
-    c.num_pools = 1;
-    c.blocks_per_pool = 64;
-    c.num_rows = 8;
-    c.row_width = 8;
+    c.num_pools = pools;
+    c.blocks_per_pool = blocks;
+    c.num_rows = rows;
+    c.row_width = width;
     c.max_clients = 4;
     c.hand_size = 64;
     return c;
+}
+
+/* The default small config: 1 pool of 64 blocks, 8 rows of 8. */
+static T_UNUSED bt_config t_config_small(void)
+{
+    return t_config(1, 64, 8, 8);
 }
 
 /* An embedded segment (private mapping) or fail. */
@@ -467,6 +474,77 @@ static T_UNUSED bt_check_report t_check_quiet_at(bt_seg *seg, const char *file, 
                   rep.blocks_free, rep.blocks_held, fr, info.total_blocks);
     t_check_tails_at(seg, file, line);
     return rep;
+}
+
+/* ---- the setup and teardown most sub-tests share ------------------------ */
+/* t_seg_embedded / t_seg_shared of a config taken by value, so that a test
+ * that needs nothing more of its config writes t_seg_new(cfg()). */
+static T_UNUSED bt_seg *t_seg_new(bt_config c)
+{
+    return t_seg_embedded(&c);
+}
+static T_UNUSED bt_seg *t_seg_new_shared(bt_config c)
+{
+    return t_seg_shared(&c);
+}
+
+/* A named segment (t_name(tag), created exclusively; skips without /dev/shm):
+ * its name in *name, for attaching from children and for T_END_NAMED. */
+static T_UNUSED bt_seg *t_seg_new_named(bt_config c, const char *tag, const char **name)
+{
+    t_need_shm();
+    *name = t_name(tag);
+    bt_seg *seg = NULL;
+    int rc = bt_seg_create(*name, &c, BT_CREATE_EXCL, &seg);
+    if (rc)
+        T_FAIL("bt_seg_create(%s) returned %d (%s)", *name, rc, bt_errname(rc));
+    return seg;
+}
+
+/* A sub-test's last words: T_END(seg, clients...) closes the clients named,
+ * requires the segment to be quiet (t_check_quiet), then closes it. T_END
+ * for t_seg_embedded / t_seg_new segments, T_END_SHARED for shared ones,
+ * T_END_NAMED(name, seg, clients...) for named ones (then unlinks the name). */
+#define T_END(...) t_end_at(__FILE__, __LINE__, 0, NULL, __VA_ARGS__, (bt_client *)NULL)
+#define T_END_SHARED(...) t_end_at(__FILE__, __LINE__, 1, NULL, __VA_ARGS__, (bt_client *)NULL)
+#define T_END_NAMED(name, ...) t_end_at(__FILE__, __LINE__, 0, name, __VA_ARGS__, (bt_client *)NULL)
+static T_UNUSED void t_end_at(const char *file, int line, int shared, const char *name,
+                              bt_seg *seg, ...)
+{
+    va_list ap;
+    va_start(ap, seg);
+    for (bt_client *cl = va_arg(ap, bt_client *); cl; cl = va_arg(ap, bt_client *))
+        bt_client_close(cl);
+    va_end(ap);
+    t_check_quiet_at(seg, file, line);
+    if (shared)
+        t_seg_shared_close(seg);
+    else
+        bt_seg_close(seg);
+    int rc = name ? bt_seg_unlink(name) : 0;
+    if (rc)
+        t_fail_at(file, line, "bt_seg_unlink(%s) returned %d (%s)", name, rc, bt_errname(rc));
+}
+
+/* pipe(fd) and fork(), or fail: the child's pid (0 in the child). */
+static T_UNUSED pid_t t_fork_pipe(int fd[2])
+{
+    if (pipe(fd) != 0)
+        T_FAIL("pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0)
+        T_FAIL("fork: %s", strerror(errno));
+    return pid;
+}
+
+/* How many blocks client cl holds in its hand. */
+static T_UNUSED uint32_t t_hand(const bt_seg *seg, const bt_client *cl)
+{
+    bt_client_slot_info si;
+    int rc = bt_client_slot_get(seg, bt_client_id(cl), &si);
+    if (rc)
+        T_FAIL("bt_client_slot_get returned %d (%s)", rc, bt_errname(rc));
+    return si.hand_count;
 }
 
 /* ---- snapshots: "a call that returns an error has changed nothing" ------- */

@@ -32,12 +32,18 @@ static uint32_t buckets_of(const bt_config *c)  /* white-box: bt_layout's rule *
 
 static bt_config cfg(uint32_t cache_pools, uint32_t keys)
 {
-    bt_config c = t_config_small();
-    c.num_pools = 3;
-    c.blocks_per_pool = BPP;
+    bt_config c = t_config(3, BPP, 8, 8);
     c.cache_pools = cache_pools;
     c.cache_keys = keys;
     return c;
+}
+
+/* A new client of seg that owns cache pool `pool` (bt_cache_open), or fail. */
+static bt_client *cache_owner(bt_seg *seg, uint32_t pool)
+{
+    bt_client *cl = t_client(seg);
+    T_OK(bt_cache_open(cl, pool));
+    return cl;
 }
 
 /* The queue of `pool`, as ids. */
@@ -145,10 +151,8 @@ static void test_config(void)
 
 static void test_queue_order(void)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_seg *seg = t_seg_new(cfg(1, 0));
+    bt_client *cl = cache_owner(seg, 0);
     int32_t a[8];
     T_OK(bt_cache_alloc(cl, 0, 4, a, NULL, 0, NULL));
     T_EQ(a[0], 1); T_EQ(a[3], 4);
@@ -233,18 +237,15 @@ static void test_queue_order(void)
     int32_t big[BPP];
     T_RC(bt_cache_alloc(cl, 0, BPP, big, NULL, 0, NULL), BT_ENOBLOCKS);
     T_EQ(check(seg, 0).cache_bad, 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 /* ---- the map ----------------------------------------------------------------- */
 
 static void test_map(void)
 {
-    bt_config c = cfg(2, 6);
-    bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 1));
+    bt_seg *seg = t_seg_new(cfg(2, 6));
+    bt_client *cl = cache_owner(seg, 1);
     int32_t a[6];
     T_OK(bt_cache_alloc(cl, 1, 4, a, NULL, 0, NULL));
     T_EQ(a[0], (int32_t)BPP);           /* pool 1: no null block */
@@ -334,16 +335,14 @@ static void test_map(void)
     T_RC(bt_cache_set_ref(cl, 1, a[0], 0), BT_EINVAL);
     T_RC(bt_cache_set_ref(cl, 1, qa[0] == a[0] ? qa[1] : qa[0], 2), BT_EINVAL);
     T_EQ(check(seg, 0).cache_bad, 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 /* ---- refusals and ownership -------------------------------------------------- */
 
 static void test_refusals(void)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg(1, 0));
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t ids[4];
     /* the Treiber paths refuse a cache pool */
@@ -405,8 +404,7 @@ static void test_refusals(void)
     T_EQ(st.keys, 0);
     T_EQ(lookup(seg, 0, 1), 0);
     T_OK(bt_cache_open(a, 0));
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* ---- the reference model (block_pool.py, transliterated) ------------------- */
@@ -535,10 +533,8 @@ static uint32_t pick_held(uint64_t *rs, const struct model *m, uint32_t lo, int3
 
 static void differential(uint32_t pool, uint64_t seed, uint32_t steps)
 {
-    bt_config c = cfg(2, MK);
-    bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, pool));
+    bt_seg *seg = t_seg_new(cfg(2, MK));
+    bt_client *cl = cache_owner(seg, pool);
     uint32_t lo = pool * BPP, KS = 40;
     struct model m;
     m_init(&m, lo);
@@ -700,8 +696,7 @@ static void differential(uint32_t pool, uint64_t seed, uint32_t steps)
                (unsigned long long)st.queries, (unsigned long long)st.hits,
                (unsigned long long)st.resets);
     T_ASSERT(st.stored > steps / 10 && st.evicted > 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static void test_differential_pool0(void)
@@ -724,12 +719,9 @@ static void test_differential_pool1(void)
  * repair instead of the lock-free release. */
 static void owner_dies(int via_check, int mid_op)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg(1, 0));
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *cl = t_client(seg);
         int32_t ids[8];
@@ -785,8 +777,7 @@ static void owner_dies(int via_check, int mid_op)
     T_EQ(ids[0], 1);
     bt_check_report rep = check(seg, BT_CHECK_FROZEN);
     T_EQ(rep.cache_bad, 0);
-    bt_client_close(nc);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, nc);
 }
 
 static void test_owner_killed_recover(void) { owner_dies(0, 0); }
@@ -796,8 +787,7 @@ static void test_owner_killed_mid_op(void) { owner_dies(0, 1); }
 /* A dead owner never recovered: the next bt_cache_open takes the pool over. */
 static void test_open_takes_dead_owner(void)
 {
-    bt_config c = cfg(1, 0);
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg(1, 0));
     pid_t pid = fork();
     T_ASSERT(pid >= 0);
     if (pid == 0) {
@@ -821,8 +811,7 @@ static void test_open_takes_dead_owner(void)
     T_EQ(rep.clients_reaped, 1);
     T_EQ(rep.cache_reset, 0);
     T_EQ(t_free(seg, 0), BPP - 4);
-    bt_client_close(nc);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, nc);
 }
 
 /* ---- scribbles ----------------------------------------------------------------- */
@@ -831,8 +820,7 @@ static void scribble_round(uint64_t *rs, uint32_t nwrites)
 {
     bt_config c = cfg(2, 16);
     bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_client *cl = cache_owner(seg, 0);
     T_OK(bt_cache_open(cl, 1));
     int32_t ids[8];
     for (uint32_t p = 0; p < 2; p++) {  /* some state: held, cached-free, keys */
@@ -914,8 +902,7 @@ static void test_corrupt_detected(void)
 {
     bt_config c = cfg(1, 0);
     bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_client *cl = cache_owner(seg, 0);
     uint8_t *base = bt_seg_base(seg);
     const struct bt_header *h = (const struct bt_header *)base;
     struct bt_cblock *cb = (struct bt_cblock *)(base + h->off[BT_R_CBLOCKS]);
@@ -955,8 +942,7 @@ static void test_corrupt_detected(void)
     T_ASSERT(check(seg, 0).cache_bad > 0);
     T_EQ(check(seg, BT_CHECK_REPAIR).cache_reset, 1);
     T_EQ(lookup(seg, 0, 1), 0);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 /* ---- lock-free readers against a busy owner ----------------------------------- */
@@ -1007,10 +993,8 @@ static void *reader(void *arg)
 
 static void test_readers_mt(void)
 {
-    bt_config c = cfg(1, 32);
-    bt_seg *seg = t_seg_embedded(&c);
-    bt_client *cl = t_client(seg);
-    T_OK(bt_cache_open(cl, 0));
+    bt_seg *seg = t_seg_new(cfg(1, 32));
+    bt_client *cl = cache_owner(seg, 0);
     int stop = 0;
     struct rd r[2] = { { seg, &stop, 0, 0, 0 }, { seg, &stop, 0, 0, 0 } };
     pthread_t th[2];
@@ -1052,8 +1036,7 @@ static void test_readers_mt(void)
         T_EQ(r[i].bad, 0);
         T_ASSERT(r[i].reads > 100 && r[i].hits > 0);
     }
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 int main(int argc, char **argv)

@@ -17,10 +17,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();     /* 1 pool x 64 blocks */
-    c.num_rows = 6;
-    c.row_width = W;
-    return c;
+    return t_config(1, 64, 6, W);
 }
 
 /* ---- white-box access to the layout ---------------------------------------- */
@@ -98,8 +95,7 @@ static void drain_pool_and_give_back(bt_seg *seg, const int32_t *held, int nheld
 /* ---- a quiet segment ---------------------------------------------------------- */
 static void test_quiet(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t ra, rb;
     int32_t x[3], loose[2];
@@ -148,8 +144,7 @@ static void test_quiet(void)
 /* ---- leaks through the raw pool ------------------------------------------------ */
 static void test_leak_repair(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t ra;
     int32_t x[2], lost[3];
@@ -180,9 +175,7 @@ static void test_leak_repair(void)
     T_EQ(t_row(seg, ra, NULL, 0).num_blocks, 2);
     t_check_quiet(seg);
     drain_pool_and_give_back(seg, x, 2);
-    bt_client_close(a);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* bt.h: blocks_free counts blocks "on free lists", blocks_held those "with a
@@ -190,8 +183,7 @@ static void test_leak_repair(void)
  * count 1: a read-only check must say free 60, held 3 (not free 63). */
 static void test_leak_counts(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     int32_t lost[3];
     T_OK(bt_pool_pop(seg, 0, 3, 999, lost));
     bt_check_report rep = check(seg, 0);
@@ -381,9 +373,7 @@ static void test_broken_free_list(void)
 static uint32_t dead_child(const char *name, const int32_t *share, int in_op)
 {
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_seg *seg;
         uint32_t r1, r2;
@@ -417,18 +407,23 @@ static uint32_t dead_child(const char *name, const int32_t *share, int in_op)
     return id;
 }
 
+/* The live client of the dead-client tests: it holds a managed row of three
+ * fresh blocks (their ids in x), which the dead children share. */
+static bt_client *holder_of_three(bt_seg *seg, int32_t x[3])
+{
+    bt_client *p = t_client(seg);
+    uint32_t row;
+    T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &row));
+    T_OK(bt_row_alloc_append(p, row, 0, 3, x));
+    return p;
+}
+
 static void test_dead_client(void)
 {
-    t_need_shm();
-    bt_config c = cfg();
-    const char *name = t_name("chk");
-    bt_seg *seg;
-    T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
-    bt_client *p = t_client(seg);
-    uint32_t rp;
+    const char *name;
+    bt_seg *seg = t_seg_new_named(cfg(), "chk", &name);
     int32_t x[3];
-    T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &rp));
-    T_OK(bt_row_alloc_append(p, rp, 0, 3, x));
+    bt_client *p = holder_of_three(seg, x);
     t_snap *before = t_snap_take(seg);
 
     uint32_t id = dead_child(name, x, 0);
@@ -447,7 +442,7 @@ static void test_dead_client(void)
     t_snap *s = t_snap_take(seg);
     T_RC(bt_seg_recover_client(seg, bt_client_id(p), 100, &rep), BT_EBUSY);
     T_RC(bt_seg_recover_client(seg, 0, 100, &rep), BT_ERANGE);
-    T_RC(bt_seg_recover_client(seg, c.max_clients + 1, 100, &rep), BT_ERANGE);
+    T_RC(bt_seg_recover_client(seg, t_info(seg).config.max_clients + 1, 100, &rep), BT_ERANGE);
     T_SAME(seg, s);
 
     T_OK(bt_seg_recover_client(seg, id, 1000, &rep));
@@ -481,10 +476,7 @@ static void test_dead_client(void)
     t_check_quiet(seg);
     drain_pool_and_give_back(seg, x, 3);
 
-    bt_client_close(p);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
-    T_OK(bt_seg_unlink(name));
+    T_END_NAMED(name, seg, p);
 }
 
 /* A live client that stays inside a call blocks a repair (BT_EBUSY, and it
@@ -492,16 +484,10 @@ static void test_dead_client(void)
  * deferred to the next successful repair. */
 static void test_stuck_client(void)
 {
-    t_need_shm();
-    bt_config c = cfg();
-    const char *name = t_name("stk");
-    bt_seg *seg;
-    T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
-    bt_client *p = t_client(seg);
-    uint32_t rp;
+    const char *name;
+    bt_seg *seg = t_seg_new_named(cfg(), "stk", &name);
     int32_t x[3];
-    T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &rp));
-    T_OK(bt_row_alloc_append(p, rp, 0, 3, x));
+    bt_client *p = holder_of_three(seg, x);
     t_snap *before = t_snap_take(seg);
     uint32_t dead = dead_child(name, x, 0);
 
@@ -527,10 +513,7 @@ static void test_stuck_client(void)
         T_ASSERT(rep.clients_reaped >= 1);
     }
     T_SAME(seg, before);
-    t_check_quiet(seg);
-    bt_client_close(p);
-    bt_seg_close(seg);
-    T_OK(bt_seg_unlink(name));
+    T_END_NAMED(name, seg, p);
 }
 
 /* A client died inside a call with a block named by both its row and its
@@ -540,16 +523,11 @@ static void test_stuck_client(void)
  * client has since been handed would be freed under it. */
 static void test_deferred_recovery_keeps_hand(void)
 {
-    t_need_shm();
-    bt_config c = cfg();
-    const char *name = t_name("dfr");
-    bt_seg *seg;
-    T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
+    const char *name;
+    bt_seg *seg = t_seg_new_named(cfg(), "dfr", &name);
     bt_client *p = t_client(seg);
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_seg *cs;
         uint32_t r;
@@ -562,7 +540,8 @@ static void test_deferred_recovery_keeps_hand(void)
         T_OK(bt_row_append(cl, r, &b, 1));
         uint32_t id = bt_client_id(cl);
         struct bt_cslot *sl = slot_ptr(cs, id);
-        uint32_t *hand = (uint32_t *)(base_of(cs) + region(cs, BT_R_HANDS)) + (uint64_t)(id - 1) * c.hand_size;
+        uint32_t *hand = (uint32_t *)(base_of(cs) + region(cs, BT_R_HANDS)) +
+                         (uint64_t)(id - 1) * t_info(cs).config.hand_size;
         hand[0] = (uint32_t)b;                      /* the hand still names it */
         __atomic_store_n(&sl->hand_count, 1u, __ATOMIC_SEQ_CST);
         __atomic_store_n(&sl->in_op, 1u, __ATOMIC_SEQ_CST);
@@ -591,18 +570,14 @@ static void test_deferred_recovery_keeps_hand(void)
         T_EQ(rc1, 1u);
     }
     T_OK(bt_blocks_release(p, mine, 8));
-    t_check_quiet(seg);
-    bt_client_close(p);
-    bt_seg_close(seg);
-    T_OK(bt_seg_unlink(name));
+    T_END_NAMED(name, seg, p);
 }
 
 /* The freeze word names a sweeper that died: calls fail fast with
  * BT_EFROZEN, and a repairing check takes the freeze over and thaws. */
 static void test_dead_sweeper(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     bt_client *p = t_client(seg);
     pid_t pid = fork();
     T_ASSERT(pid >= 0);
@@ -619,9 +594,7 @@ static void test_dead_sweeper(void)
     check(seg, BT_CHECK_REPAIR);
     T_EQ(*freeze_word(seg), 0);
     T_OK(bt_blocks_alloc(p, 0, 1, &id));
-    bt_client_close(p);
-    t_check_quiet(seg);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, p);
 }
 
 /* Every data-path write honours the freeze word: while a (dead) sweeper
@@ -629,8 +602,7 @@ static void test_dead_sweeper(void)
  * under a repair (test_mt_stress sees such repairs find a row mid-write). */
 static void test_frozen_tokens(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     bt_client *p = t_client(seg);
     uint32_t row;
     T_OK(bt_row_claim(p, 1, -1, BT_ROW_MANAGED, &row));
@@ -645,8 +617,7 @@ static void test_frozen_tokens(void)
     T_RC(bt_row_set_tokens(p, row, 20), BT_EFROZEN);
     T_EQ(t_row(seg, row, NULL, 0).num_tokens, 10);
     __atomic_store_n(freeze_word(seg), 0ull, __ATOMIC_SEQ_CST);
-    bt_client_close(p);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg, p);
 }
 
 int main(int argc, char **argv)

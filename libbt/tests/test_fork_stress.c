@@ -170,9 +170,7 @@ static void test_raw_pool_processes(void)
 {
     t_need_shm();
     uint32_t n = nprocs();
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 96;
+    bt_config c = t_config(2, 96, 8, 8);
     const char *name = t_name("raw");
     bt_seg *seg;
     T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
@@ -214,12 +212,7 @@ static void test_raw_pool_processes(void)
     printf("raw pool: %u processes x 2 threads, %" PRIu64 " blocks popped and pushed, %" PRIu64
            " pops found the pool dry, %.2f s\n", n, pops[0], pops[1],
            (double)(t_now_ns() - t0) / 1e9);
-    for (uint64_t b = 0; b < total; b++)
-        T_EQ(stamp[b], 0);
-    T_EQ(t_free(seg, 0), 95);
-    T_EQ(t_free(seg, 1), 96);
-    bt_check_report rep = t_check_quiet(seg);
-    T_EQ(rep.blocks_free, total - 1);
+    st_raw_check_end(seg, stamp, 95, 96);
     T_ASSERT(pops[0] > 0);
     munmap(stamp, total * 4 + 4096);
     bt_seg_close(seg);

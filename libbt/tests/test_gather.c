@@ -11,16 +11,12 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 6;
-    c.row_width = W;
-    return c;
+    return t_config(1, 64, 6, W);
 }
 
 static void test_find_and_gather(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t r1, r2, row;
     T_OK(bt_row_claim(a, 0x1111, -1, BT_ROW_RAW, &r1));
@@ -60,15 +56,13 @@ static void test_find_and_gather(void)
     T_RC(bt_rows_gather(seg, keys, 1, bad, out, 0, nb), BT_EINVAL);
     T_RC(bt_rows_gather(seg, keys, 1, NULL, out, 4, nb), BT_EINVAL);
     T_OK(bt_rows_gather(seg, NULL, 0, NULL, NULL, 4, NULL));
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* A hint is trusted only for the row and generation it names. */
 static void test_stale_hints(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t r1, r2;
     T_OK(bt_row_claim(a, 42, 0, BT_ROW_RAW, &r1));
@@ -105,8 +99,7 @@ static void test_stale_hints(void)
     T_OK(bt_rows_gather(seg, &key, 1, &hint, out, W, &nb));
     T_EQ(nb, 0);
     T_EQ((uint32_t)hint, r1 + 1);
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 /* A writer claims, appends and releases rows with entries derived from the
@@ -136,8 +129,7 @@ static void *writer_main(void *arg)
 
 static void test_race(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     struct race rc = { .seg = seg };
     pthread_t tid;
     T_ASSERT(pthread_create(&tid, NULL, writer_main, &rc) == 0);
@@ -165,8 +157,7 @@ static void test_race(void)
     rc.stop = 1;
     T_ASSERT(pthread_join(tid, NULL) == 0);
     T_ASSERT(rc.found > 0);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 int main(int argc, char **argv)

@@ -77,8 +77,7 @@ static void cap_memory(void)
 
 static void test_set_on_a_long_paged_row(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 1;
+    bt_config c = t_config(1, 64, 1, 8);
     c.chunk_size = 4096;
     c.num_chunks = 2;
     c.dir_width = 1u << 18;             /* capacity 2^30 entries, directory 1 MiB */
@@ -99,14 +98,12 @@ static void test_set_on_a_long_paged_row(void)
         T_EQ(ri.num_blocks, 1);
         T_EQ(got[0], 3);
     }
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static void test_release_of_a_long_sparse_row(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 1;
+    bt_config c = t_config(1, 64, 1, 8);
     c.chunk_size = 4096;
     c.num_chunks = 2;
     c.dir_width = 1u << 18;
@@ -123,14 +120,12 @@ static void test_release_of_a_long_sparse_row(void)
     T_OK(bt_chunks_free(seg, &chunks));
     T_EQ(chunks, c.num_chunks);
     t_check_quiet(seg);
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static bt_config paged_cfg(void)
 {
-    bt_config c = t_config_small();
-    c.blocks_per_pool = 8;
+    bt_config c = t_config(1, 8, 8, 8);
     c.chunk_size = 2;
     c.num_chunks = 4;
     c.dir_width = 4;
@@ -162,8 +157,7 @@ static void chunk_kept(int shared)
     T_OK(bt_chunks_free(seg, &after));
     T_EQ(after, c.num_chunks);          /* a released row holds no chunk */
     t_check_quiet(seg);                 /* and fsck finds none leaked */
-    bt_client_close(cl);
-    bt_seg_close(seg);
+    T_END(seg, cl);
 }
 
 static void test_failed_paged_append_shared_keeps_no_chunk(void) { chunk_kept(1); }

@@ -71,8 +71,7 @@ static void *checker_main(void *p)
 static void test_clients_threads(void)
 {
     uint32_t n = nthreads();
-    bt_config c = st_config(n);
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(st_config(n));
     struct st_shared *sh = st_shared_new(t_info(seg).total_blocks, n);
     struct st_worker *w = calloc(n, sizeof(*w));
     pthread_t *tid = calloc(n, sizeof(*tid)), ctid;
@@ -120,9 +119,7 @@ static void *raw_main(void *p)
 static void test_raw_pool_threads(void)
 {
     uint32_t n = nthreads();
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 64;              /* 127 blocks: 4 threads x 4 x 16 run it dry */
+    bt_config c = t_config(2, 64, 8, 8);  /* 127 blocks: 4 threads x 4 x 16 run it dry */
     bt_seg *seg = t_seg_embedded(&c);
     uint64_t total = t_info(seg).total_blocks;
     uint32_t *stamp = calloc(total, 4);
@@ -144,12 +141,7 @@ static void test_raw_pool_threads(void)
     }
     printf("raw pool: %u threads, %" PRIu64 " blocks popped and pushed, %" PRIu64
            " pops found the pool dry, %.2f s\n", n, pops, dry, (double)(t_now_ns() - t0) / 1e9);
-    for (uint64_t b = 0; b < total; b++)
-        T_EQ(stamp[b], 0);
-    T_EQ(t_free(seg, 0), 63);
-    T_EQ(t_free(seg, 1), 64);
-    bt_check_report rep = t_check_quiet(seg);
-    T_EQ(rep.blocks_free, total - 1);
+    st_raw_check_end(seg, stamp, 63, 64);
     T_ASSERT(pops > 0);
     free(stamp);
     free(r);
@@ -212,10 +204,7 @@ static void *sl_reader(void *p)
 
 static void test_seqlock_readers(void)
 {
-    bt_config c = t_config_small();
-    c.num_rows = 4;
-    c.row_width = 8;
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(t_config(1, 64, 4, 8));
     uint32_t stop = 0, r;
     struct sl_arg w[2], rd[2];
     pthread_t tw[2], tr[2];
@@ -242,8 +231,7 @@ static void test_seqlock_readers(void)
     T_ASSERT(rd[0].n + rd[1].n > 0);
     bt_client_close(w[0].cl);
     bt_client_close(w[1].cl);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 struct churn { bt_seg *seg; uint32_t *slot_owner, *row_owner, me, *stop; uint64_t rnd, opens, claims; };
@@ -301,8 +289,7 @@ static void *churn_main(void *p)
 static void test_client_churn(void)
 {
     uint32_t n = nthreads();
-    bt_config c = t_config_small();
-    c.num_rows = 6;
+    bt_config c = t_config(1, 64, 6, 8);
     c.max_clients = n > 2 ? n - 1 : 2;  /* fewer slots than threads: BT_ENOCLIENTS */
     bt_seg *seg = t_seg_embedded(&c);
     uint32_t slot_owner[ST_MAXW + 1] = { 0 }, row_owner[6] = { 0 }, stop = 0;

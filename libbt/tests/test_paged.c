@@ -17,9 +17,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();     /* 1 pool x 64 blocks */
-    c.num_rows = 6;
-    c.row_width = 8;
+    bt_config c = t_config(1, 64, 6, 8);
     c.hand_size = 64;
     c.chunk_size = CS;
     c.num_chunks = NCH;
@@ -32,13 +30,6 @@ static uint32_t chunks_free(const bt_seg *seg)
     uint32_t n = 0;
     T_OK(bt_chunks_free(seg, &n));
     return n;
-}
-
-static uint32_t hand(bt_seg *seg, bt_client *cl)
-{
-    bt_client_slot_info si;
-    T_OK(bt_client_slot_get(seg, bt_client_id(cl), &si));
-    return si.hand_count;
 }
 
 static void test_basic(void)
@@ -112,14 +103,12 @@ static void test_basic(void)
     seg = t_seg_embedded(&c);
     a = t_client(seg);
     T_ERR(bt_row_claim(a, 1, -1, BT_ROW_PAGED, &row));
-    bt_client_close(a);
-    bt_seg_close(seg);
+    T_END(seg, a);
 }
 
 static void test_holes(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t row, raw;
     int32_t x[4], got[CAP];
@@ -135,7 +124,7 @@ static void test_holes(void)
         T_EQ(got[i], 0);
     T_EQ(got[10], x[0]);
     T_EQ(chunks_free(seg), NCH - 1);                /* only chunk 2 */
-    T_EQ(hand(seg, a), 3);
+    T_EQ(t_hand(seg, a), 3);
     T_EQ(t_refcnt(seg, x[0]), 1);
     T_OK(bt_slots_row(seg, &sp, row, 0, 12 * 16, out));
     for (int p = 0; p < 12 * 16; p++)
@@ -147,7 +136,7 @@ static void test_holes(void)
     T_OK(bt_row_set_block(a, row, 2, x[2]));        /* replaces: x[1] dropped */
     T_EQ(t_refcnt(seg, x[1]), 0);
     T_EQ(t_refcnt(seg, x[2]), 1);
-    T_EQ(hand(seg, a), 1);
+    T_EQ(t_hand(seg, a), 1);
     T_OK(bt_row_set_block(a, row, 2, 0));           /* a hole: chunk 0 only holes */
     T_EQ(t_refcnt(seg, x[2]), 0);
     T_EQ(chunks_free(seg), NCH - 1);
@@ -201,8 +190,7 @@ static void test_holes(void)
     bt_client_close(a);
     bt_client_close(b);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* Found by tests/test_model.py: a truncate whose kept part of the boundary
@@ -212,8 +200,7 @@ static void test_holes(void)
  * follows the blocks used, as for set_block and punch. */
 static void test_truncate_to_holes(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t row;
     int32_t x[2], got[CAP];
@@ -251,8 +238,7 @@ static void test_truncate_to_holes(void)
 
 static void test_exhaust(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t ra, rb;
     int32_t x[2];
@@ -288,8 +274,7 @@ static void test_exhaust(void)
     T_OK(bt_row_alloc_append(a, rb, 0, 1, NULL));
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* ---- random operations against a model ------------------------------------ */
@@ -331,8 +316,7 @@ static void compare(bt_seg *seg, struct mrow *m, int it)
 
 static void test_model_raw(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     struct mrow m[2];
     uint64_t rnd = t_substream(7);
@@ -441,16 +425,14 @@ static void test_model_raw(void)
            counts[2]);
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* MANAGED paged rows: no model of contents, but the segment's own check
  * must agree with every count after every call. */
 static void test_managed_random(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t rows[3];
     uint64_t rnd = t_substream(8);
@@ -504,8 +486,7 @@ static void test_managed_random(void)
  * read-only check afterwards finds none leaked. (Found by test_scribble.) */
 static void test_repair_shortened(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg);
     uint32_t row;
     int32_t ids[3] = { 5, 6, 7 };
@@ -526,19 +507,15 @@ static void test_repair_shortened(void)
     T_ASSERT(chunks_free(seg) == NCH - in_dir || (in_dir == 0 && chunks_free(seg) >= NCH - 1));
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* A client dies holding paged rows: recovery gives every chunk back. */
 static void test_dead_client_chunks(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *cl = t_client(seg);
         uint32_t r1, r2, id = bt_client_id(cl);
@@ -564,9 +541,7 @@ static void test_dead_client_chunks(void)
     t_check_quiet(seg);
 
     /* the same death, found by a repair */
-    T_ASSERT(pipe(fd) == 0);
-    pid = fork();
-    T_ASSERT(pid >= 0);
+    pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *cl = t_client(seg);
         uint32_t r1;
@@ -581,8 +556,7 @@ static void test_dead_client_chunks(void)
     T_OK(bt_seg_check(seg, BT_CHECK_REPAIR, 1000, &rep));
     T_ASSERT(rep.clients_reaped >= 1);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg);
 }
 
 /* A dead client's paged row whose directory names a chunk of a live row
@@ -590,17 +564,14 @@ static void test_dead_client_chunks(void)
  * or take the live row's chunk. (Found by test_scribble, seed 11.) */
 static void test_repair_foreign_chunk(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_shared(&c);
+    bt_seg *seg = t_seg_new_shared(cfg());
     bt_client *a = t_client(seg);
     uint32_t ra;
     int32_t x[3], got[CAP];
     T_OK(bt_row_claim(a, 1, -1, BT_ROW_PAGED, &ra));
     T_OK(bt_row_alloc_append(a, ra, 0, 3, x));        /* chunk of entries 0..3 */
     int fd[2];
-    T_ASSERT(pipe(fd) == 0);
-    pid_t pid = fork();
-    T_ASSERT(pid >= 0);
+    pid_t pid = t_fork_pipe(fd);
     if (pid == 0) {
         bt_client *b = t_client(seg);
         uint32_t rb;
@@ -633,8 +604,7 @@ static void test_repair_foreign_chunk(void)
     t_check_quiet(seg);
     bt_client_close(a);
     T_EQ(chunks_free(seg), NCH);
-    t_check_quiet(seg);
-    t_seg_shared_close(seg);
+    T_END_SHARED(seg);
 }
 
 int main(int argc, char **argv)

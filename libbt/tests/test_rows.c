@@ -11,10 +11,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();     /* 1 pool x 64 blocks */
-    c.num_rows = 4;
-    c.row_width = W;
-    return c;
+    return t_config(1, 64, 4, W);
 }
 
 /* The row must hold exactly ids[0..n). */
@@ -36,17 +33,9 @@ static void t_row_is(bt_seg *seg, uint32_t row, const int32_t *want, uint32_t n,
     t_check_tails_at(seg, file, line);
 }
 
-static uint32_t hand(bt_seg *seg, bt_client *cl)
-{
-    bt_client_slot_info si;
-    T_OK(bt_client_slot_get(seg, bt_client_id(cl), &si));
-    return si.hand_count;
-}
-
 static void test_claim_release(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t row, r2, rows[4];
     t_snap *s;
@@ -115,14 +104,12 @@ static void test_claim_release(void)
     bt_client_close(b);
     for (uint32_t r = 0; r < 4; r++)
         T_EQ(t_row(seg, r, NULL, 0).owner, 0);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 static void test_append(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[8], y[2];
     uint32_t row, other;
@@ -132,7 +119,7 @@ static void test_append(void)
     T_OK(bt_blocks_alloc(a, 0, 8, x));
     T_OK(bt_row_append(a, row, x, 3));
     T_ROW(seg, row, x[0], x[1], x[2]);
-    T_EQ(hand(seg, a), 5);             /* the references moved into the row */
+    T_EQ(t_hand(seg, a), 5);             /* the references moved into the row */
     for (int i = 0; i < 3; i++)
         T_EQ(t_refcnt(seg, x[i]), 1);
 
@@ -163,7 +150,7 @@ static void test_append(void)
     T_OK(bt_row_append(a, row, x + 3, 0));
     T_OK(bt_row_append(a, row, x + 3, 5));                          /* exactly full */
     T_ROW(seg, row, x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]);
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
     s = t_snap_take(seg);
     T_OK(bt_blocks_alloc(a, 0, 1, x));
     T_RC(bt_row_append(a, row, x, 1), BT_EROWFULL);
@@ -194,15 +181,12 @@ static void test_append(void)
     T_EQ(t_free(seg, 0), 63 - 2);
     T_OK(bt_blocks_release(b, y, 2));
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_append_shared(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3];
     uint32_t ra, rb, raw;
@@ -217,7 +201,7 @@ static void test_append_shared(void)
     T_EQ(t_refcnt(seg, x[0]), 2);
     T_EQ(t_refcnt(seg, x[1]), 2);
     T_EQ(t_refcnt(seg, x[2]), 1);
-    T_EQ(hand(seg, b), 0);
+    T_EQ(t_hand(seg, b), 0);
     /* the same block twice in a row is two references */
     T_OK(bt_row_append_shared(a, ra, &x[2], 1));
     T_ROW(seg, ra, x[0], x[1], x[2], x[2]);
@@ -249,15 +233,12 @@ static void test_append_shared(void)
     T_OK(bt_row_release(b, rb));
     T_EQ(t_free(seg, 0), 63);
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_alloc_append(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[8], hog[64];
     uint32_t row, raw;
@@ -272,7 +253,7 @@ static void test_alloc_append(void)
         T_EQ(ref, 1);
         T_EQ(owner, bt_client_id(a));
     }
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
     T_EQ(t_free(seg, 0), 60);
     T_OK(bt_row_alloc_append(a, row, 0, 2, NULL));
     T_EQ(t_row(seg, row, x, W).num_blocks, 5);
@@ -296,14 +277,12 @@ static void test_alloc_append(void)
     bt_client_close(b);
     bt_client_close(a);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 static void test_set(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3], y[2], z[9];
     uint32_t row;
@@ -317,7 +296,7 @@ static void test_set(void)
     for (int i = 0; i < 3; i++)
         T_EQ(t_refcnt(seg, x[i]), 0);
     T_EQ(t_refcnt(seg, y[0]), 1);
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
     T_EQ(t_free(seg, 0), 61);
 
     /* a block in both the old and the new list survives: share y[1] loose,
@@ -327,7 +306,7 @@ static void test_set(void)
     T_ROW(seg, row, y[1]);
     T_EQ(t_refcnt(seg, y[1]), 1);
     T_EQ(t_refcnt(seg, y[0]), 0);
-    T_EQ(hand(seg, a), 0);
+    T_EQ(t_hand(seg, a), 0);
 
     T_OK(bt_blocks_alloc(a, 0, 9, z));
     s = t_snap_take(seg);
@@ -345,19 +324,16 @@ static void test_set(void)
     T_EQ(t_refcnt(seg, y[1]), 0);
     T_OK(bt_row_set(a, row, NULL, 0));              /* set to nothing */
     T_ROW_EMPTY(seg, row);
-    T_EQ(hand(seg, a), 1);
+    T_EQ(t_hand(seg, a), 1);
     T_OK(bt_blocks_release(a, &z[8], 1));
     T_EQ(t_free(seg, 0), 63);
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_truncate(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[6];
     uint32_t row;
@@ -384,15 +360,12 @@ static void test_truncate(void)
     T_EQ(t_row(seg, row, NULL, 0).owner, bt_client_id(a));   /* still claimed */
     T_EQ(t_free(seg, 0), 63);
     t_check_quiet(seg);
-    bt_client_close(a);
-    bt_client_close(b);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 static void test_move(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3], y[1];
     uint32_t src, dst, full, theirs;
@@ -437,16 +410,14 @@ static void test_move(void)
     bt_client_close(a);
     bt_client_close(b);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 /* bt.h: moving onto a row that holds blocks releases what dst held (unlike
  * vLLM's move_row, which left dst's old ids unaccounted). */
 static void test_move_into_full(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[2], y[2];
     uint32_t src, dst, rb;
@@ -473,8 +444,7 @@ static void test_move_into_full(void)
 
 static void test_swap(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[3], y[1];
     uint32_t ra, rb, theirs, raw;
@@ -523,14 +493,12 @@ static void test_swap(void)
     bt_client_close(a);
     bt_client_close(b);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 static void test_raw_rows(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t row;
     t_snap *s = t_snap_take(seg);
@@ -569,15 +537,13 @@ static void test_raw_rows(void)
     T_OK(bt_row_claim(a, 2, -1, BT_ROW_RAW, &row));
     T_OK(bt_row_append(a, row, &blk, 1));
     T_EQ(t_refcnt(seg, blk), 1);
-    T_EQ(hand(seg, a), 1);
+    T_EQ(t_hand(seg, a), 1);
     T_OK(bt_row_release(a, row));
     T_EQ(t_refcnt(seg, blk), 1);
     t_check_quiet(seg);
     bt_client_close(a);
     T_EQ(t_refcnt(seg, blk), 0);
-    bt_client_close(b);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, b);
 }
 
 /* Rows for a whole step's new requests at once: all or nothing. */
@@ -608,17 +574,13 @@ static void test_claim_many(void)
     bt_client_slot_info si;
     T_OK(bt_client_slot_get(seg, bt_client_id(a), &si));
     T_EQ(si.rows, 3);
-    bt_client_close(a);
-    bt_client_close(b);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 /* Every mutating call from a client that does not own the row. */
 static void test_ownership(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[2], y[2];
     uint32_t ra, ra2, rb;
@@ -646,17 +608,13 @@ static void test_ownership(void)
     T_RC(bt_step(b, 0, &ra, 1, NULL, NULL, 0, NULL), BT_ENOTOWNER);
     T_RC(bt_step(b, 0, NULL, 0, &ra, &one, 1, out), BT_ENOTOWNER);
     T_SAME(seg, s);
-    bt_client_close(a);
-    bt_client_close(b);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg, a, b);
 }
 
 /* Closing a client releases its rows and its loose blocks. */
 static void test_close_releases(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     int32_t x[4];
     uint32_t r1, r2, rb;
@@ -675,8 +633,7 @@ static void test_close_releases(void)
     t_check_quiet(seg);
     bt_client_close(b);
     T_EQ(t_free(seg, 0), 63);
-    t_check_quiet(seg);
-    bt_seg_close(seg);
+    T_END(seg);
 }
 
 int main(int argc, char **argv)

@@ -18,11 +18,7 @@
 
 static bt_config cfg(void)
 {
-    bt_config c = t_config_small();
-    c.num_pools = 2;
-    c.blocks_per_pool = 48;
-    c.num_rows = 8;
-    c.row_width = 8;
+    bt_config c = t_config(2, 48, 8, 8);
     c.max_clients = 6;
     c.hand_size = 16;
     c.chunk_size = 4;                   /* paged rows too */
@@ -38,8 +34,7 @@ static uint64_t seg_size, hdr_size;
 /* A segment in use: two clients with rows, shares and loose blocks. */
 static void make_pristine(void)
 {
-    bt_config c = cfg();
-    bt_seg *seg = t_seg_embedded(&c);
+    bt_seg *seg = t_seg_new(cfg());
     bt_client *a = t_client(seg), *b = t_client(seg);
     uint32_t r;
     int32_t x[4], y[4];

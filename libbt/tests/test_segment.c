@@ -115,9 +115,8 @@ static void test_config(void)
 
 static void test_embedded(void)
 {
-    bt_config c = t_config_small();
+    bt_config c = t_config(2, 64, 8, 8);
     c.kernel_block_size = 4;
-    c.num_pools = 2;
     bt_seg *seg = NULL;
     T_RC(bt_seg_create(NULL, &c, 0, NULL), BT_EINVAL);
     T_RC2(bt_seg_create(NULL, NULL, 0, &seg), BT_EINVAL, BT_ECONFIG);

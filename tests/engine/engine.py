@@ -28,19 +28,10 @@ import sys
 import threading
 import time
 
-
-def tiny_llama(path):
-    """The tiny Llama with dummy weights: a directory holding only config.json."""
-    os.makedirs(path, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
-           "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 2048,
-           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-           "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
-           "tie_word_embeddings": False}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return path
+# The tiny Llama with dummy weights is the example's (one definition for the example, the
+# engine test and bench/bench_vllm.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
+from vllm_engine import tiny_llama  # noqa: E402,F401
 
 
 def engine_processes():

@@ -19,25 +19,37 @@ from conftest import unique_name  # noqa: E402
 N = 40
 
 
-@pytest.fixture(params=[0, 10], ids=["exact", "larger-segment"])
-def pools(monkeypatch, request):
-    name = unique_name("vpool")
-    if request.param:       # a segment left by a larger engine: its extra ids are never used
-        cfg = _seg.segment_config(N + request.param, 16, 4, 256, cache_pools=1)
-        bt.Segment.create(name, bt.SegmentConfig(**cfg)).close()
+def _plugin_env(monkeypatch, name):
+    """The plugin as an engine of 4 x 256 tokens would run it over segment `name`, with
+    no btd (the segment is made in-process) and no stats files."""
     monkeypatch.setenv("BLOCKTABLE_VLLM", name)
     monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
     monkeypatch.delenv("BLOCKTABLE_VLLM_STATS_DIR", raising=False)
     monkeypatch.setitem(_seg.engine_sizes, "max_num_seqs", 4)
     monkeypatch.setitem(_seg.engine_sizes, "max_model_len", 256)
     monkeypatch.setattr(_seg, "_connect_btd", lambda *a: (_ for _ in ()).throw(RuntimeError("no btd")))
-    stock = BlockPool(N, True, 16, enable_kv_cache_events=True)
-    shared = SharedBlockPool(N, True, 16, enable_kv_cache_events=True)
+
+
+def _pool_pair(monkeypatch, name, events):
+    """A stock BlockPool and a SharedBlockPool of N blocks over segment `name`; the
+    segment is unlinked afterwards."""
+    _plugin_env(monkeypatch, name)
+    stock = BlockPool(N, True, 16, enable_kv_cache_events=events)
+    shared = SharedBlockPool(N, True, 16, enable_kv_cache_events=events)
     try:
         yield stock, shared
     finally:
         _seg.disconnect()
         bt.Segment.unlink(name)
+
+
+@pytest.fixture(params=[0, 10], ids=["exact", "larger-segment"])
+def pools(monkeypatch, request):
+    name = unique_name("vpool")
+    if request.param:       # a segment left by a larger engine: its extra ids are never used
+        cfg = _seg.segment_config(N + request.param, 16, 4, 256, cache_pools=1)
+        bt.Segment.create(name, bt.SegmentConfig(**cfg)).close()
+    yield from _pool_pair(monkeypatch, name, True)
 
 
 def _key(i):
@@ -123,11 +135,7 @@ def test_random_calls_match_vllm(pools, seed, extras):
 
 def test_segment_too_small_for_the_engine(monkeypatch):
     name = unique_name("vsmall")
-    monkeypatch.setenv("BLOCKTABLE_VLLM", name)
-    monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
-    monkeypatch.setitem(_seg.engine_sizes, "max_num_seqs", 4)
-    monkeypatch.setitem(_seg.engine_sizes, "max_model_len", 256)
-    monkeypatch.setattr(_seg, "_connect_btd", lambda *a: (_ for _ in ()).throw(RuntimeError("no btd")))
+    _plugin_env(monkeypatch, name)
     cfg = _seg.segment_config(N, 16, 4, 128, cache_pools=1)   # rows too narrow for 256 tokens
     seg = bt.Segment.create(name, bt.SegmentConfig(**cfg))
     try:
@@ -145,19 +153,7 @@ def pool_pair(monkeypatch, request):
     """A stock and a shared pool of N blocks, KV events on or off (off takes
     SharedBlockPool's one-call cache_full_blocks; on, vLLM's own loop)."""
     name = unique_name("vcfb")
-    monkeypatch.setenv("BLOCKTABLE_VLLM", name)
-    monkeypatch.setenv("BLOCKTABLE_VLLM_DEV", "1")
-    monkeypatch.delenv("BLOCKTABLE_VLLM_STATS_DIR", raising=False)
-    monkeypatch.setitem(_seg.engine_sizes, "max_num_seqs", 4)
-    monkeypatch.setitem(_seg.engine_sizes, "max_model_len", 256)
-    monkeypatch.setattr(_seg, "_connect_btd", lambda *a: (_ for _ in ()).throw(RuntimeError("no btd")))
-    stock = BlockPool(N, True, 16, enable_kv_cache_events=request.param)
-    shared = SharedBlockPool(N, True, 16, enable_kv_cache_events=request.param)
-    try:
-        yield stock, shared
-    finally:
-        _seg.disconnect()
-        bt.Segment.unlink(name)
+    yield from _pool_pair(monkeypatch, name, request.param)
 
 
 @pytest.mark.parametrize("seed", range(3))

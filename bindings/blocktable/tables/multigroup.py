@@ -109,6 +109,20 @@ class MultiGroupBlockTable:
             raise make_error(_lib.BT_ERANGE, f"row_idx {row_idx} not in [0, {self.max_num_reqs})")
         return row_idx
 
+    def _every_group(self, ids, save, apply, undo):
+        """apply(t, ids[g]) to every group's table t, or to none: if one fails, the
+        groups already done get undo(t, what save(t) returned before apply)."""
+        done = []
+        try:
+            for t, a in zip(self.block_tables, ids):
+                kept = save(t)
+                apply(t, a)
+                done.append((t, kept))
+        except BaseException:
+            for t, kept in done:
+                undo(t, kept)
+            raise
+
     # ---- rows -------------------------------------------------------------------
     def append_row(self, block_ids: Sequence[IntsLike], row_idx: int) -> None:
         """Append block_ids[g] to row row_idx of group g, for every group, or
@@ -120,16 +134,9 @@ class MultiGroupBlockTable:
                 raise make_error(_lib.BT_EROWFULL, f"group {g}: row {r} holds "
                                                   f"{have // t.blocks_per_kv_block} blocks, "
                                                   f"{a.shape[0]} more do not fit")
-        done = []
-        try:
-            for t, a in zip(self.block_tables, ids):
-                keep = int(t.num_blocks_per_row[r])
-                t.append_row(a, r)
-                done.append((t, keep))
-        except BaseException:
-            for t, keep in done:
-                t._client.truncate(r, keep)
-            raise
+        self._every_group(ids, lambda t: int(t.num_blocks_per_row[r]),
+                          lambda t, a: t.append_row(a, r),
+                          lambda t, keep: t._client.truncate(r, keep))
 
     def add_row(self, block_ids: Sequence[IntsLike], row_idx: int) -> None:
         """Replace row row_idx of every group (vLLM's add_row), or none."""
@@ -139,16 +146,9 @@ class MultiGroupBlockTable:
             if a.shape[0] > width:
                 raise make_error(_lib.BT_EROWFULL, f"group {g}: {a.shape[0]} blocks do not fit "
                                                   f"a row of {width}")
-        done = []
-        try:
-            for t, a in zip(self.block_tables, ids):
-                old = t.segment.read_row(r)[0].copy()
-                t.add_row(a, r)
-                done.append((t, old))
-        except BaseException:
-            for t, old in done:
-                t._client.set_row(r, old)
-            raise
+        self._every_group(ids, lambda t: t.segment.read_row(r)[0].copy(),
+                          lambda t, a: t.add_row(a, r),
+                          lambda t, old: t._client.set_row(r, old))
 
     def clear_row(self, row_idx: int) -> None:
         r = self._row(row_idx)
