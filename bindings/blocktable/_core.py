@@ -43,7 +43,10 @@ _append_c, _append_shared_c, _alloc_append_c = _lib.row_append, _lib.row_append_
 _set_row_c, _truncate_c, _set_block_c = _lib.row_set, _lib.row_truncate, _lib.row_set_block
 _punch_c, _set_tokens_c = _lib.row_punch, _lib.row_set_tokens
 _move_c, _swap_c, _step_c = _lib.row_move, _lib.row_swap, _lib.step_ex
-_slots_row_c = _lib.slots_row
+_slots_row_c, _slots_qsl_c = _lib.slots_row, _lib.slots_qsl
+# slots_qsl's cache: (qsl, positions, out, rows, num_reqs, room, qsl C view,
+# rows C view, positions C view, out C view, last n, out[:last n]).
+_QSL_NONE = (_NONE, _NONE, _NONE, _NONE, 0, 0, None, None, None, None, -1, None)
 
 # Every open Client, so that a forked child can disown its parent's handles.
 _live_clients = weakref.WeakSet()
@@ -137,7 +140,7 @@ class Segment:
     """
 
     __slots__ = ("_seg", "_base", "name", "info", "config", "table", "num_blocks",
-                 "num_tokens", "_clients", "_params", "_outc", "__weakref__")
+                 "num_tokens", "_clients", "_params", "_outc", "_qslc", "__weakref__")
 
     def __init__(self, raw, name):
         """Private: use create() or attach()."""
@@ -151,6 +154,7 @@ class Segment:
         self._clients = weakref.WeakSet()
         self._params = SlotParams()
         self._outc = (_NONE, None, 0)   # slots_row's last `out` and its C view
+        self._qslc = _QSL_NONE          # slots_qsl's last arrays and their C views
         self.table, self.num_blocks, self.num_tokens = self.views(writable=False)
 
     # ---- life cycle ---------------------------------------------------------
@@ -188,6 +192,7 @@ class Segment:
         # Unmapped now unless a view made earlier is still alive.
         self._seg = self._base = None
         self._outc = (_NONE, None, 0)
+        self._qslc = _QSL_NONE
         self.table, self.num_blocks, self.num_tokens = \
             _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")
 
@@ -409,7 +414,23 @@ class Segment:
                   params=None):
         """Form 3: request i covers tokens [qsl[i], qsl[i+1]) and lives in
         rows[i] (rows None: row i); entries from qsl[-1] to out_len are -1
-        (CUDA-graph padding). Returns out[:out_len] (default qsl[-1])."""
+        (CUDA-graph padding). Returns out[:out_len] (default qsl[-1]).
+        Called again with the same arrays (numpy, right dtype, `out` given),
+        it goes straight to C: their C views are kept from the last call, and
+        out_len (or qsl[-1]) is checked against what positions and out hold;
+        C checks the rest, as on the first call."""
+        k = self._qslc                  # one read: thread-safe
+        if query_start_loc is k[0] and positions is k[1] and out is k[2] and rows is k[3]:
+            try:
+                n = k[6][k[4]] if out_len is None else out_len      # qsl[num_reqs]: C view
+                if 0 <= n <= k[5]:
+                    rc = _slots_qsl_c(self._seg, (params or self._params).c, k[7], k[6], k[4],
+                                      k[8], k[9], n)
+                    if rc:
+                        raise _fail(rc, f"slots_qsl(num_reqs={k[4]}, out_len={n})")
+                    return k[11] if n == k[10] else out[:n]
+            except (TypeError, OverflowError):
+                pass                    # closed, a wrong type or value: the checks below say
         qsl, pos = as_array(query_start_loc, I32, "query_start_loc"), \
             as_array(positions, I64, "positions")
         num_reqs = qsl.shape[0] - 1
@@ -423,6 +444,7 @@ class Segment:
         if not 0 <= out_len <= 1 << 31:
             raise make_error(_ERANGE, f"slots_qsl(out_len={out_len}): out_len must be in "
                                       f"[0, {1 << 31}]")
+        given = out
         out = out_array(out, out_len, I64)
         if rows is None:
             rbuf = _lib.NULL
@@ -431,14 +453,22 @@ class Segment:
             if r.shape[0] < num_reqs:
                 raise make_error(_EINVAL, f"{r.shape[0]} rows for {num_reqs} requests")
             rbuf = cbuf(r)
+        qc, pc, oc = cbuf(qsl), cbuf(pos), cbuf(out)
         try:
-            rc = _lib.slots_qsl(self._s(), (params or self._params).c, rbuf, cbuf(qsl),
-                                num_reqs, cbuf(pos), cbuf(out), out_len)
+            rc = _slots_qsl_c(self._s(), (params or self._params).c, rbuf, qc, num_reqs, pc, oc,
+                              out_len)
         except OverflowError as e:
             raise _range_error(e, f"out_len={out_len}") from None
         if rc:
             raise _fail(rc, f"slots_qsl(num_reqs={num_reqs}, out_len={out_len})")
-        return out[:out_len]
+        res = out[:out_len]
+        if given is out and qsl is query_start_loc and pos is positions and \
+                (rows is None or r is rows):
+            # Kept for the next call: the arrays (so their memory lives) and
+            # their C views. room: what positions and out both hold.
+            self._qslc = (qsl, pos, out, rows, num_reqs, min(pos.shape[0], out.shape[0]), qc,
+                          rbuf, pc, oc, out_len, res)
+        return res
 
     # ---- checking and recovery ----------------------------------------------
     def check(self, repair=False, frozen=False, wait_ms=1000):
