@@ -43,6 +43,7 @@ _append_c, _append_shared_c, _alloc_append_c = _lib.row_append, _lib.row_append_
 _set_row_c, _truncate_c, _set_block_c = _lib.row_set, _lib.row_truncate, _lib.row_set_block
 _punch_c, _set_tokens_c = _lib.row_punch, _lib.row_set_tokens
 _move_c, _swap_c, _step_c = _lib.row_move, _lib.row_swap, _lib.step_ex
+_step_run_c = _lib.step_run
 _slots_row_c, _slots_qsl_c = _lib.slots_row, _lib.slots_qsl
 # slots_qsl's cache: (qsl, positions, out, rows, num_reqs, room, qsl C view,
 # rows C view, positions C view, out C view, last n, out[:last n]).
@@ -926,7 +927,7 @@ class StepPlan:
     Client.step's (bt_step_ex). One plan per client; not thread-safe."""
 
     __slots__ = ("client", "free_rows", "rows", "n_new", "arrive_keys", "arrive_n",
-                 "arrive_rows", "ids", "_args", "_keep", "_caps", "_counts")
+                 "arrive_rows", "ids", "_args", "_keep", "_caps", "_capc")
 
     def __init__(self, client, max_free=256, max_rows=256, max_arrive=256, max_ids=None, pool=0):
         c = client.segment.config
@@ -958,35 +959,40 @@ class StepPlan:
         (a.free_rows, a.rows, a.n_new, a.arrive_keys, a.arrive_n, a.arrive_rows, a.ids_out) = self._keep
         a.ids_cap, a.pool = max_ids, pool
         self._caps = (max_free, max_rows, max_arrive)
-        self._counts = (0, 0, 0)           # what _args holds now
+        self._capc = _lib.new("uint32_t[3]", self._caps)     # bt_step_run checks the counts
 
     def run(self, n_free=0, n_rows=0, n_arrive=0):
         """One step over the first n_free / n_rows / n_arrive entries of the
-        buffers; returns the number of new ids in ``ids``."""
+        buffers; returns the number of new ids in ``ids``. One C call
+        (bt_step_run checks the counts against the buffers and steps)."""
         try:
             n_free | n_rows | n_arrive  # INTS_ONLY (see _lib)
+            r = _step_run_c(self.client._cl, self._args, n_free, n_rows, n_arrive, self._capc)
         except (TypeError, OverflowError):
-            n_free, n_rows = _int(n_free, "n_free"), _int(n_rows, "n_rows")
-            n_arrive = _int(n_arrive, "n_arrive")
-        a = self._args
-        counts = (n_free, n_rows, n_arrive)
-        if counts != self._counts:      # checked and written once per change
-            mf, mr, ma = self._caps
-            if not (0 <= n_free <= mf and 0 <= n_rows <= mr and 0 <= n_arrive <= ma):
-                raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the "
-                                          f"plan's buffers ({mf}, {mr}, {ma})")
-            a.n_free, a.n_rows, a.n_arrive = counts
-            self._counts = counts
-        try:
-            rc = _step_c(self.client._cl, a)
-        except TypeError:
-            self.client._h()            # closed: ClientGone
-            raise
-        if rc:
-            raise _fail(rc, f"step plan run(n_free={n_free}, n_rows={n_rows}, "
-                            f"n_arrive={n_arrive}): {a.ids_total} ids needed, "
-                            f"{len(self.ids)} room")
-        return a.ids_total
+            r = self._run_checked(n_free, n_rows, n_arrive)
+        if r < 0:
+            self._raise(r, n_free, n_rows, n_arrive)
+        return r
+
+    def _run_checked(self, n_free, n_rows, n_arrive):
+        """run's path for what the fast call refused: a closed client, a
+        count that is not an int or does not fit."""
+        self.client._h()                # closed: ClientGone
+        n_free, n_rows = _int(n_free, "n_free"), _int(n_rows, "n_rows")
+        n_arrive = _int(n_arrive, "n_arrive")
+        mf, mr, ma = self._caps
+        if not (0 <= n_free <= mf and 0 <= n_rows <= mr and 0 <= n_arrive <= ma):
+            self._raise(_EINVAL, n_free, n_rows, n_arrive)
+        return _step_run_c(self.client._h(), self._args, n_free, n_rows, n_arrive, self._capc)
+
+    def _raise(self, rc, n_free, n_rows, n_arrive):
+        mf, mr, ma = self._caps
+        if rc == _EINVAL and not (0 <= n_free <= mf and 0 <= n_rows <= mr and 0 <= n_arrive <= ma):
+            raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the "
+                                      f"plan's buffers ({mf}, {mr}, {ma})")
+        raise _fail(rc, f"step plan run(n_free={n_free}, n_rows={n_rows}, "
+                        f"n_arrive={n_arrive}): {self._args.ids_total} ids needed, "
+                        f"{len(self.ids)} room")
 
     def fill(self, free_rows=(), rows=(), n_new=(), arrive_keys=(), arrive_n=()):
         """Copy Python sequences (lists of ints, or arrays) into the plan's
