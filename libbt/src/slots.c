@@ -217,9 +217,17 @@ BT_INLINE int64_t decode_one(const int32_t *tab, const int32_t *nbs, uint32_t w,
     return (int64_t)(((id << sh) | (x & ((1ull << sh) - 1))) | ~in);
 }
 
+/* Whether the AVX2 paths run: set once at load from the CPU; tests clear it
+ * to check the portable paths too (bt_internal.h). */
+int bt_slots_simd;
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define BT_HAVE_AVX2_DECODE 1
+__attribute__((constructor)) static void simd_init(void)
+{
+    bt_slots_simd = __builtin_cpu_supports("avx2");
+}
 /* decode_dense four tokens at a time: rows, counts and ids come by gather.
  * The same masks as decode_one; a row past the rows is clamped to the last
  * (checked before, so only a caller changing its own array gets there). */
@@ -309,7 +317,7 @@ static void decode_dense(const bt_seg *s, int sh, const int32_t *rows, uint32_t 
     const int32_t *tab = s->table, *nbs = s->nblocks;
     uint32_t w = s->cfg.row_width, nrows = s->cfg.num_rows, i = 0;
 #ifdef BT_HAVE_AVX2_DECODE
-    if (__builtin_cpu_supports("avx2"))
+    if (bt_slots_simd)
         i = decode_avx2(tab, nbs, w, nrows, sh, rows, n, pos, out);
 #endif
     if (!rows) {
@@ -500,7 +508,7 @@ int bt_slots_qsl(const bt_seg *s, const bt_slot_params *prm, const int32_t *rows
         if (decode)
             decode_dense(s, p.shift, rows, num_reqs, pos, out);
 #ifdef BT_HAVE_AVX2_DECODE
-        else if (__builtin_cpu_supports("avx2"))
+        else if (bt_slots_simd)
             qsl_avx2(s->table, s->nblocks, s->cfg.row_width, s->cfg.num_rows, p.shift, rows, qsl,
                      num_reqs, end, pos, out);
 #endif
