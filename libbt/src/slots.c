@@ -210,10 +210,10 @@ BT_INLINE void dense_run(const int32_t *e, uint64_t lim, int sh, const int64_t *
 BT_INLINE int64_t decode_one(const int32_t *tab, const int32_t *nbs, uint32_t w, int sh,
                              uint32_t row, int64_t pos)
 {
-    int32_t c = nbs[row];
+    int32_t c = bt_load_relaxed(&nbs[row]);
     uint64_t nb = c < 0 ? 0 : (uint32_t)c > w ? w : (uint32_t)c;
     uint64_t x = (uint64_t)pos, in = -(uint64_t)(x < nb << sh);     /* all ones if backed */
-    uint64_t id = (uint64_t)(int64_t)tab[(uint64_t)row * w + ((x >> sh) & in)];
+    uint64_t id = (uint64_t)(int64_t)bt_load_relaxed(&tab[(uint64_t)row * w + ((x >> sh) & in)]);
     return (int64_t)(((id << sh) | (x & ((1ull << sh) - 1))) | ~in);
 }
 
@@ -287,7 +287,7 @@ static void qsl_avx2(const int32_t *tab, const int32_t *nbs, uint32_t w, uint32_
         t1 = t1 < t0 ? t0 : t1 > end ? end : t1;
         row = row < nrows ? row : 0;
         const int32_t *e = tab + (uint64_t)row * w;
-        int32_t c = nbs[row];
+        int32_t c = bt_load_relaxed(&nbs[row]);
         uint64_t lim = (uint64_t)(c < 0 ? 0 : (uint32_t)c > w ? w : (uint32_t)c) << sh;
         uint32_t n = (uint32_t)(t1 - t0);
         if (n >= 16) {

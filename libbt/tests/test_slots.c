@@ -608,12 +608,12 @@ static void test_dense_scribbled_counts(void)
  * change (or to the null block 0: an entry zeroed by a truncate the count
  * did not show yet), but each one is -1 or a block of the pool at the right
  * offset, and no read strays (ASan/TSan builds watch the rest). */
-struct churn { bt_seg *seg; bt_client *cl; uint32_t row; volatile int stop; int32_t lo, hi; };
+struct churn { bt_seg *seg; bt_client *cl; uint32_t row; int stop; int32_t lo, hi; };
 
 static void *churn_main(void *arg)
 {
     struct churn *c = arg;
-    for (uint64_t i = 0; !c->stop && i < 2000000; i++) {
+    for (uint64_t i = 0; !__atomic_load_n(&c->stop, __ATOMIC_RELAXED) && i < 2000000; i++) {
         uint32_t n = 1 + (uint32_t)(i % DW);
         if (bt_row_alloc_append(c->cl, c->row, 0, n, NULL) == 0)
             bt_row_truncate(c->cl, c->row, (uint32_t)(i % 3));
@@ -667,7 +667,7 @@ static void test_dense_row_changing(void)
                       pos[i], out[i]);
         }
     }
-    c.stop = 1;
+    __atomic_store_n(&c.stop, 1, __ATOMIC_RELAXED);
     pthread_join(th, NULL);
     printf("%" PRIu64 " slots of a changing row were blocks of the pool\n", nonneg);
     bt_client_close(w);
