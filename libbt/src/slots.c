@@ -139,29 +139,63 @@ BT_INLINE int64_t dense_slot(const int32_t *e, uint64_t lim, int sh, int64_t x)
 typedef uint64_t bt_v4 __attribute__((vector_size(32), aligned(8), may_alias));
 
 /* A run of m tokens from position p whose slots are pos + delta, checked:
- * returns nonzero if a position is not p + k. m is a multiple of 4 when
- * `vec` (whole blocks of a block size >= 4). */
+ * returns nonzero if a position is not p + k. Four lanes at a time, the
+ * last m % 4 one by one. */
 BT_INLINE uint64_t run_add(const int64_t *src, int64_t *dst, uint32_t m, uint64_t p,
-                           uint64_t delta, int vec)
+                           uint64_t delta)
 {
     uint64_t acc = 0;
     uint32_t k = 0;
-    if (vec) {
-        bt_v4 va = { 0, 0, 0, 0 }, want = { p, p + 1, p + 2, p + 3 }, four = { 4, 4, 4, 4 };
-        for (; k < m; k += 4) {
-            bt_v4 v = *(const bt_v4 *)(src + k);
-            *(bt_v4 *)(dst + k) = v + delta;
-            va |= v ^ want;
-            want += four;
-        }
-        acc = va[0] | va[1] | va[2] | va[3];
+    bt_v4 va = { 0, 0, 0, 0 }, want = { p, p + 1, p + 2, p + 3 };
+    for (; k + 4 <= m; k += 4) {
+        bt_v4 v = *(const bt_v4 *)(src + k);
+        *(bt_v4 *)(dst + k) = v + delta;
+        va |= v ^ want;
+        want += 4;
     }
     for (; k < m; k++) {
         uint64_t v = (uint64_t)src[k];
         dst[k] = (int64_t)(v + delta);
         acc |= v ^ (p + k);
     }
-    return acc;
+    return acc | va[0] | va[1] | va[2] | va[3];
+}
+
+/* The whole blocks of a run from token *j (position p + *j, block *bi),
+ * block size 4 << k: each is bs/4 steps of four lanes (for 16, one
+ * straight block of code), the expected positions carried from block to
+ * block. Loads come before stores: out may be pos (form 1). Returns the
+ * run check (nonzero: a position was not the expected one). */
+BT_INLINE uint64_t whole_blocks(const int32_t *e, int sh, const int64_t *pos, int64_t *out,
+                                uint32_t n, uint64_t p, uint32_t *jp, uint64_t *bip)
+{
+    uint32_t j = *jp, bs = 1u << sh;
+    uint64_t bi = *bip, p0 = p + j;
+    bt_v4 va = { 0, 0, 0, 0 }, want = { p0, p0 + 1, p0 + 2, p0 + 3 };
+    for (; j + bs <= n; j += bs, bi++) {
+        uint64_t d = ((uint64_t)(int64_t)bt_load_relaxed(&e[bi]) - bi) << sh;
+        const bt_v4 *src = (const bt_v4 *)(pos + j);
+        bt_v4 *dst = (bt_v4 *)(out + j);
+        if (sh == 4) {
+            bt_v4 a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
+            dst[0] = a0 + d;
+            dst[1] = a1 + d;
+            dst[2] = a2 + d;
+            dst[3] = a3 + d;
+            va |= (a0 ^ want) | (a1 ^ (want + 4)) | (a2 ^ (want + 8)) | (a3 ^ (want + 12));
+            want += 16;
+        } else {
+            for (uint32_t k = 0; k < bs / 4; k++) {
+                bt_v4 a = src[k];
+                dst[k] = a + d;
+                va |= a ^ want;
+                want += 4;
+            }
+        }
+    }
+    *jp = j;
+    *bip = bi;
+    return va[0] | va[1] | va[2] | va[3];
 }
 
 /* n tokens of one dense row. If the positions run on from pos[0] (prefill,
@@ -180,19 +214,16 @@ BT_INLINE void dense_run(const int32_t *e, uint64_t lim, int sh, const int64_t *
         if (off || sh < 2) {                    /* the first block, from off */
             uint32_t m = n < bs - off ? n : (uint32_t)(bs - off);
             uint64_t delta = ((uint64_t)(int64_t)bt_load_relaxed(&e[bi]) - bi) << sh;
-            acc = run_add(pos, out, m, p, delta, 0);
+            acc = run_add(pos, out, m, p, delta);
             j = m;
             bi++;
         }
-        if (sh >= 2)
-            for (; j + bs <= n; j += (uint32_t)bs, bi++) {
-                uint64_t delta = ((uint64_t)(int64_t)bt_load_relaxed(&e[bi]) - bi) << sh;
-                acc |= run_add(pos + j, out + j, (uint32_t)bs, p + j, delta, 1);
-            }
+        if (sh >= 2 && j + bs <= n)
+            acc |= whole_blocks(e, sh, pos, out, n, p, &j, &bi);
         for (; j < n; j += (uint32_t)bs, bi++) {    /* a last partial block (or bs < 4) */
             uint32_t m = n - j < bs ? n - j : (uint32_t)bs;
             uint64_t delta = ((uint64_t)(int64_t)bt_load_relaxed(&e[bi]) - bi) << sh;
-            acc |= run_add(pos + j, out + j, m, p + j, delta, 0);
+            acc |= run_add(pos + j, out + j, m, p + j, delta);
         }
         if (!acc)
             return;
