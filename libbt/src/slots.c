@@ -15,14 +15,18 @@
  * Tokens arrive grouped by request, so the per-row part (count, entries,
  * kind) is looked up once per run of tokens of one row. The common case
  * (a segment without paged rows, a power-of-two block, no context
- * parallelism) has its own path, "dense" below:
- *   - decode (one token per request): the row's count is read once, inline,
- *     and the token costs a compare, a load and a select, no call;
- *   - prefill (a request's positions run on, p, p+1, ...): a block's tokens
- *     are pos + (id - bi) * bs, one add per token, checked as it goes (every
- *     position must be the one the run predicts, else that request is redone
- *     token by token), in loops the compiler vectorizes (AVX2 where the CPU
- *     has it, chosen at load time).
+ * parallelism) has its own path, "dense" below, with no call per token or
+ * per request and no bt_row_nblocks (a segment without paged rows has the
+ * row width for every cap):
+ *   - decode (every request one token; the check pass says so): one flat
+ *     loop of masks, four tokens at a time by gather where the CPU has AVX2;
+ *   - runs (a request's positions go p, p+1, ...: prefill, form 1): the
+ *     tokens of block bi are pos + (id - bi) << sh, one add per token, four
+ *     lanes at a time, while every position is checked against the one the
+ *     run predicts (a request that breaks the run is redone token by token);
+ *   - short requests (under 16 tokens) by masked gathers, four at a time.
+ * The AVX2 paths are chosen once at load (bt_slots_simd); the others are
+ * portable C that compilers vectorize where they can.
  * Bounds stay: a caller's row index and query_start_loc are checked before
  * anything is written, and checked again (clamped) where they are used, so a
  * caller that changes its own arrays meanwhile gets wrong slots, never a
@@ -97,7 +101,8 @@ static inline int64_t slot_of(const bt_seg *s, const struct sp *p, uint32_t row,
 
 /* Loops here are written to vectorize: GCC at -O2 does not try (its "very
  * cheap" model), so the functions that hold them ask for it, and on x86-64
- * Linux they are also built for AVX2, picked at load time (an ifunc). */
+ * Linux they are also built for AVX2, picked at load time (an ifunc); the
+ * sanitizer builds keep one portable copy, the one they then check. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define BT_VECTORIZE __attribute__((optimize("tree-vectorize")))
 #else
