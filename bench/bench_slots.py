@@ -224,14 +224,16 @@ def bench_step(vl, sg, quick, rounds):
                     held = [get(1) for _ in range(B)]
                 st["held"] = held
             fns["vllm"] = vl_fn
-            names.append(("vllm", f"{vl['name']} BlockPool (free_blocks, get_new_blocks per request)"))
+            names.append(("vllm", f"{vl['name']} BlockPool (free_blocks, get_new_blocks "
+                                  f"per request)"))
         if sg:
             import torch
             alloc = sg["Paged"](nblocks * page, page, torch.float16, "cpu", None, False)
             zero = torch.zeros(B, dtype=torch.int64)
             full = torch.full((B,), page, dtype=torch.int64)
             last = torch.full((B,), -1, dtype=torch.int64)
-            sst = {"held": list(alloc.alloc_extend(zero, zero, full, full, last, B * page).view(B, page))}
+            grab = alloc.alloc_extend
+            sst = {"held": list(grab(zero, zero, full, full, last, B * page).view(B, page))}
 
             def sg_fn(k, B=B, alloc=alloc, sst=sst, zero=zero, full=full, last=last):
                 held = sst["held"]
@@ -240,10 +242,12 @@ def bench_step(vl, sg, quick, rounds):
                     for idx in held:
                         alloc.free(idx)
                     alloc.free_group_end()
-                    held = list(alloc.alloc_extend(zero, zero, full, full, last, B * page).view(B, page))
+                    held = list(alloc.alloc_extend(zero, zero, full, full, last,
+                                                   B * page).view(B, page))
                 sst["held"] = held
             fns["sglang"] = sg_fn
-            names.append(("sglang", f"{sg['name']} PagedTokenToKVPoolAllocator (free group, alloc_extend)"))
+            names.append(("sglang", f"{sg['name']} PagedTokenToKVPoolAllocator "
+                                    f"(free group, alloc_extend)"))
         med = rotated_medians(fns, rounds)
         for key, label in names:
             rows.append(dict(what=f"step: B={B} end + B arrive with 1 block, ns per block",
@@ -272,7 +276,8 @@ def main():
     t0 = time.time()
     results = {}
     if a.only in (None, "slots"):
-        results["slots"] = bench_slots(vl, a.quick, rounds) if vl else f"vLLM missing: {MISSING['vllm']}"
+        results["slots"] = (bench_slots(vl, a.quick, rounds) if vl else
+                            f"vLLM missing: {MISSING['vllm']}")
     if a.only in (None, "step"):
         results["step"] = bench_step(vl, sg, a.quick, rounds)
     for sec, rs in results.items():
@@ -281,7 +286,9 @@ def main():
             print("  " + rs)
             continue
         for r in rs:
-            goal = "" if r["goal"] is None else f"  (goal {r['goal']}x: {'met' if r['ratio'] >= r['goal'] else 'NOT met'})"
+            met = r["goal"] is not None and r["ratio"] >= r["goal"]
+            goal = ("" if r["goal"] is None else
+                    f"  (goal {r['goal']}x: {'met' if met else 'NOT met'})")
             print(f"  {r['what']}: blocktable {r['figure']:.3f}  |  {r['baseline']}: "
                   f"{r['baseline_figure']:.3f}  ->  {r['ratio']:.2f}x{goal}")
     if MISSING:
