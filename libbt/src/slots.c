@@ -304,6 +304,19 @@ static uint32_t decode_avx2(const int32_t *tab, const int32_t *nbs, uint32_t w, 
     return i;
 }
 
+/* dense_run built for AVX2, out of line: the request loop below keeps its
+ * registers (inlined, the two spill each other's). Blocks of 16 tokens
+ * (vLLM's default) get a copy where the shift is a constant. */
+__attribute__((target("avx2"), noinline))
+static void dense_run_avx2(const int32_t *e, uint64_t lim, int sh, const int64_t *pos,
+                           uint32_t n, int64_t *out)
+{
+    if (sh == 4)
+        dense_run(e, lim, 4, pos, n, out);
+    else
+        dense_run(e, lim, sh, pos, n, out);
+}
+
 /* Form 3's requests of a few tokens each (prefill chunks, speculative
  * decoding): a request's tokens four at a time by gather, the last ones
  * masked, so a request costs a few vector steps and no scalar tail. Long
@@ -327,7 +340,7 @@ static void qsl_avx2(const int32_t *tab, const int32_t *nbs, uint32_t w, uint32_
         uint64_t lim = (uint64_t)(c < 0 ? 0 : (uint32_t)c > w ? w : (uint32_t)c) << sh;
         uint32_t n = (uint32_t)(t1 - t0);
         if (n >= 16) {
-            dense_run(e, lim, sh, pos + t0, n, out + t0);
+            dense_run_avx2(e, lim, sh, pos + t0, n, out + t0);
         } else {
             const __m256i vlim = _mm256_set1_epi64x((long long)lim);
             for (uint32_t k = 0; k < n; k += 4) {
