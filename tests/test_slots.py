@@ -68,6 +68,59 @@ def test_qsl_form_pads_with_minus_one(filled):
     np.testing.assert_array_equal(got, want)
 
 
+def test_qsl_form_called_again_with_the_same_arrays(filled):
+    """The second call with the same arrays goes straight to C (Segment keeps
+    their C views): it must see their new contents, return out[:qsl[-1]]
+    (or out_len), refuse what does not fit out, and fail
+    cleanly once the segment is closed."""
+    seg = filled
+    R = seg.config.num_rows
+    qsl = np.arange(R + 1, dtype=np.int32)
+    pos = np.zeros(R, np.int64)
+    out = np.full(R + 4, 7, np.int64)
+
+    def want(q, rows=None):
+        return [ref_slot(seg.table, seg.num_blocks, i if rows is None else rows[i], pos[t], 16)
+                for i in range(len(q) - 1) for t in range(q[i], q[i + 1])]
+    for k in range(4):
+        pos[:] = np.arange(R) * (k + 3)
+        got = seg.slots_qsl(qsl, pos, out=out)
+        assert got.base is out or got is out
+        np.testing.assert_array_equal(got, want(qsl))
+    qsl[R] = R - 2                      # the last requests end early: shorter result
+    qsl[R - 1] = R - 2
+    got = seg.slots_qsl(qsl, pos, out=out)
+    assert len(got) == R - 2
+    np.testing.assert_array_equal(got, want(qsl))
+    got = seg.slots_qsl(qsl, pos, out=out, out_len=R)   # padding up to out_len
+    np.testing.assert_array_equal(got, want(qsl) + [-1, -1])
+    got = seg.slots_qsl(qsl, pos, out=out, out_len=R + 4)   # padding past positions' end
+    np.testing.assert_array_equal(got, want(qsl) + [-1] * 6)
+    with pytest.raises(bt.InvalidArgument):              # past out: refused
+        seg.slots_qsl(qsl, pos, out=out, out_len=R + 5)
+    qsl[R] = R + 1                      # ending past positions: refused either way
+    for n in (None, R, R + 2):
+        with pytest.raises(bt.InvalidArgument):
+            seg.slots_qsl(qsl, pos, out=out, out_len=n)
+    qsl[R] = R - 2
+    qsl[1] = 5                          # going back: C refuses, out untouched
+    out[:] = 9
+    with pytest.raises(bt.InvalidArgument):
+        seg.slots_qsl(qsl, pos, out=out, out_len=R)
+    assert (out == 9).all()
+    qsl[1] = 1
+    rows = np.arange(R, dtype=np.int32)[::-1].copy()
+    for _ in range(2):
+        np.testing.assert_array_equal(seg.slots_qsl(qsl, pos, rows=rows, out=out, out_len=R),
+                                      want(qsl, rows) + [-1, -1])
+    rows[0] = R                         # a bad row seen on the fast path too
+    with pytest.raises(bt.OutOfRange):
+        seg.slots_qsl(qsl, pos, rows=rows, out=out, out_len=R)
+    seg.close()
+    with pytest.raises(bt.BtError):
+        seg.slots_qsl(qsl, pos, rows=rows, out=out, out_len=R)
+
+
 def test_slot_argument_errors(filled):
     seg = filled
     with pytest.raises(bt.OutOfRange):

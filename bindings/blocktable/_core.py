@@ -50,7 +50,11 @@ _append_c, _append_shared_c, _alloc_append_c = _lib.row_append, _lib.row_append_
 _set_row_c, _truncate_c, _set_block_c = _lib.row_set, _lib.row_truncate, _lib.row_set_block
 _punch_c, _set_tokens_c = _lib.row_punch, _lib.row_set_tokens
 _move_c, _swap_c, _step_c = _lib.row_move, _lib.row_swap, _lib.step_ex
-_slots_row_c = _lib.slots_row
+_step_run_c = _lib.step_run
+_slots_row_c, _slots_qsl_c = _lib.slots_row, _lib.slots_qsl
+# slots_qsl's cache: (qsl, positions, out, rows, num_reqs, room, qsl C view,
+# rows C view, positions C view, out C view, last n, out[:last n]).
+_QSL_NONE = (_NONE, _NONE, _NONE, _NONE, 0, 0, None, None, None, None, -1, None)
 
 # Every open Client, so that a forked child can disown its parent's handles.
 _live_clients = weakref.WeakSet()
@@ -145,7 +149,7 @@ class Segment:
     """
 
     __slots__ = ("_seg", "_base", "name", "info", "config", "table", "num_blocks",
-                 "num_tokens", "_clients", "_params", "_outc", "__weakref__")
+                 "num_tokens", "_clients", "_params", "_outc", "_qslc", "__weakref__")
 
     def __init__(self, raw: Any, name: str | None) -> None:
         """Private: use create() or attach()."""
@@ -159,6 +163,7 @@ class Segment:
         self._clients = weakref.WeakSet()
         self._params = SlotParams()
         self._outc = (_NONE, None, 0)   # slots_row's last `out` and its C view
+        self._qslc = _QSL_NONE          # slots_qsl's last arrays and their C views
         self.table, self.num_blocks, self.num_tokens = self.views(writable=False)
 
     # ---- life cycle ---------------------------------------------------------
@@ -197,6 +202,7 @@ class Segment:
         # Unmapped now unless a view made earlier is still alive.
         self._seg = self._base = None
         self._outc = (_NONE, None, 0)
+        self._qslc = _QSL_NONE
         self.table, self.num_blocks, self.num_tokens = \
             _Closed("table"), _Closed("num_blocks"), _Closed("num_tokens")  # type: ignore[assignment]
 
@@ -424,7 +430,23 @@ class Segment:
                   out_len: int | None = None, params: SlotParams | None = None) -> I64Array:
         """Form 3: request i covers tokens [qsl[i], qsl[i+1]) and lives in
         rows[i] (rows None: row i); entries from qsl[-1] to out_len are -1
-        (CUDA-graph padding). Returns out[:out_len] (default qsl[-1])."""
+        (CUDA-graph padding). Returns out[:out_len] (default qsl[-1]).
+        Called again with the same arrays (numpy, right dtype, `out` given),
+        it goes straight to C: their C views are kept from the last call, and
+        out_len (or qsl[-1]) is checked against what positions and out hold;
+        C checks the rest, as on the first call."""
+        k = self._qslc                  # one read: thread-safe
+        if query_start_loc is k[0] and positions is k[1] and out is k[2] and rows is k[3]:
+            try:
+                n = k[6][k[4]] if out_len is None else out_len      # qsl[num_reqs]: C view
+                if 0 <= n <= k[5]:
+                    rc = _slots_qsl_c(self._seg, (params or self._params).c, k[7], k[6], k[4],
+                                      k[8], k[9], n)
+                    if rc:
+                        raise _fail(rc, f"slots_qsl(num_reqs={k[4]}, out_len={n})")
+                    return k[11] if n == k[10] else out[:n]
+            except (TypeError, OverflowError):
+                pass                    # closed, a wrong type or value: the checks below say
         qsl, pos = as_array(query_start_loc, I32, "query_start_loc"), \
             as_array(positions, I64, "positions")
         num_reqs = qsl.shape[0] - 1
@@ -438,6 +460,7 @@ class Segment:
         if not 0 <= out_len <= 1 << 31:
             raise make_error(_ERANGE, f"slots_qsl(out_len={out_len}): out_len must be in "
                                       f"[0, {1 << 31}]")
+        given = out
         out = out_array(out, out_len, I64)
         if rows is None:
             rbuf = _lib.NULL
@@ -446,14 +469,22 @@ class Segment:
             if r.shape[0] < num_reqs:
                 raise make_error(_EINVAL, f"{r.shape[0]} rows for {num_reqs} requests")
             rbuf = cbuf(r)
+        qc, pc, oc = cbuf(qsl), cbuf(pos), cbuf(out)
         try:
-            rc = _lib.slots_qsl(self._s(), (params or self._params).c, rbuf, cbuf(qsl),
-                                num_reqs, cbuf(pos), cbuf(out), out_len)
+            rc = _slots_qsl_c(self._s(), (params or self._params).c, rbuf, qc, num_reqs, pc, oc,
+                              out_len)
         except OverflowError as e:
             raise _range_error(e, f"out_len={out_len}") from None
         if rc:
             raise _fail(rc, f"slots_qsl(num_reqs={num_reqs}, out_len={out_len})")
-        return out[:out_len]
+        res = out[:out_len]
+        if given is out and qsl is query_start_loc and pos is positions and \
+                (rows is None or r is rows):
+            # Kept for the next call: the arrays (so their memory lives) and
+            # their C views. room: what positions and out both hold.
+            self._qslc = (qsl, pos, out, rows, num_reqs, min(pos.shape[0], out.shape[0]), qc,
+                          rbuf, pc, oc, out_len, res)
+        return res
 
     # ---- checking and recovery ----------------------------------------------
     def check(self, repair: bool = False, frozen: bool = False,
@@ -946,7 +977,7 @@ class StepPlan:
     Client.step's (bt_step_ex). One plan per client; not thread-safe."""
 
     __slots__ = ("client", "free_rows", "rows", "n_new", "arrive_keys", "arrive_n",
-                 "arrive_rows", "ids", "_args", "_keep", "_caps", "_counts")
+                 "arrive_rows", "ids", "_args", "_keep", "_caps", "_capc")
 
     def __init__(self, client: Client, max_free: int = 256, max_rows: int = 256,
                  max_arrive: int = 256, max_ids: int | None = None, pool: int = 0) -> None:
@@ -979,35 +1010,40 @@ class StepPlan:
         (a.free_rows, a.rows, a.n_new, a.arrive_keys, a.arrive_n, a.arrive_rows, a.ids_out) = self._keep
         a.ids_cap, a.pool = max_ids, pool
         self._caps = (max_free, max_rows, max_arrive)
-        self._counts = (0, 0, 0)           # what _args holds now
+        self._capc = _lib.new("uint32_t[3]", self._caps)     # bt_step_run checks the counts
 
     def run(self, n_free: int = 0, n_rows: int = 0, n_arrive: int = 0) -> int:
         """One step over the first n_free / n_rows / n_arrive entries of the
-        buffers; returns the number of new ids in ``ids``."""
+        buffers; returns the number of new ids in ``ids``. One C call
+        (bt_step_run checks the counts against the buffers and steps)."""
         try:
             n_free | n_rows | n_arrive  # INTS_ONLY (see _lib)
+            r = _step_run_c(self.client._cl, self._args, n_free, n_rows, n_arrive, self._capc)
         except (TypeError, OverflowError):
-            n_free, n_rows = _int(n_free, "n_free"), _int(n_rows, "n_rows")
-            n_arrive = _int(n_arrive, "n_arrive")
-        a = self._args
-        counts = (n_free, n_rows, n_arrive)
-        if counts != self._counts:      # checked and written once per change
-            mf, mr, ma = self._caps
-            if not (0 <= n_free <= mf and 0 <= n_rows <= mr and 0 <= n_arrive <= ma):
-                raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the "
-                                          f"plan's buffers ({mf}, {mr}, {ma})")
-            a.n_free, a.n_rows, a.n_arrive = counts
-            self._counts = counts
-        try:
-            rc = _step_c(self.client._cl, a)
-        except TypeError:
-            self.client._h()            # closed: ClientGone
-            raise
-        if rc:
-            raise _fail(rc, f"step plan run(n_free={n_free}, n_rows={n_rows}, "
-                            f"n_arrive={n_arrive}): {a.ids_total} ids needed, "
-                            f"{len(self.ids)} room")
-        return a.ids_total
+            r = self._run_checked(n_free, n_rows, n_arrive)
+        if r < 0:
+            self._raise(r, n_free, n_rows, n_arrive)
+        return r
+
+    def _run_checked(self, n_free, n_rows, n_arrive):
+        """run's path for what the fast call refused: a closed client, a
+        count that is not an int or does not fit."""
+        self.client._h()                # closed: ClientGone
+        n_free, n_rows = _int(n_free, "n_free"), _int(n_rows, "n_rows")
+        n_arrive = _int(n_arrive, "n_arrive")
+        mf, mr, ma = self._caps
+        if not (0 <= n_free <= mf and 0 <= n_rows <= mr and 0 <= n_arrive <= ma):
+            self._raise(_EINVAL, n_free, n_rows, n_arrive)
+        return _step_run_c(self.client._h(), self._args, n_free, n_rows, n_arrive, self._capc)
+
+    def _raise(self, rc, n_free, n_rows, n_arrive):
+        mf, mr, ma = self._caps
+        if rc == _EINVAL and not (0 <= n_free <= mf and 0 <= n_rows <= mr and 0 <= n_arrive <= ma):
+            raise make_error(_EINVAL, f"run({n_free}, {n_rows}, {n_arrive}) exceeds the "
+                                      f"plan's buffers ({mf}, {mr}, {ma})")
+        raise _fail(rc, f"step plan run(n_free={n_free}, n_rows={n_rows}, "
+                        f"n_arrive={n_arrive}): {self._args.ids_total} ids needed, "
+                        f"{len(self.ids)} room")
 
     def fill(self, free_rows: IntsLike = (), rows: IntsLike = (), n_new: IntsLike = (),
              arrive_keys: IntsLike = (), arrive_n: IntsLike = ()) -> tuple[int, int, int]:

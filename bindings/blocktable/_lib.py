@@ -62,6 +62,7 @@ row_move = lib.bt_row_move
 row_swap = lib.bt_row_swap
 row_read = lib.bt_row_read
 step_ex = lib.bt_step_ex
+step_run = lib.bt_step_run
 slots_row = lib.bt_slots_row
 slots_req = lib.bt_slots_req
 slots_qsl = lib.bt_slots_qsl

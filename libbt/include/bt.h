@@ -513,6 +513,16 @@ typedef struct bt_step_args {
  * step 2 stand. And the client protocol's. */
 int bt_step_ex(bt_client *cl, bt_step_args *args);
 
+/* bt_step_ex on a persistent args struct (a scheduler loop's plan): sets
+ * its three counts, after checking them against caps[0..2], what its
+ * free_rows, rows / n_new and arrive_* arrays hold, then steps. Returns the
+ * number of new ids (args->ids_total), or a negative error: BT_EINVAL
+ * (args or caps NULL; a count past its cap: nothing changed, args
+ * included), and bt_step_ex's. Thread safety: bt_step_ex's (one thread
+ * per args). */
+int64_t bt_step_run(bt_client *cl, bt_step_args *args, uint32_t n_free, uint32_t n_rows,
+                    uint32_t n_arrive, const uint32_t *caps);
+
 /* bt_step_ex without arrivals, with ids_out large enough for sum(n_new).
  * Errors: bt_step_ex's. */
 int bt_step(bt_client *cl, uint32_t pool,

@@ -144,6 +144,9 @@ int  bt_incref_many(bt_seg *seg, const int32_t *ids, uint32_t n);   /* all or no
  * when it can; ids is reordered. What rows and hands let go of goes here. */
 void bt_refs_release(bt_seg *seg, int32_t *ids, uint32_t n);
 
+/* ==== slot mapping: slots.c =============================================== */
+extern int bt_slots_simd;   /* 1: the AVX2 paths run (set at load); tests may clear it */
+
 /* ==== clients: client.c =================================================== */
 
 /* The recovery protocol around every data-path call (client.c's comment). */

@@ -125,6 +125,22 @@ out:
     return rc;
 }
 
+/* The counts are the only thing a plan changes between steps: checked and
+ * set here, in the call, so that the caller's per-step work is one call. */
+int64_t bt_step_run(bt_client *cl, bt_step_args *a, uint32_t n_free, uint32_t n_rows,
+                    uint32_t n_arrive, const uint32_t *caps)
+{
+    if (!a || !caps)
+        return BT_EINVAL;
+    if (n_free > caps[0] || n_rows > caps[1] || n_arrive > caps[2])
+        return BT_EINVAL;
+    a->n_free = n_free;
+    a->n_rows = n_rows;
+    a->n_arrive = n_arrive;
+    int rc = bt_step_ex(cl, a);
+    return rc ? rc : (int64_t)a->ids_total;
+}
+
 int bt_step(bt_client *cl, uint32_t pool, const uint32_t *free_rows, uint32_t n_free,
             const uint32_t *rows, const uint32_t *n_new, uint32_t n_rows, int32_t *ids_out)
 {

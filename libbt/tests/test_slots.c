@@ -9,6 +9,7 @@
  * world > 1) positions of other ranks.
  */
 #include "bt_test.h"
+#include <pthread.h>
 
 #define ROWS 8
 #define WIDTH 64
@@ -374,6 +375,305 @@ static void test_form1_overflow(void)
     bt_seg_close(seg);
 }
 
+
+/* ---- the dense fast paths (decode, runs, short requests) ----------------
+ * A wider segment (DR rows of DW entries) whose rows hold random counts,
+ * empty rows and never-claimed rows included; every form is compared with
+ * ref_dense (the rows read here) for block sizes 1..16 (shift paths and the
+ * bs < 4 runs), lengths around the four-lane steps, runs that stay in the
+ * row, run past it, start at a block's middle, or break in the middle. */
+#define DR 96
+#define DW 40
+static int32_t dids[DR][DW];
+static uint32_t dnb[DR];
+
+static bt_seg *dense_setup(uint64_t *rnd, bt_client **clp)
+{
+    bt_config c = t_config_small();
+    c.num_rows = DR;
+    c.row_width = DW;
+    c.blocks_per_pool = DR * DW;
+    bt_seg *seg = t_seg_embedded(&c);
+    bt_client *cl = t_client(seg);
+    for (uint32_t r = 0; r < DR; r++) {
+        uint32_t got, k = t_below(rnd, 8);
+        if (k == 0)
+            continue;                   /* never claimed: count 0 */
+        T_OK(bt_row_claim(cl, r, r, k == 1 ? BT_ROW_RAW : BT_ROW_MANAGED, &got));
+        uint32_t n = k == 2 ? 0 : k == 3 ? DW : t_below(rnd, DW + 1);
+        if (k == 1) {                   /* RAW: any ids, 0 and INT32_MAX too */
+            int32_t v[DW];
+            for (uint32_t i = 0; i < n; i++)
+                v[i] = i % 7 == 3 ? 0 : i % 11 == 5 ? INT32_MAX : (int32_t)t_below(rnd, 1u << 30);
+            if (n)
+                T_OK(bt_row_append(cl, r, v, n));
+        } else if (n) {
+            T_OK(bt_row_alloc_append(cl, r, 0, n, NULL));
+        }
+    }
+    for (uint32_t r = 0; r < DR; r++)
+        dnb[r] = t_row(seg, r, dids[r], DW).num_blocks;
+    *clp = cl;
+    return seg;
+}
+
+static int64_t ref_dense(uint32_t bs, uint32_t row, int64_t pos)
+{
+    if (pos < 0 || pos / bs >= dnb[row])
+        return -1;
+    return (int64_t)((uint64_t)(int64_t)dids[row][pos / bs] * bs + (uint64_t)(pos % bs));
+}
+
+/* Positions for one request of n tokens in `row`: mostly a run. */
+static void dense_positions(uint64_t *rnd, uint32_t bs, uint32_t row, int64_t *pos, uint32_t n)
+{
+    uint32_t kind = t_below(rnd, 8);
+    int64_t end = (int64_t)dnb[row] * bs;
+    int64_t start = kind == 0 ? end - (int64_t)t_below(rnd, n + 2)     /* runs past the row */
+                  : kind == 1 ? -(int64_t)t_below(rnd, 3)              /* starts before 0 */
+                  : (int64_t)t_below(rnd, (uint32_t)(end > 0 ? end : 1) + 1);
+    for (uint32_t i = 0; i < n; i++)
+        pos[i] = start + i;
+    if (kind == 2 && n)                 /* a run that breaks somewhere */
+        pos[t_below(rnd, n)] += 1 + t_below(rnd, 3);
+    if (kind == 3)                      /* no run at all */
+        for (uint32_t i = 0; i < n; i++)
+            pos[i] = (int64_t)t_below(rnd, (uint32_t)end + 40) - 8;
+    if (kind == 4 && n)
+        pos[t_below(rnd, n)] = t_below(rnd, 2) ? INT64_MAX : INT64_MIN;
+}
+
+static void test_dense_paths(void)
+{
+    enum { MAXT = 4096 };
+    static int32_t qsl[DR + 1], rows[DR], trows[MAXT];
+    static int64_t pos[MAXT], out[MAXT + 8];
+    uint64_t rnd = t_substream(77);
+    bt_client *cl;
+    bt_seg *seg = dense_setup(&rnd, &cl);
+    uint64_t checked = 0;
+    for (uint32_t bs = 1; bs <= 16; bs *= 2) {
+        bt_slot_params prm = { .block_size = bs };
+        for (int it = 0; it < 300; it++) {
+            /* form 3: decode (all ones) or requests of 0..70 tokens */
+            int decode = it % 3 == 0, with_rows = it % 2;
+            uint32_t nreq = t_below(&rnd, DR + 1);
+            qsl[0] = 0;
+            for (uint32_t i = 0; i < nreq; i++) {
+                rows[i] = with_rows ? (int32_t)t_below(&rnd, DR) : (int32_t)i;
+                uint32_t len = decode ? 1 : t_below(&rnd, 4) == 0 ? t_below(&rnd, 3)
+                                                              : t_below(&rnd, 71);
+                if ((uint32_t)qsl[i] + len > MAXT)
+                    len = 0;
+                qsl[i + 1] = qsl[i] + (int32_t)len;
+                dense_positions(&rnd, bs, (uint32_t)rows[i], pos + qsl[i], len);
+                for (uint32_t t = 0; t < len; t++)
+                    trows[qsl[i] + t] = rows[i];
+            }
+            uint32_t total = (uint32_t)qsl[nreq], out_len = total + t_below(&rnd, 6);
+            for (uint32_t t = 0; t < out_len + 8; t++)
+                out[t] = SENTINEL;
+            T_OK(bt_slots_qsl(seg, &prm, with_rows ? rows : NULL, qsl, nreq, pos, out, out_len));
+            for (uint32_t t = 0; t < total; t++)
+                if (out[t] != ref_dense(bs, (uint32_t)trows[t], pos[t]))
+                    T_FAIL("qsl bs %u it %d token %u (row %d pos %" PRId64 "): %" PRId64
+                           ", reference %" PRId64, bs, it, t, trows[t], pos[t], out[t],
+                           ref_dense(bs, (uint32_t)trows[t], pos[t]));
+            for (uint32_t t = total; t < out_len; t++)
+                T_EQ(out[t], -1);
+            T_EQ(out[out_len], SENTINEL);
+            /* form 2 over the same tokens */
+            for (uint32_t t = 0; t < total + 8; t++)
+                out[t] = SENTINEL;
+            T_OK(bt_slots_req(seg, &prm, trows, pos, total, out));
+            for (uint32_t t = 0; t < total; t++)
+                T_EQ(out[t], ref_dense(bs, (uint32_t)trows[t], pos[t]));
+            T_EQ(out[total], SENTINEL);
+            /* form 1: a row from a start */
+            uint32_t row = t_below(&rnd, DR), n = t_below(&rnd, 200);
+            int64_t start = (int64_t)t_below(&rnd, DW * bs + 20) - 10;
+            out[n] = SENTINEL;
+            T_OK(bt_slots_row(seg, &prm, row, start, n, out));
+            for (uint32_t i = 0; i < n; i++)
+                T_EQ(out[i], ref_dense(bs, row, start + i));
+            T_EQ(out[n], SENTINEL);
+            checked += 2 * total + n;
+        }
+    }
+    printf("%" PRIu64 " tokens agree with the reference on the dense paths\n", checked);
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+/* The same without the AVX2 paths: what a CPU without AVX2 runs. */
+extern int bt_slots_simd;               /* slots.c, bt_internal.h */
+static void test_dense_paths_portable(void)
+{
+    bt_slots_simd = 0;
+    test_dense_paths();
+}
+
+/* Bad indices on the dense paths: a row past the rows or negative, in any
+ * lane of a decode batch or any request, and query_start_loc going back or
+ * past out_len: refused before anything is written. */
+static void test_dense_bad_indices(void)
+{
+    uint64_t rnd = t_substream(78);
+    bt_client *cl;
+    bt_seg *seg = dense_setup(&rnd, &cl);
+    bt_slot_params p = { 0 };
+    static int32_t qsl[DR + 2], rows[DR + 1];
+    static int64_t pos[DR + 1], out[DR + 16];
+    for (uint32_t n = 1; n <= 13; n++)
+        for (uint32_t bad = 0; bad < n; bad++)
+            for (int k = 0; k < 3; k++) {
+                for (uint32_t i = 0; i <= n; i++)
+                    qsl[i] = (int32_t)i;
+                for (uint32_t i = 0; i < n; i++) {
+                    rows[i] = (int32_t)t_below(&rnd, DR);
+                    pos[i] = 0;
+                }
+                rows[bad] = k == 0 ? DR : k == 1 ? -1 : INT32_MIN;
+                for (uint32_t i = 0; i < n + 16; i++)
+                    out[i] = SENTINEL;
+                T_RC(bt_slots_qsl(seg, &p, rows, qsl, n, pos, out, n + 4), BT_ERANGE);
+                qsl[n] = (int32_t)n + 1;                        /* also a longer last request */
+                T_RC(bt_slots_qsl(seg, &p, rows, qsl, n, pos, out, n + 4), BT_ERANGE);
+                for (uint32_t i = 0; i < n + 16; i++)
+                    T_EQ(out[i], SENTINEL);
+                T_RC(bt_slots_req(seg, &p, rows, pos, n, out), BT_ERANGE);
+                for (uint32_t i = bad; i < n + 16; i++)  /* entries before the bad row may be written */
+                    T_EQ(out[i], SENTINEL);
+            }
+    /* rows NULL: more requests than rows */
+    for (uint32_t i = 0; i <= DR + 1; i++)
+        qsl[i] = (int32_t)i;
+    T_RC(bt_slots_qsl(seg, &p, NULL, qsl, DR + 1, pos, out, DR + 1), BT_ERANGE);
+    /* query_start_loc: back, past out_len, negative end, not from 0 */
+    int32_t q1[5] = { 0, 1, 0, 2, 3 }, q2[5] = { 0, 1, 2, 3, 9 }, q3[3] = { 0, -1, -1 },
+            q4[3] = { 1, 2, 3 };
+    for (uint32_t i = 0; i < 16; i++)
+        out[i] = SENTINEL;
+    T_RC(bt_slots_qsl(seg, &p, NULL, q1, 4, pos, out, 8), BT_EINVAL);
+    T_RC(bt_slots_qsl(seg, &p, NULL, q2, 4, pos, out, 8), BT_EINVAL);
+    T_RC(bt_slots_qsl(seg, &p, NULL, q3, 2, pos, out, 8), BT_EINVAL);
+    T_RC(bt_slots_qsl(seg, &p, NULL, q4, 2, pos, out, 8), BT_EINVAL);
+    for (uint32_t i = 0; i < 16; i++)
+        T_EQ(out[i], SENTINEL);
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+/* Scribbled counts on the dense paths: a negative num_blocks reads as 0, one
+ * past the width as the width; slots are those of the clamped row and no
+ * read leaves it (ASan in `make asan`). */
+static void test_dense_scribbled_counts(void)
+{
+    uint64_t rnd = t_substream(79);
+    bt_client *cl;
+    bt_seg *seg = dense_setup(&rnd, &cl);
+    int32_t *nbs = (int32_t *)t_nblocks(seg);
+    const int32_t vals[] = { -1, INT32_MIN, DW + 1, INT32_MAX };
+    static int32_t qsl[DR + 1];
+    static int64_t pos[DR], out[DR];
+    bt_slot_params p = { 0 };
+    for (size_t v = 0; v < sizeof(vals) / sizeof(vals[0]); v++) {
+        uint32_t row = t_below(&rnd, DR);
+        int32_t keep = nbs[row];
+        nbs[row] = vals[v];
+        uint32_t nb = vals[v] < 0 ? 0 : DW;
+        for (uint32_t i = 0; i <= DR; i++)
+            qsl[i] = (int32_t)i;
+        for (int64_t x = -2; x < (int64_t)DW * 16 + 20; x += 7) {
+            for (uint32_t i = 0; i < DR; i++)
+                pos[i] = x;
+            T_OK(bt_slots_qsl(seg, &p, NULL, qsl, DR, pos, out, DR));
+            int64_t want = x < 0 || x / 16 >= nb ? -1 : (int64_t)dids[row][x / 16] * 16 + x % 16;
+            if (nb == DW && x >= 0 && x / 16 < DW) {    /* entries past the old count: the table's */
+                const int32_t *tab = t_table(seg);
+                want = (int64_t)tab[(uint64_t)row * DW + (uint64_t)(x / 16)] * 16 + x % 16;
+            }
+            T_EQ(out[row], want);
+            T_OK(bt_slots_row(seg, &p, row, x, 40, out));
+        }
+        nbs[row] = keep;
+    }
+    bt_client_close(cl);
+    bt_seg_close(seg);
+}
+
+/* A row that changes under a reader: one thread appends to and truncates a
+ * row while another maps its positions by every path. Rows are read without
+ * the seqlock (bt.h), so a slot may belong to the row before or after a
+ * change (or to the null block 0: an entry zeroed by a truncate the count
+ * did not show yet), but each one is -1 or a block of the pool at the right
+ * offset, and no read strays (ASan/TSan builds watch the rest). */
+struct churn { bt_seg *seg; bt_client *cl; uint32_t row; int stop; int32_t lo, hi; };
+
+static void *churn_main(void *arg)
+{
+    struct churn *c = arg;
+    for (uint64_t i = 0; !__atomic_load_n(&c->stop, __ATOMIC_RELAXED) && i < 2000000; i++) {
+        uint32_t n = 1 + (uint32_t)(i % DW);
+        if (bt_row_alloc_append(c->cl, c->row, 0, n, NULL) == 0)
+            bt_row_truncate(c->cl, c->row, (uint32_t)(i % 3));
+        bt_row_truncate(c->cl, c->row, 0);
+    }
+    return NULL;
+}
+
+static void test_dense_row_changing(void)
+{
+    bt_config cfg = t_config_small();
+    cfg.num_rows = 8;
+    cfg.row_width = DW;
+    cfg.blocks_per_pool = 4 * DW;
+    bt_seg *seg = t_seg_embedded(&cfg);
+    bt_client *w = t_client(seg);
+    uint32_t got;
+    T_OK(bt_row_claim(w, 3, 3, BT_ROW_MANAGED, &got));
+    struct churn c = { seg, w, 3, 0, 0, (int32_t)(4 * DW) };
+    pthread_t th;
+    T_ASSERT(pthread_create(&th, NULL, churn_main, &c) == 0);
+    static int32_t qsl[65], rows[64];
+    static int64_t pos[DW * 16], out[DW * 16];
+    bt_slot_params p = { 0 };
+    uint64_t nonneg = 0, t_end = t_now_ns() + (uint64_t)3e8;
+    for (uint64_t it = 0; t_now_ns() < t_end; it++) {
+        uint32_t n = it % 2 ? 64 : DW * 16;
+        if (it % 2) {                   /* decode: 64 tokens of row 3 */
+            for (uint32_t i = 0; i <= 64; i++)
+                qsl[i] = (int32_t)i;
+            for (uint32_t i = 0; i < 64; i++) {
+                rows[i] = 3;
+                pos[i] = (int64_t)(i * 9 % (DW * 16));
+            }
+            T_OK(bt_slots_qsl(seg, &p, rows, qsl, 64, pos, out, 64));
+        } else {                        /* prefill: the whole row as one run */
+            qsl[0] = 0;
+            qsl[1] = (int32_t)n;
+            rows[0] = 3;
+            for (uint32_t i = 0; i < n; i++)
+                pos[i] = i;
+            T_OK(bt_slots_qsl(seg, &p, rows, qsl, 1, pos, out, n));
+        }
+        for (uint32_t i = 0; i < n; i++) {
+            if (out[i] == -1)
+                continue;
+            nonneg++;
+            int64_t id = out[i] / 16;
+            T_ASSERTF(out[i] % 16 == pos[i] % 16 && id >= c.lo && id < c.hi,
+                      "pos %" PRId64 ": slot %" PRId64 " is no block of the pool at its offset",
+                      pos[i], out[i]);
+        }
+    }
+    __atomic_store_n(&c.stop, 1, __ATOMIC_RELAXED);
+    pthread_join(th, NULL);
+    printf("%" PRIu64 " slots of a changing row were blocks of the pool\n", nonneg);
+    bt_client_close(w);
+    bt_seg_close(seg);
+}
+
 static void test_kernel_views(void)
 {
     test_kernel_view(16, 4);
@@ -392,5 +692,10 @@ int main(int argc, char **argv)
     T_RUN(test_reference_b16_k4);
     T_RUN(test_reference_b12_k4);
     T_RUN(test_form1_overflow);
+    T_RUN(test_dense_paths);
+    T_RUN(test_dense_paths_portable);
+    T_RUN(test_dense_bad_indices);
+    T_RUN(test_dense_scribbled_counts);
+    T_RUN(test_dense_row_changing);
     return t_done();
 }

@@ -197,6 +197,59 @@ static void test_all_or_nothing(void)
 
 /* Out-of-range rows in free_rows must be BT_ERANGE; they must not index the
  * client's scratch bitmap (step.c clears the mark of the failing entry too). */
+/* bt_step_run, a plan's call: counts past the caps are refused with nothing
+ * changed (the args' counts included); otherwise it is bt_step_ex, returning
+ * ids_total or bt_step_ex's error. The steady state of a scheduler loop (B
+ * requests end, B arrive with a block each) keeps the pool's count. */
+static void test_step_run(void)
+{
+    bt_config c = cfg();
+    bt_seg *seg = t_seg_embedded(&c);
+    bt_client *a = t_client(seg);
+    uint32_t free_rows[4], rows[4], n_new[4], arrive_n[4] = { 1, 1, 1, 1 }, arrive_rows[4];
+    uint64_t keys[4] = { 1, 2, 3, 4 };
+    int32_t ids[16];
+    bt_step_args args = { .pool = 0, .free_rows = free_rows, .rows = rows, .n_new = n_new,
+                          .arrive_keys = keys, .arrive_n = arrive_n, .arrive_rows = arrive_rows,
+                          .ids_out = ids, .ids_cap = 16, .n_free = 7, .n_rows = 7, .n_arrive = 7 };
+    const uint32_t caps[3] = { 4, 4, 4 };
+    /* past a cap: BT_EINVAL, the args untouched, nothing shared changed */
+    T_EQ(bt_step_run(a, &args, 5, 0, 0, caps), BT_EINVAL);
+    T_EQ(bt_step_run(a, &args, 0, 5, 0, caps), BT_EINVAL);
+    T_EQ(bt_step_run(a, &args, 0, 0, UINT32_MAX, caps), BT_EINVAL);
+    T_EQ(bt_step_run(a, NULL, 0, 0, 0, caps), BT_EINVAL);
+    T_EQ(bt_step_run(a, &args, 0, 0, 0, NULL), BT_EINVAL);
+    T_EQ(args.n_free, 7);
+    T_EQ(args.n_rows, 7);
+    T_EQ(args.n_arrive, 7);
+    T_EQ(t_free(seg, 0), 63);
+    /* 4 arrive, then 10 steady steps: they end, 4 new arrive */
+    T_EQ(bt_step_run(a, &args, 0, 0, 4, caps), 4);
+    T_EQ(args.ids_total, 4);
+    T_EQ(t_free(seg, 0), 59);
+    for (int step = 0; step < 10; step++) {
+        memcpy(free_rows, arrive_rows, sizeof(free_rows));
+        T_EQ(bt_step_run(a, &args, 4, 0, 4, caps), 4);
+        T_EQ(t_free(seg, 0), 59);
+        for (int i = 0; i < 4; i++)
+            T_EQ(t_row(seg, arrive_rows[i], NULL, 0).num_blocks, 1);
+    }
+    /* a growing row, and an error of bt_step_ex passed through: a row listed twice */
+    rows[0] = arrive_rows[0];
+    n_new[0] = 2;
+    T_EQ(bt_step_run(a, &args, 0, 1, 0, caps), 2);
+    T_EQ(t_row(seg, arrive_rows[0], NULL, 0).num_blocks, 3);
+    rows[1] = rows[0];
+    n_new[1] = 1;
+    T_EQ(bt_step_run(a, &args, 0, 2, 0, caps), BT_EINVAL);
+    T_EQ(t_row(seg, arrive_rows[0], NULL, 0).num_blocks, 3);
+    n_new[0] = W;                       /* past the width: BT_EROWFULL */
+    T_EQ(bt_step_run(a, &args, 0, 1, 0, caps), BT_EROWFULL);
+    T_EQ(t_free(seg, 0), 57);
+    bt_client_close(a);
+    bt_seg_close(seg);
+}
+
 static void test_bad_free_rows(void)
 {
     bt_config c = cfg();
@@ -325,6 +378,7 @@ int main(int argc, char **argv)
     T_RUN(test_basic);
     T_RUN(test_all_or_nothing);
     T_RUN(test_random);
+    T_RUN(test_step_run);
     T_RUN(test_bad_free_rows);               /* last: crashes in step.c as of writing */
     return t_done();
 }
