@@ -26,24 +26,15 @@ Errors: register() raises RuntimeError naming the vLLM version found when it
 is not one this plugin supports (the engine then fails at start, loudly).
 Thread and process safety: register() is idempotent per process.
 """
-import os
+from ._env import ENV_CHECK, ENV_DEV, ENV_SEGMENT, ENV_STATS, enabled
 
 __all__ = ["register", "SUPPORTED_VLLM", "ENV_SEGMENT", "ENV_STATS", "ENV_CHECK", "enabled"]
 
-ENV_SEGMENT = "BLOCKTABLE_VLLM"
-ENV_STATS = "BLOCKTABLE_VLLM_STATS_DIR"
-ENV_CHECK = "BLOCKTABLE_VLLM_CHECK"
-ENV_DEV = "BLOCKTABLE_VLLM_DEV"
 # The v1 internals patched here (class names, method signatures, attributes
 # read) were checked against these releases only.
 SUPPORTED_VLLM = ("0.32",)
 
 _registered = False
-
-
-def enabled():
-    """The segment name when the plugin is switched on, else None."""
-    return os.environ.get(ENV_SEGMENT) or None
 
 
 def check_version(version=None):

@@ -21,7 +21,7 @@ import blocktable
 from blocktable import Segment, SegmentConfig
 from blocktable.connect import DaemonNotRunning
 
-from . import ENV_DEV, ENV_STATS, enabled
+from ._env import ENV_DEV, ENV_STATS, enabled
 
 __all__ = ["connect", "disconnect", "segment_config", "check_fits", "Stats", "SIZE_FIELDS"]
 

@@ -42,7 +42,7 @@ import os
 
 import numpy as np
 
-from . import ENV_CHECK
+from ._env import ENV_CHECK
 from .keys import request_key
 
 __all__ = ["install", "WorkerRows"]
