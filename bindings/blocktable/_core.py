@@ -54,7 +54,7 @@ _step_run_c = _lib.step_run
 _slots_row_c, _slots_qsl_c = _lib.slots_row, _lib.slots_qsl
 # slots_qsl's cache: (qsl, positions, out, rows, num_reqs, room, qsl C view,
 # rows C view, positions C view, out C view, last n, out[:last n]).
-_QSL_NONE = (_NONE, _NONE, _NONE, _NONE, 0, 0, None, None, None, None, -1, None)
+_QSL_NONE: tuple[Any, ...] = (_NONE, _NONE, _NONE, _NONE, 0, 0, None, None, None, None, -1, None)
 
 # Every open Client, so that a forked child can disown its parent's handles.
 _live_clients = weakref.WeakSet()
@@ -163,7 +163,7 @@ class Segment:
         self._clients = weakref.WeakSet()
         self._params = SlotParams()
         self._outc = (_NONE, None, 0)   # slots_row's last `out` and its C view
-        self._qslc = _QSL_NONE          # slots_qsl's last arrays and their C views
+        self._qslc: tuple[Any, ...] = _QSL_NONE  # slots_qsl's last arrays and their C views
         self.table, self.num_blocks, self.num_tokens = self.views(writable=False)
 
     # ---- life cycle ---------------------------------------------------------
@@ -478,12 +478,12 @@ class Segment:
         if rc:
             raise _fail(rc, f"slots_qsl(num_reqs={num_reqs}, out_len={out_len})")
         res = out[:out_len]
+        room = min(pos.shape[0], out.shape[0])  # what positions and out both hold
         if given is out and qsl is query_start_loc and pos is positions and \
                 (rows is None or r is rows):
             # Kept for the next call: the arrays (so their memory lives) and
-            # their C views. room: what positions and out both hold.
-            self._qslc = (qsl, pos, out, rows, num_reqs, min(pos.shape[0], out.shape[0]), qc,
-                          rbuf, pc, oc, out_len, res)
+            # their C views.
+            self._qslc = (qsl, pos, out, rows, num_reqs, room, qc, rbuf, pc, oc, out_len, res)
         return res
 
     # ---- checking and recovery ----------------------------------------------
