@@ -61,6 +61,7 @@ struct bt_seg {
     uint8_t          *base;
     uint64_t          size;
     int               unmap;           /* 1: we mmap'd it and munmap on close */
+    int               faulted;         /* 1: check.c has touched every page of the mapping */
     bt_config         cfg;
     uint64_t          total;           /* block ids: num_pools * blocks_per_pool */
     uint64_t          off[BT_R_COUNT];

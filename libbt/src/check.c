@@ -357,60 +357,93 @@ static void reap_slots(struct scan *sc)
     }
 }
 
-static int scan_all(bt_seg *s, int repair, bt_check_report *rep)
+/* The scan's scratch, allocated and written once before any freeze, so that
+ * its page faults are not part of the pause. */
+static int scan_alloc(bt_seg *s, struct scan *sc)
 {
-    struct scan sc = { .s = s, .repair = repair, .rep = rep };
-    sc.count = calloc(s->total, sizeof(uint32_t));
-    sc.onlist = calloc(s->total, 1);
-    sc.live = calloc(s->cfg.max_clients, 1);
-    sc.cmark = calloc(s->cfg.num_chunks + 1, 1);
-    if (!sc.count || !sc.onlist || !sc.live || !sc.cmark) {
-        free(sc.count), free(sc.onlist), free(sc.live), free(sc.cmark);
+    sc->count = malloc(s->total * sizeof(uint32_t));
+    sc->onlist = malloc(s->total);
+    sc->live = malloc(s->cfg.max_clients);
+    sc->cmark = malloc(s->cfg.num_chunks + 1);
+    if (!sc->count || !sc->onlist || !sc->live || !sc->cmark) {
+        free(sc->count), free(sc->onlist), free(sc->live), free(sc->cmark);
         return -ENOMEM;
     }
+    memset(sc->count, 0, s->total * sizeof(uint32_t));
+    memset(sc->onlist, 0, s->total);
+    memset(sc->live, 0, s->cfg.max_clients);
+    memset(sc->cmark, 0, s->cfg.num_chunks + 1);
+    return BT_OK;
+}
+
+static void scan_free(struct scan *sc)
+{
+    free(sc->count), free(sc->onlist), free(sc->live), free(sc->cmark);
+}
+
+/* Touch every page of the mapping once per process, before its first freeze:
+ * btd adopts segments it has never read, and at 1M blocks the page faults of
+ * a first scan were most of its pause. A relaxed read changes nothing. */
+static void prefault(bt_seg *s)
+{
+    if (s->faulted)
+        return;
+    for (uint64_t o = 0; o + sizeof(uint32_t) <= s->size; o += 4096)
+        (void)bt_load_relaxed((const uint32_t *)(s->base + o));
+    s->faulted = 1;
+}
+
+static int scan_all(bt_seg *s, int repair, struct scan *sc)
+{
+    sc->s = s;
+    sc->repair = repair;
     for (uint32_t i = 0; i < s->cfg.max_clients; i++) {
         uint32_t st = bt_load_acquire(&s->clients[i].state);
         /* Read-only: count every claimed slot as it stands. Repair: only
          * those whose process is alive. */
-        sc.live[i] = repair ? slot_live(&s->clients[i]) : st == BT_CLIENT_ACTIVE || st == BT_CLIENT_DEAD;
+        sc->live[i] = repair ? slot_live(&s->clients[i]) : st == BT_CLIENT_ACTIVE || st == BT_CLIENT_DEAD;
     }
-    scan_lists(&sc);
-    scan_chunk_list(&sc);
+    scan_lists(sc);
+    scan_chunk_list(sc);
     for (uint32_t r = 0; r < s->cfg.num_rows; r++)
-        scan_row(&sc, r);
+        scan_row(sc, r);
     for (uint32_t i = 0; i < s->cfg.max_clients; i++)
-        if (sc.live[i])
-            scan_hand(&sc, i);
-    settle_blocks(&sc);
-    settle_chunks(&sc);
-    int rc = scan_cache(&sc);
+        if (sc->live[i])
+            scan_hand(sc, i);
+    settle_blocks(sc);
+    settle_chunks(sc);
+    int rc = scan_cache(sc);
     if (repair)
-        reap_slots(&sc);
-    free(sc.count), free(sc.onlist), free(sc.live), free(sc.cmark);
+        reap_slots(sc);
     return rc;
 }
 
 int bt_seg_check(bt_seg *s, int flags, uint32_t wait_ms, bt_check_report *out)
 {
     bt_check_report rep = { 0 };
+    struct scan sc = { .rep = &rep };
     if (!s)
         return BT_EINVAL;
-    int rc;
+    int rc = scan_alloc(s, &sc);
+    if (rc)
+        goto out;
     if (!(flags & (BT_CHECK_REPAIR | BT_CHECK_FROZEN))) {
-        rc = scan_all(s, 0, &rep);
+        rc = scan_all(s, 0, &sc);
     } else {
         int repair = flags & BT_CHECK_REPAIR;
+        prefault(s);
         uint64_t t0 = bt_now_ns();
-        if ((rc = freeze(s)))
-            goto out;
-        if ((rc = drain(s, wait_ms, &rep.stuck_client)) == BT_OK) {
-            rc = scan_all(s, repair, &rep);
-            if (repair)
-                bt_fetch_add_release(&s->hdr->generation, 1ull);
+        if ((rc = freeze(s)) == BT_OK) {
+            if ((rc = drain(s, wait_ms, &rep.stuck_client)) == BT_OK) {
+                rc = scan_all(s, repair, &sc);
+                if (repair)
+                    bt_fetch_add_release(&s->hdr->generation, 1ull);
+            }
+            thaw(s);
+            rep.pause_ns = bt_now_ns() - t0;
         }
-        thaw(s);
-        rep.pause_ns = bt_now_ns() - t0;
     }
+    scan_free(&sc);
 out:
     if (out)
         *out = rep;
