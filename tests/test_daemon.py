@@ -447,6 +447,10 @@ def test_attach_from_several_processes_and_recover(daemon):
     for p, slot, row in procs[2:]:
         assert seg.row_info(row).owner == slot and seg.row_info(row).num_blocks == 4
     wait_for(lambda: daemon.request("stats")["recoveries_total"] == 1, 10, "the recovery count")
+    st = daemon.request("stats")
+    # Killed outside a call: released lock-free, nobody paused; no zero-length
+    # pause is counted among the pauses.
+    assert st["latency_ms"]["n"] == 1 and st["pause_ms"]["n"] == 0, st
     rep = seg.check()
     assert rep.clean and rep.blocks_held == 2 * 7
     for p, _, _ in procs:

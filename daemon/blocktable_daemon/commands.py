@@ -398,7 +398,9 @@ class Stats(Command):
         for what in ("pause_ms", "latency_ms"):
             d = r[what]
             if not d["n"]:
-                lines.append(f"{what:<16} n=0 (no recoveries yet)")
+                lines.append(f"{what:<16} n=0 (" + ("no recoveries yet)" if not r["recoveries_total"]
+                                                    or what != "pause_ms" else
+                                                    "no recovery has paused clients)"))
             else:
                 lines.append(f"{what:<16} n={d['n']} p50={d['p50']} p99={d['p99']} "
                              f"max={d['max']} (last 256 recoveries)")

@@ -141,7 +141,8 @@ class Stats:
                 "recovery_failures": {f"{seg}:{why}": v
                                       for (seg, why), v in self.recovery_failures.items()},
                 "recoveries_total": self.total_recoveries,
-                "pause_ms": _dist(sorted(x["pause_ms"] for x in recent)),
+                # Only recoveries that froze the segment paused anyone.
+                "pause_ms": _dist(sorted(x["pause_ms"] for x in recent if x["pause_ms"] > 0)),
                 "latency_ms": _dist(sorted(x["latency_ms"] for x in recent)),
                 "client_ops": client_ops, "recent": recent[-20:]}
 
