@@ -272,7 +272,7 @@ typedef struct bt_client_slot_info {
     uint32_t in_op;             /* nonzero while inside a data-path call */
     uint32_t hand_count;        /* loose references held */
     uint32_t rows;              /* rows claimed */
-    uint32_t _pad;
+    uint32_t magazine;          /* free blocks cached in its magazine (section 4) */
     uint64_t ops;               /* data-path calls made */
 } bt_client_slot_info;
 
