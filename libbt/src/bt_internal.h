@@ -99,6 +99,7 @@ struct bt_client {
     struct bt_cslot *slot;
     uint32_t        *hand;
     uint8_t         *mark;             /* scratch bitmap over rows, for bt_step */
+    int              mag_low;          /* its pool's stack was short at the last look */
 };
 
 /* ==== base: proc.c ====================================================== */

@@ -277,7 +277,17 @@ int bt_client_slot_get(const bt_seg *s, uint32_t id, bt_client_slot_info *o)
  *     recoverer pushes it back lock-free (bt_mag_release), the count dropped
  *     before the push: dying between leaves a leak for a repair, never a
  *     block both listed and cached.
+ * Blocks cached by one client are not there for another: when the stack
+ * runs short (under an eighth of the pool, what all magazines may hold), a
+ * client refills with just what it needs and its releases go straight to the
+ * stack, its magazine with them, so that only idle clients keep some.
  */
+
+/* Is the pool's stack short? */
+static inline int stack_low(const bt_seg *s, uint32_t pool)
+{
+    return bt_load_relaxed(&s->pools[pool].nfree) < (int64_t)(s->cfg.blocks_per_pool / 8);
+}
 
 static inline uint32_t pool_of_id(const bt_seg *s, uint32_t id)
 {
@@ -356,9 +366,12 @@ int bt_mag_pop(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out)
         c = 0;
     }
     if (c < n) {
-        /* Fill to n and half a magazine; when the stack is that short, to n
-         * (a client that can be served, is). */
-        int rc = mag_refill(s, sl, pool, &c, n + cap / 2 - c);
+        /* Fill to n and half a magazine; to n alone when the stack is short
+         * or that short (a client that can be served, is). */
+        int rc = BT_ENOBLOCKS;
+        cl->mag_low = stack_low(s, pool);
+        if (!cl->mag_low)
+            rc = mag_refill(s, sl, pool, &c, n + cap / 2 - c);
         if (rc == BT_ENOBLOCKS)
             rc = mag_refill(s, sl, pool, &c, n - c);
         if (rc)
@@ -392,7 +405,12 @@ void bt_mag_push(bt_client *cl, const int32_t *ids, uint32_t n)
     int32_t rest[BT_MAG_MAX];
     if (!n)
         return;
-    if (!cap || mag_state(s, sl, &mp, &c)) {
+    /* A load of the head's line, which nobody writes while every client is
+     * served by its magazine: a hit, not a bounce. */
+    if (!cap || (cl->mag_low = stack_low(s, pool_of_id(s, (uint32_t)ids[0]))) ||
+        mag_state(s, sl, &mp, &c)) {
+        if (cl->mag_low && !mag_state(s, sl, &mp, &c) && c)
+            mag_flush(s, sl, mp, c, 0, 0);      /* the stack is short: give it all */
         bt_push_zeroed(s, ids, n);
         return;
     }
