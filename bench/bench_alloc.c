@@ -11,6 +11,7 @@
  * Prints one JSON object per line; bench/run.py collects them.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -100,6 +101,12 @@ static void proc_child(bt_seg *s, struct pshared *sh, int p, uint32_t pool, uint
 {
     int32_t ids[64];
     bt_client *cl = NULL;
+    /* A core each: left to the scheduler, two children on a busy machine
+     * may share one core, taking turns instead of contending. */
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(p % sysconf(_SC_NPROCESSORS_ONLN), &set);
+    sched_setaffinity(0, sizeof(set), &set);
     int rc = bt_client_open(s, &cl);
     __atomic_fetch_add(&sh->ready, 1, __ATOMIC_ACQ_REL);
     while (!__atomic_load_n(&sh->go, __ATOMIC_ACQUIRE))
