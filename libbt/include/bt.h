@@ -307,8 +307,9 @@ int bt_proc_start_time(int32_t pid, uint64_t *out);
  * Magazines (DPDK's per-lcore mempool cache). Each client caches free blocks
  * of one pool in its slot of the segment: bt_blocks_alloc,
  * bt_row_alloc_append and bt_step take from it (batches up to half its
- * capacity), bt_blocks_release puts blocks whose count reaches 0 into it,
- * and it is refilled / flushed half at a time with one CAS on the pool's
+ * capacity), blocks whose count a client's call brings to 0 go into it
+ * (bt_blocks_release, a row released or cut, bt_step's ending rows), and it
+ * is refilled / flushed half at a time with one CAS on the pool's
  * stack, so that clients of one pool in different processes do not bounce
  * the stack's head line. Capacity: min(64, blocks_per_pool / (8 *
  * max_clients)), 0 (no magazines) below 4, so that all magazines together
@@ -319,8 +320,9 @@ int bt_proc_start_time(int32_t pid, uint64_t *out);
  * in other clients' magazines. A client that finds the stack short (under an
  * eighth of the pool) refills with just what it needs and releases straight
  * to the stack, its magazine with it; only idle clients keep cached blocks.
- * Cache pools (section 10) have no magazines: their order is vLLM's LRU. 
- * Errors: BT_EINVAL (ids_out NULL with n > 0; pool is a cache pool),
+ * Cache pools (section 10) have no magazines: their order is vLLM's LRU.
+ *
+ * bt_blocks_alloc's errors: BT_EINVAL (ids_out NULL with n > 0; pool is a cache pool),
  * BT_ERANGE (pool >= num_pools), BT_EHANDFULL (the hand would pass
  * hand_size), BT_ENOBLOCKS, BT_ECORRUPT (a scribbled free list, or a
  * free-listed block with a count: the good blocks go back, the bad stay off

@@ -211,23 +211,6 @@ int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
     return rc;
 }
 
-/* Release one reference on each valid id: a batch (one CAS per pool) when it
- * can, one by one when a count was already 0, so one scribbled-on entry does
- * not keep the others from being freed. */
-void bt_refs_release(bt_seg *s, int32_t *ids, uint32_t n)
-{
-    uint32_t k = 0;
-    if (n == 0)
-        return;                         /* the common release of an empty row */
-    for (uint32_t i = 0; i < n; i++)
-        if (bt_id_ok(s, ids[i]))
-            ids[k++] = ids[i];
-    if (bt_decref_many(s, ids, k) == BT_OK)
-        return;
-    for (uint32_t i = 0; i < k; i++)
-        bt_decref_many(s, &ids[i], 1);
-}
-
 /* ---- the raw pool API (no client protocol) ------------------------------ */
 
 int bt_pool_pop(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out)

@@ -153,20 +153,24 @@ int  bt_decref_many(bt_seg *seg, const int32_t *ids, uint32_t n);   /* all or no
  * for n), for the caller to place. All or nothing. */
 int  bt_decref_zeroed(bt_seg *seg, const int32_t *ids, uint32_t n, int32_t *zeroed, uint32_t *nz);
 int  bt_incref_many(bt_seg *seg, const int32_t *ids, uint32_t n);   /* all or nothing */
-/* Release one reference on each valid id (invalid ones skipped), in a batch
- * when it can; ids is reordered. What rows and hands let go of goes here. */
-void bt_refs_release(bt_seg *seg, int32_t *ids, uint32_t n);
-
 /* ==== clients: client.c =================================================== */
 
 /* The recovery protocol around every data-path call (client.c's comment). */
 int  bt_op_begin(bt_client *cl);
 uint64_t bt_fork_generation(void);     /* bumped in every forked child */
+/* The client whose op this thread is in, NULL outside one: what the rows
+ * layer frees inside a call goes to its magazine (bt_refs_release). */
+extern _Thread_local bt_client *bt_op_client;
 static inline void bt_op_end(bt_client *cl)
 {
+    bt_op_client = NULL;
     bt_store_relaxed(&cl->slot->ops, bt_load_relaxed(&cl->slot->ops) + 1);
     bt_store_release(&cl->slot->in_op, 0);
 }
+/* Release one reference on each valid id (invalid ones skipped), in a batch
+ * when it can; ids is reordered. What rows and hands let go of goes here:
+ * inside a client's call, the blocks freed go to its magazine. */
+void bt_refs_release(bt_seg *seg, int32_t *ids, uint32_t n);
 /* The slot's row count has one writer, its client (or the recoverer of a
  * dead one): a load and a store, no locked instruction. */
 static inline void bt_nrows_add(bt_seg *seg, uint32_t id, int32_t d)

@@ -64,6 +64,8 @@ static int wait_thaw(bt_seg *s)
     }
 }
 
+_Thread_local bt_client *bt_op_client;
+
 int bt_op_begin(bt_client *cl)
 {
     if (cl->fork_gen != bt_fork_generation())
@@ -73,8 +75,10 @@ int bt_op_begin(bt_client *cl)
         bt_xchg_seqcst(&sl->in_op, 1u);
         if (bt_load_seqcst(&cl->seg->hdr->freeze) == 0) {
             if (bt_load_relaxed(&sl->state) == BT_CLIENT_ACTIVE &&
-                bt_load_relaxed(&sl->pid) == cl->pid)
+                bt_load_relaxed(&sl->pid) == cl->pid) {
+                bt_op_client = cl;
                 return BT_OK;
+            }
             bt_store_release(&sl->in_op, 0u);
             return BT_ECLIENT;          /* declared dead and reaped under us */
         }
@@ -447,6 +451,37 @@ void bt_mag_release(bt_seg *s, uint32_t id)
         bt_store_release(&sl->mag_count, 0u);  /* scribbled on: a repair frees them */
     else if (c)
         mag_flush(s, sl, mp, c, 0, 1);
+}
+
+/* Release one reference on each valid id: a batch when it can, one by one
+ * when a count was already 0, so one scribbled-on entry does not keep the
+ * others from being freed. Inside a client's call (a row released or cut,
+ * a step) the freed blocks go to its magazine; outside one (a recoverer
+ * releasing a dead client's rows) to the stacks. */
+void bt_refs_release(bt_seg *s, int32_t *ids, uint32_t n)
+{
+    uint32_t k = 0;
+    if (n == 0)
+        return;                         /* the common release of an empty row */
+    for (uint32_t i = 0; i < n; i++)
+        if (bt_id_ok(s, ids[i]))
+            ids[k++] = ids[i];
+    bt_client *cl = bt_op_client;       /* and inside its op, to be sure: a load of its own line */
+    if (cl && cl->seg == s && s->mag_cap && k && bt_load_relaxed(&cl->slot->in_op)) {
+        int32_t small[256], *z = k <= 256 ? small : malloc(k * sizeof(int32_t));
+        uint32_t nz = 0;
+        int rc = z ? bt_decref_zeroed(s, ids, k, z, &nz) : -ENOMEM;
+        if (!rc)
+            bt_mag_push(cl, z, nz);
+        if (z != small)
+            free(z);
+        if (!rc)
+            return;                     /* else nothing changed: the way below */
+    }
+    if (bt_decref_many(s, ids, k) == BT_OK)
+        return;
+    for (uint32_t i = 0; i < k; i++)
+        bt_decref_many(s, &ids[i], 1);
 }
 
 /* Free blocks of a pool: on its stack or in a magazine, as DPDK's

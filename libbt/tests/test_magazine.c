@@ -192,6 +192,30 @@ static void test_short_stack(void)
     bt_seg_close(seg);
 }
 
+/* What a client's rows let go of inside its calls (a row released, cut)
+ * goes to its magazine too; its close sends everything back. */
+static void test_rows_release_to_magazine(void)
+{
+    bt_config c = cfg();
+    bt_seg *seg = t_seg_embedded(&c);
+    bt_client *a = t_client(seg);
+    uint32_t id = bt_client_id(a), row;
+    T_OK(bt_row_claim(a, 1, -1, BT_ROW_MANAGED, &row));
+    T_OK(bt_row_alloc_append(a, row, 0, 8, NULL));
+    T_EQ(mag_of(seg, id), 32);
+    T_OK(bt_row_truncate(a, row, 2));
+    T_EQ(mag_of(seg, id), 38);
+    T_EQ(t_free(seg, 0), BPP - 1 - 2);
+    t_check_quiet(seg);
+    T_OK(bt_row_release(a, row));
+    T_EQ(mag_of(seg, id), 40);
+    T_EQ(t_free(seg, 0), BPP - 1);
+    t_check_quiet(seg);
+    bt_client_close(a);
+    every_block_once(seg);
+    bt_seg_close(seg);
+}
+
 /* ---- deaths ----------------------------------------------------------------- */
 
 enum { OUTSIDE, MID_REFILL, MID_REFILL_RECORDED, MID_FLUSH, MID_TAKE, MID_TAKE_IN_HAND };
@@ -216,9 +240,12 @@ static uint32_t child_dies(bt_seg *seg, int how)
         T_OK(bt_blocks_alloc(cl, 0, 16, ids));
         T_OK(bt_blocks_release(cl, ids, 16));
         T_OK(bt_blocks_alloc(cl, 0, 8, ids));       /* 8 in the hand, 40 cached */
+        uint32_t row;
+        T_OK(bt_row_claim(cl, 1, -1, BT_ROW_MANAGED, &row));
+        T_OK(bt_row_alloc_append(cl, row, 0, 4, NULL));  /* 4 in a row, 36 cached */
         struct bt_cslot *sl = slot_ptr(seg, id);
         uint32_t c = sl->mag_count;
-        T_EQ(c, 40);
+        T_EQ(c, 36);
         if (how != OUTSIDE)
             __atomic_store_n(&sl->in_op, 1u, __ATOMIC_SEQ_CST);
         if (how == MID_REFILL || how == MID_REFILL_RECORDED) {
@@ -406,6 +433,7 @@ int main(int argc, char **argv)
     T_RUN(test_overflow_and_big_batches);
     T_RUN(test_two_pools);
     T_RUN(test_short_stack);
+    T_RUN(test_rows_release_to_magazine);
     T_RUN(test_deaths);
     T_RUN(test_checks_and_repair);
     T_RUN(test_scribbled);
