@@ -359,8 +359,14 @@ int bt_mag_pop(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out)
     bt_seg *s = cl->seg;
     struct bt_cslot *sl = cl->slot;
     uint32_t cap = s->mag_cap, mp, c;
-    if (n > cap / 2)                    /* no magazine, or a batch worth a CAS of its own */
-        return bt_pop_raw(s, pool, n, cl->id, out);
+    if (n > cap / 2) {                  /* no magazine, or a batch worth a CAS of its own */
+        int rc = bt_pop_raw(s, pool, n, cl->id, out);
+        if (rc == BT_ENOBLOCKS && cap && !mag_state(s, sl, &mp, &c) && c && mp == pool) {
+            mag_flush(s, sl, mp, c, 0, 0);      /* its own cached blocks serve it too */
+            rc = bt_pop_raw(s, pool, n, cl->id, out);
+        }
+        return rc;
+    }
     if (mag_state(s, sl, &mp, &c)) {
         bt_store_release(&sl->mag_count, 0u);   /* what it held: leaked until a repair */
         return BT_ECORRUPT;

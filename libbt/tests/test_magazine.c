@@ -185,6 +185,19 @@ static void test_short_stack(void)
     T_EQ(t_free(seg, 0), cached - 4);
     T_OK(bt_blocks_release(b, y, 4));
     T_OK(bt_pool_push(seg, big, on_stack));
+    /* One client alone gets every free block, its own cached ones included,
+     * whatever the batch (larger than half a magazine: off the stack). */
+    T_OK(bt_blocks_alloc(a, 0, 16, x));
+    T_OK(bt_blocks_release(a, x, 16));
+    cached = mag_of(seg, bt_client_id(a));
+    T_ASSERT(cached >= 40);
+    on_stack = BPP - 1 - cached;
+    T_OK(bt_pool_pop(seg, 0, on_stack - 10, 9, big));   /* 10 left on the stack */
+    int32_t z[64];
+    T_OK(bt_blocks_alloc(a, 0, cached + 10, z));
+    T_EQ(t_free(seg, 0), 0);
+    T_OK(bt_blocks_release(a, z, cached + 10));
+    T_OK(bt_pool_push(seg, big, on_stack - 10));
     t_check_quiet(seg);
     bt_client_close(a);
     bt_client_close(b);
