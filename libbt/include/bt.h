@@ -272,7 +272,7 @@ typedef struct bt_client_slot_info {
     uint32_t in_op;             /* nonzero while inside a data-path call */
     uint32_t hand_count;        /* loose references held */
     uint32_t rows;              /* rows claimed */
-    uint32_t _pad;
+    uint32_t magazine;          /* free blocks cached in its magazine (section 4) */
     uint64_t ops;               /* data-path calls made */
 } bt_client_slot_info;
 
@@ -303,7 +303,26 @@ int bt_proc_start_time(int32_t pid, uint64_t *out);
  * bt_blocks_alloc hands out n blocks with reference count 1 as *loose*
  * references held by the client (counted in its hand until appended to a row
  * or released). All-or-nothing: on BT_ENOBLOCKS nothing was taken.
- * Errors: BT_EINVAL (ids_out NULL with n > 0; pool is a cache pool),
+ *
+ * Magazines (DPDK's per-lcore mempool cache). Each client caches free blocks
+ * of one pool in its slot of the segment: bt_blocks_alloc,
+ * bt_row_alloc_append and bt_step take from it (batches up to half its
+ * capacity), blocks whose count a client's call brings to 0 go into it
+ * (bt_blocks_release, a row released or cut, bt_step's ending rows), and it
+ * is refilled / flushed half at a time with one CAS on the pool's
+ * stack, so that clients of one pool in different processes do not bounce
+ * the stack's head line. Capacity: min(64, blocks_per_pool / (8 *
+ * max_clients)), 0 (no magazines) below 4, so that all magazines together
+ * hold at most an eighth of a pool. Cached blocks are free (count 0, owner
+ * 0): bt_pool_free_count and bt_seg_check count them as free, and a client's
+ * close, its recovery and any repair return them to the stack exactly once.
+ * A client may get BT_ENOBLOCKS while the free count is higher: the rest sit
+ * in other clients' magazines. A client that finds the stack short (under an
+ * eighth of the pool) refills with just what it needs and releases straight
+ * to the stack, its magazine with it; only idle clients keep cached blocks.
+ * Cache pools (section 10) have no magazines: their order is vLLM's LRU.
+ *
+ * bt_blocks_alloc's errors: BT_EINVAL (ids_out NULL with n > 0; pool is a cache pool),
  * BT_ERANGE (pool >= num_pools), BT_EHANDFULL (the hand would pass
  * hand_size), BT_ENOBLOCKS, BT_ECORRUPT (a scribbled free list, or a
  * free-listed block with a count: the good blocks go back, the bad stay off
@@ -325,8 +344,10 @@ int bt_blocks_release(bt_client *cl, const int32_t *ids, uint32_t n);
  * block), BT_EHANDFULL, and the client protocol's. */
 int bt_blocks_share(bt_client *cl, const int32_t *ids, uint32_t n);
 
-/* Free blocks in one pool (a racy snapshot when others allocate; a cache
- * pool's is the length of its queue). Errors: BT_EINVAL, BT_ERANGE (pool). */
+/* Free blocks in one pool: on its stack or in a client's magazine (exact
+ * when quiet, a racy snapshot when others allocate; reads every client slot);
+ * a cache pool's is the length of its queue. Errors: BT_EINVAL, BT_ERANGE
+ * (pool). Any thread or process. */
 int bt_pool_free_count(const bt_seg *seg, uint32_t pool, uint32_t *out);
 
 /* Reference count and owner stamp of one block (snapshot; either pointer may
@@ -575,7 +596,7 @@ int bt_slots_qsl(const bt_seg *seg, const bt_slot_params *p, const int32_t *rows
 #define BT_CHECK_FROZEN    2    /* freeze for an exact read-only check, change nothing */
 
 typedef struct bt_check_report {
-    uint64_t blocks_free;       /* on free lists (after repair, if repairing) */
+    uint64_t blocks_free;       /* on free lists or in magazines (after repair, if repairing) */
     uint64_t blocks_held;       /* with a nonzero count */
     uint64_t refcnt_fixed;      /* blocks whose count disagreed with their holders */
     uint64_t leaked;            /* held by nobody, not free (repair frees them) */
@@ -597,8 +618,9 @@ typedef struct bt_check_report {
  * the invariant check of the chaos tests). BT_CHECK_REPAIR: freeze, wait up to wait_ms for live
  * clients to leave their calls (BT_EBUSY with stuck_client set if one does
  * not), recompute every count from the rows and the live clients' hands,
- * rebuild the free lists, thaw. Cache pools (section 10) are not on free
- * lists and their counts are their owner's: each is verified on its own
+ * rebuild the free lists (clients' magazines emptied into them), thaw.
+ * Cache pools (section 10) are not on free lists and their counts are their
+ * owner's: each is verified on its own
  * (queue links, counts against the queue, key lists, bucket chains; problems
  * counted in cache_bad) and, when repairing, reset if its owner is gone or
  * its structure is broken -- even with a live owner, which must then stop

@@ -80,10 +80,8 @@ void bt_stack_push(struct bt_pool *p, uint32_t *next, int32_t first, int32_t las
 /* Pop n blocks of `pool` into out; refcount 0 -> 1, owner = stamp. */
 int bt_pop_raw(bt_seg *s, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out)
 {
-    /* ids of `pool`; pool 0 starts at 1, past the null block */
-    uint32_t lo = pool * s->cfg.blocks_per_pool, span = s->cfg.blocks_per_pool;
-    if (lo == 0)
-        lo = 1, span--;
+    uint32_t lo, span;
+    bt_pool_range(s, pool, &lo, &span);
     int rc = bt_stack_pop(&s->pools[pool], s->next, lo, span, n, out);
     if (rc)
         return rc;
@@ -155,18 +153,16 @@ int bt_incref_many(bt_seg *s, const int32_t *ids, uint32_t n)
     return BT_OK;
 }
 
-/* Drop one reference on each id and free those reaching zero; all-or-nothing:
- * a free (count 0) block anywhere in the batch undoes the earlier decrements.
- * Blocks reaching zero are pushed only after the whole batch succeeded, so
- * an undo never has to fish a block back out of a free list. */
-int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
+/* Drop one reference on each id; all-or-nothing: a free (count 0) block
+ * anywhere in the batch undoes the earlier decrements. The blocks that
+ * reached zero are listed in zeroed (room for n), not pushed: the caller
+ * puts them where they go (a free list, a magazine), only after the whole
+ * batch succeeded, so that an undo never fishes a block back out of one. */
+int bt_decref_zeroed(bt_seg *s, const int32_t *ids, uint32_t n, int32_t *zeroed, uint32_t *nz_out)
 {
-    int32_t zeroed_small[256], *zeroed = zeroed_small;
     for (uint32_t i = 0; i < n; i++)
         if (!bt_id_ok(s, ids[i]))
             return bt_id_err(s, ids[i]);
-    if (n > 256 && !(zeroed = malloc(n * sizeof(int32_t))))
-        return -ENOMEM;
     uint32_t nz = 0;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t *rc = &s->refcnt[ids[i]];
@@ -187,36 +183,32 @@ int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
                             break;
                     } while (!bt_cas_relaxed(rj, &w, w + 1));
                 }
-                if (zeroed != zeroed_small)
-                    free(zeroed);
                 return BT_ENOTHELD;
             }
         } while (!bt_cas_acqrel(rc, &v, v - 1));
         if (v == 1)
             zeroed[nz++] = ids[i];
     }
-    if (nz)
-        bt_push_zeroed(s, zeroed, nz);
-    if (zeroed != zeroed_small)
-        free(zeroed);
+    *nz_out = nz;
     return BT_OK;
 }
 
-/* Release one reference on each valid id: a batch (one CAS per pool) when it
- * can, one by one when a count was already 0, so one scribbled-on entry does
- * not keep the others from being freed. */
-void bt_refs_release(bt_seg *s, int32_t *ids, uint32_t n)
+/* bt_decref_zeroed, the freed blocks pushed on their free lists. */
+int bt_decref_many(bt_seg *s, const int32_t *ids, uint32_t n)
 {
-    uint32_t k = 0;
-    if (n == 0)
-        return;                         /* the common release of an empty row */
+    int32_t zeroed_small[256], *zeroed = zeroed_small;
+    uint32_t nz = 0;
     for (uint32_t i = 0; i < n; i++)
-        if (bt_id_ok(s, ids[i]))
-            ids[k++] = ids[i];
-    if (bt_decref_many(s, ids, k) == BT_OK)
-        return;
-    for (uint32_t i = 0; i < k; i++)
-        bt_decref_many(s, &ids[i], 1);
+        if (!bt_id_ok(s, ids[i]))
+            return bt_id_err(s, ids[i]);
+    if (n > 256 && !(zeroed = malloc(n * sizeof(int32_t))))
+        return -ENOMEM;
+    int rc = bt_decref_zeroed(s, ids, n, zeroed, &nz);
+    if (!rc && nz)
+        bt_push_zeroed(s, zeroed, nz);
+    if (zeroed != zeroed_small)
+        free(zeroed);
+    return rc;
 }
 
 /* ---- the raw pool API (no client protocol) ------------------------------ */
@@ -248,22 +240,6 @@ int bt_pool_push(bt_seg *s, const int32_t *ids, uint32_t n)
         }
     }
     bt_push_zeroed(s, ids, n);
-    return BT_OK;
-}
-
-int bt_pool_free_count(const bt_seg *s, uint32_t pool, uint32_t *out)
-{
-    if (!s || !out)
-        return BT_EINVAL;
-    if (pool >= s->cfg.num_pools)
-        return BT_ERANGE;
-    if (pool < s->cfg.cache_pools) {    /* a cache pool: its queue's length */
-        uint32_t f = bt_load_relaxed(&s->cache[pool].nfree);
-        *out = f > s->cfg.blocks_per_pool ? s->cfg.blocks_per_pool : f;
-        return BT_OK;
-    }
-    int64_t v = bt_load_relaxed(&s->pools[pool].nfree);
-    *out = v < 0 ? 0 : v > s->cfg.blocks_per_pool ? s->cfg.blocks_per_pool : (uint32_t)v;
     return BT_OK;
 }
 

@@ -12,7 +12,8 @@
  *   pool     alloc.c     Treiber stacks, reference counts, the raw pool API
  *   clients  client.c    slots, the op protocol every data-path call runs
  *                        in (and the fork generation it checks), the hand
- *                        of loose references, bt_blocks_*
+ *                        of loose references, the magazine of free
+ *                        blocks, bt_blocks_*, free counts
  *   rows     paged.c     chunk directories of paged rows, and the paged API
  *            rows.c      every other write to a row, and the row API
  *   users    step.c      the scheduler step: rows.c's batch entries
@@ -87,6 +88,7 @@ struct bt_seg {
     struct bt_ckey   *ckeys;           /* [cache_pools * cache_keys] */
     uint32_t         *cbuckets;        /* [cache_pools * nbuckets] */
     uint32_t          cache_lo;        /* ids below this are cache-pool ids */
+    uint32_t          mag_cap;         /* blocks a client's magazine holds (bt_mag_cap_of) */
     uint32_t          nbuckets;        /* per cache pool, a power of two */
 };
 
@@ -98,6 +100,7 @@ struct bt_client {
     struct bt_cslot *slot;
     uint32_t        *hand;
     uint8_t         *mark;             /* scratch bitmap over rows, for bt_step */
+    int              mag_low;          /* its pool's stack was short at the last look */
 };
 
 /* ==== base: proc.c ====================================================== */
@@ -134,16 +137,23 @@ static inline int bt_stack_pool_err(const bt_seg *seg, uint32_t pool)
     return pool >= seg->cfg.num_pools ? BT_ERANGE : pool < seg->cfg.cache_pools ? BT_EINVAL : BT_OK;
 }
 
+/* The ids of a stack pool: [lo, lo + span); pool 0 starts past the null block. */
+static inline void bt_pool_range(const bt_seg *seg, uint32_t pool, uint32_t *lo, uint32_t *span)
+{
+    *lo = pool * seg->cfg.blocks_per_pool;
+    *span = seg->cfg.blocks_per_pool - (*lo == 0);
+    *lo += *lo == 0;
+}
 int  bt_stack_pop(struct bt_pool *p, const uint32_t *next, uint32_t lo, uint32_t span,
                   uint32_t n, int32_t *out);
 void bt_stack_push(struct bt_pool *p, uint32_t *next, int32_t first, int32_t last, uint32_t count);
 int  bt_pop_raw(bt_seg *seg, uint32_t pool, uint32_t n, uint32_t stamp, int32_t *out);
 void bt_push_zeroed(bt_seg *seg, const int32_t *ids, uint32_t n);
 int  bt_decref_many(bt_seg *seg, const int32_t *ids, uint32_t n);   /* all or nothing */
+/* bt_decref_many without the push: blocks reaching 0 listed in zeroed (room
+ * for n), for the caller to place. All or nothing. */
+int  bt_decref_zeroed(bt_seg *seg, const int32_t *ids, uint32_t n, int32_t *zeroed, uint32_t *nz);
 int  bt_incref_many(bt_seg *seg, const int32_t *ids, uint32_t n);   /* all or nothing */
-/* Release one reference on each valid id (invalid ones skipped), in a batch
- * when it can; ids is reordered. What rows and hands let go of goes here. */
-void bt_refs_release(bt_seg *seg, int32_t *ids, uint32_t n);
 
 /* ==== slot mapping: slots.c =============================================== */
 extern int bt_slots_simd;   /* 1: the AVX2 paths run (set at load); tests may clear it */
@@ -153,11 +163,19 @@ extern int bt_slots_simd;   /* 1: the AVX2 paths run (set at load); tests may cl
 /* The recovery protocol around every data-path call (client.c's comment). */
 int  bt_op_begin(bt_client *cl);
 uint64_t bt_fork_generation(void);     /* bumped in every forked child */
+/* The client whose op this thread is in, NULL outside one: what the rows
+ * layer frees inside a call goes to its magazine (bt_refs_release). */
+extern _Thread_local bt_client *bt_op_client;
 static inline void bt_op_end(bt_client *cl)
 {
+    bt_op_client = NULL;
     bt_store_relaxed(&cl->slot->ops, bt_load_relaxed(&cl->slot->ops) + 1);
     bt_store_release(&cl->slot->in_op, 0);
 }
+/* Release one reference on each valid id (invalid ones skipped), in a batch
+ * when it can; ids is reordered. What rows and hands let go of goes here:
+ * inside a client's call, the blocks freed go to its magazine. */
+void bt_refs_release(bt_seg *seg, int32_t *ids, uint32_t n);
 /* The slot's row count has one writer, its client (or the recoverer of a
  * dead one): a load and a store, no locked instruction. */
 static inline void bt_nrows_add(bt_seg *seg, uint32_t id, int32_t d)
@@ -169,6 +187,24 @@ int  bt_hand_add(bt_client *cl, const int32_t *ids, uint32_t n);
 int  bt_hand_find_all(bt_client *cl, const int32_t *ids, uint32_t n);
 void bt_hand_pop(bt_client *cl, uint32_t n);   /* the n found by bt_hand_find_all */
 void bt_client_free(bt_client *cl);            /* the handle only, nothing shared */
+/* The magazine (bt_layout.h). Its capacity follows from the geometry, the
+ * same in every process: at most BT_MAG_MAX, and all magazines together at
+ * most an eighth of a pool, 0 (none) for small pools. */
+static inline uint32_t bt_mag_cap_of(const bt_config *cfg)
+{
+    uint32_t c = cfg->blocks_per_pool / (8u * cfg->max_clients);
+    return c > BT_MAG_MAX ? BT_MAG_MAX : c < 4 ? 0 : c & ~1u;
+}
+/* n blocks of a stack pool for cl, count 1 and owner cl->id, off its
+ * magazine (refilled from the stack in bulk); inside an op. As bt_pop_raw:
+ * BT_ENOBLOCKS (nothing taken), BT_ECORRUPT. */
+int  bt_mag_pop(bt_client *cl, uint32_t pool, uint32_t n, int32_t *out);
+/* Blocks whose count cl just brought to 0: into its magazine, the overflow
+ * and other pools' blocks onto their stacks; inside an op. */
+void bt_mag_push(bt_client *cl, const int32_t *ids, uint32_t n);
+/* Empty slot `id`'s magazine onto the stacks (a close, or the release of a
+ * client that died outside a call): the magazine lets go first. */
+void bt_mag_release(bt_seg *seg, uint32_t id);
 
 /* ==== rows: paged.c, rows.c =============================================== */
 

@@ -6,7 +6,7 @@
  *
  *   [header][pools][next u32 x T][refcnt u32 x T][owner u32 x T]
  *   [row meta x R][table i32 x R*W][nblocks i32 x R][ntokens i64 x R]
- *   [client slots x C][hands u32 x C*H]
+ *   [client slots (with magazines) x C][hands u32 x C*H]
  *   [mirror descriptors x M][synced {seq, nb} u32 x 2 x M*R]
  *   [chunk pool][chunk next u32 x N][chunks i32 x N*S][directory u32 x R*D]
  *   [cache pool headers x CP][cache blocks x CP*bpp][key entries x CP*K]
@@ -87,6 +87,14 @@ struct bt_row {
     uint8_t  _pad[BT_CACHELINE - 28];
 } __attribute__((aligned(BT_CACHELINE)));
 
+/* A client's magazine (DPDK's per-lcore mempool cache): free blocks of one
+ * pool, taken off the shared stack in bulk, so that a client's alloc and
+ * release touch only its own lines. Blocks in it have count 0 and owner 0,
+ * are on no free list, and count as free (bt_pool_free_count). Written by its
+ * client inside a call, by whoever releases a dead client's holdings, and by
+ * a repair (which empties every magazine into the rebuilt lists). */
+#define BT_MAG_MAX     64u
+
 struct bt_cslot {
     uint32_t state;                     /* BT_CLIENT_* (bt.h: all five states) */
     int32_t  pid;
@@ -96,7 +104,10 @@ struct bt_cslot {
     uint32_t nrows;
     int32_t  recoverer;                 /* pid of the process recovering this slot */
     uint64_t ops;
-    uint8_t  _pad[BT_CACHELINE * 2 - 40];
+    uint32_t mag_pool;                  /* the pool of mag[], when mag_count > 0 */
+    uint32_t mag_count;                 /* mag[0, mag_count) are the cached blocks */
+    uint8_t  _pad[BT_CACHELINE - 48];
+    uint32_t mag[BT_MAG_MAX];           /* block ids; the top is mag[mag_count - 1] */
 } __attribute__((aligned(BT_CACHELINE)));
 
 struct bt_mirror {
@@ -179,7 +190,7 @@ struct bt_ckey {
 _Static_assert(sizeof(struct bt_header) == BT_CACHELINE * 7, "header layout");
 _Static_assert(sizeof(struct bt_pool) == BT_CACHELINE, "pool layout");
 _Static_assert(sizeof(struct bt_row) == BT_CACHELINE, "row layout");
-_Static_assert(sizeof(struct bt_cslot) == BT_CACHELINE * 2, "client slot layout");
+_Static_assert(sizeof(struct bt_cslot) == BT_CACHELINE * 5, "client slot layout");
 _Static_assert(sizeof(bt_config) == 56, "config layout");
 _Static_assert(sizeof(struct bt_cache_hdr) == BT_CACHELINE * 2, "cache pool header layout");
 _Static_assert(sizeof(struct bt_cblock) == 16, "cache block layout");

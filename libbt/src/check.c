@@ -5,7 +5,9 @@
  * The truth is who holds what: the rows of live clients and their hands.
  * Reference counts and free lists are derived state, and a repair rebuilds
  * them from the truth (mark and sweep), under the freeze word so that no
- * data-path call runs meanwhile (client.c has the protocol).
+ * data-path call runs meanwhile (client.c has the protocol). Clients'
+ * magazines hold free blocks: a check counts them as free (listed, like the
+ * free lists), and a repair empties every one into the lists it rebuilds.
  *
  * A client that died outside a call left consistent state: its rows and hand
  * are released with ordinary lock-free decrements, no pause. One that died
@@ -127,6 +129,41 @@ static void scan_chunk_list(struct scan *sc)
             break;                      /* a cycle: the rebuild mends it */
         sc->cmark[idx] |= 2;
         idx = bt_load_relaxed(&s->cnext[idx]);
+    }
+}
+
+/* Magazines (client.c): the free blocks cached in claimed slots are listed
+ * like the free lists' (a block in two places is a double free); on repair
+ * every magazine is emptied, its blocks going to the rebuilt lists. A dead
+ * client's counts too: it held them free, and a death inside a call that
+ * left one half-moved is what the rebuild settles. */
+static void scan_mags(struct scan *sc)
+{
+    bt_seg *s = sc->s;
+    for (uint32_t i = 0; i < s->cfg.max_clients; i++) {
+        struct bt_cslot *sl = &s->clients[i];
+        uint32_t n = bt_load_acquire(&sl->mag_count), pool = bt_load_relaxed(&sl->mag_pool);
+        if (bt_load_acquire(&sl->state) != BT_CLIENT_FREE && n) {
+            if (n > s->mag_cap || bt_stack_pool_err(s, pool)) {
+                sc->rep->bad_entries += n;
+                n = 0;
+            }
+            uint32_t lo, span;
+            bt_pool_range(s, n ? pool : 0, &lo, &span);
+            for (uint32_t k = 0; k < n; k++) {
+                uint32_t id = bt_load_relaxed(&sl->mag[k]);
+                if (id - lo >= span) {
+                    sc->rep->bad_entries++;
+                } else if (sc->onlist[id]) {
+                    sc->onlist[id] = 2;
+                    sc->rep->double_free++;
+                } else {
+                    sc->onlist[id] = 1;
+                }
+            }
+        }
+        if (sc->repair)
+            bt_store_relaxed(&sl->mag_count, 0u);
     }
 }
 
@@ -350,6 +387,7 @@ static void reap_slots(struct scan *sc)
             continue;                   /* awaiting adoption: holds nothing */
         bt_store_relaxed(&sl->hand_count, 0u);
         bt_store_relaxed(&sl->nrows, 0u);
+        bt_store_relaxed(&sl->mag_count, 0u);
         bt_store_relaxed(&sl->pid, 0);
         bt_store_relaxed(&sl->in_op, 0u);
         bt_store_release(&sl->state, (uint32_t)BT_CLIENT_FREE);
@@ -404,6 +442,7 @@ static int scan_all(bt_seg *s, int repair, struct scan *sc)
         sc->live[i] = repair ? slot_live(&s->clients[i]) : st == BT_CLIENT_ACTIVE || st == BT_CLIENT_DEAD;
     }
     scan_lists(sc);
+    scan_mags(sc);
     scan_chunk_list(sc);
     for (uint32_t r = 0; r < s->cfg.num_rows; r++)
         scan_row(sc, r);
@@ -454,7 +493,8 @@ out:
 
 /* Release the rows of client `id` that are not mid-write (all of them when
  * the client is live, or died outside a call), the cache pools it owns, and
- * optionally its hand. Returns the rows skipped. */
+ * optionally its hand and magazine (consistent only outside a call).
+ * Returns the rows skipped. */
 static uint32_t release_holdings(bt_seg *s, uint32_t id, int with_hand)
 {
     struct bt_cslot *sl = &s->clients[id - 1];
@@ -481,6 +521,7 @@ static uint32_t release_holdings(bt_seg *s, uint32_t id, int with_hand)
             bt_refs_release(s, ids, n);
             free(ids);
         }
+        bt_mag_release(s, id);          /* its cached free blocks, back on the lists */
     }
     return skipped;
 }

@@ -333,7 +333,7 @@ static inline int append(bt_client *cl, uint32_t row, int from, uint32_t pool, i
         return -ENOMEM;
     if (!(rc = bt_paged_reserve(s, row, nb, nb + n))) {
         rc = from == SHARED ? bt_incref_many(s, buf, n) :
-             from == FROM_POOL ? bt_pop_raw(s, pool, n, cl->id, buf) : BT_OK;
+             from == FROM_POOL ? bt_mag_pop(cl, pool, n, buf) : BT_OK;
         if (!rc) {
             bt_row_put(s, row, nb, buf, n);
             if (from == FROM_HAND && managed)

@@ -144,6 +144,7 @@ void bt_seg_bind(bt_seg *s)
     s->ckeys = (struct bt_ckey *)(s->base + s->off[BT_R_CKEYS]);
     s->cbuckets = (uint32_t *)(s->base + s->off[BT_R_CBUCKETS]);
     s->cache_lo = s->cfg.cache_pools * s->cfg.blocks_per_pool;
+    s->mag_cap = bt_mag_cap_of(&s->cfg);
     s->nbuckets = bt_cache_buckets_of(&s->cfg);
 }
 

@@ -112,7 +112,7 @@ int bt_step_ex(bt_client *cl, bt_step_args *a)
     if (total > s->cfg.blocks_per_pool)
         rc = BT_ENOBLOCKS;              /* more than the pool could ever hold */
     else if (total)
-        rc = bt_pop_raw(s, a->pool, (uint32_t)total, cl->id, a->ids_out);
+        rc = bt_mag_pop(cl, a->pool, (uint32_t)total, a->ids_out);
     if (rc) {
         bt_rows_untake(s, a->arrive_rows, a->n_arrive);
         goto out;

@@ -44,6 +44,16 @@ static T_UNUSED bt_config st_config(uint32_t workers)
     return c;
 }
 
+/* The same with clients' magazines on (client.c): pools of 64 blocks per
+ * client slot make magazines of 8 (bt_mag_cap_of), so that every alloc of
+ * st_one (1 to 4 blocks) goes through one, switching pools as it goes. */
+static T_UNUSED bt_config st_config_mag(uint32_t workers)
+{
+    bt_config c = st_config(workers);
+    c.blocks_per_pool = 64 * c.max_clients;
+    return c;
+}
+
 /* Shared by all workers: one MAP_SHARED anonymous mapping, made before any
  * fork, so its pointers are valid in every process. */
 struct st_shared {
@@ -103,7 +113,7 @@ static void st_got(struct st_worker *w, int32_t id, int fresh, int pool)
 {
     if (id <= 0 || (uint64_t)id >= w->sh->total)
         ST_FAIL(w, "got block id %d, out of range", id);
-    if (pool >= 0 && (uint32_t)id / 128 != (uint32_t)pool)
+    if (pool >= 0 && (uint32_t)id / (uint32_t)(w->sh->total / 2) != (uint32_t)pool)
         ST_FAIL(w, "block %d is not from pool %d", id, pool);
     if (fresh) {
         uint32_t zero = 0;

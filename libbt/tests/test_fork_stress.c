@@ -9,6 +9,7 @@
  *                           a random moment mid-run and recovered while the
  *                           others go on. The parent freezes the segment for
  *                           exact checks meanwhile.
+ *   test_clients_processes_magazines  the same with clients' magazines on.
  *   test_raw_pool_processes P children x 2 threads on bt_pool_pop / push.
  *
  * BT_STRESS_PROCS (default 4), BT_STRESS_SECONDS (default 3 per phase).
@@ -85,12 +86,12 @@ static void recover(bt_seg *seg, uint32_t id)
     T_EQ(si.state, BT_CLIENT_FREE);
 }
 
-static void test_clients_processes(void)
+static void clients_processes(int magazines)
 {
     t_need_shm();
     uint32_t n = nprocs();
     uint32_t victim = n;                /* worker index n: killed mid-run */
-    bt_config c = st_config(n + 1);
+    bt_config c = magazines ? st_config_mag(n + 1) : st_config(n + 1);
     const char *name = t_name("fork");
     bt_seg *seg;
     T_OK(bt_seg_create(name, &c, BT_CREATE_EXCL, &seg));
@@ -159,6 +160,9 @@ static void test_clients_processes(void)
     T_OK(bt_seg_unlink(name));
 }
 
+static void test_clients_processes(void) { clients_processes(0); }
+static void test_clients_processes_magazines(void) { clients_processes(1); }
+
 struct raw_proc_arg { struct st_raw r; };
 static void *raw_main(void *p)
 {
@@ -223,6 +227,7 @@ int main(int argc, char **argv)
 {
     t_init(argc, argv);
     T_RUN(test_clients_processes);
+    T_RUN(test_clients_processes_magazines);
     T_RUN(test_raw_pool_processes);
     return t_done();
 }

@@ -68,10 +68,10 @@ static void *checker_main(void *p)
     return NULL;
 }
 
-static void test_clients_threads(void)
+static void clients_threads(int magazines)
 {
     uint32_t n = nthreads();
-    bt_seg *seg = t_seg_new(st_config(n));
+    bt_seg *seg = t_seg_new(magazines ? st_config_mag(n) : st_config(n));
     struct st_shared *sh = st_shared_new(t_info(seg).total_blocks, n);
     struct st_worker *w = calloc(n, sizeof(*w));
     pthread_t *tid = calloc(n, sizeof(*tid)), ctid;
@@ -109,6 +109,10 @@ static void test_clients_threads(void)
     free(tid);
     bt_seg_close(seg);
 }
+
+static void test_clients_threads(void) { clients_threads(0); }
+/* with magazines, the checker's repairs emptying them under the workers */
+static void test_clients_threads_magazines(void) { clients_threads(1); }
 
 static void *raw_main(void *p)
 {
@@ -324,6 +328,7 @@ int main(int argc, char **argv)
 {
     t_init(argc, argv);
     T_RUN(test_clients_threads);
+    T_RUN(test_clients_threads_magazines);
     T_RUN(test_raw_pool_threads);
     T_RUN(test_seqlock_readers);
     T_RUN(test_client_churn);
