@@ -269,11 +269,11 @@ def bench_slots(quick):
     table_np = seg.table               # zero-copy view of the segment's table
     table_t = torch.from_numpy(table_np)
     cases = []
-    for T in ((256, 4096) if quick else (256, 4096, 65536)):
+    for T in ((256, 4096) if quick else (256, 1024, 4096, 16384, 65536)):
         qsl = np.arange(T + 1, dtype=np.int32)
         pos = (rng.random(T) * nb[:T] * B).astype(np.int64)
         cases.append(("decode", T, T, qsl, pos))
-    for T in ((1024, 4096) if quick else (1024, 4096, 16384)):
+    for T in ((1024, 4096) if quick else (256, 512, 1024, 4096, 16384)):
         per = T // 256
         qsl = np.arange(0, T + 1, per, dtype=np.int32)
         start = rng.integers(0, W * B - per + 1, 256)
