@@ -317,27 +317,37 @@ static void dense_run_avx2(const int32_t *e, uint64_t lim, int sh, const int64_t
         dense_run(e, lim, sh, pos, n, out);
 }
 
+/* Request i of form 3, clamped (qsl and rows are the caller's and are read
+ * again after qsl_check, so they are clamped again): its tokens run from t0
+ * to *t1, its row's entries are returned and *lim is where its blocks end. */
+BT_INLINE const int32_t *qsl_req(const bt_seg *s, int sh, const int32_t *rows,
+                                 const int32_t *qsl, uint32_t i, int32_t t0, int32_t end,
+                                 int32_t *t1, uint64_t *lim)
+{
+    int32_t t = qsl[i + 1];
+    uint32_t row = rows ? (uint32_t)rows[i] : i;
+    *t1 = t < t0 ? t0 : t > end ? end : t;
+    row = row < s->cfg.num_rows ? row : 0;
+    *lim = (uint64_t)dense_nb(s, row) << sh;
+    return s->table + (uint64_t)row * s->cfg.row_width;
+}
+
 /* Form 3's requests of a few tokens each (prefill chunks, speculative
  * decoding): a request's tokens four at a time by gather, the last ones
  * masked, so a request costs a few vector steps and no scalar tail. Long
  * runs go to dense_run (an add per token). Returns nonzero if used. */
 __attribute__((target("avx2")))
-static void qsl_avx2(const int32_t *tab, const int32_t *nbs, uint32_t w, uint32_t nrows, int sh,
-                     const int32_t *rows, const int32_t *qsl, uint32_t num_reqs, int32_t end,
-                     const int64_t *pos, int64_t *out)
+static void qsl_avx2(const bt_seg *s, int sh, const int32_t *rows, const int32_t *qsl,
+                     uint32_t num_reqs, int32_t end, const int64_t *pos, int64_t *out)
 {
     const __m128i cnt = _mm_cvtsi32_si128(sh);
     const __m256i ones = _mm256_set1_epi64x(-1), lane = _mm256_setr_epi64x(0, 1, 2, 3);
     const __m256i mask = _mm256_set1_epi64x((long long)((1ull << sh) - 1));
     int32_t t0 = 0;
     for (uint32_t i = 0; i < num_reqs; i++) {
-        int32_t t1 = qsl[i + 1];
-        uint32_t row = rows ? (uint32_t)rows[i] : i;
-        t1 = t1 < t0 ? t0 : t1 > end ? end : t1;
-        row = row < nrows ? row : 0;
-        const int32_t *e = tab + (uint64_t)row * w;
-        int32_t c = bt_load_relaxed(&nbs[row]);
-        uint64_t lim = (uint64_t)(c < 0 ? 0 : (uint32_t)c > w ? w : (uint32_t)c) << sh;
+        int32_t t1;
+        uint64_t lim;
+        const int32_t *e = qsl_req(s, sh, rows, qsl, i, t0, end, &t1, &lim);
         uint32_t n = (uint32_t)(t1 - t0);
         if (n >= 16) {
             dense_run_avx2(e, lim, sh, pos + t0, n, out + t0);
@@ -386,16 +396,11 @@ BT_CLONES BT_VECTORIZE
 static void qsl_dense(const bt_seg *s, int sh, const int32_t *rows, const int32_t *qsl,
                       uint32_t num_reqs, const int64_t *pos, int64_t *out, int32_t end)
 {
-    const int32_t *tab = s->table;
-    uint32_t w = s->cfg.row_width, nrows = s->cfg.num_rows;
     int32_t t0 = 0;
     for (uint32_t i = 0; i < num_reqs; i++) {
-        int32_t t1 = qsl[i + 1];
-        uint32_t row = rows ? (uint32_t)rows[i] : i;
-        t1 = t1 < t0 ? t0 : t1 > end ? end : t1;
-        row = row < nrows ? row : 0;
-        const int32_t *e = tab + (uint64_t)row * w;
-        uint64_t lim = (uint64_t)dense_nb(s, row) << sh;
+        int32_t t1;
+        uint64_t lim;
+        const int32_t *e = qsl_req(s, sh, rows, qsl, i, t0, end, &t1, &lim);
         if (t1 - t0 == 1)
             out[t0] = dense_slot(e, lim, sh, pos[t0]);
         else if (t1 > t0)
@@ -558,8 +563,7 @@ int bt_slots_qsl(const bt_seg *s, const bt_slot_params *prm, const int32_t *rows
             decode_dense(s, p.shift, rows, num_reqs, pos, out);
 #ifdef BT_HAVE_AVX2_DECODE
         else if (bt_slots_simd)
-            qsl_avx2(s->table, s->nblocks, s->cfg.row_width, s->cfg.num_rows, p.shift, rows, qsl,
-                     num_reqs, end, pos, out);
+            qsl_avx2(s, p.shift, rows, qsl, num_reqs, end, pos, out);
 #endif
         else
             qsl_dense(s, p.shift, rows, qsl, num_reqs, pos, out, end);

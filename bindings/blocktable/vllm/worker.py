@@ -143,7 +143,7 @@ class WorkerRows:
             if sk[i] != want:
                 sk[i] = want
                 g.set_key(i, request_key(*want))
-        self.last_ids = list(ids)
+        self.last_ids = ids             # a slice of req_ids: already a copy
         self.inc_changed = False
 
     def _count(self, num_reqs):
